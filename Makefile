@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up
+# .venv on first use and are quick once it exists.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: demo test build venv bench clean
+
+venv: .venv/.stamp
+.venv/.stamp: requirements-dev.txt
+	python3.11 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Compiled once at install, never at import. flock: several shells (or
+# helpers) may build in one tree; ninja must not run twice in one build dir.
+build: flocora_codec/.build.stamp
+flocora_codec/.build.stamp: .venv/.stamp $(SOURCES)
+	flock .build.lock $(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: build
+	$(PY) -m flocora_codec.demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_codec.py
+
+clean:
+	rm -rf build flocora_codec/*.so flocora_codec/.build.stamp

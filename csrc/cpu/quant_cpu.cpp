@@ -1,0 +1,2 @@
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>

@@ -1,0 +1,47 @@
+// Every op schema of the flocora_codec extension, declared once. Each backend
+// file (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu) registers its kernels with
+// TORCH_LIBRARY_IMPL(flocora, CPU|CUDA, m); the dispatcher picks by device.
+//
+// All ops take *lists* of tensors so that a whole state dict is one dispatch;
+// a single tensor is a list of one. Outputs are concatenated flat buffers in
+// list order; flocora_codec/ops.py documents the exact sizes and slices them.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing flocora_codec._C runs the static TORCH_LIBRARY initializers.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(flocora, m) {
+  // Affine quantization of each xs[i] in groups of group_sizes[i] consecutive
+  // elements (row-major order), codes in [0, 2^bits-1] packed as one LSB-first
+  // bitstream per tensor. packed: uint8, the per-tensor streams back to back
+  // (ceil(numel*bits/8) bytes each). scales/offsets: meta_dtype (float32 or
+  // float16), one per group, tensors back to back.
+  m.def(
+      "quantize_pack(Tensor[] xs, int bits, int[] group_sizes, bool stochastic, int[] seeds, "
+      "ScalarType meta_dtype) -> (Tensor packed, Tensor scales, Tensor offsets)");
+  // Inverse of quantize_pack: one flat tensor of sum(numels) elements of dtype.
+  m.def(
+      "unpack_dequantize(Tensor packed, Tensor scales, Tensor offsets, int bits, int[] numels, "
+      "int[] group_sizes, ScalarType dtype) -> Tensor");
+  // Top-k by |x| (ties to the lower index). global_scope=False: ks[i] for
+  // xs[i]; global_scope=True: ks = [k] over all elements of all tensors.
+  // counts: int64 [len(xs)], values: float32, the selected values of each
+  // tensor in index order, back to back; index_bytes: uint8, each tensor's
+  // index code (bitmap or Elias-Fano, whichever is smaller) back to back.
+  m.def(
+      "topk_encode(Tensor[] xs, int[] ks, bool global_scope) -> "
+      "(Tensor counts, Tensor values, Tensor index_bytes)");
+  // Scatter values into dense zeros: one flat tensor of sum(numels) elements.
+  m.def(
+      "sparse_decode(Tensor index_bytes, Tensor values, int[] numels, int[] counts, "
+      "ScalarType dtype) -> Tensor");
+  // outs[i].view(-1)[idx] += values, in place.
+  m.def(
+      "sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
+}

@@ -1,0 +1,55 @@
+"""Build of the flocora_codec._C extension.
+
+CPU kernels always; CUDA kernels (csrc/cuda/*.cu) when torch is a CUDA build
+and nvcc is found (FLOCORA_NO_CUDA=1 forces a CPU-only build).
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("FLOCORA_NO_CUDA") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+use_cuda = _want_cuda()
+sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+# -ffp-contract=off: no FMA fusion, so CPU and CUDA compute the same floats.
+# -fopenmp: at::parallel_for is serial without it. -g0 keeps the .so small.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-g0"]
+extra_compile_args = {"cxx": cxx_flags}
+define_macros = [("Py_LIMITED_API", "0x030a0000")]
+extension = cpp_extension.CppExtension
+if use_cuda:
+    sources += _sources("csrc/cuda/*.cu")
+    extension = cpp_extension.CUDAExtension
+    define_macros.append(("FLOCORA_WITH_CUDA", "1"))
+    extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
+
+setup(
+    ext_modules=[
+        extension(
+            "flocora_codec._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc", "include")],
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
