@@ -76,6 +76,7 @@ def affine_params(flat: torch.Tensor, bits: int, group_size: int, meta_dtype: to
     pad = ngroups * group_size - n
     lo = torch.cat([flat, flat.new_full((pad,), float("inf"))]).reshape(ngroups, group_size).amin(1)
     hi = torch.cat([flat, flat.new_full((pad,), -float("inf"))]).reshape(ngroups, group_size).amax(1)
+    lo, hi = lo + 0.0, hi + 0.0  # -0.0 -> +0.0, as the kernels do
     levels = float(2**bits - 1)
     if meta_dtype == torch.float16:
         offset_meta = half_round_down(lo)

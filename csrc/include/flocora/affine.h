@@ -143,6 +143,10 @@ struct AffineParams {
 FLOCORA_HD bool affine_params(float group_min, float group_max, int bits, bool meta_half,
                               AffineParams* p, uint16_t* offset_half, uint16_t* scale_half) {
   const float levels = (float)((1 << bits) - 1);
+  // + 0.0f turns -0.0 into +0.0: min/max of {-0.0, +0.0} depends on the
+  // order of evaluation, and the stored bytes must not.
+  group_min = add_rn(group_min, 0.0f);
+  group_max = add_rn(group_max, 0.0f);
   float offset = group_min;
   if (meta_half) {
     *offset_half = float_to_half_down(group_min);

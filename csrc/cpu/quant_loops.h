@@ -1,0 +1,358 @@
+// Hot loops of the CPU quantize/pack and unpack/dequantize kernels, in two
+// builds: `scalar` (portable x86-64 / any CPU) and `avx2` (AVX2 + F16C,
+// compiled for that target only and picked at run time), so the extension
+// never needs -march=native and still uses the vector units it finds.
+// Both produce identical bytes: the AVX2 code performs the same IEEE
+// operations as affine.h, lane by lane.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include <flocora/affine.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FLOCORA_X86 1
+#endif
+
+namespace flocora {
+namespace cpu {
+
+// Function table of one instruction-set build.
+struct QuantLoops {
+  // Min and max of x[0..n); false if any element is NaN or Inf.
+  bool (*minmax)(const float* x, int64_t n, float* lo, float* hi);
+  void (*quantize_nearest)(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes);
+  // Element j uses counter index_lo + j (no 2^32 wrap inside one call).
+  void (*quantize_stochastic)(const float* x, int64_t n, const AffineParams& p, float levels, uint32_t key,
+                              uint32_t index_lo, uint8_t* codes);
+  // codes[0..n) -> packed_nbytes(n, bits) bytes; index = bits.
+  void (*pack[9])(const uint8_t* codes, int64_t n, uint8_t* dst);
+  // packed_nbytes(n, bits) bytes -> codes[0..n).
+  void (*unpack[9])(const uint8_t* src, int64_t n, uint8_t* codes);
+  void (*dequantize)(const uint8_t* codes, int64_t n, float offset, float scale, float* out);
+  void (*half_to_float)(const uint16_t* src, int64_t n, float* dst);
+  void (*float_to_half)(const float* src, int64_t n, uint16_t* dst);
+};
+
+namespace scalar {
+
+inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
+  float mn = x[0], mx = x[0];
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    finite &= (v - v == 0.0f);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+  return finite;
+}
+
+inline void quantize_nearest(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes) {
+  for (int64_t i = 0; i < n; ++i) codes[i] = (uint8_t)flocora::quantize_nearest(x[i], p, levels);
+}
+
+inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p, float levels, uint32_t key,
+                                uint32_t index_lo, uint8_t* codes) {
+  for (int64_t i = 0; i < n; ++i)
+    codes[i] = (uint8_t)flocora::quantize_stochastic(x[i], p, levels, uniform24(key, index_lo + (uint32_t)i));
+}
+
+// 8 codes of B bits (one per byte of c) -> 8*B contiguous bits, by halving
+// the number of lanes three times (a SWAR shift-or tree).
+template <int B>
+inline uint64_t squeeze8(uint64_t c) {
+  c = (c & 0x00FF00FF00FF00FFull) | ((c & 0xFF00FF00FF00FF00ull) >> (8 - B));
+  c = (c & 0x0000FFFF0000FFFFull) | ((c & 0xFFFF0000FFFF0000ull) >> (16 - 2 * B));
+  return (c & 0x00000000FFFFFFFFull) | ((c >> 32) << (4 * B));
+}
+// Inverse of squeeze8: 8*B bits -> one code per byte.
+template <int B>
+inline uint64_t spread8(uint64_t v) {
+  constexpr uint64_t m4 = (1ull << (4 * B)) - 1;
+  constexpr uint64_t m2 = (1ull << (2 * B)) - 1;
+  constexpr uint64_t m1 = (1ull << B) - 1;
+  v = (v & m4) | ((v >> (4 * B)) & m4) << 32;
+  v = (v & (m2 | m2 << 32)) | ((v >> (2 * B)) & (m2 | m2 << 32)) << 16;
+  constexpr uint64_t lanes = m1 | m1 << 16 | m1 << 32 | m1 << 48;
+  return (v & lanes) | ((v >> B) & lanes) << 8;
+}
+
+template <int B>
+inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  int64_t full = n / 8;
+  for (int64_t u = 0; u < full; ++u) {
+    uint64_t c;
+    memcpy(&c, codes + 8 * u, 8);
+    uint64_t v = squeeze8<B>(c);
+    memcpy(dst + B * u, &v, B);  // little-endian host: low bytes first
+  }
+  int64_t rest = n - 8 * full;
+  if (rest) {
+    uint64_t c = 0;
+    memcpy(&c, codes + 8 * full, rest);
+    uint64_t v = squeeze8<B>(c);
+    memcpy(dst + B * full, &v, (rest * B + 7) / 8);
+  }
+}
+
+template <int B>
+inline void unpack(const uint8_t* src, int64_t n, uint8_t* codes) {
+  int64_t full = n / 8;
+  for (int64_t u = 0; u < full; ++u) {
+    uint64_t v = 0;
+    memcpy(&v, src + B * u, B);
+    uint64_t c = spread8<B>(v);
+    memcpy(codes + 8 * u, &c, 8);
+  }
+  int64_t rest = n - 8 * full;
+  if (rest) {
+    uint64_t v = 0;
+    memcpy(&v, src + B * full, (rest * B + 7) / 8);
+    uint64_t c = spread8<B>(v);
+    memcpy(codes + 8 * full, &c, rest);
+  }
+}
+
+template <>
+inline void pack<8>(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  memcpy(dst, codes, n);
+}
+template <>
+inline void unpack<8>(const uint8_t* src, int64_t n, uint8_t* codes) {
+  memcpy(codes, src, n);
+}
+
+inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scale, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = flocora::dequantize(codes[i], offset, scale);
+}
+
+inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = flocora::half_to_float(src[i]);
+}
+inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half_rn(src[i]);
+}
+
+inline QuantLoops loops() {
+  QuantLoops t;
+  t.minmax = minmax;
+  t.quantize_nearest = quantize_nearest;
+  t.quantize_stochastic = quantize_stochastic;
+  t.pack[0] = t.pack[1] = nullptr;
+  t.unpack[0] = nullptr;
+  t.pack[1] = pack<1>; t.pack[2] = pack<2>; t.pack[3] = pack<3>; t.pack[4] = pack<4>;
+  t.pack[5] = pack<5>; t.pack[6] = pack<6>; t.pack[7] = pack<7>; t.pack[8] = pack<8>;
+  t.unpack[1] = unpack<1>; t.unpack[2] = unpack<2>; t.unpack[3] = unpack<3>; t.unpack[4] = unpack<4>;
+  t.unpack[5] = unpack<5>; t.unpack[6] = unpack<6>; t.unpack[7] = unpack<7>; t.unpack[8] = unpack<8>;
+  t.dequantize = dequantize;
+  t.half_to_float = half_to_float;
+  t.float_to_half = float_to_half;
+  return t;
+}
+
+}  // namespace scalar
+
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+namespace avx2 {
+
+inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
+  if (n < 32) return scalar::minmax(x, n, lo, hi);
+  __m256 mn0 = _mm256_loadu_ps(x), mx0 = mn0, mn1 = mn0, mx1 = mn0;
+  __m256 bad = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    // x - x is NaN exactly for NaN and +-Inf.
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), zero, _CMP_NEQ_UQ));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(b, b), zero, _CMP_NEQ_UQ));
+    mn0 = _mm256_min_ps(a, mn0); mx0 = _mm256_max_ps(a, mx0);
+    mn1 = _mm256_min_ps(b, mn1); mx1 = _mm256_max_ps(b, mx1);
+  }
+  mn0 = _mm256_min_ps(mn0, mn1);
+  mx0 = _mm256_max_ps(mx0, mx1);
+  alignas(32) float a[8], b[8];
+  _mm256_store_ps(a, mn0);
+  _mm256_store_ps(b, mx0);
+  float mn = a[0], mx = b[0];
+  for (int j = 1; j < 8; ++j) {
+    mn = a[j] < mn ? a[j] : mn;
+    mx = b[j] > mx ? b[j] : mx;
+  }
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  if (i < n) {
+    float tl, th;
+    finite &= scalar::minmax(x + i, n - i, &tl, &th);
+    mn = tl < mn ? tl : mn;
+    mx = th > mx ? th : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+  return finite;
+}
+
+// 32 int32 lanes (4 vectors, values 0..255) -> 32 bytes in order.
+inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* dst) {
+  __m256i a = _mm256_packs_epi32(q0, q1);  // per 128-bit lane: q0lo q1lo | q0hi q1hi
+  __m256i b = _mm256_packs_epi32(q2, q3);
+  __m256i c = _mm256_packus_epi16(a, b);
+  c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i*)dst, c);
+}
+
+// The same operations as flocora::quantize_nearest, 8 lanes at a time.
+inline __m256i nearest8(__m256 x, __m256 off, __m256 inv, __m256 lev) {
+  const __m256 magic = _mm256_set1_ps(8388608.0f);
+  __m256 v = _mm256_mul_ps(_mm256_sub_ps(x, off), inv);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), lev);  // max(NaN,0)=0 as clamp_levels
+  v = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+  return _mm256_cvttps_epi32(v);
+}
+
+inline void quantize_nearest(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes) {
+  const __m256 off = _mm256_set1_ps(p.offset), inv = _mm256_set1_ps(p.inv_scale), lev = _mm256_set1_ps(levels);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    store_codes32(nearest8(_mm256_loadu_ps(x + i), off, inv, lev), nearest8(_mm256_loadu_ps(x + i + 8), off, inv, lev),
+                  nearest8(_mm256_loadu_ps(x + i + 16), off, inv, lev),
+                  nearest8(_mm256_loadu_ps(x + i + 24), off, inv, lev), codes + i);
+  }
+  scalar::quantize_nearest(x + i, n - i, p, levels, codes + i);
+}
+
+inline __m256i mix32x8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7feb352du));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bu));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+inline __m256i stochastic8(__m256 x, __m256i idx, __m256i key, __m256 off, __m256 inv, __m256 lev) {
+  __m256 v = _mm256_mul_ps(_mm256_sub_ps(x, off), inv);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), lev);
+  __m256i fl_i = _mm256_cvttps_epi32(v);
+  __m256 frac = _mm256_sub_ps(v, _mm256_cvtepi32_ps(fl_i));
+  __m256i h = mix32x8(_mm256_add_epi32(mix32x8(_mm256_xor_si256(idx, key)), key));
+  __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(5.9604644775390625e-8f));
+  __m256i up = _mm256_castps_si256(_mm256_cmp_ps(u, frac, _CMP_LT_OQ));  // -1 where u < frac
+  __m256i q = _mm256_sub_epi32(fl_i, up);
+  return _mm256_min_epi32(q, _mm256_cvttps_epi32(lev));
+}
+
+inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p, float levels, uint32_t key,
+                                uint32_t index_lo, uint8_t* codes) {
+  const __m256 off = _mm256_set1_ps(p.offset), inv = _mm256_set1_ps(p.inv_scale), lev = _mm256_set1_ps(levels);
+  const __m256i k = _mm256_set1_epi32((int)key);
+  const __m256i step = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(index_lo + (uint32_t)(i + 8 * j))), step);
+      q[j] = stochastic8(_mm256_loadu_ps(x + i + 8 * j), idx, k, off, inv, lev);
+    }
+    store_codes32(q[0], q[1], q[2], q[3], codes + i);
+  }
+  scalar::quantize_stochastic(x + i, n - i, p, levels, key, index_lo + (uint32_t)i, codes + i);
+}
+
+// 32 codes (4 x 64-bit lanes of 8 codes) squeezed in parallel.
+template <int B>
+inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  int64_t u = 0, units = n / 8;
+  for (; u + 4 <= units; u += 4) {
+    __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 8 * u));
+    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00FF00FF00FF00FFll)),
+                        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFF00FF00FF00FF00ull)), 8 - B));
+    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x0000FFFF0000FFFFll)),
+                        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
+    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00000000FFFFFFFFll)),
+                        _mm256_slli_epi64(_mm256_srli_epi64(c, 32), 4 * B));
+    alignas(32) uint64_t lanes[4];
+    _mm256_store_si256((__m256i*)lanes, c);
+    for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lanes[j], B);
+  }
+  scalar::pack<B>(codes + 8 * u, n - 8 * u, dst + B * u);
+}
+
+// Unpack 8 codes from B bytes: each 32-bit lane takes the two bytes its
+// code starts in, then shifts by its bit offset.
+template <int B>
+inline __m256i unpack8(const uint8_t* src) {
+  uint64_t v = 0;
+  memcpy(&v, src, B);
+  __m256i bytes = _mm256_set1_epi64x((long long)v);
+  // lane j: bytes (j*B)/8 and (j*B)/8+1 into the low 16 bits
+  const __m256i shuf = _mm256_setr_epi8(
+      (0 * B) / 8, (0 * B) / 8 + 1, -1, -1, (1 * B) / 8, (1 * B) / 8 + 1, -1, -1,
+      (2 * B) / 8, (2 * B) / 8 + 1, -1, -1, (3 * B) / 8, (3 * B) / 8 + 1, -1, -1,
+      (4 * B) / 8, (4 * B) / 8 + 1, -1, -1, (5 * B) / 8, (5 * B) / 8 + 1, -1, -1,
+      (6 * B) / 8, (6 * B) / 8 + 1, -1, -1, (7 * B) / 8, (7 * B) / 8 + 1, -1, -1);
+  __m256i w = _mm256_shuffle_epi8(bytes, shuf);
+  const __m256i shifts = _mm256_setr_epi32((0 * B) % 8, (1 * B) % 8, (2 * B) % 8, (3 * B) % 8, (4 * B) % 8,
+                                           (5 * B) % 8, (6 * B) % 8, (7 * B) % 8);
+  return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << B) - 1));
+}
+
+template <int B>
+inline void unpack(const uint8_t* src, int64_t n, uint8_t* codes) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const uint8_t* s = src + (i / 8) * B;
+    store_codes32(unpack8<B>(s), unpack8<B>(s + B), unpack8<B>(s + 2 * B), unpack8<B>(s + 3 * B), codes + i);
+  }
+  scalar::unpack<B>(src + (i / 8) * B, n - i, codes + i);
+}
+
+inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scale, float* out) {
+  const __m256 off = _mm256_set1_ps(offset), sc = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i c8 = _mm_loadl_epi64((const __m128i*)(codes + i));
+    __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
+    _mm256_storeu_ps(out + i, _mm256_add_ps(off, _mm256_mul_ps(q, sc)));
+  }
+  scalar::dequantize(codes + i, n - i, offset, scale, out + i);
+}
+
+inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+  scalar::half_to_float(src + i, n - i, dst + i);
+}
+inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  scalar::float_to_half(src + i, n - i, dst + i);
+}
+
+inline QuantLoops loops() {
+  QuantLoops t = scalar::loops();
+  t.minmax = minmax;
+  t.quantize_nearest = quantize_nearest;
+  t.quantize_stochastic = quantize_stochastic;
+  t.pack[1] = pack<1>; t.pack[2] = pack<2>; t.pack[3] = pack<3>; t.pack[4] = pack<4>;
+  t.pack[5] = pack<5>; t.pack[6] = pack<6>; t.pack[7] = pack<7>;
+  t.unpack[1] = unpack<1>; t.unpack[2] = unpack<2>; t.unpack[3] = unpack<3>; t.unpack[4] = unpack<4>;
+  t.unpack[5] = unpack<5>; t.unpack[6] = unpack<6>; t.unpack[7] = unpack<7>;
+  t.dequantize = dequantize;
+  t.half_to_float = half_to_float;
+  t.float_to_half = float_to_half;
+  return t;
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+}  // namespace cpu
+}  // namespace flocora
