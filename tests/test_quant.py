@@ -1,0 +1,252 @@
+"""quantize_pack / unpack_dequantize against the pure-PyTorch reference."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flocora_codec import ops
+from flocora_codec import reference as R
+from tests.conftest import DEVICES, FLOAT_DTYPES
+
+# (numel, group size): per tensor, per row of odd length, power-of-two groups,
+# a short last group, groups larger than one kernel task (16384).
+SIZES = [(1, 1), (7, 7), (27 * 16, 27), (1000, 64), (1000, 8), (4099, 4096), (40000, 40000), (70001, 33000)]
+
+
+def _check_against_reference(x, bits, group, stochastic=False, seed=0, meta=torch.float32, device="cpu"):
+    packed, scales, offsets = ops.quantize_pack(
+        [x.to(device)], bits, [group], stochastic=stochastic, seeds=[seed], meta_dtype=meta
+    )
+    rp, rs, ro = R.quantize_pack(x, bits, group, stochastic, seed, meta)
+    assert torch.equal(packed.cpu(), rp)
+    assert torch.equal(scales.cpu(), rs)
+    assert torch.equal(offsets.cpu(), ro)
+    y = ops.unpack_dequantize(packed, scales, offsets, bits, [x.numel()], [group], x.dtype)
+    assert torch.equal(y.cpu(), R.unpack_dequantize(rp, rs, ro, bits, x.numel(), group, x.dtype))
+    return y.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("numel,group", SIZES)
+def test_matches_reference_nearest(cpu_isa, device, bits, numel, group):
+    torch.manual_seed(bits * 1000 + numel)
+    _check_against_reference(torch.randn(numel), bits, group, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("meta", [torch.float32, torch.float16])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_matches_reference_dtypes(cpu_isa, device, dtype, meta, stochastic, bits):
+    torch.manual_seed(bits)
+    for numel, group in [(1000, 64), (27 * 5, 27), (40000, 40000)]:
+        x = (torch.randn(numel) * 3).to(dtype)
+        _check_against_reference(x, bits, group, stochastic, seed=99, meta=meta, device=device)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+    bits=st.integers(1, 8),
+    granularity=st.sampled_from(["tensor", "row", "group8", "group64"]),
+    stochastic=st.booleans(),
+    seed=st.integers(0, 2**63 - 1),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_matches_reference_any_shape(shape, bits, granularity, stochastic, seed, scale):
+    x = torch.randn(shape) * scale
+    n = x.numel()
+    group = {
+        "tensor": max(n, 1),
+        "row": max(n // shape[0], 1) if shape and shape[0] else max(n, 1),
+        "group8": 8,
+        "group64": 64,
+    }[granularity]
+    _check_against_reference(x, bits, group, stochastic, seed)
+
+
+def test_bit_layout_worked_example():
+    # docs/FORMAT.md: 3-bit codes 5, 1, 7, 2 (and 0) -> bytes 0xCD 0x05.
+    x = torch.tensor([5.0, 1.0, 7.0, 2.0, 0.0])
+    packed, scales, offsets = ops.quantize_pack([x], 3, [5])
+    assert packed.tolist() == [0xCD, 0x05]
+    assert scales.tolist() == [1.0] and offsets.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    base = torch.randn(64, 48, device=device)
+    for x in (base.t(), base[:, ::3], base[::2]):
+        assert not x.is_contiguous()
+        got = ops.quantize_pack([x], 4, [x.shape[1]])
+        want = ops.quantize_pack([x.contiguous()], 4, [x.shape[1]])
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_tensor_equals_single_calls(device):
+    torch.manual_seed(0)
+    xs = [torch.randn(s, device=device) for s in (0, 5, 1000, 27 * 16, 40000)]
+    groups = [1, 5, 64, 27, 40000]
+    seeds = [3, 4, 5, 6, 7]
+    packed, scales, offsets = ops.quantize_pack(xs, 3, groups, stochastic=True, seeds=seeds)
+    singles = [ops.quantize_pack([x], 3, [g], stochastic=True, seeds=[s]) for x, g, s in zip(xs, groups, seeds)]
+    assert torch.equal(packed, torch.cat([p for p, _, _ in singles]))
+    assert torch.equal(scales, torch.cat([s for _, s, _ in singles]))
+    out = ops.unpack_dequantize(packed, scales, offsets, 3, [x.numel() for x in xs], groups)
+    for part, (p, s, o), x, g in zip(torch.split(out, [x.numel() for x in xs]), singles, xs, groups):
+        assert torch.equal(part, ops.unpack_dequantize(p, s, o, 3, [x.numel()], [g]))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("meta", [torch.float32, torch.float16])
+def test_error_bound_nearest(cpu_isa, bits, meta):
+    torch.manual_seed(bits)
+    x = torch.randn(20000) * 10
+    packed, scales, offsets = ops.quantize_pack([x], bits, [64], meta_dtype=meta)
+    y = ops.unpack_dequantize(packed, scales, offsets, bits, [x.numel()], [64])
+    half_step = (scales.float() / 2).repeat_interleave(64)[: x.numel()]
+    # Up to a few float32 ulps of |x| beyond scale/2 from the rounding of the
+    # affine arithmetic itself.
+    slack = 4 * torch.finfo(torch.float32).eps * (x.abs() + half_step * 2**bits)
+    assert ((x - y).abs() <= half_step + slack).all()
+
+
+def test_constant_groups_decode_exactly():
+    x = torch.cat([torch.full((64,), 0.1234567), torch.full((64,), -3.0), torch.zeros(64), torch.full((7,), 1e-39)])
+    for bits in (1, 2, 8):
+        packed, scales, offsets = ops.quantize_pack([x], bits, [64])
+        y = ops.unpack_dequantize(packed, scales, offsets, bits, [x.numel()], [64])
+        assert torch.equal(y, x)
+
+
+def test_stochastic_rounding_is_unbiased():
+    # Per element, the mean of decode(encode(x)) over S seeds is within 5
+    # standard errors (sigma <= scale / 2 / sqrt(S)) of x; deterministic seeds.
+    torch.manual_seed(0)
+    x = torch.randn(512)
+    seeds = 400
+    total = torch.zeros_like(x)
+    for s in range(seeds):
+        p, sc, of = ops.quantize_pack([x], 2, [64], stochastic=True, seeds=[s])
+        total += ops.unpack_dequantize(p, sc, of, 2, [x.numel()], [64])
+    mean = total / seeds
+    sigma = (sc.repeat_interleave(64) / 2) / math.sqrt(seeds)
+    assert ((mean - x).abs() <= 5 * sigma + 1e-6).all()
+    # and the bias of the mean over all elements is far below one step
+    assert abs((mean - x).mean().item()) < 0.01 * sc.mean().item()
+
+
+def test_stochastic_independent_of_threads():
+    x = torch.randn(300000)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.quantize_pack([x], 3, [64], stochastic=True, seeds=[11])
+        torch.set_num_threads(max(2, old))
+        many = ops.quantize_pack([x], 3, [64], stochastic=True, seeds=[11])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_seed_changes_stochastic_codes():
+    x = torch.randn(4096)
+    a = ops.quantize_pack([x], 2, [64], stochastic=True, seeds=[1])[0]
+    b = ops.quantize_pack([x], 2, [64], stochastic=True, seeds=[2])[0]
+    assert not torch.equal(a, b)
+
+
+def test_stochastic_generator_matches_reference_past_2_32():
+    # The kernel changes the generator key every 2^32 elements; check the key
+    # derivation there without a 4G-element tensor, through the reference.
+    idx = torch.tensor([2**32 - 1, 2**32, 2**33 + 5], dtype=torch.int64)
+    u = R.stochastic_uniform24(7, idx)
+    assert u.min() >= 0 and u.max() < 2**24
+    assert len(set(u.tolist())) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty(device):
+    packed, scales, offsets = ops.quantize_pack([torch.empty(0, device=device)], 4, [64])
+    assert packed.numel() == 0 and scales.numel() == 0
+    assert ops.unpack_dequantize(packed, scales, offsets, 4, [0], [64]).numel() == 0
+    packed, scales, offsets = ops.quantize_pack([], 4, [])
+    assert packed.numel() == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(cpu_isa, bad):
+    for n, group in [(100, 64), (40000, 40000)]:
+        x = torch.randn(n)
+        x[n // 2] = bad
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            ops.quantize_pack([x], 4, [group])
+
+
+def test_invalid_arguments_raise():
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="bits must be in 1..8"):
+        ops.quantize_pack([x], 9, [8])
+    with pytest.raises(RuntimeError, match="bits must be in 1..8"):
+        ops.quantize_pack([x], 0, [8])
+    with pytest.raises(RuntimeError, match="group size"):
+        ops.quantize_pack([x], 4, [0])
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.quantize_pack([torch.arange(10)], 4, [8])
+    with pytest.raises(RuntimeError, match="meta_dtype"):
+        ops.quantize_pack([x], 4, [8], meta_dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float16"):
+        ops.quantize_pack([torch.tensor([0.0, 1e6])], 4, [2], meta_dtype=torch.float16)
+
+
+def test_unpack_checks_sizes_before_allocating():
+    # A claim of 2^40 elements with an empty payload is refused from the
+    # size arithmetic alone (int64 throughout), without allocating.
+    e8 = torch.empty(0, dtype=torch.uint8)
+    ef = torch.empty(0)
+    with pytest.raises(RuntimeError, match="packed has 0 bytes"):
+        ops.unpack_dequantize(e8, ef, ef, 4, [2**40], [64])
+    p, s, o = ops.quantize_pack([torch.randn(100)], 4, [64])
+    with pytest.raises(RuntimeError, match="scales and offsets"):
+        ops.unpack_dequantize(p, s[:1], o, 4, [100], [64])
+    with pytest.raises(RuntimeError, match="packed has"):
+        ops.unpack_dequantize(p[:-1], s, o, 4, [100], [64])
+    with pytest.raises(RuntimeError, match="negative"):
+        ops.unpack_dequantize(p, s, o, 4, [-1], [64])
+
+
+def test_size_helpers_past_2_31():
+    n = 3 * 2**31 + 5
+    assert ops.packed_nbytes(n, 3) == (n * 3 + 7) // 8
+    assert ops.packed_nbytes(2**40, 1) == 2**37
+    assert ops.num_groups(n, 64) == math.ceil(n / 64)
+    assert ops.num_groups(2**40 + 1, 2**20) == 2**20 + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    xs = [torch.randn(37, 5, device=device), torch.randn(64, device=device, dtype=torch.float16)]
+    args = (xs, 3, [5, 64], True, [1, 2], torch.float32)
+    torch.library.opcheck(torch.ops.flocora.quantize_pack.default, args)
+    packed, scales, offsets = ops.quantize_pack(xs, 3, [5, 64], stochastic=True, seeds=[1, 2])
+    torch.library.opcheck(
+        torch.ops.flocora.unpack_dequantize.default,
+        (packed, scales, offsets, 3, [185, 64], [5, 64], torch.bfloat16),
+    )
+
+
+def test_torch_compile_fullgraph():
+    def roundtrip(x):
+        packed, scales, offsets = torch.ops.flocora.quantize_pack([x], 4, [64], False, [0], torch.float32)
+        return torch.ops.flocora.unpack_dequantize(packed, scales, offsets, 4, [x.numel()], [64], torch.float32)
+
+    x = torch.randn(4096)
+    compiled = torch.compile(roundtrip, fullgraph=True)
+    assert torch.equal(compiled(x), roundtrip(x))
