@@ -2,3 +2,35 @@
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 from flocora_codec import _C  # noqa: F401  registers torch.ops.flocora
+from flocora_codec.codec import (
+    ErrorFeedback,
+    MessageInfo,
+    TensorInfo,
+    decode,
+    decode_numpy,
+    encode,
+    encode_numpy,
+    message_info,
+)
+from flocora_codec.errors import ChecksumError, CodecError, FormatError, LimitError, UnsupportedVersionError
+from flocora_codec.format import DecodeLimits
+from flocora_codec.spec import CodecSpec, Rule
+
+__all__ = [
+    "CodecSpec",
+    "Rule",
+    "encode",
+    "decode",
+    "encode_numpy",
+    "decode_numpy",
+    "message_info",
+    "MessageInfo",
+    "TensorInfo",
+    "ErrorFeedback",
+    "DecodeLimits",
+    "CodecError",
+    "FormatError",
+    "ChecksumError",
+    "UnsupportedVersionError",
+    "LimitError",
+]

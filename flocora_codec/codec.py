@@ -1,0 +1,754 @@
+"""Encode named tensors into one wire message and back (docs/FORMAT.md, v1).
+
+The kernels are reached only through :mod:`flocora_codec.ops`, one call per
+group of tensors that share codec parameters, never one per tensor. The
+encoder writes every section straight into the final ``bytes`` object (one
+copy of the compressed data); the decoder validates the whole header before it
+allocates anything the message claims.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import platform
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flocora_codec import format as fmt
+from flocora_codec import ops
+from flocora_codec.errors import FormatError
+from flocora_codec.format import DecodeLimits
+from flocora_codec.spec import CodecSpec
+
+__all__ = [
+    "encode",
+    "decode",
+    "encode_numpy",
+    "decode_numpy",
+    "message_info",
+    "MessageInfo",
+    "TensorInfo",
+    "ErrorFeedback",
+]
+
+_GRAN_CODES = {"tensor": fmt.GRAN_TENSOR, "row": fmt.GRAN_ROW, "group": fmt.GRAN_GROUP}
+_META_CODES = {"float32": 1, "float16": 2}
+_VALUE_CODES = {"float32": fmt.VALUES_F32, "float16": fmt.VALUES_F16, "bfloat16": fmt.VALUES_BF16,
+                "quantized": fmt.VALUES_QUANTIZED}  # fmt: skip
+_QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MASK64 = (1 << 64) - 1
+
+
+# ---- codec resolution -----------------------------------------------------------
+def _record_for(spec: CodecSpec, dtype: torch.dtype) -> fmt.CodecRecord:
+    """The codec record a resolved spec gives a tensor of ``dtype``."""
+    if spec.is_raw or dtype not in _QUANTIZABLE:
+        return fmt.RAW_RECORD
+    scope = fmt.SCOPE_GLOBAL if spec.topk_scope == "global" else fmt.SCOPE_TENSOR
+    if spec.sparse and spec.values != "quantized":
+        return fmt.CodecRecord(fmt.CODEC_TOPK, values=_VALUE_CODES[spec.values], topk_scope=scope)
+    gran = _GRAN_CODES[spec.granularity]
+    if spec.sparse and gran == fmt.GRAN_ROW:
+        gran = fmt.GRAN_TENSOR  # a values vector has one row: the canonical form is "tensor"
+    return fmt.CodecRecord(
+        fmt.CODEC_TOPK if spec.sparse else fmt.CODEC_AFFINE,
+        bits=spec.bits,
+        granularity=gran,
+        group_log2=spec.group_size.bit_length() - 1 if gran == fmt.GRAN_GROUP else 0,
+        rounding=1 if spec.rounding == "stochastic" else 0,
+        meta_dtype=_META_CODES[spec.meta_dtype],
+        values=fmt.VALUES_QUANTIZED if spec.sparse else fmt.VALUES_NONE,
+        topk_scope=scope if spec.sparse else 0,
+    )
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor stochastic-rounding seed: ``seed XOR (crc32c(name) << 32)``, as a signed int64."""
+    s = (seed ^ (fmt.crc32c(name.encode("utf-8")) << 32)) & _MASK64
+    return s - (1 << 64) if s >= 1 << 63 else s
+
+
+def _topk_count(spec: CodecSpec, n: int) -> int:
+    """Elements kept out of ``n`` (per tensor, or over a global group)."""
+    if n == 0:
+        return 0
+    if spec.k is not None:
+        return min(spec.k, n)
+    return min(n, max(1, math.floor(spec.density * n + 0.5)))
+
+
+# ---- output buffer ----------------------------------------------------------------
+if platform.python_implementation() == "CPython":
+    _bytes_from = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _bytes_from.restype = ctypes.py_object
+    _bytes_from.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+    def _alloc_message(n: int):
+        """A fresh, not yet shared ``bytes`` of length n and a writable view of it.
+
+        This is what C code does with ``PyBytes_FromStringAndSize(NULL, n)``:
+        the object is filled before anyone else sees it (or hashes it), which
+        saves the final ``bytes(bytearray)`` copy of the whole message.
+        """
+        out = _bytes_from(None, n)
+        addr = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+        return out, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+
+    _finish = lambda out, view: out  # noqa: E731
+else:  # pragma: no cover - other interpreters: one extra copy
+
+    def _alloc_message(n: int):
+        buf = bytearray(n)
+        return buf, memoryview(buf)
+
+    _finish = lambda out, view: bytes(out)  # noqa: E731
+
+
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """A byte view of a (flat) tensor's data on the host; copies only device data."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.dtype != torch.uint8:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy())
+
+
+class _Slicer:
+    """Cuts a flat op output (as host bytes) into consecutive per-tensor pieces."""
+
+    __slots__ = ("mv", "pos")
+
+    def __init__(self, t: torch.Tensor):
+        self.mv, self.pos = _host_bytes(t), 0
+
+    def take(self, n: int) -> memoryview:
+        piece = self.mv[self.pos : self.pos + n]
+        self.pos += n
+        return piece
+
+
+def _kernel_failed(op: str, names, xs, exc: Exception) -> ValueError:
+    """Name the offending tensor of a multi-tensor call, on the error path only."""
+    for name, x in zip(names, xs):
+        if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+            return ValueError(f"encode: tensor {name!r} has NaN or Inf values; {op} cannot encode it ({exc})")
+    return ValueError(f"encode: {op} failed on tensors {list(names)}: {exc}")
+
+
+# ---- encode -----------------------------------------------------------------------
+def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -> bytes:
+    """Compress named tensors into one self-describing, checksummed message.
+
+    Parameters
+    ----------
+    tensors : Mapping[str, torch.Tensor]
+        Names to tensors (any device, any strides). Order is kept.
+    spec : CodecSpec, optional
+        How to compress; default ``CodecSpec()`` (4-bit per-row affine,
+        0-d/1-d tensors raw). Non-float tensors always travel raw.
+
+    Returns
+    -------
+    bytes
+        The message (docs/FORMAT.md, version 1). Deterministic: the same
+        tensors and spec give the same bytes.
+
+    Raises
+    ------
+    TypeError
+        If a key is not a ``str`` or a value not a tensor.
+    ValueError
+        For unsupported dtypes or layouts, NaN/Inf in a tensor that is
+        quantized, or sizes the format cannot represent.
+
+    Examples
+    --------
+    >>> data = encode({"w": torch.randn(8, 16)}, CodecSpec(bits=4))
+    >>> decode(data)["w"].shape
+    torch.Size([8, 16])
+    """
+    if spec is None:
+        spec = CodecSpec()
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"encode: spec must be a CodecSpec, not {type(spec).__name__}")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"encode: tensors must be a mapping of names to tensors, not {type(tensors).__name__}")
+
+    records: dict[fmt.CodecRecord, int] = {}
+    entries: list[fmt.TensorEntry] = []
+    names_utf8: list[bytes] = []
+    parts: list[list] = []  # per tensor: the byte pieces of its sections, in order
+    affine_groups: dict[tuple, list[int]] = {}
+    topk_groups: dict[tuple, list[int]] = {}
+    flat: list[torch.Tensor] = []
+    specs: list[CodecSpec] = []
+
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"encode: tensor names must be str; got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"encode: {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided:
+            raise ValueError(f"encode: {name!r} has layout {t.layout}; only dense (strided) tensors are supported")
+        if t.dtype not in fmt.DTYPE_CODES:
+            raise ValueError(f"encode: {name!r} has dtype {t.dtype}, which the format does not carry")
+        eff = spec.resolve(name, t.dim())
+        rec = _record_for(eff, t.dtype)
+        idx = records.setdefault(rec, len(records))
+        i = len(entries)
+        entries.append(fmt.TensorEntry(name, t.dtype, tuple(t.shape), idx))
+        names_utf8.append(name.encode("utf-8"))
+        x = t.detach().reshape(-1)
+        flat.append(x)
+        specs.append(eff)
+        parts.append([])
+        if rec.codec == fmt.CODEC_RAW or x.numel() == 0:
+            if rec.codec == fmt.CODEC_TOPK:
+                entries[i].index_code = ops.choose_index_code(0, 0)
+            continue
+        # float64 goes through the float32 kernels (it is quantized anyway).
+        dkey = torch.float32 if x.dtype == torch.float64 else x.dtype
+        if rec.codec == fmt.CODEC_AFFINE:
+            affine_groups.setdefault((rec, dkey, x.device), []).append(i)
+        else:
+            sel = (eff.k, eff.density) if rec.topk_scope == fmt.SCOPE_GLOBAL else None
+            topk_groups.setdefault((rec, dkey, x.device, sel), []).append(i)
+
+    for (rec, _, _), members in affine_groups.items():
+        _encode_affine(rec, members, entries, flat, specs, parts)
+    for (rec, _, _, sel), members in topk_groups.items():
+        _encode_topk(rec, sel is not None, members, entries, flat, specs, parts)
+
+    record_list = list(records)
+    for i, e in enumerate(entries):
+        rec = record_list[e.codec_index]
+        if rec.codec == fmt.CODEC_RAW:
+            e.payload_len = flat[i].numel() * flat[i].element_size()
+        else:
+            e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(rec, e.dtype, e.shape, e.numel, e.count)
+    header = fmt.header_nbytes(record_list, entries, names_utf8)
+    total = header + sum(e.metadata_len + e.index_len + e.payload_len for e in entries) + fmt.CHECKSUM_SIZE
+    out, view = _alloc_message(total)
+    pos = fmt.write_header(view, record_list, entries, names_utf8)
+    out_t = None
+    for i, e in enumerate(entries):
+        if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len:
+            x = flat[i]
+            if x.device.type == "cpu":
+                view[pos : pos + e.payload_len] = _host_bytes(x)
+            else:  # device -> host straight into the message
+                if out_t is None:
+                    out_t = _writable_tensor(view)
+                out_t[pos : pos + e.payload_len].copy_(x.contiguous().view(torch.uint8))
+            pos += e.payload_len
+            continue
+        for piece in parts[i]:
+            view[pos : pos + len(piece)] = piece
+            pos += len(piece)
+    assert pos == total - fmt.CHECKSUM_SIZE, (pos, total)  # sizes are computed once, from one formula
+    fmt.CHECKSUM.pack_into(view, pos, fmt.crc32c(view[:pos]))
+    return _finish(out, view)
+
+
+def _writable_tensor(view: memoryview) -> torch.Tensor:
+    return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _group_size(rec: fmt.CodecRecord, e: fmt.TensorEntry) -> int:
+    return fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel)
+
+
+def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def _encode_affine(rec, members, entries, flat, specs, parts):
+    names = [entries[i].name for i in members]
+    xs = [_as_kernel_input(flat[i]) for i in members]
+    gs = [_group_size(rec, entries[i]) for i in members]
+    seeds = [tensor_seed(specs[i].seed, entries[i].name) for i in members]
+    meta = fmt.META_CODES[rec.meta_dtype]
+    try:
+        packed, scales, offsets = ops.quantize_pack(
+            xs, rec.bits, gs, stochastic=rec.rounding == fmt.ROUND_STOCHASTIC, seeds=seeds, meta_dtype=meta
+        )
+    except RuntimeError as exc:
+        raise _kernel_failed("quantize_pack", names, xs, exc) from exc
+    p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
+    for i, x, g in zip(members, xs, gs):
+        meta_len = ops.num_groups(x.numel(), g) * meta.itemsize
+        parts[i] += [s.take(meta_len), o.take(meta_len), p.take(ops.packed_nbytes(x.numel(), rec.bits))]
+
+
+def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
+    names = [entries[i].name for i in members]
+    xs = [_as_kernel_input(flat[i]) for i in members]
+    if global_scope:
+        ks = [_topk_count(specs[members[0]], sum(x.numel() for x in xs))]
+    else:
+        ks = [_topk_count(specs[i], x.numel()) for i, x in zip(members, xs)]
+    try:
+        counts, values, index_bytes = ops.topk_encode(xs, ks, global_scope=global_scope)
+    except RuntimeError as exc:
+        raise _kernel_failed("topk_encode", names, xs, exc) from exc
+    counts = counts.tolist()
+    idx = _Slicer(index_bytes)
+    for i, x, c in zip(members, xs, counts):
+        entries[i].count = c
+        entries[i].index_code = ops.choose_index_code(x.numel(), c)
+        parts[i].append(idx.take(ops.index_nbytes(x.numel(), c)))
+    if rec.values != fmt.VALUES_QUANTIZED:
+        vdtype = fmt.VALUE_DTYPES[rec.values]
+        vals = _Slicer(values.to(vdtype))
+        for i, c in zip(members, counts):
+            parts[i].append(vals.take(c * vdtype.itemsize))
+        return
+    # Quantized values: each tensor's values vector is one 1-D tensor; one call for all.
+    nz = [(i, c) for i, c in zip(members, counts) if c]
+    vecs = torch.split(values, counts) if members else ()
+    vecs = [v for v, c in zip(vecs, counts) if c]
+    meta = fmt.META_CODES[rec.meta_dtype]
+    if not nz:
+        return
+    gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in nz]
+    seeds = [tensor_seed(specs[i].seed, entries[i].name) for i, _ in nz]
+    try:
+        packed, scales, offsets = ops.quantize_pack(
+            vecs, rec.bits, gs, stochastic=rec.rounding == fmt.ROUND_STOCHASTIC, seeds=seeds, meta_dtype=meta
+        )
+    except RuntimeError as exc:
+        raise _kernel_failed("quantize_pack", [entries[i].name for i, _ in nz], vecs, exc) from exc
+    p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
+    for (i, c), g in zip(nz, gs):
+        meta_len = ops.num_groups(c, g) * meta.itemsize
+        index_piece = parts[i][0]
+        parts[i] = [s.take(meta_len), o.take(meta_len), index_piece, p.take(ops.packed_nbytes(c, rec.bits))]
+
+
+# ---- decode -----------------------------------------------------------------------
+def _message_tensor(mv: memoryview) -> torch.Tensor:
+    """The message as a read-only uint8 tensor (never written to)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": we only read and copy
+        return torch.frombuffer(mv, dtype=torch.uint8)
+
+
+def _gather(base: torch.Tensor, spans) -> torch.Tensor:
+    """Concatenate byte ranges ``(start, length)`` of the message into a new tensor."""
+    pieces = [base[a : a + n] for a, n in spans if n]
+    if not pieces:
+        return base.new_empty(0)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+
+def _check_padding(base: torch.Tensor, streams, what: str) -> None:
+    """Bits past the last code of each packed stream MUST be zero (FORMAT.md 3.4)."""
+    last, shifts = [], []
+    for end, nbits, name in streams:
+        if nbits % 8:
+            last.append(end - 1)
+            shifts.append(nbits % 8)
+    if not last:
+        return
+    tail = base[torch.tensor(last)].to(torch.int32) >> torch.tensor(shifts, dtype=torch.int32)
+    bad = torch.nonzero(tail).flatten()
+    if bad.numel():
+        name = [s[2] for s in streams if s[1] % 8][int(bad[0])]
+        raise FormatError(f"tensor {name!r}: nonzero padding bits after the last {what} code")
+
+
+def _dequantize(base, rec, members, counts, group_sizes, dtype, device):
+    """One ``unpack_dequantize`` call over the affine sections of ``members``."""
+    meta = fmt.META_CODES[rec.meta_dtype]
+    half = [e.metadata_len // 2 for e in members]
+    scales = _gather(base, [(e.offset, h) for e, h in zip(members, half)]).view(meta)
+    offsets = _gather(base, [(e.offset + h, h) for e, h in zip(members, half)]).view(meta)
+    if not (bool(torch.isfinite(scales).all()) and bool(torch.isfinite(offsets).all())):
+        raise FormatError(f"non-finite scale or offset in tensors {[e.name for e in members]}")
+    if bool((scales < 0).any()):
+        raise FormatError(f"negative scale in tensors {[e.name for e in members]}")
+    _check_padding(base, [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts)], f"{rec.bits}-bit")
+    packed = _gather(base, [(e.payload_offset, e.payload_len) for e in members])
+    try:
+        return ops.unpack_dequantize(
+            packed.to(device), scales.to(device), offsets.to(device), rec.bits, counts, group_sizes, dtype
+        )
+    except RuntimeError as exc:
+        raise FormatError(f"unpack_dequantize rejected the sections of {[e.name for e in members]}: {exc}") from exc
+
+
+def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, torch.Tensor]:
+    base = _message_tensor(mv)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, list] = {}
+    for e in pm.entries:
+        rec = pm.records[e.codec_index]
+        if rec.codec == fmt.CODEC_RAW or e.numel == 0:
+            if rec.codec == fmt.CODEC_RAW:
+                raw = base[e.payload_offset : e.end].clone()
+                if e.dtype == torch.bool and bool((raw > 1).any()):
+                    raise FormatError(f"tensor {e.name!r}: bool elements must be 0 or 1")
+                t = raw.view(e.dtype).reshape(e.shape)
+            else:
+                t = torch.zeros(e.shape, dtype=e.dtype)
+            out[e.name] = t.to(device)
+            continue
+        out[e.name] = None  # keeps the table order; filled per group below
+        groups.setdefault((e.codec_index, e.dtype), []).append(e)
+
+    for (ci, dtype), members in groups.items():
+        rec = pm.records[ci]
+        kdtype = torch.float32 if dtype == torch.float64 else dtype
+        numels = [e.numel for e in members]
+        if rec.codec == fmt.CODEC_AFFINE:
+            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
+            dense = _dequantize(base, rec, members, numels, gs, kdtype, device)
+        else:
+            counts = [e.count for e in members]
+            index_bytes = _gather(base, [(e.index_offset, e.index_len) for e in members])
+            if rec.values == fmt.VALUES_QUANTIZED:
+                q = [(e, c) for e, c in zip(members, counts) if c]
+                if q:
+                    gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
+                    values = _dequantize(
+                        base, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, device
+                    )
+                else:
+                    values = torch.empty(0, dtype=torch.float32, device=device)
+            else:
+                vdtype = fmt.VALUE_DTYPES[rec.values]
+                values = _gather(base, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
+                values = values.to(device=device, dtype=torch.float32)
+            try:
+                dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
+            except RuntimeError as exc:
+                raise FormatError(f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}") from exc
+        if dtype != kdtype:
+            dense = dense.to(dtype)
+        for e, t in zip(members, torch.split(dense, numels)):
+            out[e.name] = t.reshape(e.shape)
+    return out
+
+
+def _as_view(data) -> memoryview:
+    try:
+        return memoryview(data).cast("B")
+    except TypeError as exc:
+        raise FormatError(f"message must be a bytes-like object, not {type(data).__name__}") from exc
+
+
+def decode(data, *, device=None, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
+    """Rebuild the named tensors of a message.
+
+    The whole message is validated first (length, CRC32C, every header field
+    and section size, against ``limits``), so a hostile or corrupted message
+    raises before anything it claims is allocated.
+
+    Parameters
+    ----------
+    data : bytes-like
+        A message produced by :func:`encode` (``bytes``, ``bytearray``,
+        ``memoryview``...).
+    device : torch.device or str, optional
+        Where the tensors are decoded and returned (default CPU). Only the
+        compressed sections are moved there.
+    limits : DecodeLimits, optional
+        Bounds on message size, tensor count, total elements, ndim and name
+        length (defaults: :class:`DecodeLimits`).
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        Original names (in encoding order), shapes and dtypes. Sparse tensors
+        come back dense, zero where nothing was sent.
+
+    Raises
+    ------
+    FormatError
+        Malformed message.
+    ChecksumError
+        CRC32C mismatch (corruption).
+    UnsupportedVersionError
+        Format version not implemented here.
+    LimitError
+        The message exceeds ``limits``.
+    """
+    mv = _as_view(data)
+    pm = fmt.parse(mv, limits)
+    return _decode_parsed(pm, mv, device)
+
+
+# ---- numpy ------------------------------------------------------------------------
+def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None) -> bytes:
+    """:func:`encode` for numpy arrays (no copy of the arrays on the way in).
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Names to arrays of a dtype torch can wrap (float16/32/64, ints, bool,
+        complex).
+    spec : CodecSpec, optional
+        As for :func:`encode`.
+
+    Returns
+    -------
+    bytes
+        The message.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`encode`, or for an array dtype torch cannot wrap.
+    """
+    tensors = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays; encode never writes
+            a = a.copy()
+        try:
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(a))
+        except TypeError as exc:
+            raise ValueError(f"encode_numpy: {name!r} has dtype {a.dtype}, which the codec does not carry") from exc
+    return encode(tensors, spec)
+
+
+def decode_numpy(data, *, limits: DecodeLimits | None = None) -> dict[str, np.ndarray]:
+    """:func:`decode` to numpy arrays.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The message.
+    limits : DecodeLimits, optional
+        As for :func:`decode`.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        bfloat16 tensors (which numpy lacks) come back as float32 (exact).
+
+    Raises
+    ------
+    CodecError
+        As for :func:`decode`.
+    """
+    out = {}
+    for name, t in decode(data, limits=limits).items():
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        out[name] = t.numpy()
+    return out
+
+
+# ---- message_info -----------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorInfo:
+    """One row of :func:`message_info`'s tensor table."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    codec: str  # "raw" | "affine" | "topk"
+    params: str  # human-readable codec parameters
+    bits: int  # 0 when nothing is quantized
+    granularity: str | None
+    group_size: int | None  # elements per group for quantized data (None if not quantized)
+    rounding: str | None
+    meta_dtype: str | None
+    values: str | None  # top-k value encoding
+    topk_scope: str | None
+    count: int | None  # top-k: elements kept
+    index_code: str | None  # top-k: "bitmap" | "elias-fano"
+    offset: int  # where its sections start in the message
+    metadata_bytes: int
+    index_bytes: int
+    payload_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.metadata_bytes + self.index_bytes + self.payload_bytes
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """Exact byte breakdown of a message.
+
+    ``total_bytes == header_bytes + metadata_bytes + index_bytes +
+    payload_bytes + checksum_bytes``.
+    """
+
+    version: int
+    total_bytes: int
+    header_bytes: int  # preamble + codec table + tensor table
+    metadata_bytes: int  # scales and offsets
+    index_bytes: int  # sparse index codes
+    payload_bytes: int  # packed codes, sparse values, raw tensors
+    checksum_bytes: int
+    n_codecs: int
+    tensors: tuple
+
+
+def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
+    """Describe a message without decoding its tensors (checksum verified).
+
+    Parameters
+    ----------
+    data : bytes-like
+        The message.
+    limits : DecodeLimits, optional
+        As for :func:`decode`.
+
+    Returns
+    -------
+    MessageInfo
+        Totals by part and a per-tensor :class:`TensorInfo` table.
+
+    Raises
+    ------
+    CodecError
+        If the header is invalid, as for :func:`decode` (section contents,
+        such as index codes, are only checked by :func:`decode`).
+    """
+    pm = fmt.parse(_as_view(data), limits)
+    rows = []
+    for e in pm.entries:
+        r = pm.records[e.codec_index]
+        q = r.bits > 0
+        if q:
+            n = e.count if r.codec == fmt.CODEC_TOPK else e.numel
+            shape = (n,) if r.codec == fmt.CODEC_TOPK else e.shape
+            gsize = fmt.affine_group_size(r.granularity, r.group_log2, shape, n)
+        topk = r.codec == fmt.CODEC_TOPK
+        rows.append(
+            TensorInfo(
+                name=e.name,
+                dtype=e.dtype,
+                shape=e.shape,
+                codec=fmt.CODEC_NAMES[r.codec],
+                params=r.describe(),
+                bits=r.bits,
+                granularity=fmt.GRAN_NAMES[r.granularity] if q else None,
+                group_size=gsize if q else None,
+                rounding=fmt.ROUND_NAMES[r.rounding] if q else None,
+                meta_dtype=str(fmt.META_CODES[r.meta_dtype])[6:] if q else None,
+                values=fmt.VALUE_NAMES[r.values] if topk else None,
+                topk_scope=fmt.SCOPE_NAMES[r.topk_scope] if topk else None,
+                count=e.count if topk else None,
+                index_code=("bitmap", "elias-fano")[e.index_code] if topk else None,
+                offset=e.offset,
+                metadata_bytes=e.metadata_len,
+                index_bytes=e.index_len,
+                payload_bytes=e.payload_len,
+            )
+        )
+    return MessageInfo(
+        version=pm.version,
+        total_bytes=pm.total_bytes,
+        header_bytes=pm.header_bytes,
+        metadata_bytes=sum(t.metadata_bytes for t in rows),
+        index_bytes=sum(t.index_bytes for t in rows),
+        payload_bytes=sum(t.payload_bytes for t in rows),
+        checksum_bytes=fmt.CHECKSUM_SIZE,
+        n_codecs=len(pm.records),
+        tensors=tuple(rows),
+    )
+
+
+# ---- error feedback ---------------------------------------------------------------
+class ErrorFeedback:
+    """Error feedback (EF14 / "memory"): what compression lost is sent later.
+
+    Per key, the residual ``r = (x + r_prev) - decode(encode(x + r_prev))`` is
+    kept (float32, on the tensor's device) and added to the next tensor of that
+    key before it is encoded, so the compression error does not accumulate
+    over rounds.
+
+    Parameters
+    ----------
+    spec : CodecSpec
+        The (lossy) spec used by :meth:`encode`.
+
+    Examples
+    --------
+    >>> ef = ErrorFeedback(CodecSpec(bits=2))
+    >>> data = ef.encode({"w": torch.randn(4, 8)})
+    """
+
+    def __init__(self, spec: CodecSpec):
+        if not isinstance(spec, CodecSpec):
+            raise TypeError(f"ErrorFeedback: spec must be a CodecSpec, not {type(spec).__name__}")
+        self.spec = spec
+        self._residual: dict[str, torch.Tensor] = {}
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes:
+        """Encode ``tensors + residual`` and keep the new residual.
+
+        Parameters
+        ----------
+        tensors : Mapping[str, torch.Tensor]
+            As for :func:`encode`.
+
+        Returns
+        -------
+        bytes
+            The message.
+
+        Raises
+        ------
+        ValueError
+            If a tensor's shape differs from the residual kept for its key.
+        """
+        corrected, target = {}, {}
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                x = t.detach().to(torch.float32)
+                r = self._residual.get(name)
+                if r is not None:
+                    if r.shape != x.shape:
+                        raise ValueError(
+                            f"ErrorFeedback: {name!r} has shape {tuple(x.shape)}, its residual {tuple(r.shape)}"
+                        )
+                    x = x + r.to(x.device)
+                target[name] = x
+                t = x.to(t.dtype)
+            corrected[name] = t
+        data = encode(corrected, self.spec)
+        decoded = decode(data)
+        for name, x in target.items():
+            self._residual[name] = x - decoded[name].to(device=x.device, dtype=torch.float32)
+        return data
+
+    def reset(self) -> None:
+        """Forget every residual."""
+        self._residual.clear()
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        """The residuals, by key (copies).
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+        """
+        return {k: v.clone() for k, v in self._residual.items()}
+
+    def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the residuals (e.g. restored from a checkpoint).
+
+        Parameters
+        ----------
+        state : Mapping[str, torch.Tensor]
+            As returned by :meth:`get_state`.
+        """
+        self._residual = {k: torch.as_tensor(v).detach().to(torch.float32).clone() for k, v in state.items()}
+

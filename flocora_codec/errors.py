@@ -1,0 +1,30 @@
+"""Errors raised by the codec.
+
+Every problem with a *message* (bytes handed to :func:`flocora_codec.decode`)
+raises a subclass of :class:`CodecError`, which is a ``ValueError``: callers
+that already guard against bad input with ``except ValueError`` keep working,
+and ``except CodecError`` catches exactly "this message is not acceptable".
+"""
+from __future__ import annotations
+
+__all__ = ["CodecError", "FormatError", "ChecksumError", "UnsupportedVersionError", "LimitError"]
+
+
+class CodecError(ValueError):
+    """Base class: the message cannot be decoded (or the input encoded)."""
+
+
+class FormatError(CodecError):
+    """The message is malformed: a field, length or section violates docs/FORMAT.md."""
+
+
+class ChecksumError(CodecError):
+    """The CRC32C trailer does not match the message (corrupted in transit)."""
+
+
+class UnsupportedVersionError(CodecError):
+    """The message uses a format version this decoder does not implement."""
+
+
+class LimitError(CodecError):
+    """The message exceeds a :class:`flocora_codec.DecodeLimits` bound."""

@@ -1,0 +1,456 @@
+"""Wire format v1: byte layout, header (de)serialization and validation.
+
+``docs/FORMAT.md`` is the specification; this module is its executable form.
+It knows nothing about kernels: :mod:`flocora_codec.codec` fills and reads the
+sections. The parser treats its input as hostile: every count and length is
+checked against the bytes actually present and against :class:`DecodeLimits`
+*before* anything sized by the message is allocated.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import crc32c as _crc32c
+import torch
+
+from flocora_codec import ops
+from flocora_codec.errors import ChecksumError, FormatError, LimitError, UnsupportedVersionError
+
+__all__ = ["DecodeLimits", "CodecRecord", "TensorEntry", "ParsedMessage", "parse", "crc32c"]
+
+MAGIC = b"FLoC"
+VERSION = 1
+PREAMBLE = struct.Struct("<4sHHHI")  # magic, version, flags, n_codecs, n_tensors
+CODEC_RECORD = struct.Struct("<8B")
+CHECKSUM = struct.Struct("<I")
+PREAMBLE_SIZE = PREAMBLE.size  # 14
+CHECKSUM_SIZE = CHECKSUM.size  # 4
+MIN_MESSAGE = PREAMBLE_SIZE + CHECKSUM_SIZE
+_U16 = struct.Struct("<H")
+_U8U8 = struct.Struct("<BB")
+_SECTIONS = struct.Struct("<QQQ")
+_COUNT = struct.Struct("<QB")
+# name_len + dtype + ndim + codec_index + three section lengths
+MIN_TENSOR_RECORD = 2 + 1 + 1 + 2 + _SECTIONS.size
+MAX_U16 = 0xFFFF
+MAX_U32 = 0xFFFFFFFF
+
+# codec ids, granularities, roundings, value encodings, top-k scopes
+CODEC_RAW, CODEC_AFFINE, CODEC_TOPK = 0, 1, 2
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_AFFINE: "affine", CODEC_TOPK: "topk"}
+GRAN_TENSOR, GRAN_ROW, GRAN_GROUP = 0, 1, 2
+GRAN_NAMES = {GRAN_TENSOR: "tensor", GRAN_ROW: "row", GRAN_GROUP: "group"}
+ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
+ROUND_NAMES = {ROUND_NEAREST: "nearest", ROUND_STOCHASTIC: "stochastic"}
+VALUES_NONE, VALUES_F32, VALUES_F16, VALUES_BF16, VALUES_QUANTIZED = 0, 1, 2, 3, 4
+VALUE_NAMES = {VALUES_F32: "float32", VALUES_F16: "float16", VALUES_BF16: "bfloat16", VALUES_QUANTIZED: "quantized"}
+VALUE_DTYPES = {VALUES_F32: torch.float32, VALUES_F16: torch.float16, VALUES_BF16: torch.bfloat16}
+SCOPE_TENSOR, SCOPE_GLOBAL = 0, 1
+SCOPE_NAMES = {SCOPE_TENSOR: "tensor", SCOPE_GLOBAL: "global"}
+MIN_GROUP_LOG2, MAX_GROUP_LOG2 = 3, 31
+
+# Table 1 of docs/FORMAT.md; 0 is invalid on purpose.
+DTYPE_CODES = {
+    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,
+    torch.uint8: 5, torch.int8: 6, torch.int16: 7, torch.int32: 8, torch.int64: 9,
+    torch.bool: 10, torch.uint16: 11, torch.uint32: 12, torch.uint64: 13,
+    torch.complex64: 14, torch.complex128: 15,
+}  # fmt: skip
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+FLOAT_CODES = frozenset({1, 2, 3, 4})
+META_CODES = {1: torch.float32, 2: torch.float16}
+
+
+def crc32c(data) -> int:
+    """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated."""
+    return _crc32c.crc32c(data)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds a decoder enforces before it allocates anything a message claims.
+
+    Parameters
+    ----------
+    max_message_bytes : int
+        Longest message accepted (default 4 GiB).
+    max_tensors : int
+        Most tensor records (default 65 536).
+    max_total_elements : int
+        Most decoded elements over all tensors (default 2**31): the guard
+        against a small sparse or 1-bit message that would decode to terabytes.
+    max_ndim : int
+        Most dimensions per tensor (default 16).
+    max_name_bytes : int
+        Longest tensor name in UTF-8 bytes (default 1024).
+
+    Raises
+    ------
+    ValueError
+        If a limit is not a non-negative integer.
+    """
+
+    max_message_bytes: int = 1 << 32
+    max_tensors: int = 1 << 16
+    max_total_elements: int = 1 << 31
+    max_ndim: int = 16
+    max_name_bytes: int = 1024
+
+    def __post_init__(self):
+        for name in ("max_message_bytes", "max_tensors", "max_total_elements", "max_ndim", "max_name_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"DecodeLimits: {name} must be an integer >= 0; got {v!r}")
+
+
+@dataclass(frozen=True)
+class CodecRecord:
+    """One 8-byte codec record (FORMAT.md 2.2); several tensors may share it."""
+
+    codec: int
+    bits: int = 0
+    granularity: int = 0
+    group_log2: int = 0
+    rounding: int = 0
+    meta_dtype: int = 0
+    values: int = 0
+    topk_scope: int = 0
+
+    def pack(self) -> bytes:
+        return CODEC_RECORD.pack(
+            self.codec, self.bits, self.granularity, self.group_log2, self.rounding,
+            self.meta_dtype, self.values, self.topk_scope,
+        )  # fmt: skip
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the record carries affine codes (the tensor itself or its sparse values)."""
+        return self.bits > 0
+
+    def describe(self) -> str:
+        """Human-readable parameters, e.g. ``affine 4-bit group=64 nearest meta=float16``."""
+        if self.codec == CODEC_RAW:
+            return "raw"
+        parts = [CODEC_NAMES[self.codec]]
+        if self.codec == CODEC_TOPK:
+            parts.append(f"scope={SCOPE_NAMES[self.topk_scope]} values={VALUE_NAMES[self.values]}")
+        if self.bits:
+            gran = GRAN_NAMES[self.granularity]
+            if self.granularity == GRAN_GROUP:
+                gran += f"={1 << self.group_log2}"
+            meta = CODE_DTYPES[self.meta_dtype]
+            parts.append(f"{self.bits}-bit {gran} {ROUND_NAMES[self.rounding]} meta={str(meta)[6:]}")
+        return " ".join(parts)
+
+    def validate(self) -> None:
+        """Raise :class:`FormatError` unless this is a valid combination (FORMAT.md 2.2)."""
+        c = self
+        if c.codec == CODEC_RAW:
+            ok = (c.bits, c.granularity, c.group_log2, c.rounding, c.meta_dtype, c.values, c.topk_scope) == (0,) * 7
+        elif c.codec in (CODEC_AFFINE, CODEC_TOPK):
+            if c.codec == CODEC_AFFINE:
+                ok = c.values == VALUES_NONE and c.topk_scope == SCOPE_TENSOR and c.bits > 0
+                grans = (GRAN_TENSOR, GRAN_ROW, GRAN_GROUP)
+            else:
+                ok = c.topk_scope in SCOPE_NAMES and (
+                    (c.bits == 0 and c.values in VALUE_DTYPES) or (c.bits > 0 and c.values == VALUES_QUANTIZED)
+                )
+                grans = (GRAN_TENSOR, GRAN_GROUP)
+            if c.bits == 0:
+                ok = ok and (c.granularity, c.group_log2, c.rounding, c.meta_dtype) == (0, 0, 0, 0)
+            else:
+                ok = (
+                    ok
+                    and c.bits <= ops.MAX_BITS
+                    and c.granularity in grans
+                    and (
+                        MIN_GROUP_LOG2 <= c.group_log2 <= MAX_GROUP_LOG2
+                        if c.granularity == GRAN_GROUP
+                        else c.group_log2 == 0
+                    )
+                    and c.rounding in ROUND_NAMES
+                    and c.meta_dtype in META_CODES
+                )
+        else:
+            raise FormatError(f"unknown codec id {c.codec}")
+        if not ok:
+            raise FormatError(f"invalid codec record {self}")
+
+
+RAW_RECORD = CodecRecord(CODEC_RAW)
+
+
+def affine_group_size(granularity: int, group_log2: int, shape: tuple, numel: int) -> int:
+    """Elements per group (FORMAT.md 3.2); always >= 1."""
+    if granularity == GRAN_GROUP:
+        return 1 << group_log2
+    if granularity == GRAN_ROW and len(shape) >= 2 and shape[0] > 0:
+        return max(1, numel // shape[0])
+    return max(1, numel)
+
+
+def section_sizes(rec: CodecRecord, dtype: torch.dtype, shape: tuple, numel: int, count: int) -> tuple:
+    """(metadata, index, payload) bytes implied by the parameters (FORMAT.md 3)."""
+    if rec.codec == CODEC_RAW:
+        return 0, 0, numel * dtype.itemsize
+    meta_size = CODE_DTYPES[rec.meta_dtype].itemsize if rec.bits else 0
+    if rec.codec == CODEC_AFFINE:
+        g = affine_group_size(rec.granularity, rec.group_log2, shape, numel)
+        return 2 * ops.num_groups(numel, g) * meta_size, 0, ops.packed_nbytes(numel, rec.bits)
+    index = ops.index_nbytes(numel, count)
+    if rec.values == VALUES_QUANTIZED:
+        g = affine_group_size(rec.granularity, rec.group_log2, (count,), count)
+        return 2 * ops.num_groups(count, g) * meta_size, index, ops.packed_nbytes(count, rec.bits)
+    return 0, index, count * VALUE_DTYPES[rec.values].itemsize
+
+
+@dataclass
+class TensorEntry:
+    """One tensor record plus where its sections lie in the message."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    codec_index: int
+    count: int = 0  # top-k only
+    index_code: int = 0  # top-k only
+    metadata_len: int = 0
+    index_len: int = 0
+    payload_len: int = 0
+    offset: int = 0  # start of the metadata section in the message
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def index_offset(self) -> int:
+        return self.offset + self.metadata_len
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + self.metadata_len + self.index_len
+
+    @property
+    def end(self) -> int:
+        return self.payload_offset + self.payload_len
+
+    def record_nbytes(self, name_bytes: bytes, codec: int) -> int:
+        extra = _COUNT.size if codec == CODEC_TOPK else 0
+        return MIN_TENSOR_RECORD + len(name_bytes) + 8 * len(self.shape) + extra
+
+
+@dataclass
+class ParsedMessage:
+    """A validated header: the records, the tensor entries and the byte totals."""
+
+    version: int
+    flags: int
+    records: list
+    entries: list
+    header_bytes: int
+    total_bytes: int
+
+
+# ---- writing ------------------------------------------------------------------
+def header_nbytes(records, entries, names_utf8) -> int:
+    """Bytes of preamble + codec table + tensor table."""
+    n = PREAMBLE_SIZE + CODEC_RECORD.size * len(records)
+    for e, nb in zip(entries, names_utf8):
+        n += e.record_nbytes(nb, records[e.codec_index].codec)
+    return n
+
+
+def write_header(buf, records, entries, names_utf8) -> int:
+    """Pack preamble and tables into ``buf`` (writable buffer) at 0; return the end offset."""
+    if len(records) > MAX_U16:
+        raise ValueError(f"encode: {len(records)} distinct codecs exceed the format's {MAX_U16}")
+    if len(entries) > MAX_U32:
+        raise ValueError(f"encode: {len(entries)} tensors exceed the format's {MAX_U32}")
+    PREAMBLE.pack_into(buf, 0, MAGIC, VERSION, 0, len(records), len(entries))
+    pos = PREAMBLE_SIZE
+    for r in records:
+        CODEC_RECORD.pack_into(buf, pos, *r.pack())
+        pos += CODEC_RECORD.size
+    for e, nb in zip(entries, names_utf8):
+        if len(nb) > MAX_U16:
+            raise ValueError(f"encode: tensor name of {len(nb)} UTF-8 bytes exceeds {MAX_U16}")
+        if len(e.shape) > 255:
+            raise ValueError(f"encode: tensor {e.name!r} has {len(e.shape)} dimensions; the format allows 255")
+        _U16.pack_into(buf, pos, len(nb))
+        pos += 2
+        buf[pos : pos + len(nb)] = nb
+        pos += len(nb)
+        _U8U8.pack_into(buf, pos, DTYPE_CODES[e.dtype], len(e.shape))
+        pos += 2
+        if e.shape:
+            struct.pack_into(f"<{len(e.shape)}Q", buf, pos, *e.shape)
+            pos += 8 * len(e.shape)
+        _U16.pack_into(buf, pos, e.codec_index)
+        pos += 2
+        if records[e.codec_index].codec == CODEC_TOPK:
+            _COUNT.pack_into(buf, pos, e.count, e.index_code)
+            pos += _COUNT.size
+        _SECTIONS.pack_into(buf, pos, e.metadata_len, e.index_len, e.payload_len)
+        pos += _SECTIONS.size
+    return pos
+
+
+# ---- reading ------------------------------------------------------------------
+class _Reader:
+    """Bounds-checked cursor over the header bytes."""
+
+    __slots__ = ("mv", "pos", "end")
+
+    def __init__(self, mv: memoryview, pos: int, end: int):
+        self.mv, self.pos, self.end = mv, pos, end
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.end - self.pos:
+            raise FormatError(f"truncated header: {what} needs {n} bytes at offset {self.pos}, "
+                              f"{max(0, self.end - self.pos)} left")  # fmt: skip
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple:
+        self.need(st.size, what)
+        v = st.unpack_from(self.mv, self.pos)
+        self.pos += st.size
+        return v
+
+    def take(self, n: int, what: str) -> memoryview:
+        self.need(n, what)
+        v = self.mv[self.pos : self.pos + n]
+        self.pos += n
+        return v
+
+
+def check_envelope(mv: memoryview, limits: DecodeLimits) -> tuple:
+    """Steps 1-6 of FORMAT.md section 4: length, magic, version, limit, checksum, flags."""
+    n = len(mv)
+    if n < MIN_MESSAGE:
+        raise FormatError(f"message of {n} bytes is shorter than the minimum {MIN_MESSAGE}")
+    if bytes(mv[:4]) != MAGIC:
+        raise FormatError(f"not a flocora-codec message (magic {bytes(mv[:4])!r}, expected {MAGIC!r})")
+    magic, version, flags, n_codecs, n_tensors = PREAMBLE.unpack_from(mv, 0)
+    if version != VERSION:
+        raise UnsupportedVersionError(f"format version {version} is not supported (this decoder reads {VERSION})")
+    if n > limits.max_message_bytes:
+        raise LimitError(f"message of {n} bytes exceeds max_message_bytes={limits.max_message_bytes}")
+    stored = CHECKSUM.unpack_from(mv, n - CHECKSUM_SIZE)[0]
+    actual = crc32c(mv[: n - CHECKSUM_SIZE])
+    if stored != actual:
+        raise ChecksumError(f"CRC32C mismatch: stored {stored:#010x}, computed {actual:#010x}")
+    if flags:
+        raise FormatError(f"reserved flag bits set: {flags:#06x}")
+    return version, flags, n_codecs, n_tensors
+
+
+def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
+    """Validate a whole message's envelope and header; return where everything lies.
+
+    Parameters
+    ----------
+    data : bytes-like
+        The message.
+    limits : DecodeLimits, optional
+        Bounds to enforce (defaults: :class:`DecodeLimits`).
+
+    Returns
+    -------
+    ParsedMessage
+
+    Raises
+    ------
+    FormatError, ChecksumError, UnsupportedVersionError, LimitError
+        As FORMAT.md section 4 prescribes.
+    """
+    limits = limits or DecodeLimits()
+    try:
+        mv = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise FormatError(f"message must be a bytes-like object, not {type(data).__name__}") from exc
+    version, flags, n_codecs, n_tensors = check_envelope(mv, limits)
+    body_end = len(mv) - CHECKSUM_SIZE
+    rd = _Reader(mv, PREAMBLE_SIZE, body_end)
+
+    if n_tensors > limits.max_tensors:
+        raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
+    # Both tables must fit in what is left before anything is looped over.
+    rd.need(n_codecs * CODEC_RECORD.size + n_tensors * MIN_TENSOR_RECORD, f"{n_codecs} codecs and {n_tensors} tensors")
+    records = []
+    for i in range(n_codecs):
+        rec = CodecRecord(*rd.unpack(CODEC_RECORD, "codec record"))
+        rec.validate()
+        records.append(rec)
+    if len(set(records)) != len(records):
+        raise FormatError("duplicate codec records")
+
+    entries = []
+    names = set()
+    used = [False] * n_codecs
+    total_elements = 0
+    for t in range(n_tensors):
+        (name_len,) = rd.unpack(_U16, "name length")
+        if name_len > limits.max_name_bytes:
+            raise LimitError(f"tensor {t}: name of {name_len} bytes exceeds max_name_bytes={limits.max_name_bytes}")
+        raw_name = rd.take(name_len, "tensor name")
+        try:
+            name = str(raw_name, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"tensor {t}: name is not valid UTF-8 ({exc.reason})") from None
+        if name in names:
+            raise FormatError(f"duplicate tensor name {name!r}")
+        names.add(name)
+        dtype_code, ndim = rd.unpack(_U8U8, "dtype and ndim")
+        if dtype_code not in CODE_DTYPES:
+            raise FormatError(f"tensor {name!r}: unknown dtype code {dtype_code}")
+        if ndim > limits.max_ndim:
+            raise LimitError(f"tensor {name!r}: {ndim} dimensions exceed max_ndim={limits.max_ndim}")
+        shape = struct.unpack_from(f"<{ndim}Q", rd.take(8 * ndim, "shape")) if ndim else ()
+        numel = 1
+        for d in shape:
+            if d > limits.max_total_elements:
+                raise LimitError(f"tensor {name!r}: dimension {d} exceeds max_total_elements={limits.max_total_elements}")
+            numel *= d
+        total_elements += numel
+        if total_elements > limits.max_total_elements:
+            raise LimitError(
+                f"tensor {name!r} of shape {tuple(shape)} brings the message to {total_elements} elements, "
+                f"over max_total_elements={limits.max_total_elements}"
+            )
+        (codec_index,) = rd.unpack(_U16, "codec index")
+        if codec_index >= n_codecs:
+            raise FormatError(f"tensor {name!r}: codec index {codec_index} out of range ({n_codecs} records)")
+        used[codec_index] = True
+        rec = records[codec_index]
+        if rec.codec != CODEC_RAW and dtype_code not in FLOAT_CODES:
+            raise FormatError(f"tensor {name!r}: codec {CODEC_NAMES[rec.codec]} on non-float dtype {CODE_DTYPES[dtype_code]}")
+        count = index_code = 0
+        if rec.codec == CODEC_TOPK:
+            count, index_code = rd.unpack(_COUNT, "top-k count")
+            if count > numel:
+                raise FormatError(f"tensor {name!r}: top-k count {count} exceeds its {numel} elements")
+            expected = ops.choose_index_code(numel, count)
+            if index_code != expected:
+                raise FormatError(f"tensor {name!r}: index code {index_code}, but (n={numel}, k={count}) selects {expected}")
+        lens = rd.unpack(_SECTIONS, "section lengths")
+        dtype = CODE_DTYPES[dtype_code]
+        implied = section_sizes(rec, dtype, shape, numel, count)
+        if lens != implied:
+            raise FormatError(f"tensor {name!r}: section lengths {lens} differ from the {implied} its parameters imply")
+        entries.append(TensorEntry(name, dtype, tuple(shape), codec_index, count, index_code, *lens))
+    if not all(used):
+        raise FormatError(f"codec record {used.index(False)} is not used by any tensor")
+
+    header_bytes = rd.pos
+    pos = header_bytes
+    for e in entries:
+        e.offset = pos
+        pos = e.end
+    if pos != body_end:
+        what = "trailing bytes" if pos < body_end else "missing bytes"
+        raise FormatError(f"{what}: header and sections account for {pos + CHECKSUM_SIZE} bytes, message has {len(mv)}")
+    return ParsedMessage(version, flags, records, entries, header_bytes, len(mv))
