@@ -21,6 +21,7 @@
 
 #include <flocora/affine.h>
 
+#include "huge_pages.h"
 #include "quant_loops.h"
 
 namespace flocora {
@@ -178,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   at::Tensor scales = at::empty({total_groups}, at::TensorOptions().dtype(meta_dtype).device(device));
   at::Tensor offsets = at::empty({total_groups}, at::TensorOptions().dtype(meta_dtype).device(device));
   uint8_t* out = packed.data_ptr<uint8_t>();
+  advise_huge_pages(out, (size_t)total_bytes);
   MetaOut meta{meta_half, nullptr, nullptr, nullptr, nullptr};
   if (meta_half) {
     meta.f16_scale = reinterpret_cast<uint16_t*>(scales.data_ptr());
@@ -335,6 +337,7 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
 
   at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
   at::Tensor result = at::empty({total}, at::TensorOptions().dtype(dtype).device(packed.device()));
+  advise_huge_pages(result.data_ptr(), (size_t)result.nbytes());
   const bool meta_half = scales.scalar_type() == at::kHalf;
   const uint8_t* src = packed.data_ptr<uint8_t>();
   const void* sc = scales.data_ptr();
