@@ -1,0 +1,271 @@
+"""``flocora-codec``: inspect, encode and decode wire messages from the shell.
+
+Also runnable as ``python -m flocora_codec``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+
+import numpy as np
+
+EXIT_OK, EXIT_BAD_MESSAGE, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
+
+_DESCRIPTION = """\
+Inspect, encode and decode flocora-codec messages: compact, checksummed
+wire messages of named tensors (LoRA adapters, model updates) for federated
+learning. The byte format is specified in docs/FORMAT.md (version 1).
+
+commands:
+  inspect MSG            print the tensor table (name, dtype, shape, codec and
+                         its parameters, bytes by part) after verifying the
+                         whole message (CRC32C, every header field, every
+                         section); exit 1 with the reason if it is invalid
+  encode IN.npz -o MSG   compress the arrays of a .npz file into one message
+  decode MSG -o OUT.npz  rebuild the arrays of a message into a .npz file
+
+Run "flocora-codec COMMAND --help" for the options of each command.
+"""
+
+_EPILOG = """\
+examples:
+  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row
+  flocora-codec encode update.npz -o update.flc --bits 2 --granularity group \\
+      --group-size 64 --meta-dtype float16 --rounding stochastic --seed 7
+  flocora-codec encode update.npz -o update.flc --density 0.01 --values float16
+  flocora-codec encode update.npz -o update.flc --raw
+  flocora-codec inspect update.flc
+  flocora-codec inspect --json update.flc
+  flocora-codec decode update.flc -o restored.npz
+
+exit status:
+  0  success
+  1  the message is invalid (malformed, corrupted, unsupported version, or
+     over a decode limit); the reason is printed on stderr
+  2  usage error (unknown option, invalid codec parameter)
+  3  input/output error (file missing, unreadable or unwritable, array that
+     cannot be encoded)
+"""
+
+
+def _bits(text: str):
+    if text.lower() in ("none", "raw", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1..8 or 'none', got {text!r}") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flocora-codec",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="print a message's tensor table and verify it",
+        description="Verify a message (checksum, header, sections) and print its tensor table "
+        "and byte breakdown. Exit status 1 if the message is invalid.",
+    )
+    ins.add_argument("message", metavar="MSG", help="message file")
+    ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+    enc = sub.add_parser(
+        "encode",
+        help="compress the arrays of a .npz file into a message",
+        description="Compress every array of IN.npz into one message. Non-float arrays travel raw; "
+        "by default 0-d and 1-d arrays (norms, biases) do too.",
+        epilog="example:\n  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    enc.add_argument("input", metavar="IN.npz", help="numpy .npz archive of named arrays")
+    enc.add_argument("-o", "--output", metavar="MSG", required=True, help="message file to write")
+    g = enc.add_argument_group("codec parameters (see CodecSpec)")
+    g.add_argument("--raw", action="store_true", help="no compression at all (overrides everything below)")
+    g.add_argument("--bits", type=_bits, default=4, metavar="B",
+                   help="affine quantization width 1..8, or 'none' (default: 4)")
+    g.add_argument("--granularity", choices=("tensor", "row", "group"), default="row",
+                   help="one scale/offset per tensor, per row (dim 0) or per group (default: row)")
+    g.add_argument("--group-size", type=int, default=64, metavar="N",
+                   help="group length for --granularity group, a power of two >= 8 (default: 64)")
+    g.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
+                   help="rounding of the codes (default: nearest)")
+    g.add_argument("--seed", type=int, default=0, help="stochastic rounding seed (default: 0)")
+    g.add_argument("--meta-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of scales and offsets (default: float32)")
+    g.add_argument("--density", type=float, default=None, metavar="D",
+                   help="top-k: keep this fraction (0, 1] of the elements")
+    g.add_argument("--k", type=int, default=None, metavar="K", help="top-k: keep this many elements")
+    g.add_argument("--topk-scope", choices=("tensor", "global"), default="tensor",
+                   help="select k per tensor or over all sparse tensors (default: tensor)")
+    g.add_argument("--values", choices=("float32", "float16", "bfloat16", "quantized"), default="float32",
+                   help="encoding of the kept top-k values (default: float32)")
+    g.add_argument("--keep-1d-raw", action=argparse.BooleanOptionalAction, default=True,
+                   help="send 0-d and 1-d arrays raw (default: yes)")
+
+    dec = sub.add_parser(
+        "decode",
+        help="rebuild the arrays of a message into a .npz file",
+        description="Verify and decode a message, writing its arrays (original names, shapes and "
+        "dtypes; bfloat16 as float32) to an uncompressed .npz archive.",
+    )
+    dec.add_argument("message", metavar="MSG", help="message file")
+    dec.add_argument("-o", "--output", metavar="OUT.npz", required=True, help="archive to write")
+    return p
+
+
+def _spec_from(args):
+    from flocora_codec.spec import CodecSpec, Rule
+
+    if args.raw:
+        return CodecSpec.raw()
+    rules = (Rule("*", "raw", max_ndim=1),) if args.keep_1d_raw else ()
+    return CodecSpec(
+        bits=args.bits,
+        granularity=args.granularity,
+        group_size=args.group_size,
+        rounding=args.rounding,
+        seed=args.seed,
+        meta_dtype=args.meta_dtype,
+        density=args.density,
+        k=args.k,
+        topk_scope=args.topk_scope,
+        values=args.values,
+        rules=rules,
+    )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,}"
+
+
+def _inspect(args) -> int:
+    import flocora_codec as fc
+
+    data = _read(args.message)
+    info = fc.message_info(data)
+    fc.decode(data)  # section contents (index codes, padding, metadata) are checked here
+    rows = info.tensors
+    if args.json:
+        doc = {
+            "file": args.message,
+            "version": info.version,
+            "valid": True,
+            "bytes": {
+                "total": info.total_bytes, "header": info.header_bytes, "metadata": info.metadata_bytes,
+                "index": info.index_bytes, "payload": info.payload_bytes, "checksum": info.checksum_bytes,
+            },
+            "tensors": [
+                {
+                    "name": t.name, "dtype": str(t.dtype)[6:], "shape": list(t.shape), "codec": t.codec,
+                    "params": t.params, "bits": t.bits, "granularity": t.granularity, "group_size": t.group_size,
+                    "rounding": t.rounding, "meta_dtype": t.meta_dtype, "values": t.values,
+                    "topk_scope": t.topk_scope, "count": t.count, "index_code": t.index_code,
+                    "metadata_bytes": t.metadata_bytes, "index_bytes": t.index_bytes,
+                    "payload_bytes": t.payload_bytes,
+                }
+                for t in rows
+            ],
+        }  # fmt: skip
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    raw = sum(t.numel * t.dtype.itemsize for t in rows)
+    print(f"{args.message}: flocora-codec message, format v{info.version}, {_fmt_bytes(info.total_bytes)} bytes, "
+          f"{len(rows)} tensors, {info.n_codecs} codec records, CRC32C ok")  # fmt: skip
+    ratio = f"{raw / info.total_bytes:.2f}x" if info.total_bytes else "-"
+    print(f"  header {_fmt_bytes(info.header_bytes)} | metadata {_fmt_bytes(info.metadata_bytes)} | "
+          f"index {_fmt_bytes(info.index_bytes)} | payload {_fmt_bytes(info.payload_bytes)} | "
+          f"checksum {info.checksum_bytes}   (uncompressed {_fmt_bytes(raw)}, ratio {ratio})")  # fmt: skip
+    table = [("name", "dtype", "shape", "codec", "kept", "metadata", "index", "payload")]
+    for t in rows:
+        kept = f"{t.count}/{t.numel} ({t.index_code})" if t.count is not None else ""
+        table.append((t.name, str(t.dtype)[6:], "x".join(map(str, t.shape)) or "()", t.params, kept,
+                      str(t.metadata_bytes), str(t.index_bytes), str(t.payload_bytes)))  # fmt: skip
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
+    for r in table:
+        cells = [r[c].ljust(widths[c]) if c < 5 else r[c].rjust(widths[c]) for c in range(len(r))]
+        print("  " + "  ".join(cells).rstrip())
+    return EXIT_OK
+
+
+def _encode(args) -> int:
+    import flocora_codec as fc
+
+    try:
+        spec = _spec_from(args)
+    except ValueError as exc:
+        print(f"flocora-codec encode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with np.load(args.input, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        print(f"flocora-codec encode: cannot read {args.input}: {exc}", file=sys.stderr)
+        return EXIT_IO
+    try:
+        data = fc.encode_numpy(arrays, spec)
+    except (TypeError, ValueError) as exc:
+        print(f"flocora-codec encode: {exc}", file=sys.stderr)
+        return EXIT_IO
+    with open(args.output, "wb") as f:
+        f.write(data)
+    raw = sum(a.nbytes for a in arrays.values())
+    ratio = f", {raw / len(data):.2f}x smaller than raw" if raw else ""
+    print(f"{args.output}: {len(arrays)} tensors, {len(data):,} bytes{ratio}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _decode(args) -> int:
+    import flocora_codec as fc
+
+    arrays = fc.decode_numpy(_read(args.message))
+    with open(args.output, "wb") as f:
+        np.savez(f, **arrays)
+    print(f"{args.output}: {len(arrays)} arrays", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    """Entry point of ``flocora-codec``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 1 invalid message, 2 usage error, 3 I/O error.
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    from flocora_codec.errors import CodecError
+
+    try:
+        return {"inspect": _inspect, "encode": _encode, "decode": _decode}[args.command](args)
+    except CodecError as exc:
+        print(f"flocora-codec {args.command}: invalid message: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BAD_MESSAGE
+    except OSError as exc:
+        print(f"flocora-codec {args.command}: {exc}", file=sys.stderr)
+        return EXIT_IO
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
