@@ -1,0 +1,593 @@
+"""Flower (flwr >= 1.41) integration: a client mod and a strategy wrapper.
+
+Two lines turn an existing Flower app into one that sends compressed updates::
+
+    app = ClientApp(mods=[compression_mod(CodecSpec(bits=4))])   # client side
+    strategy = CompressedStrategy(FedAvg())                       # server side
+
+On the way up, :func:`compression_mod` replaces the arrays of every ``train``
+reply with one or two flocora messages (``Array`` objects whose ``stype`` is
+:data:`STYPE`): by default the *update* (reply minus the global arrays the
+client received), with error feedback kept in ``Context.state``.
+:class:`CompressedStrategy` decodes them back to plain arrays (global + update)
+before the wrapped strategy (``FedAvg``, ``FedAdam``, the DP wrappers, ...)
+sees them, so that strategy needs no change. With ``downlink=`` the global
+arrays travel encoded as well and the mod decodes them before the client app
+runs.
+
+The wire layout inside the reply's single ``ArrayRecord``:
+
+=====================  =====================================================
+key                    content
+=====================  =====================================================
+``"flocora/delta"``    message of the tensors sent as ``x - global``
+``"flocora/full"``     message of the tensors sent as they are (names absent
+                       from the global arrays, non-float tensors, or
+                       ``mode="arrays"``)
+=====================  =====================================================
+
+Each entry is ``Array(dtype="uint8", shape=(n,), stype=STYPE, data=message)``,
+so Flower moves it like any other array, and a strategy that forgets the
+wrapper fails loudly (``Array.numpy()`` refuses a foreign ``stype``) instead of
+averaging codec bytes.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+try:
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Error,
+        Message,
+        MessageType,
+        MetricRecord,
+        RecordDict,
+    )
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Strategy
+except ImportError as exc:  # pragma: no cover - exercised only without flwr
+    raise ImportError(
+        "flocora_codec.flower needs Flower (flwr>=1.41,<2), which is not installed. "
+        "Install the extra: pip install 'flocora-codec[flower]'"
+    ) from exc
+
+import flocora_codec as fc
+
+__all__ = [
+    "STYPE",
+    "DELTA_KEY",
+    "FULL_KEY",
+    "BYTES_METRIC",
+    "RAW_BYTES_METRIC",
+    "EncodedRecordError",
+    "is_encoded",
+    "encode_array_record",
+    "decode_array_record",
+    "compression_mod",
+    "CompressedStrategy",
+]
+
+log = logging.getLogger(__name__)
+
+STYPE = "flocora/v1"
+"""``Array.stype`` of an array whose ``data`` is one flocora wire message."""
+DELTA_KEY = "flocora/delta"
+FULL_KEY = "flocora/full"
+BYTES_METRIC = "flocora-bytes"
+"""Reply metric: bytes of the encoded ``ArrayRecord`` (``ArrayRecord.count_bytes``)."""
+RAW_BYTES_METRIC = "flocora-raw-bytes"
+"""Reply metric: bytes the same arrays take as plain Flower arrays."""
+
+_MODES = ("delta", "arrays")
+
+
+class EncodedRecordError(ValueError):
+    """An ``ArrayRecord`` that claims to hold flocora messages but cannot be decoded
+    into plain arrays (wrong keys, missing global arrays, shape mismatch)."""
+
+
+# ---------------------------------------------------------------------------
+# ArrayRecord <-> flocora messages
+# ---------------------------------------------------------------------------
+def is_encoded(record: ArrayRecord) -> bool:
+    """Whether ``record`` holds at least one flocora message.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+
+    Returns
+    -------
+    bool
+    """
+    return any(a.stype == STYPE for a in record.values())
+
+
+def _message_array(data: bytes) -> Array:
+    return Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=bytes(data))
+
+
+def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def _c_array(x) -> np.ndarray:
+    # not np.ascontiguousarray: it turns 0-d arrays into shape (1,)
+    return np.require(np.asarray(x), requirements="C")
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating)
+
+
+def _split_delta(
+    arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Split into (deltas against ``base``, tensors sent as they are).
+
+    Only float tensors whose name, shape and dtype match ``base`` become deltas:
+    the difference of anything else (integer counters, new tensors) is either
+    undefined or no smaller than the tensor.
+    """
+    delta, full = {}, {}
+    for name, x in arrays.items():
+        b = None if base is None else base.get(name)
+        if b is not None and _is_float(x) and b.shape == x.shape and b.dtype == x.dtype:
+            delta[name] = x - b
+        else:
+            full[name] = x
+    return delta, full
+
+
+def encode_array_record(
+    record: ArrayRecord | Mapping[str, np.ndarray],
+    spec: fc.CodecSpec,
+    base: ArrayRecord | Mapping[str, np.ndarray] | None = None,
+) -> ArrayRecord:
+    """Encode an ``ArrayRecord`` (or a dict of numpy arrays) into flocora messages.
+
+    Parameters
+    ----------
+    record : ArrayRecord or mapping of str to numpy.ndarray
+        The arrays to send.
+    spec : CodecSpec
+        How to compress them.
+    base : ArrayRecord or mapping, optional
+        Arrays the receiver already holds (the global model). Float arrays with
+        the same name, shape and dtype travel as ``x - base``; ``None`` sends
+        everything as it is.
+
+    Returns
+    -------
+    ArrayRecord
+        With :data:`DELTA_KEY` and/or :data:`FULL_KEY` entries of ``stype``
+        :data:`STYPE`.
+    """
+    arrays = _to_numpy(record) if isinstance(record, ArrayRecord) else dict(record)
+    if isinstance(base, ArrayRecord):
+        base = _to_numpy(base)
+    delta, full = _split_delta(arrays, base)
+    out = ArrayRecord()
+    if delta:
+        out[DELTA_KEY] = _message_array(fc.encode_numpy(delta, spec))
+    if full or not delta:  # an empty record still becomes one (empty) message
+        out[FULL_KEY] = _message_array(fc.encode_numpy(full, spec))
+    return out
+
+
+def decode_array_record(
+    record: ArrayRecord,
+    base: ArrayRecord | Mapping[str, np.ndarray] | None = None,
+    *,
+    limits: Any = None,
+) -> ArrayRecord:
+    """Decode a record made by :func:`encode_array_record` back to plain arrays.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        Holds :data:`DELTA_KEY` and/or :data:`FULL_KEY` messages, nothing else.
+    base : ArrayRecord or mapping, optional
+        The arrays the deltas were taken against; required when the record has
+        a :data:`DELTA_KEY` entry.
+    limits : DecodeLimits, optional
+        Passed to the decoder (untrusted input: bounds what a message may
+        allocate). ``None`` uses the codec's defaults.
+
+    Returns
+    -------
+    ArrayRecord
+        Plain numpy arrays: names in ``base`` first (in its order), then the
+        rest in message order.
+
+    Raises
+    ------
+    EncodedRecordError
+        Unknown keys or stype, deltas without ``base``, names or shapes that do
+        not match ``base``, a name sent twice.
+    CodecError
+        A message that fails to decode (checksum, format, limits).
+    """
+    for key, arr in record.items():
+        if key not in (DELTA_KEY, FULL_KEY):
+            raise EncodedRecordError(
+                f"encoded ArrayRecord has unexpected key {key!r} (expected {DELTA_KEY!r} and/or {FULL_KEY!r})"
+            )
+        if arr.stype != STYPE:
+            raise EncodedRecordError(f"entry {key!r} has stype {arr.stype!r}, expected {STYPE!r}")
+    kwargs = {} if limits is None else {"limits": limits}
+    out: dict[str, np.ndarray] = {}
+    if DELTA_KEY in record:
+        if base is None:
+            raise EncodedRecordError("reply carries deltas but no global arrays are known to add them to")
+        if isinstance(base, ArrayRecord):
+            base = _to_numpy(base)
+        delta = fc.decode_numpy(record[DELTA_KEY].data, **kwargs)
+        for name, b in base.items():
+            if name in delta:
+                d = delta[name]
+                if d.shape != b.shape:
+                    raise EncodedRecordError(
+                        f"delta {name!r} has shape {tuple(d.shape)} but the global array has {tuple(b.shape)}"
+                    )
+                out[name] = (b + d).astype(b.dtype, copy=False)
+        unknown = [n for n in delta if n not in base]
+        if unknown:
+            raise EncodedRecordError(f"deltas for names absent from the global arrays: {unknown[:5]}")
+    if FULL_KEY in record:
+        for name, x in fc.decode_numpy(record[FULL_KEY].data, **kwargs).items():
+            if name in out:
+                raise EncodedRecordError(f"tensor {name!r} sent both as delta and in full")
+            out[name] = x
+    return ArrayRecord({k: Array(_c_array(v)) for k, v in out.items()})
+
+
+def _copy_content(content: RecordDict, replace: Mapping[str, Any]) -> RecordDict:
+    """A new RecordDict with some records swapped; the old one is left as is
+    (Flower strategies share one RecordDict between all messages of a round)."""
+    return RecordDict({k: replace.get(k, rec) for k, rec in content.items()})
+
+
+def _is_train(msg: Message) -> bool:
+    # message types are "train" or "train.<action>"
+    return msg.metadata.message_type.split(".", 1)[0] == MessageType.TRAIN
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (stable across processes, unlike hash())."""
+    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
+    return zlib.crc32(data) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------
+# Client side
+# ---------------------------------------------------------------------------
+def compression_mod(
+    spec: fc.CodecSpec,
+    *,
+    mode: str = "delta",
+    error_feedback: bool | None = None,
+    state_key: str = "flocora",
+) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+    """A Flower client mod that compresses train replies (and decodes the downlink).
+
+    Put it first in ``ClientApp(mods=[...])`` so it is the outermost layer: it
+    decodes what arrives before any other mod sees it and encodes what leaves
+    after them (e.g. after ``fixedclipping_mod``).
+
+    Parameters
+    ----------
+    spec : CodecSpec
+        How the uplink is compressed.
+    mode : {"delta", "arrays"}
+        ``"delta"``: send ``reply - global`` for float arrays that the train
+        instruction carried (its single ``ArrayRecord``); others travel in full.
+        ``"arrays"``: send the reply arrays themselves.
+    error_feedback : bool, optional
+        Add the previous round's compression error of each delta before
+        encoding it (residuals live in ``context.state``, so they persist
+        across rounds on the node and never leave it). Default: on in
+        ``"delta"`` mode. Not available in ``"arrays"`` mode.
+    state_key : str
+        Prefix of the records this mod keeps in ``context.state``.
+
+    Returns
+    -------
+    callable
+        ``mod(msg, context, call_next) -> Message``.
+
+    Notes
+    -----
+    - Any incoming message whose ``ArrayRecord`` holds flocora messages (the
+      strategy's ``downlink=``) is decoded first; if that fails the mod answers
+      with an error reply and the client app is not called.
+    - Only replies to ``train`` messages are encoded; error replies, replies
+      without exactly one ``ArrayRecord`` and other message types pass through.
+    - The reply's ``MetricRecord`` (the first one; a new ``"metrics"`` record
+      if there is none) gains :data:`BYTES_METRIC` and :data:`RAW_BYTES_METRIC`.
+    - With ``rounding="stochastic"`` the seed is mixed with the node id and a
+      per-node round counter, so rounds and nodes draw independent noise.
+    """
+    if not isinstance(spec, fc.CodecSpec):
+        raise TypeError(f"compression_mod: spec must be a flocora_codec.CodecSpec; got {type(spec).__name__}")
+    if mode not in _MODES:
+        raise ValueError(f"compression_mod: mode must be one of {', '.join(_MODES)}; got {mode!r}")
+    if error_feedback is None:
+        error_feedback = mode == "delta"
+    if error_feedback and mode != "delta":
+        raise ValueError('compression_mod: error_feedback needs mode="delta" (it compensates the error of updates)')
+    residual_key = f"{state_key}.residual"
+    counter_key = f"{state_key}.counter"
+
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        # 1. downlink: decode before the app (and any inner mod) sees the arrays
+        if msg.has_content():
+            encoded = {k: r for k, r in msg.content.array_records.items() if is_encoded(r)}
+            if encoded:
+                try:
+                    decoded = {k: decode_array_record(r) for k, r in encoded.items()}
+                except Exception as err:  # noqa: BLE001  any failure means: do not train on it
+                    reason = f"flocora compression_mod: cannot decode the downlink arrays: {type(err).__name__}: {err}"
+                    log.warning(reason)
+                    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+                msg.content = _copy_content(msg.content, decoded)
+
+        train = _is_train(msg)
+        base = None
+        if train and mode == "delta" and msg.has_content() and len(msg.content.array_records) == 1:
+            base = _to_numpy(next(iter(msg.content.array_records.values())))
+
+        reply = call_next(msg, context)
+
+        if not train or reply.has_error() or not reply.has_content():
+            return reply
+        records = reply.content.array_records
+        if len(records) != 1:
+            log.warning("compression_mod: train reply has %d ArrayRecords (expected 1); sent uncompressed", len(records))
+            return reply
+        rkey, record = next(iter(records.items()))
+        if is_encoded(record):  # already compressed (a second compression mod)
+            return reply
+        arrays = _to_numpy(record)
+
+        # per-node round counter: fresh stochastic rounding noise every round
+        counters = context.state.config_records.get(counter_key) or ConfigRecord({"rounds": 0})
+        rounds = int(counters["rounds"])
+        round_spec = spec
+        if spec.rounding == "stochastic":
+            round_spec = spec.replace(seed=_mix_seed(spec.seed, context.node_id, rounds))
+        context.state[counter_key] = ConfigRecord({"rounds": rounds + 1})
+
+        if error_feedback:
+            delta, full = _split_delta(arrays, base)
+            old = context.state.array_records.get(residual_key)
+            residual = {} if old is None else _to_numpy(old)
+            for name, d in delta.items():
+                r = residual.get(name)
+                if r is not None and r.shape == d.shape and r.dtype == d.dtype:
+                    delta[name] = d + r
+            out = ArrayRecord()
+            if delta:
+                data = fc.encode_numpy(delta, round_spec)
+                out[DELTA_KEY] = _message_array(data)
+                sent = fc.decode_numpy(data)
+                new_residual = {}
+                for name, d in delta.items():
+                    r = d - sent[name].astype(d.dtype, copy=False)
+                    if np.any(r):  # raw-rule tensors have none
+                        new_residual[name] = _c_array(r)
+                context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
+            if full or not delta:
+                out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec))
+        else:
+            out = encode_array_record(arrays, round_spec, base if mode == "delta" else None)
+
+        metrics = dict(reply.content.metric_records)
+        mkey, mrec = next(iter(metrics.items())) if metrics else ("metrics", MetricRecord())
+        mrec = MetricRecord(dict(mrec))
+        mrec[BYTES_METRIC] = out.count_bytes()
+        mrec[RAW_BYTES_METRIC] = record.count_bytes()
+        content = _copy_content(reply.content, {rkey: out})
+        content[mkey] = mrec
+        reply.content = content
+        return reply
+
+    mod.__name__ = mod.__qualname__ = "compression_mod"
+    return mod
+
+
+# ---------------------------------------------------------------------------
+# Server side
+# ---------------------------------------------------------------------------
+class CompressedStrategy(Strategy):
+    """Wrap any Flower strategy so that it receives (and optionally sends)
+    compressed arrays.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that does the actual work (``FedAvg``, ``FedAdam``, a DP
+        wrapper, ...). It only ever sees plain arrays.
+    downlink : CodecSpec, optional
+        Also compress the global arrays sent to clients (train and evaluate
+        instructions). The wrapped strategy is then handed the *decoded*
+        arrays, i.e. exactly the model the clients start from, so that its
+        bookkeeping (FedAdam's pseudo-gradient, DP clipping of updates) matches
+        what the clients trained on. ``None`` sends them as plain arrays.
+    decode_limits : DecodeLimits, optional
+        Bounds on what one client message may allocate when decoded.
+
+    Attributes
+    ----------
+    strategy : Strategy
+        The wrapped strategy.
+    history : dict of int to dict
+        Per round: ``uplink_bytes`` / ``uplink_raw_bytes`` (encoded replies vs
+        the same arrays as plain Flower arrays, summed over accepted replies),
+        ``downlink_bytes`` / ``downlink_raw_bytes`` (summed over train
+        instructions), ``dropped`` (replies that failed to decode). Bytes are
+        ``ArrayRecord.count_bytes()``: array payloads plus key names.
+
+    Notes
+    -----
+    A reply that fails to decode (corrupt bytes, wrong shapes, no known global
+    arrays for its node) is dropped with a logged warning and never reaches
+    the wrapped strategy; the round goes on with the others. The aggregated
+    train ``MetricRecord`` gains the round totals ``flocora-uplink-bytes``,
+    ``flocora-uplink-raw-bytes``, ``flocora-downlink-bytes`` and
+    ``flocora-downlink-raw-bytes``.
+
+    Examples
+    --------
+    >>> strategy = CompressedStrategy(FedAvg(fraction_evaluate=0.0))
+    >>> result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+    >>> strategy.history[1]["uplink_bytes"]
+    """
+
+    def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None):
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"CompressedStrategy wraps a flwr.serverapp.strategy.Strategy; got {type(strategy).__name__}"
+            )
+        if downlink is not None and not isinstance(downlink, fc.CodecSpec):
+            raise TypeError(f"CompressedStrategy: downlink must be a CodecSpec or None; got {type(downlink).__name__}")
+        self.strategy = strategy
+        self.downlink = downlink
+        self.decode_limits = decode_limits
+        self.history: dict[int, dict[str, int]] = {}
+        self._bases: dict[int, dict[str, np.ndarray]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Expose the wrapped strategy's extras (e.g. a DP wrapper's privacy_spent).
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def __repr__(self) -> str:
+        return f"CompressedStrategy({self.strategy!r}, downlink={self.downlink!r})"
+
+    def summary(self) -> None:
+        """Log the compression settings, then the wrapped strategy's summary."""
+        log.info("CompressedStrategy: uplink decoded from %s; downlink %s", STYPE, self.downlink or "plain arrays")
+        self.strategy.summary()
+
+    def _round_stats(self, server_round: int) -> dict[str, int]:
+        return self.history.setdefault(
+            server_round,
+            {"uplink_bytes": 0, "uplink_raw_bytes": 0, "downlink_bytes": 0, "downlink_raw_bytes": 0, "dropped": 0},
+        )
+
+    def _downlink_pair(self, arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord | None]:
+        """(what clients will hold after decoding, what travels) for ``arrays``."""
+        if self.downlink is None or is_encoded(arrays):
+            return arrays, None
+        encoded = encode_array_record(arrays, self.downlink)
+        return decode_array_record(encoded), encoded
+
+    def _encode_instructions(
+        self, messages: Iterable[Message], sent: ArrayRecord, encoded: ArrayRecord | None, server_round: int,
+        record_bases: bool,
+    ) -> list[Message]:
+        messages = list(messages)
+        cache: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}  # id(plain record) -> (plain, encoded)
+        if encoded is not None:
+            cache[id(sent)] = (sent, encoded)
+        numpy_cache: dict[int, dict[str, np.ndarray]] = {}
+        stats = self._round_stats(server_round) if record_bases else None
+        if record_bases:
+            self._bases = {}
+        for msg in messages:
+            if not msg.has_content():
+                continue
+            swap = {}
+            for key, rec in msg.content.array_records.items():
+                plain, wire = rec, rec
+                if self.downlink is not None and not is_encoded(rec):
+                    if id(rec) not in cache:
+                        # a record the wrapped strategy built itself: encode it too
+                        enc = encode_array_record(rec, self.downlink)
+                        cache[id(rec)] = (decode_array_record(enc), enc)
+                    plain, wire = cache[id(rec)]
+                    swap[key] = wire
+                if stats is not None:
+                    stats["downlink_bytes"] += wire.count_bytes()
+                    stats["downlink_raw_bytes"] += rec.count_bytes()
+                if record_bases and len(msg.content.array_records) == 1:
+                    if id(plain) not in numpy_cache:
+                        numpy_cache[id(plain)] = _to_numpy(plain)
+                    self._bases[msg.metadata.dst_node_id] = numpy_cache[id(plain)]
+            if swap:
+                msg.content = _copy_content(msg.content, swap)
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the wrapped strategy configure the round; encode the downlink if
+        asked; remember, per node, the arrays its update will be relative to."""
+        sent, encoded = self._downlink_pair(arrays)
+        messages = self.strategy.configure_train(server_round, sent, config, grid)
+        return self._encode_instructions(messages, sent, encoded, server_round, record_bases=True)
+
+    def _decode_reply(self, reply: Message) -> Message:
+        encoded = {k: r for k, r in reply.content.array_records.items() if is_encoded(r)}
+        if not encoded:
+            return reply
+        node = reply.metadata.src_node_id
+        base = self._bases.get(node)
+        decoded = {k: decode_array_record(r, base, limits=self.decode_limits) for k, r in encoded.items()}
+        reply.content = _copy_content(reply.content, decoded)
+        return reply
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode every compressed reply (dropping those that fail), then let the
+        wrapped strategy aggregate plain arrays."""
+        stats = self._round_stats(server_round)
+        kept: list[Message] = []
+        for reply in replies:
+            if reply.has_error() or not reply.has_content():
+                kept.append(reply)  # the wrapped strategy counts and logs failures
+                continue
+            wire = sum(r.count_bytes() for r in reply.content.array_records.values())
+            try:
+                reply = self._decode_reply(reply)
+            except Exception as err:  # noqa: BLE001  one bad client must not end the round
+                stats["dropped"] += 1
+                log.warning(
+                    "CompressedStrategy: round %d: dropped the reply of node %s: %s: %s",
+                    server_round, reply.metadata.src_node_id, type(err).__name__, err,
+                )
+                continue
+            stats["uplink_bytes"] += wire
+            stats["uplink_raw_bytes"] += sum(r.count_bytes() for r in reply.content.array_records.values())
+            kept.append(reply)
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        if metrics is not None:
+            metrics = MetricRecord(dict(metrics))
+            for name in ("uplink_bytes", "uplink_raw_bytes", "downlink_bytes", "downlink_raw_bytes"):
+                metrics["flocora-" + name.replace("_", "-")] = stats[name]
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate; encode the downlink arrays if asked."""
+        sent, encoded = self._downlink_pair(arrays)
+        messages = self.strategy.configure_evaluate(server_round, sent, config, grid)
+        return self._encode_instructions(messages, sent, encoded, server_round, record_bases=False)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Delegate unchanged (evaluate replies carry metrics, not arrays)."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
