@@ -25,10 +25,14 @@ def _want_cuda():
 
 
 use_cuda = _want_cuda()
+# torch >= 2.14 headers need C++20 (operator<=> in c10); older ones build as C++17.
+import torch  # noqa: E402
+
+_std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) else "-std=c++17"
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 # -ffp-contract=off: no FMA fusion, so CPU and CUDA compute the same floats.
 # -fopenmp: at::parallel_for is serial without it. -g0 keeps the .so small.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-g0"]
+cxx_flags = ["-O3", _std, "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-g0"]
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = [("Py_LIMITED_API", "0x030a0000")]
 extension = cpp_extension.CppExtension
@@ -36,7 +40,7 @@ if use_cuda:
     sources += _sources("csrc/cuda/*.cu")
     extension = cpp_extension.CUDAExtension
     define_macros.append(("FLOCORA_WITH_CUDA", "1"))
-    extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
+    extra_compile_args["nvcc"] = ["-O3", _std, "--fmad=false", "-lineinfo"]
 
 setup(
     ext_modules=[
