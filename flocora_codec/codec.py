@@ -510,10 +510,12 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
     tensors = {}
     for name, a in arrays.items():
         a = np.asarray(a)
-        if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays; encode never writes
-            a = a.copy()
+        # from_numpy warns on read-only arrays and needs C order (np.ascontiguousarray
+        # would turn a 0-d array into 1-d); encode only reads.
+        if not (a.flags.writeable and a.flags.c_contiguous):
+            a = a.copy(order="C")
         try:
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(a))
+            tensors[name] = torch.from_numpy(a)
         except TypeError as exc:
             raise ValueError(f"encode_numpy: {name!r} has dtype {a.dtype}, which the codec does not carry") from exc
     return encode(tensors, spec)

@@ -1,0 +1,453 @@
+"""The Python codec API: round trips, error bounds, rules, grouping, golden bytes."""
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flocora_codec as fc
+from flocora_codec import codec as codec_mod
+from flocora_codec import format as fmt
+from flocora_codec import ops
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+_spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+make_golden = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_golden)
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+ALL_RAW_DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.uint16, torch.uint32, torch.uint64, torch.complex64,
+    torch.complex128,
+]  # fmt: skip
+
+
+def sample(shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def scales_per_element(data: bytes, name: str) -> torch.Tensor:
+    """The stored scale of every element's group, read straight from the message."""
+    pm = fmt.parse(data)
+    e = next(e for e in pm.entries if e.name == name)
+    rec = pm.records[e.codec_index]
+    meta = fmt.META_CODES[rec.meta_dtype]
+    ng = e.metadata_len // 2 // meta.itemsize
+    scales = torch.frombuffer(bytearray(data[e.offset : e.offset + ng * meta.itemsize]), dtype=meta).float()
+    g = fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel)
+    return scales[torch.arange(e.numel) // g]
+
+
+# ---- raw -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ALL_RAW_DTYPES, ids=str)
+def test_raw_round_trip_is_bit_exact(dtype):
+    base = torch.arange(-7, 17, dtype=torch.float64).reshape(4, 6)
+    x = (base > 0) if dtype == torch.bool else base.abs().to(dtype) if not dtype.is_signed else base.to(dtype)
+    tensors = {"x": x, "scalar": x.flatten()[3].clone(), "empty": x[:0], "strided": x.t()}
+    out = fc.decode(fc.encode(tensors, fc.CodecSpec.raw()))
+    for k, v in tensors.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        assert torch.equal(out[k], v), k
+
+
+def test_raw_keeps_nan_and_inf_bits():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45])
+    out = fc.decode(fc.encode({"x": x}, fc.CodecSpec.raw()))["x"]
+    assert torch.equal(out.view(torch.int32), x.view(torch.int32))
+
+
+def test_non_float_and_1d_default_raw():
+    tensors = {"w": sample((8, 16)), "b": sample(8), "s": torch.tensor(3.0), "i": torch.arange(12).reshape(3, 4)}
+    info = fc.message_info(fc.encode(tensors, fc.CodecSpec(bits=2)))
+    assert [t.codec for t in info.tensors] == ["affine", "raw", "raw", "raw"]
+    info = fc.message_info(fc.encode(tensors, fc.CodecSpec(bits=2, rules=())))
+    assert [t.codec for t in info.tensors] == ["affine", "affine", "affine", "raw"]
+
+
+# ---- affine ----------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    bits=st.integers(1, 8),
+    granularity=st.sampled_from(["tensor", "row", "group"]),
+    group_size=st.sampled_from([8, 16, 64]),
+    meta_dtype=st.sampled_from(["float32", "float16"]),
+    dtype=st.sampled_from(FLOATS),
+    magnitude=st.sampled_from([1e-3, 1.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_nearest_error_is_at_most_half_a_step(shape, bits, granularity, group_size, meta_dtype, dtype, magnitude, seed):
+    x = sample(shape, dtype, seed, magnitude)
+    spec = fc.CodecSpec(bits=bits, granularity=granularity, group_size=group_size, meta_dtype=meta_dtype, rules=())
+    data = fc.encode({"x": x}, spec)
+    y = fc.decode(data)["x"]
+    assert y.dtype == dtype and y.shape == x.shape
+    if x.numel() == 0:
+        return
+    step = scales_per_element(data, "x").reshape(x.shape)
+    err = (y.double() - x.double()).abs()
+    # float32 arithmetic in offset + q*scale, then rounding to the output dtype
+    slack = 1e-6 * x.double().abs().max() + torch.finfo(dtype).eps * y.double().abs()
+    assert bool((err <= step.double() / 2 * (1 + 1e-6) + slack).all()), float((err - step / 2).max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(1, 8), granularity=st.sampled_from(["tensor", "row", "group"]), seed=st.integers(0, 1000))
+def test_stochastic_error_is_below_one_step(bits, granularity, seed):
+    x = sample((6, 40), seed=seed)
+    spec = fc.CodecSpec(bits=bits, granularity=granularity, group_size=16, rounding="stochastic", seed=seed)
+    data = fc.encode({"x": x}, spec)
+    err = (fc.decode(data)["x"] - x).abs()
+    assert bool((err <= scales_per_element(data, "x").reshape(x.shape) * (1 + 1e-5) + 1e-6).all())
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    x = torch.linspace(-1, 1, 64).reshape(4, 16)
+    spec = fc.CodecSpec(bits=1, granularity="tensor", rounding="stochastic")
+    a = fc.encode({"x": x}, spec.replace(seed=1))
+    assert a == fc.encode({"x": x}, spec.replace(seed=1))  # deterministic
+    assert a != fc.encode({"x": x}, spec.replace(seed=2))
+    # the per-tensor seed mixes in the name: same data, other name, other codes
+    renamed = fc.decode(fc.encode({"y": x}, spec.replace(seed=1)))["y"]
+    assert not torch.equal(renamed, fc.decode(a)["x"])
+    mean = torch.stack([fc.decode(fc.encode({"x": x}, spec.replace(seed=s)))["x"] for s in range(300)]).mean(0)
+    assert float((mean - x).abs().max()) < 0.25  # 1-bit steps are 2.0 wide; 300 draws: sd <= 0.058
+
+
+def test_constant_and_special_tensors():
+    spec = fc.CodecSpec(bits=3, granularity="group", group_size=8, rules=())
+    tensors = {
+        "const": torch.full((5, 7), -2.25),
+        "zeros": torch.zeros(3, 3),
+        "one": torch.tensor([4.5]),
+        "scalar": torch.tensor(0.125),
+        "empty": torch.empty(0, 5),
+        "noncontig": sample((6, 10))[:, ::3],
+    }
+    out = fc.decode(fc.encode(tensors, spec))
+    for k in ("const", "zeros", "one", "scalar", "empty"):
+        assert torch.equal(out[k], tensors[k]), k
+    assert out["noncontig"].shape == (6, 4)
+    direct = fc.decode(fc.encode({"noncontig": tensors["noncontig"].contiguous()}, spec))["noncontig"]
+    assert torch.equal(out["noncontig"], direct)
+
+
+def test_float64_is_quantized_through_float32():
+    x = sample((4, 8)).double()
+    out = fc.decode(fc.encode({"x": x}, fc.CodecSpec(bits=8)))["x"]
+    assert out.dtype == torch.float64
+    assert float((out - x).abs().max()) < float(x.max() - x.min()) / 255
+
+
+def test_nan_input_names_the_tensor():
+    x = sample((4, 8))
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="'bad'"):
+        fc.encode({"good": sample((4, 8)), "bad": x}, fc.CodecSpec(bits=4))
+
+
+def test_granularity_row_gives_one_group_per_output_channel():
+    x = sample((5, 3, 2, 2))
+    info = fc.message_info(fc.encode({"x": x}, fc.CodecSpec(bits=4, granularity="row")))
+    t = info.tensors[0]
+    assert t.group_size == 12 and t.metadata_bytes == 2 * 5 * 4 and t.payload_bytes == 30
+
+
+# ---- sparse ----------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
+    density=st.sampled_from([0.01, 0.1, 0.3, 0.5, 0.9, 1.0]),
+    values=st.sampled_from(["float32", "float16", "bfloat16"]),
+    seed=st.integers(0, 10_000),
+)
+def test_sparse_raw_values_are_exact(shape, density, values, seed):
+    x = sample(shape, seed=seed)
+    data = fc.encode({"x": x}, fc.CodecSpec(density=density, values=values, rules=()))
+    y = fc.decode(data)["x"]
+    t = fc.message_info(data).tensors[0]
+    n = x.numel()
+    assert t.count == min(n, max(1, int(density * n + 0.5)))
+    kept = y != 0
+    assert int(kept.sum()) == t.count  # randn has no zeros
+    vdtype = getattr(torch, values)
+    assert torch.equal(y[kept], x[kept].to(vdtype).float())
+    if t.count < n:  # the kept ones are the largest |x|
+        assert float(x[kept].abs().min()) >= float(x[~kept].abs().max())
+    assert t.index_code == ("bitmap" if ops.choose_index_code(n, t.count) == 0 else "elias-fano")
+
+
+def test_sparse_k_count_and_zero():
+    x = sample((10, 10))
+    for k, expected in ((0, 0), (7, 7), (1000, 100)):
+        data = fc.encode({"x": x}, fc.CodecSpec(k=k))
+        assert fc.message_info(data).tensors[0].count == expected
+        y = fc.decode(data)["x"]
+        assert int((y != 0).sum()) == expected
+
+
+def test_sparse_quantized_values():
+    x = sample((16, 32), seed=3)
+    spec = fc.CodecSpec(density=0.25, values="quantized", bits=8, granularity="group", group_size=16)
+    data = fc.encode({"x": x}, spec)
+    t = fc.message_info(data).tensors[0]
+    assert (t.count, t.group_size, t.bits) == (128, 16, 8)
+    y = fc.decode(data)["x"]
+    kept = y != 0
+    assert int(kept.sum()) <= 128
+    vals = x.flatten()[torch.topk(x.abs().flatten(), 128).indices]
+    step = (vals.max() - vals.min()) / 255
+    assert float((y - x)[kept].abs().max()) <= float(step)  # per-group steps are smaller still
+    # row on a values vector is stored as the canonical "tensor"
+    data = fc.encode({"x": x}, spec.replace(granularity="row"))
+    assert fc.message_info(data).tensors[0].granularity == "tensor"
+
+
+def test_global_topk_selects_over_all_tensors():
+    a, b = sample((8, 8), seed=1), sample((4, 16), seed=2) * 3
+    spec = fc.CodecSpec(k=20, topk_scope="global", rules=())
+    data = fc.encode({"a": a, "b": b}, spec)
+    info = fc.message_info(data)
+    assert sum(t.count for t in info.tensors) == 20
+    out = fc.decode(data)
+    both = torch.cat([a.flatten(), b.flatten()])
+    dec = torch.cat([out["a"].flatten(), out["b"].flatten()])
+    kept = dec != 0
+    assert torch.equal(dec[kept], both[kept])
+    assert float(both[kept].abs().min()) >= float(both[~kept].abs().max())
+
+
+def test_sparse_empty_tensor():
+    out = fc.decode(fc.encode({"e": torch.empty(0, 3), "x": sample((2, 3))}, fc.CodecSpec(k=2, rules=())))
+    assert out["e"].shape == (0, 3)
+    assert int((out["x"] != 0).sum()) == 2
+
+
+# ---- spec, rules, grouping -----------------------------------------------------------------
+def test_spec_validation_messages():
+    for kw, msg in [
+        (dict(bits=0), "bits"),
+        (dict(bits=True), "bits"),
+        (dict(group_size=24), "power of two"),
+        (dict(group_size=4), "power of two"),
+        (dict(density=1.5), "density"),
+        (dict(density=0.0), "density"),
+        (dict(k=-1), "k must"),
+        (dict(k=2, density=0.5), "not both"),
+        (dict(rounding="up"), "rounding"),
+        (dict(meta_dtype="bfloat16"), "meta_dtype"),
+        (dict(values="int8"), "values"),
+        (dict(topk_scope="layer"), "topk_scope"),
+        (dict(bits=None, values="quantized", k=3), "quantized"),
+        (dict(rules=("*",)), "Rule"),
+        (dict(seed=1.5), "seed"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            fc.CodecSpec(**kw)
+    with pytest.raises(ValueError, match="max_ndim"):
+        fc.Rule("*", "raw", max_ndim=-1)
+    with pytest.raises(ValueError, match="spec"):
+        fc.Rule("*", "int8")
+    assert fc.CodecSpec(meta_dtype=torch.float16).meta_dtype == "float16"
+
+
+def test_rules_first_match_wins():
+    spec = fc.CodecSpec(
+        bits=4,
+        rules=(
+            fc.Rule("*.lora_B", fc.CodecSpec(bits=8, granularity="tensor")),
+            fc.Rule("*.lora_*", "raw"),
+            fc.Rule("*", "raw", max_ndim=1),
+        ),
+    )
+    tensors = {"l.lora_A": sample((4, 8)), "l.lora_B": sample((8, 4)), "fc.w": sample((4, 4)), "fc.b": sample(4)}
+    info = {t.name: t for t in fc.message_info(fc.encode(tensors, spec)).tensors}
+    assert info["l.lora_A"].codec == "raw"
+    assert (info["l.lora_B"].bits, info["l.lora_B"].granularity) == (8, "tensor")
+    assert (info["fc.w"].bits, info["fc.w"].granularity) == (4, "row")
+    assert info["fc.b"].codec == "raw"
+
+
+def test_one_kernel_call_per_codec_group(monkeypatch):
+    calls = []
+    real = ops.quantize_pack
+
+    def counting(xs, *a, **kw):
+        calls.append(len(xs))
+        return real(xs, *a, **kw)
+
+    monkeypatch.setattr(ops, "quantize_pack", counting)
+    tensors = {f"l{i}.lora_A": sample((4, 16), seed=i) for i in range(6)}
+    tensors.update({f"l{i}.lora_B": sample((16, 4), seed=10 + i) for i in range(6)})
+    fc.encode(tensors, fc.CodecSpec(bits=4))
+    assert calls == [12]
+    calls.clear()
+    spec = fc.CodecSpec(bits=4, rules=(fc.Rule("*.lora_B", fc.CodecSpec(bits=2)),))
+    fc.encode(tensors, spec)
+    assert sorted(calls) == [6, 6]
+
+
+def test_decode_groups_kernel_calls(monkeypatch):
+    calls = []
+    real = ops.unpack_dequantize
+
+    def counting(packed, scales, offsets, bits, numels, *a, **kw):
+        calls.append(len(numels))
+        return real(packed, scales, offsets, bits, numels, *a, **kw)
+
+    tensors = {f"t{i}": sample((3, 8), seed=i) for i in range(5)}
+    data = fc.encode(tensors, fc.CodecSpec(bits=3))
+    monkeypatch.setattr(ops, "unpack_dequantize", counting)
+    fc.decode(data)
+    assert calls == [5]
+
+
+def test_mixed_dtypes_share_a_record_and_decode_back():
+    tensors = {"a": sample((4, 8)), "h": sample((4, 8), torch.float16), "b": sample((4, 8), torch.bfloat16)}
+    data = fc.encode(tensors, fc.CodecSpec(bits=8))
+    assert fc.message_info(data).n_codecs == 1
+    out = fc.decode(data)
+    for k, v in tensors.items():
+        assert out[k].dtype == v.dtype
+        assert float((out[k].float() - v.float()).abs().max()) < 0.05
+
+
+def test_encoding_is_deterministic_and_accepts_bytes_likes():
+    tensors = {"w": sample((8, 8)), "b": sample(8)}
+    spec = fc.CodecSpec(bits=3, granularity="group", group_size=8)
+    a, b = fc.encode(tensors, spec), fc.encode(dict(tensors), spec)
+    assert isinstance(a, bytes) and a == b
+    ref = fc.decode(a)
+    for form in (bytearray(a), memoryview(a), np.frombuffer(a, dtype=np.uint8)):
+        out = fc.decode(form)
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_encode_input_errors():
+    with pytest.raises(TypeError, match="names must be str"):
+        fc.encode({1: torch.zeros(2)})
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        fc.encode({"a": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="CodecSpec"):
+        fc.encode({"a": torch.zeros(2)}, {"bits": 4})
+    with pytest.raises(ValueError, match="layout"):
+        fc.encode({"a": torch.zeros(3, 3).to_sparse()})
+
+
+def test_decoded_tensors_are_independent_of_the_message():
+    data = bytearray(fc.encode({"r": torch.arange(4.0)}, fc.CodecSpec.raw()))
+    out = fc.decode(data)["r"]
+    data[20:] = bytes(len(data) - 20)
+    assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_requires_grad_input():
+    w = sample((4, 8)).requires_grad_()
+    out = fc.decode(fc.encode({"w": w}, fc.CodecSpec(bits=8)))["w"]
+    assert not out.requires_grad
+
+
+# ---- numpy --------------------------------------------------------------------------------
+def test_numpy_variants():
+    arrays = {
+        "w": np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32),
+        "f": np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        "s": np.array(7, dtype=np.int32),
+        "ro": np.arange(5, dtype=np.int16),
+    }
+    arrays["ro"].flags.writeable = False
+    out = fc.decode_numpy(fc.encode_numpy(arrays, fc.CodecSpec.raw()))
+    for k, v in arrays.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        np.testing.assert_array_equal(out[k], v)
+    bf = fc.encode({"b": torch.ones(2, 2, dtype=torch.bfloat16)}, fc.CodecSpec.raw())
+    assert fc.decode_numpy(bf)["b"].dtype == np.float32
+    with pytest.raises(ValueError, match="dtype"):
+        fc.encode_numpy({"o": np.array(["a", "b"])})
+
+
+# ---- error feedback ------------------------------------------------------------------------
+def test_error_feedback_telescopes():
+    x = sample((8, 32), seed=5)
+    ef = fc.ErrorFeedback(fc.CodecSpec(bits=1, granularity="tensor"))
+    total = torch.zeros_like(x)
+    rounds = 20
+    for _ in range(rounds):
+        total += fc.decode(ef.encode({"x": x, "i": torch.arange(3)}))["x"]
+    residual = ef.get_state()["x"]
+    # sum of what was sent + what is still owed == what was meant to be sent
+    torch.testing.assert_close(total + residual, rounds * x, rtol=0, atol=1e-4)
+    # and the mean sent is far closer to x than one 1-bit round is
+    one = fc.decode(fc.encode({"x": x}, fc.CodecSpec(bits=1, granularity="tensor")))["x"]
+    assert float((total / rounds - x).abs().mean()) < 0.3 * float((one - x).abs().mean())
+    assert "i" not in ef.get_state()
+
+
+def test_error_feedback_state():
+    ef = fc.ErrorFeedback(fc.CodecSpec(k=2, rules=()))
+    x = sample((3, 4))
+    ef.encode({"x": x})
+    state = ef.get_state()
+    ef2 = fc.ErrorFeedback(fc.CodecSpec(k=2, rules=()))
+    ef2.set_state(state)
+    assert ef.encode({"x": x}) == ef2.encode({"x": x})
+    ef.reset()
+    assert ef.get_state() == {}
+    with pytest.raises(ValueError, match="shape"):
+        ef2.encode({"x": sample((4, 3))})
+    with pytest.raises(TypeError):
+        fc.ErrorFeedback("raw")
+
+
+# ---- golden files -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(make_golden.CASES))
+def test_golden_messages(case):
+    path = GOLDEN / f"{case}.flc"
+    if not path.exists():
+        pytest.fail(f"{path.name} missing: run tests/golden/make_golden.py {case}")
+    data = path.read_bytes()
+    with np.load(GOLDEN / "inputs.npz") as f:
+        inputs = make_golden.to_tensors({k: f[k] for k in f.files})
+    # the encoder still writes exactly the pinned bytes ...
+    assert fc.encode(inputs, make_golden.CASES[case]) == data
+    # ... and the decoder still reads them to the pinned values
+    out = fc.decode(data)
+    with np.load(GOLDEN / f"{case}.npz") as f:
+        expected = make_golden.to_tensors({k: f[k] for k in f.files})
+    assert list(out) == list(inputs)
+    for k, v in expected.items():
+        assert out[k].dtype == inputs[k].dtype and out[k].shape == inputs[k].shape, k
+        assert torch.equal(out[k], v), k
+
+
+def test_golden_preamble_is_version_1():
+    for path in GOLDEN.glob("*.flc"):
+        assert struct.unpack_from("<4sHH", path.read_bytes()) == (b"FLoC", 1, 0), path.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_cuda_encode_matches_cpu_bytes():
+    tensors = {"w": sample((16, 64)), "b": sample(16), "i": torch.arange(4)}
+    for spec in (fc.CodecSpec(bits=4), fc.CodecSpec(density=0.1, values="quantized", bits=8)):
+        cpu = fc.encode(tensors, spec)
+        gpu = fc.encode({k: v.cuda() for k, v in tensors.items()}, spec)
+        assert cpu == gpu
+        out = fc.decode(cpu, device="cuda")
+        assert all(v.device.type == "cuda" for v in out.values())
+
+
+def test_codec_module_exports():
+    for name in ("encode", "decode", "encode_numpy", "decode_numpy", "message_info", "ErrorFeedback"):
+        assert getattr(fc, name) is getattr(codec_mod, name)
+    assert issubclass(fc.CodecError, ValueError)
+    for err in (fc.FormatError, fc.ChecksumError, fc.UnsupportedVersionError, fc.LimitError):
+        assert issubclass(err, fc.CodecError)
