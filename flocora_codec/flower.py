@@ -273,7 +273,7 @@ def _mix_seed(*parts: int) -> int:
 # Client side
 # ---------------------------------------------------------------------------
 def compression_mod(
-    spec: fc.CodecSpec,
+    spec: fc.CodecSpec | None,
     *,
     mode: str = "delta",
     error_feedback: bool | None = None,
@@ -287,8 +287,9 @@ def compression_mod(
 
     Parameters
     ----------
-    spec : CodecSpec
-        How the uplink is compressed.
+    spec : CodecSpec or None
+        How the uplink is compressed. ``None``: replies travel as plain arrays
+        and the mod only decodes a compressed downlink.
     mode : {"delta", "arrays"}
         ``"delta"``: send ``reply - global`` for float arrays that the train
         instruction carried (its single ``ArrayRecord``); others travel in full.
@@ -318,12 +319,12 @@ def compression_mod(
     - With ``rounding="stochastic"`` the seed is mixed with the node id and a
       per-node round counter, so rounds and nodes draw independent noise.
     """
-    if not isinstance(spec, fc.CodecSpec):
-        raise TypeError(f"compression_mod: spec must be a flocora_codec.CodecSpec; got {type(spec).__name__}")
+    if spec is not None and not isinstance(spec, fc.CodecSpec):
+        raise TypeError(f"compression_mod: spec must be a flocora_codec.CodecSpec or None; got {type(spec).__name__}")
     if mode not in _MODES:
         raise ValueError(f"compression_mod: mode must be one of {', '.join(_MODES)}; got {mode!r}")
     if error_feedback is None:
-        error_feedback = mode == "delta"
+        error_feedback = mode == "delta" and spec is not None
     if error_feedback and mode != "delta":
         raise ValueError('compression_mod: error_feedback needs mode="delta" (it compensates the error of updates)')
     residual_key = f"{state_key}.residual"
@@ -349,7 +350,7 @@ def compression_mod(
 
         reply = call_next(msg, context)
 
-        if not train or reply.has_error() or not reply.has_content():
+        if spec is None or not train or reply.has_error() or not reply.has_content():
             return reply
         records = reply.content.array_records
         if len(records) != 1:

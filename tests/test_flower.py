@@ -361,6 +361,17 @@ def test_downlink_is_encoded_and_decoded_before_the_app():
     assert all(ff.is_encoded(m.content["arrays"]) for m in emsgs)
 
 
+def test_decode_only_mod_leaves_the_uplink_plain():
+    g = global_arrays()
+    strategy = ff.CompressedStrategy(FedAvg(), downlink=fc.CodecSpec(bits=8))
+    (arrays, _), wire = run_round(strategy, ff.compression_mod(None), make_contexts(), 1, g)
+    for w in wire:
+        assert not ff.is_encoded(w.content["arrays"]) and ff.BYTES_METRIC not in w.content["metrics"]
+    h = strategy.history[1]
+    assert h["uplink_bytes"] == h["uplink_raw_bytes"] and h["downlink_bytes"] < h["downlink_raw_bytes"]
+    assert arrays is not None
+
+
 def test_corrupt_downlink_gives_an_error_reply_without_running_the_app():
     g = global_arrays()
     enc = ff.encode_array_record(g, fc.CodecSpec(bits=8))
