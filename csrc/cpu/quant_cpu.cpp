@@ -30,6 +30,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 16384;
+// A task is ~10 us of work; waking a second thread for fewer tasks than this
+// costs more than it saves (much more when the cores are busy with training).
+constexpr int64_t kTasksPerThreadMin = 4;
 constexpr uint64_t kIndexBlock = 1ull << 32;  // the generator's key changes every 2^32 elements
 
 // ---- instruction-set dispatch ----------------------------------------------------
@@ -238,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     L.pack[bits](codes, e - b, out + t.byte_base + b * bits / 8);
   };
 
-  at::parallel_for(0, (int64_t)phase1.size(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, (int64_t)phase1.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
     std::vector<float> fbuf(max_task);
     std::vector<uint8_t> codes(max_task);
     std::vector<AffineParams> params(max_task);
@@ -289,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       }
       meta.store(tensors[r.tensor].group_base + r.group, p.scale, p.offset, sh, oh);
     }
-    at::parallel_for(0, (int64_t)phase2.size(), 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, (int64_t)phase2.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
       std::vector<float> fbuf(kChunk);
       std::vector<uint8_t> codes(kChunk);
       for (int64_t k = lo; k < hi; ++k) {
@@ -359,7 +362,7 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
   const QuantLoops& L = loops();
   char* dst_base = static_cast<char*>(result.data_ptr());
   const int64_t out_size = result.element_size();
-  at::parallel_for(0, (int64_t)pieces.size(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, (int64_t)pieces.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
     std::vector<uint8_t> codes(kChunk);
     std::vector<float> fbuf(dtype == at::kFloat ? 0 : kChunk);
     for (int64_t k = lo; k < hi; ++k) {
