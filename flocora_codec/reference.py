@@ -139,3 +139,177 @@ def unpack_dequantize(
     q = unpack_bits(packed, bits, numel).to(torch.float32)
     group = torch.arange(numel) // group_size
     return (offsets.float()[group] + q * scales.float()[group]).to(dtype)
+
+
+# ---- top-k sparse ---------------------------------------------------------------
+# Selection, index codes (bitmap / Elias-Fano, csrc/include/flocora/affine.h)
+# and sparse decode. The oracle may sort; it applies the kernels' tie rule:
+# equal |x| go to the lower index (the lower tensor first, for a global scope).
+from flocora_codec.ops import (  # noqa: E402
+    INDEX_BITMAP,
+    bitmap_nbytes,
+    choose_index_code,
+    elias_fano_low_bits,
+    index_nbytes,
+)
+
+
+def _magnitude_keys(flat: torch.Tensor) -> torch.Tensor:
+    """IEEE bits of |x| as int64: ordered like |x|, equal iff |x| is equal."""
+    return flat.to(torch.float32).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def _top_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest |x|; ties to the lower index (stable sort)."""
+    order = torch.sort(-_magnitude_keys(flat), stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def topk_select(xs, ks, global_scope: bool = False):
+    """Per tensor: the sorted int64 indices of the kept elements, and their
+    float32 values (in index order). Tensors are read in row-major order."""
+    flats = [x.detach().cpu().reshape(-1).to(torch.float32) for x in xs]
+    for f in flats:
+        if not torch.isfinite(f).all():
+            raise RuntimeError("topk_encode: input has NaN or Inf values")
+    if global_scope:
+        if len(ks) != 1:
+            raise RuntimeError("topk_encode: global_scope=True takes ks = [k]")
+        (k,) = ks
+        total = sum(f.numel() for f in flats)
+        if not 0 <= k <= total:
+            raise RuntimeError(f"topk_encode: k must be in [0, total numel = {total}], got {k}")
+        chosen = _top_indices(torch.cat(flats) if flats else torch.empty(0), k)
+        idx, off = [], 0
+        for f in flats:
+            mine = chosen[(chosen >= off) & (chosen < off + f.numel())]
+            idx.append(mine - off)
+            off += f.numel()
+    else:
+        if len(ks) != len(flats):
+            raise RuntimeError("topk_encode: one k per tensor")
+        idx = []
+        for f, k in zip(flats, ks):
+            if not 0 <= k <= f.numel():
+                raise RuntimeError(f"topk_encode: k must be in [0, numel = {f.numel()}], got {k}")
+            idx.append(_top_indices(f, k))
+    return idx, [f[i] for f, i in zip(flats, idx)]
+
+
+def _pack_lsb(codes: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    """LSB-first stream of `bits`-bit codes, zero-padded to nbytes."""
+    codes = codes.reshape(-1).to(torch.int64)
+    stream = ((codes[:, None] >> torch.arange(bits, dtype=torch.int64)) & 1).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
+    return (stream.reshape(nbytes, 8) << torch.arange(8, dtype=torch.int64)).sum(1).to(torch.uint8)
+
+
+def _unpack_lsb(data: torch.Tensor) -> torch.Tensor:
+    """Bits of a byte stream, LSB-first, as int64 0/1."""
+    return ((data.reshape(-1).to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)
+
+
+def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Index code of k sorted distinct indices in [0, n): the bitmap or
+    Elias-Fano, whichever is smaller (the bitmap on a tie)."""
+    idx = idx.reshape(-1).to(torch.int64)
+    k = idx.numel()
+    if choose_index_code(n, k) == INDEX_BITMAP:
+        bits = torch.zeros(n, dtype=torch.int64)
+        bits[idx] = 1
+        return _pack_lsb(bits, 1, bitmap_nbytes(n))
+    low_bits = elias_fano_low_bits(n, k)
+    low = _pack_lsb(idx & ((1 << low_bits) - 1), low_bits, (k * low_bits + 7) // 8)
+    nhigh = ((n - 1) >> low_bits) + k if k else 0
+    unary = torch.zeros(nhigh, dtype=torch.int64)
+    unary[(idx >> low_bits) + torch.arange(k)] = 1
+    return torch.cat([low, _pack_lsb(unary, 1, (nhigh + 7) // 8)])
+
+
+def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`encode_indices`, validating: RuntimeError unless data
+    is exactly the canonical code of k strictly increasing indices < n (sizes
+    exact, padding bits zero)."""
+    if not 0 <= k <= n:
+        raise RuntimeError(f"sparse_decode: count {k} not in [0, numel = {n}]")
+    data = data.reshape(-1)
+    if data.numel() != index_nbytes(n, k):
+        raise RuntimeError(f"sparse_decode: index code has {data.numel()} bytes, expected {index_nbytes(n, k)}")
+    bits = _unpack_lsb(data)
+    if choose_index_code(n, k) == INDEX_BITMAP:
+        if bits[n:].any():
+            raise RuntimeError("sparse_decode: bitmap padding bits are not zero")
+        idx = torch.nonzero(bits[:n]).reshape(-1)
+        if idx.numel() != k:
+            raise RuntimeError("sparse_decode: bitmap set bits differ from count")
+        return idx
+    low_bits = elias_fano_low_bits(n, k)
+    low_nbytes = (k * low_bits + 7) // 8
+    low_stream = bits[: low_nbytes * 8]
+    if low_stream[k * low_bits :].any():
+        raise RuntimeError("sparse_decode: Elias-Fano low padding bits are not zero")
+    low = (low_stream[: k * low_bits].reshape(k, low_bits) << torch.arange(low_bits)).sum(1)
+    unary = bits[low_nbytes * 8 :]
+    nhigh = ((n - 1) >> low_bits) + k if k else 0
+    if unary[nhigh:].any():
+        raise RuntimeError("sparse_decode: Elias-Fano high padding bits are not zero")
+    pos = torch.nonzero(unary).reshape(-1)
+    if pos.numel() != k:
+        raise RuntimeError("sparse_decode: Elias-Fano high part set bits differ from count")
+    idx = ((pos - torch.arange(k)) << low_bits) | low
+    if (idx >= n).any():
+        raise RuntimeError("sparse_decode: Elias-Fano index >= numel")
+    if (idx[1:] <= idx[:-1]).any():
+        raise RuntimeError("sparse_decode: Elias-Fano indices not strictly increasing")
+    return idx
+
+
+def topk_encode(xs, ks, global_scope: bool = False):
+    """Reference of ``ops.topk_encode``: (counts, values, index_bytes)."""
+    idx, vals = topk_select(xs, ks, global_scope)
+    counts = torch.tensor([i.numel() for i in idx], dtype=torch.int64)
+    values = torch.cat(vals) if vals else torch.empty(0)
+    codes = [encode_indices(i, x.numel()) for i, x in zip(idx, xs)]
+    index_bytes = torch.cat(codes) if codes else torch.empty(0, dtype=torch.uint8)
+    return counts, values, index_bytes
+
+
+def _decode_all(index_bytes, values, numels, counts):
+    """Validated sorted indices of every tensor, and its values as float32."""
+    numels, counts = [int(n) for n in numels], [int(c) for c in counts]
+    if len(numels) != len(counts):
+        raise RuntimeError("sparse_decode: one count per tensor")
+    for n, k in zip(numels, counts):
+        if n < 0 or not 0 <= k <= n:
+            raise RuntimeError(f"sparse_decode: count {k} not in [0, numel = {n}]")
+    sizes = [index_nbytes(n, k) for n, k in zip(numels, counts)]
+    index_bytes, values = index_bytes.reshape(-1).cpu(), values.reshape(-1).cpu().float()
+    if index_bytes.numel() != sum(sizes):
+        raise RuntimeError(f"sparse_decode: index_bytes has {index_bytes.numel()} bytes, need {sum(sizes)}")
+    if values.numel() != sum(counts):
+        raise RuntimeError(f"sparse_decode: values has {values.numel()} elements, need {sum(counts)}")
+    idx = [decode_indices(b, n, k) for b, n, k in zip(torch.split(index_bytes, sizes), numels, counts)]
+    return idx, list(torch.split(values, counts))
+
+
+def sparse_decode(index_bytes, values, numels, counts, dtype=torch.float32):
+    """Reference of ``ops.sparse_decode``: one flat tensor of sum(numels)."""
+    idx, vals = _decode_all(index_bytes, values, numels, counts)
+    outs = []
+    for i, v, n in zip(idx, vals, numels):
+        out = torch.zeros(int(n), dtype=dtype)
+        out[i] = v.to(dtype)
+        outs.append(out)
+    return torch.cat(outs) if outs else torch.empty(0, dtype=dtype)
+
+
+def sparse_decode_add_(outs, index_bytes, values, counts):
+    """Reference of ``ops.sparse_decode_add_``: the sum is formed in float32
+    (float64 for float64 outputs) and rounded once to the output dtype.
+    Nothing is modified unless every index code is valid."""
+    idx, vals = _decode_all(index_bytes, values, [o.numel() for o in outs], counts)
+    for out, i, v in zip(outs, idx, vals):
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        flat = out.detach().cpu().reshape(-1).to(acc)
+        flat[i] += v.to(acc)
+        out.copy_(flat.to(out.dtype).reshape(out.shape))

@@ -1,0 +1,1072 @@
+// CPU kernels of topk_encode, sparse_decode and sparse_decode_add_ (schemas:
+// csrc/ops.cpp; index codes: csrc/include/flocora/affine.h).
+//
+// Selection is a radix select over the magnitude keys (IEEE bits without the
+// sign, monotonic in |x|), never a sort. The threshold T and the number of
+// ties to keep are found digit by digit (11 + 10 + 10 bits):
+//   phase 1  per chunk: histogram of the top digit (fits in L1), merged into
+//            the group's histogram; NaN/Inf show up in its top bins.
+//   phase 2  per chunk: the keys of the top digit's threshold bucket are
+//            copied out (a small fraction of the data); the rest of the
+//            select runs on those candidates only.
+//   phase 3  per chunk: from its candidates alone, the number of keys > T and
+//            == T; a prefix sum over chunks then fixes each chunk's output
+//            slice and its share of the ties (ties go to the lowest index).
+//   phase 4  per chunk: emit values and the index code (bitmap bytes, or the
+//            Elias-Fano low/high bit streams) straight into the outputs.
+// So the input is read three times, and nothing is allocated in hot loops.
+// A tensor that fits in one chunk (per-tensor scope) runs all of this in one
+// task on a private key buffer, so a LoRA state dict of many small tensors
+// costs one parallel region and a few microseconds per tensor.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include <flocora/affine.h>
+
+namespace flocora {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;     // elements per selection task (multiple of kBlock)
+constexpr int kBlock = 16;              // elements per compare mask
+constexpr int kTopShift = 20;           // top digit: key bits 20..30 (bit 31 is the sign, cleared)
+constexpr int kTopBins = 2048;
+constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
+constexpr int64_t kSmallSelect = 256;   // candidates few enough for nth_element
+constexpr int64_t kPieceBytes = 1 << 13;  // decode: unary-stream bytes per task
+constexpr int64_t kScatterChunk = 1 << 16;
+
+enum class Dt { F32, F16, BF16 };
+
+Dt input_kind(const at::Tensor& t, const char* op, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dt::F32;
+    case at::kHalf: return Dt::F16;
+    case at::kBFloat16: return Dt::BF16;
+    default:
+      TORCH_CHECK(false, op, ": tensor ", i, " has dtype ", t.scalar_type(),
+                  " (expected float32, float16 or bfloat16)");
+  }
+}
+
+// float32 bits of a float16 (exact widening; branch-free so loops vectorize).
+inline uint32_t half_as_float_bits(uint16_t h) {
+  uint32_t a = h & 0x7fffu;
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t normal = (a << 13) + (112u << 23);
+  uint32_t sub = float_bits(mul_rn((float)a, 5.9604644775390625e-8f));  // a * 2^-24, exact
+  uint32_t special = (a << 13) | 0x7f800000u;
+  uint32_t m = a < 0x400u ? sub : (a >= 0x7c00u ? special : normal);
+  return m | sign;
+}
+
+// Loads n <= kBlock elements starting at i as float32 bits.
+template <Dt D>
+inline void load_bits(const void* x, int64_t i, int n, uint32_t* out) {
+  if (D == Dt::F32) {
+    std::memcpy(out, static_cast<const float*>(x) + i, sizeof(float) * n);
+  } else if (D == Dt::F16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x) + i;
+    for (int j = 0; j < n; ++j) out[j] = half_as_float_bits(p[j]);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(x) + i;
+    for (int j = 0; j < n; ++j) out[j] = (uint32_t)p[j] << 16;
+  }
+}
+
+template <Dt D>
+inline void load_keys(const void* x, int64_t i, int n, uint32_t* keys) {
+  load_bits<D>(x, i, n, keys);
+  for (int j = 0; j < n; ++j) keys[j] &= 0x7fffffffu;
+  for (int j = n; j < kBlock; ++j) keys[j] = 0;
+}
+
+// Bit j set iff keys[j] > t, for 16 keys (signed compare: keys are < 2^31,
+// and t may be -1 to mean "every key").
+inline uint32_t gt_mask(const uint32_t* keys, int32_t t) {
+#if defined(__SSE2__)
+  __m128i tv = _mm_set1_epi32(t);
+  uint32_t m = 0;
+  for (int q = 0; q < 4; ++q) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * q));
+    m |= (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(v, tv))) << (4 * q);
+  }
+  return m;
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < kBlock; ++j) m |= (uint32_t)((int32_t)keys[j] > t) << j;
+  return m;
+#endif
+}
+
+inline uint32_t valid_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
+
+inline void atomic_or_byte(uint8_t* p, uint8_t v) {
+  if (v) __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
+}
+
+// Appends fixed-width fields to an LSB-first bit stream, from bit `pos` on.
+// Several tasks write adjacent ranges of one stream at once: the first and
+// the last byte of a range may hold a neighbour's bits, so they are OR-ed
+// atomically into the zeroed stream; the bytes in between are this task's alone.
+struct FieldWriter {
+  uint8_t* base;
+  int64_t byte;
+  uint64_t acc;
+  int nacc;
+  bool first;
+  FieldWriter(uint8_t* b, int64_t pos) : base(b), byte(pos >> 3), acc(0), nacc((int)(pos & 7)), first(true) {}
+  void flush_full() {
+    while (nacc >= 8) {
+      uint8_t v = (uint8_t)acc;
+      if (first) {
+        atomic_or_byte(base + byte, v);
+        first = false;
+      } else {
+        base[byte] = v;
+      }
+      ++byte;
+      acc >>= 8;
+      nacc -= 8;
+    }
+  }
+  void put(uint64_t v, int nb) {  // v < 2^nb, nb <= 62
+    if (nb > 32) {
+      put(v & 0xffffffffu, 32);
+      put(v >> 32, nb - 32);
+      return;
+    }
+    acc |= v << nacc;
+    nacc += nb;
+    flush_full();
+  }
+  void finish() {
+    if (nacc > 0) atomic_or_byte(base + byte, (uint8_t)acc);
+  }
+};
+
+// Sets bits at increasing positions of a zeroed bit stream (the Elias-Fano
+// unary part); shared first/last byte as in FieldWriter.
+struct UnaryWriter {
+  uint8_t* base;
+  int64_t cur = -1;
+  uint8_t v = 0;
+  bool first = true;
+  explicit UnaryWriter(uint8_t* b) : base(b) {}
+  void set(int64_t q) {
+    int64_t b = q >> 3;
+    if (b != cur) {
+      if (cur >= 0) {
+        if (first) {
+          atomic_or_byte(base + cur, v);
+          first = false;
+        } else {
+          base[cur] = v;
+        }
+      }
+      cur = b;
+      v = 0;
+    }
+    v |= (uint8_t)(1u << (q & 7));
+  }
+  void finish() {
+    if (cur >= 0) atomic_or_byte(base + cur, v);
+  }
+};
+
+// ---- radix select -------------------------------------------------------------
+// Digit d of a key: d = 0 bits 20..30, d = 1 bits 10..19, d = 2 bits 0..9.
+constexpr int kShift[3] = {20, 10, 0};
+constexpr int kBins[3] = {2048, 1024, 1024};
+
+// Scans a histogram from the top bin down for the bin holding the need-th
+// largest key; *need becomes its rank inside that bin.
+int top_bin(const int64_t* hist, int bins, int64_t* need) {
+  int64_t cum = 0;
+  int b = bins - 1;
+  for (; b > 0; --b) {
+    if (cum + hist[b] >= *need) break;
+    cum += hist[b];
+  }
+  *need -= cum;
+  return b;
+}
+
+// keys[0..m) agree on every digit above d; 1 <= need <= m. Returns T, the
+// need-th largest key, and *ties = need - #(keys > T): the number of keys
+// equal to T that belong to the top `need`. Compacts keys in place.
+// first_hist: the histogram of digit d when the caller has it already.
+uint32_t select_inplace(uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist, int64_t* ties) {
+  int64_t hist[kTopBins];
+  for (; d < 3; ++d) {
+    if (m <= kSmallSelect) {
+      std::nth_element(keys, keys + (need - 1), keys + m, std::greater<uint32_t>());
+      uint32_t t = keys[need - 1];
+      int64_t above = 0;
+      for (int64_t i = 0; i < m; ++i) above += keys[i] > t;
+      *ties = need - above;
+      return t;
+    }
+    const int s = kShift[d];
+    const uint32_t mask = (uint32_t)kBins[d] - 1;
+    const int64_t* h = first_hist;
+    if (h == nullptr) {
+      std::fill(hist, hist + kBins[d], 0);
+      for (int64_t i = 0; i < m; ++i) ++hist[(keys[i] >> s) & mask];
+      h = hist;
+    }
+    first_hist = nullptr;
+    const uint32_t b = (uint32_t)top_bin(h, kBins[d], &need);
+    int64_t j = 0;
+    for (int64_t i = 0; i < m; ++i) {  // j <= i: in place
+      uint32_t v = keys[i];
+      keys[j] = v;
+      j += ((v >> s) & mask) == b;
+    }
+    m = j;
+  }
+  *ties = need;  // all m keys are equal now
+  return keys[0];
+}
+
+// As select_inplace, but leaves src intact (the phased path still needs it to
+// count each chunk's candidates): the first digit copies out its bucket.
+uint32_t select_from(const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
+  std::vector<uint32_t> buf;
+  if (m <= kSmallSelect) {
+    buf.assign(src, src + m);
+    return select_inplace(buf.data(), m, need, d, nullptr, ties);
+  }
+  int64_t hist[kTopBins];
+  const int s = kShift[d];
+  const uint32_t mask = (uint32_t)kBins[d] - 1;
+  std::fill(hist, hist + kBins[d], 0);
+  for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> s) & mask];
+  const uint32_t b = (uint32_t)top_bin(hist, kBins[d], &need);
+  buf.resize(hist[b]);
+  int64_t j = 0;
+  for (int64_t i = 0; i < m; ++i)
+    if (((src[i] >> s) & mask) == b) buf[j++] = src[i];
+  if (d == 2) {
+    *ties = need;
+    return buf[0];
+  }
+  return select_inplace(buf.data(), j, need, d + 1, nullptr, ties);
+}
+
+// ---- encode plan ---------------------------------------------------------------
+struct EncTensor {
+  const void* x;
+  Dt dt;
+  int64_t n;
+  int64_t count;  // elements kept
+  int64_t voff;   // first value in `values`
+  int64_t ioff;   // first byte in `index_bytes`
+  int code;
+  int low_bits;
+  int64_t low_nbytes;
+};
+
+struct Group {  // one selection: a tensor (per-tensor scope) or all tensors
+  int64_t k;
+  int64_t first_chunk, nchunks;
+  int64_t need;       // rank of T inside the top-digit bucket
+  uint32_t top;       // the top digit of T
+  int64_t cand_base, cand_count;
+  uint32_t t;         // threshold key
+  int64_t ties;       // keys == T to keep
+};
+
+struct Chunk {
+  int32_t tensor, group;
+  int64_t begin, end;
+  int64_t above_top;  // keys whose top digit is above the group's
+  int64_t cand_off, cand_cnt;
+  int64_t above, eq;  // keys > T and == T
+  int64_t rank0, share, out_cnt;
+};
+
+// Splits tasks 0..n-1 into contiguous runs of about equal cost, one per
+// thread (at::parallel_for splits by count, not by work), and calls
+// fn(first, last) once per run, so that a run can set up its scratch once.
+template <typename Fn>
+void run_balanced(const std::vector<int64_t>& cost, const Fn& fn) {
+  const int64_t ntasks = (int64_t)cost.size();
+  if (ntasks == 0) return;
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  std::vector<int64_t> bound(parts + 1, ntasks);
+  bound[0] = 0;
+  int64_t acc = 0, p = 1;
+  for (int64_t t = 0; t < ntasks && p < parts; ++t) {
+    acc += cost[t];
+    while (p < parts && acc * parts >= total * p) bound[p++] = t + 1;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q)
+      if (bound[q] < bound[q + 1]) fn(bound[q], bound[q + 1]);
+  });
+}
+
+template <typename Fn>
+void with_dt(Dt dt, const Fn& fn) {
+  switch (dt) {
+    case Dt::F32: fn(std::integral_constant<Dt, Dt::F32>()); break;
+    case Dt::F16: fn(std::integral_constant<Dt, Dt::F16>()); break;
+    case Dt::BF16: fn(std::integral_constant<Dt, Dt::BF16>()); break;
+  }
+}
+
+// Top-digit histogram of elements [begin, end); false if any is NaN or Inf.
+template <Dt D>
+bool top_histogram(const void* x, int64_t begin, int64_t end, uint32_t* hist) {
+  uint32_t keys[kBlock];
+  std::fill(hist, hist + kTopBins, 0u);
+  for (int64_t i = begin; i < end; i += kBlock) {
+    int n = (int)std::min<int64_t>(kBlock, end - i);
+    load_keys<D>(x, i, n, keys);
+    for (int j = 0; j < n; ++j) ++hist[keys[j] >> kTopShift];
+  }
+  for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b)
+    if (hist[b]) return false;
+  return true;
+}
+
+// Copies the keys of [begin, end) whose top digit is `top` to stage; returns
+// how many, and *above the number whose top digit is larger.
+template <Dt D>
+int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above) {
+  uint32_t keys[kBlock];
+  const int32_t lo = (int32_t)(top << kTopShift) - 1;
+  const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
+  int64_t cnt = 0, up = 0;
+  for (int64_t i = begin; i < end; i += kBlock) {
+    int n = (int)std::min<int64_t>(kBlock, end - i);
+    load_keys<D>(x, i, n, keys);
+    uint32_t valid = valid_mask(n);
+    uint32_t gt = gt_mask(keys, hi) & valid;
+    uint32_t in = gt_mask(keys, lo) & ~gt & valid;
+    up += __builtin_popcount(gt);
+    while (in) {
+      stage[cnt++] = keys[__builtin_ctz(in)];
+      in &= in - 1;
+    }
+  }
+  *above = up;
+  return cnt;
+}
+
+// Emits the kept elements of [begin, end) of tensor t (begin a multiple of
+// kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
+// vals[rank0...], the index code into the zeroed idx bytes of the tensor.
+template <Dt D>
+void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0, float* vals,
+                uint8_t* idx) {
+  uint32_t bits[kBlock], keys[kBlock];
+  const bool bitmap = t.code == kIndexBitmap;
+  const int l = t.low_bits;
+  const uint64_t low_mask = l ? (~0ull >> (64 - l)) : 0;
+  FieldWriter low(idx, rank0 * (int64_t)l);
+  UnaryWriter high(idx + t.low_nbytes);
+  int64_t rank = rank0;
+  for (int64_t i = begin; i < end; i += kBlock) {
+    int n = (int)std::min<int64_t>(kBlock, end - i);
+    load_bits<D>(t.x, i, n, bits);
+    for (int j = 0; j < kBlock; ++j) keys[j] = j < n ? (bits[j] & 0x7fffffffu) : 0u;
+    uint32_t valid = valid_mask(n);
+    uint32_t sel = gt_mask(keys, (int32_t)thr) & valid;
+    if (ties > 0) {
+      uint32_t eq = gt_mask(keys, (int32_t)thr - 1) & ~sel & valid;
+      while (eq && ties > 0) {
+        sel |= eq & (0u - eq);
+        eq &= eq - 1;
+        --ties;
+      }
+    }
+    if (!sel) continue;
+    if (bitmap) {
+      idx[i >> 3] = (uint8_t)sel;
+      if (n > 8) idx[(i >> 3) + 1] = (uint8_t)(sel >> 8);
+    }
+    while (sel) {
+      int j = __builtin_ctz(sel);
+      sel &= sel - 1;
+      vals[rank] = bits_float(bits[j]);
+      if (!bitmap) {
+        uint64_t e = (uint64_t)(i + j);
+        low.put(e & low_mask, l);
+        high.set((int64_t)(e >> l) + rank);
+      }
+      ++rank;
+    }
+  }
+  if (!bitmap) {
+    low.finish();
+    high.finish();
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs, at::IntArrayRef ks, bool global_scope) {
+  const char* op = "flocora::topk_encode";
+  const int64_t nt = (int64_t)xs.size();
+  if (global_scope) {
+    TORCH_CHECK(ks.size() == 1, op, ": global_scope=True takes ks = [k] (one k over all tensors), got ", ks.size(),
+                " values");
+  } else {
+    TORCH_CHECK((int64_t)ks.size() == nt, op, ": got ", ks.size(), " values of k for ", nt, " tensors");
+  }
+  std::vector<at::Tensor> keep;
+  std::vector<EncTensor> ts(nt);
+  keep.reserve(nt);
+  int64_t total = 0;
+  for (int64_t i = 0; i < nt; ++i) {
+    TORCH_CHECK(xs[i].device().is_cpu(), op, ": tensor ", i, " is on ", xs[i].device(),
+                "; all tensors of one call must be on the CPU");
+    ts[i].dt = input_kind(xs[i], op, i);
+    keep.push_back(xs[i].contiguous());  // row-major logical order
+    ts[i].x = keep.back().data_ptr();
+    ts[i].n = keep.back().numel();
+    total += ts[i].n;
+    if (!global_scope) {
+      TORCH_CHECK(ks[i] >= 0 && ks[i] <= ts[i].n, op, ": k of tensor ", i, " must be in [0, numel = ", ts[i].n,
+                  "], got ", ks[i]);
+    }
+  }
+  if (global_scope) {
+    TORCH_CHECK(ks[0] >= 0 && ks[0] <= total, op, ": k must be in [0, total numel = ", total, "], got ", ks[0]);
+  }
+
+  // Groups and chunks. Per-tensor scope: a tensor of at most kChunk elements
+  // is one self-contained task ("single"); larger ones are phased groups.
+  std::vector<Group> groups;
+  std::vector<Chunk> chunks;
+  std::vector<int32_t> singles;
+  auto add_chunks = [&](int32_t ti, int32_t g) {
+    for (int64_t b = 0; b < ts[ti].n; b += kChunk) {
+      Chunk c{};
+      c.tensor = ti;
+      c.group = g;
+      c.begin = b;
+      c.end = std::min(ts[ti].n, b + kChunk);
+      chunks.push_back(c);
+    }
+  };
+  if (global_scope) {
+    groups.push_back(Group{ks[0], 0, 0, 0, 0, 0, 0, 0, 0});
+    for (int32_t i = 0; i < nt; ++i) add_chunks(i, 0);
+    groups[0].nchunks = (int64_t)chunks.size();
+  } else {
+    for (int32_t i = 0; i < nt; ++i) {
+      if (ts[i].n == 0) continue;
+      if (ts[i].n <= kChunk) {
+        singles.push_back(i);
+        continue;
+      }
+      Group g{ks[i], (int64_t)chunks.size(), 0, 0, 0, 0, 0, 0, 0};
+      add_chunks(i, (int32_t)groups.size());
+      g.nchunks = (int64_t)chunks.size() - g.first_chunk;
+      groups.push_back(g);
+    }
+  }
+
+  at::Tensor counts = at::empty({nt}, at::TensorOptions().dtype(at::kLong));
+  int64_t* counts_p = counts.data_ptr<int64_t>();
+  at::Tensor values, index;
+  // Offsets, codes and outputs, once every count is known.
+  auto layout = [&]() {
+    int64_t voff = 0, ioff = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+      EncTensor& t = ts[i];
+      t.voff = voff;
+      t.ioff = ioff;
+      t.code = choose_index_code(t.n, t.count);
+      t.low_bits = elias_fano_low_bits(t.n, t.count);
+      t.low_nbytes = elias_fano_low_nbytes(t.n, t.count);
+      voff += t.count;
+      ioff += index_nbytes(t.n, t.count);
+      counts_p[i] = t.count;
+    }
+    values = at::empty({voff}, at::TensorOptions().dtype(at::kFloat));
+    index = at::zeros({ioff}, at::TensorOptions().dtype(at::kByte));  // the bit writers OR into zeros
+  };
+  if (!global_scope) {
+    for (int64_t i = 0; i < nt; ++i) ts[i].count = ks[i];
+    layout();
+  }
+
+  bool nonfinite = false;  // written only as true, read after the regions
+  int64_t max_single = 0;
+  for (int32_t i : singles) max_single = std::max(max_single, ts[i].n);
+
+  // ---- phase 1: single tensors end to end, top-digit histograms of chunks.
+  std::vector<int64_t> ghist(groups.size() * kTopBins, 0);
+  {
+    const int64_t nsingle = (int64_t)singles.size();
+    std::vector<int64_t> cost(nsingle + chunks.size());
+    for (int64_t s = 0; s < nsingle; ++s) cost[s] = ts[singles[s]].n + 64;  // + fixed cost of a task
+    for (size_t c = 0; c < chunks.size(); ++c) cost[nsingle + c] = chunks[c].end - chunks[c].begin + 64;
+    float* vals_base = values.defined() ? values.data_ptr<float>() : nullptr;
+    uint8_t* idx_base = index.defined() ? index.data_ptr<uint8_t>() : nullptr;
+    run_balanced(cost, [&](int64_t first, int64_t last) {
+      std::vector<uint32_t> keys;  // a single tensor's keys, compacted by the select
+      uint32_t hist[kTopBins];
+      int64_t h64[kTopBins];
+      for (int64_t task = first; task < last; ++task) {
+        if (task >= nsingle) {
+          const Chunk& c = chunks[task - nsingle];
+          const EncTensor& t = ts[c.tensor];
+          bool ok = true;
+          with_dt(t.dt, [&](auto d) { ok = top_histogram<decltype(d)::value>(t.x, c.begin, c.end, hist); });
+          if (!ok) __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
+          int64_t* gh = ghist.data() + (int64_t)c.group * kTopBins;
+          for (int b = 0; b < kTopBins; ++b)
+            if (hist[b]) __atomic_fetch_add(gh + b, (int64_t)hist[b], __ATOMIC_RELAXED);
+          continue;
+        }
+        const EncTensor& t = ts[singles[task]];
+        if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
+        std::fill(h64, h64 + kTopBins, 0);
+        with_dt(t.dt, [&](auto d) {
+          for (int64_t i = 0; i < t.n; i += kBlock) {
+            int n = (int)std::min<int64_t>(kBlock, t.n - i);
+            load_keys<decltype(d)::value>(t.x, i, n, keys.data() + i);
+            for (int j = 0; j < n; ++j) ++h64[keys[i + j] >> kTopShift];
+          }
+        });
+        bool ok = true;
+        for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b) ok &= h64[b] == 0;
+        if (!ok) {
+          __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
+          continue;
+        }
+        if (t.count == 0) continue;
+        int64_t ties = 0;
+        uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, &ties);
+        with_dt(t.dt, [&](auto d) {
+          emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff);
+        });
+      }
+    });
+  }
+  TORCH_CHECK(!nonfinite, op, ": input has NaN or Inf values");
+
+  // Top digit of each group's threshold, and room for its candidates.
+  int64_t ncand = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    Group& gr = groups[g];
+    gr.cand_base = ncand;
+    if (gr.k == 0) continue;
+    gr.need = gr.k;
+    gr.top = (uint32_t)top_bin(ghist.data() + g * kTopBins, kTopBins, &gr.need);
+    gr.cand_count = ghist[g * kTopBins + gr.top];
+    ncand += gr.cand_count;
+  }
+
+  // ---- phase 2: candidates (keys in the threshold's top bucket) per chunk.
+  std::vector<uint32_t> cands(ncand);
+  std::vector<int64_t> cursor(groups.size(), 0);
+  {
+    std::vector<int64_t> cost(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c)
+      cost[c] = groups[chunks[c].group].k ? chunks[c].end - chunks[c].begin : 0;
+    run_balanced(cost, [&](int64_t first, int64_t last) {
+      std::vector<uint32_t> stage(kChunk);  // a chunk's candidates, before its slice is known
+      for (int64_t ci = first; ci < last; ++ci) {
+        Chunk& c = chunks[ci];
+        const Group& g = groups[c.group];
+        if (g.k == 0) continue;
+        const EncTensor& t = ts[c.tensor];
+        int64_t cnt = 0;
+        with_dt(t.dt, [&](auto d) {
+          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top);
+        });
+        c.cand_cnt = cnt;
+        c.cand_off = g.cand_base + __atomic_fetch_add(&cursor[c.group], cnt, __ATOMIC_RELAXED);
+        std::copy(stage.begin(), stage.begin() + cnt, cands.begin() + c.cand_off);
+      }
+    });
+  }
+
+  // Threshold of each group from its candidates.
+  at::parallel_for(0, (int64_t)groups.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      Group& gr = groups[g];
+      if (gr.k == 0) continue;
+      gr.t = select_from(cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
+    }
+  });
+
+  // ---- phase 3: each chunk's keys > T and == T, from its candidates alone.
+  at::parallel_for(0, (int64_t)chunks.size(), 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t ci = lo; ci < hi; ++ci) {
+      Chunk& c = chunks[ci];
+      const Group& g = groups[c.group];
+      if (g.k == 0) continue;
+      int64_t above = 0, eq = 0;
+      const uint32_t* p = cands.data() + c.cand_off;
+      for (int64_t i = 0; i < c.cand_cnt; ++i) {
+        above += p[i] > g.t;
+        eq += p[i] == g.t;
+      }
+      c.above = c.above_top + above;
+      c.eq = eq;
+    }
+  });
+
+  // Prefix sums: ties go to the earliest chunks; ranks restart per tensor.
+  {
+    std::vector<int64_t> running(nt, 0);
+    for (Group& g : groups) {
+      int64_t ties_left = g.k ? g.ties : 0;
+      for (int64_t ci = g.first_chunk; ci < g.first_chunk + g.nchunks; ++ci) {
+        Chunk& c = chunks[ci];
+        if (g.k == 0) continue;
+        c.share = std::min(c.eq, ties_left);
+        ties_left -= c.share;
+        c.out_cnt = c.above + c.share;
+        c.rank0 = running[c.tensor];
+        running[c.tensor] += c.out_cnt;
+      }
+      TORCH_INTERNAL_ASSERT(ties_left == 0, op, ": tie shares do not add up");
+    }
+    if (global_scope) {
+      for (int64_t i = 0; i < nt; ++i) ts[i].count = running[i];
+      layout();
+    } else {
+      for (const Group& g : groups) {
+        const Chunk& c = chunks[g.first_chunk];
+        TORCH_INTERNAL_ASSERT(running[c.tensor] == ts[c.tensor].count, op, ": selected ", running[c.tensor],
+                              " elements of tensor ", c.tensor, ", expected ", ts[c.tensor].count);
+      }
+    }
+  }
+
+  // ---- phase 4: emit values and index codes.
+  {
+    float* vals_base = values.data_ptr<float>();
+    uint8_t* idx_base = index.data_ptr<uint8_t>();
+    std::vector<int64_t> cost(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c) cost[c] = chunks[c].out_cnt ? chunks[c].end - chunks[c].begin : 0;
+    run_balanced(cost, [&](int64_t first, int64_t last) {
+      for (int64_t ci = first; ci < last; ++ci) {
+        const Chunk& c = chunks[ci];
+        if (c.out_cnt == 0) continue;
+        const Group& g = groups[c.group];
+        const EncTensor& t = ts[c.tensor];
+        with_dt(t.dt, [&](auto d) {
+          emit_range<decltype(d)::value>(t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
+                                         idx_base + t.ioff);
+        });
+      }
+    });
+  }
+  return {counts, values, index};
+}
+
+// ---- decode ------------------------------------------------------------------------
+namespace {
+
+enum DecError : int {
+  kDecOk = 0,
+  kDecBitCount,      // the unary stream / bitmap does not hold exactly `count` set bits
+  kDecPadding,       // padding bits past the stream are not zero
+  kDecLowPadding,    // padding bits past the Elias-Fano low stream are not zero
+  kDecNotIncreasing, // Elias-Fano indices not strictly increasing
+  kDecOutOfRange,    // an index >= numel
+};
+
+const char* dec_error_text(int e) {
+  switch (e) {
+    case kDecBitCount: return "the number of set bits differs from count";
+    case kDecPadding: return "padding bits past the end of the bit stream are not zero";
+    case kDecLowPadding: return "padding bits past the Elias-Fano low bits are not zero";
+    case kDecNotIncreasing: return "the indices are not strictly increasing";
+    case kDecOutOfRange: return "an index is >= numel";
+    default: return "malformed";
+  }
+}
+
+struct DecTensor {
+  int64_t n, k;
+  int64_t ibase;  // first byte in index_bytes
+  int64_t vbase;  // first value
+  int code, l;
+  int64_t low_nbytes;
+  int64_t ubase;   // first byte of the unary stream (bitmap, or Elias-Fano high part)
+  int64_t ubits;   // bits of the unary stream that carry data
+  int64_t unbytes;
+};
+
+struct DecPiece {
+  int32_t tensor;
+  int64_t b0, b1;  // byte range within the tensor's unary stream
+  int64_t pop, rank0;
+  int64_t first, last;  // first and last decoded index
+};
+
+inline uint64_t load_word(const uint8_t* p, int64_t nbytes) {  // nbytes <= 8, LSB-first
+  uint64_t w = 0;
+  for (int64_t i = 0; i < nbytes; ++i) w |= (uint64_t)p[i] << (8 * i);
+  return w;
+}
+inline uint64_t load_word8(const uint8_t* p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return w;
+#else
+  return load_word(p, 8);
+#endif
+}
+
+// Sequential reader of fixed-width fields of an LSB-first stream.
+struct FieldReader {
+  const uint8_t* p;
+  int64_t nbytes, byte;
+  uint64_t acc = 0;
+  int nacc = 0;
+  FieldReader(const uint8_t* base, int64_t nb, int64_t pos) : p(base), nbytes(nb), byte(pos >> 3) {
+    int skip = (int)(pos & 7);
+    if (skip) get(skip);
+  }
+  uint64_t get(int nb) {  // nb <= 62
+    if (nb == 0) return 0;
+    if (nb > 32) {
+      uint64_t lo = get(32);
+      return lo | (get(nb - 32) << 32);
+    }
+    while (nacc < nb) {
+      acc |= (uint64_t)(byte < nbytes ? p[byte] : 0) << nacc;
+      ++byte;
+      nacc += 8;
+    }
+    uint64_t v = acc & (~0ull >> (64 - nb));
+    acc >>= nb;
+    nacc -= nb;
+    return v;
+  }
+};
+
+struct DecodePlan {
+  std::vector<DecTensor> ts;
+  std::vector<int64_t> idx;  // tensor-local index of every value
+  int64_t total_numel = 0;
+};
+
+void set_error(std::vector<int>& errs, int32_t t, int e) { __atomic_store_n(&errs[t], e, __ATOMIC_RELAXED); }
+
+// Checks sizes, then decodes and validates every index code (nothing is
+// written to any output before all of it passed).
+DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
+                       at::IntArrayRef numels, at::IntArrayRef counts) {
+  TORCH_CHECK(numels.size() == counts.size(), op, ": got ", numels.size(), " numels and ", counts.size(), " counts");
+  TORCH_CHECK(index_bytes.scalar_type() == at::kByte, op, ": index_bytes must be uint8, got ",
+              index_bytes.scalar_type());
+  TORCH_CHECK(index_bytes.device().is_cpu() && values.device().is_cpu(), op,
+              ": index_bytes and values must be on the CPU");
+  const int64_t nt = (int64_t)numels.size();
+  DecodePlan plan;
+  plan.ts.resize(nt);
+  int64_t nbytes = 0, nvalues = 0;
+  for (int64_t i = 0; i < nt; ++i) {
+    TORCH_CHECK(numels[i] >= 0, op, ": numel of tensor ", i, " is negative (", numels[i], ")");
+    TORCH_CHECK(counts[i] >= 0 && counts[i] <= numels[i], op, ": count of tensor ", i, " must be in [0, numel = ",
+                numels[i], "], got ", counts[i]);
+    DecTensor& t = plan.ts[i];
+    t.n = numels[i];
+    t.k = counts[i];
+    t.ibase = nbytes;
+    t.vbase = nvalues;
+    t.code = choose_index_code(t.n, t.k);
+    t.l = elias_fano_low_bits(t.n, t.k);
+    if (t.code == kIndexBitmap) {
+      t.low_nbytes = 0;
+      t.ubits = t.n;
+      t.unbytes = bitmap_nbytes(t.n);
+    } else {
+      t.low_nbytes = elias_fano_low_nbytes(t.n, t.k);
+      t.ubits = t.k ? ((t.n - 1) >> t.l) + t.k : 0;
+      t.unbytes = elias_fano_high_nbytes(t.n, t.k);
+    }
+    t.ubase = t.ibase + t.low_nbytes;
+    nbytes += index_nbytes(t.n, t.k);
+    nvalues += t.k;
+    plan.total_numel += t.n;
+  }
+  TORCH_CHECK(index_bytes.numel() == nbytes, op, ": index_bytes has ", index_bytes.numel(),
+              " bytes, numels and counts need ", nbytes);
+  TORCH_CHECK(values.numel() == nvalues, op, ": values has ", values.numel(), " elements, counts need ", nvalues);
+
+  at::Tensor ib = index_bytes.contiguous();
+  const uint8_t* src = ib.data_ptr<uint8_t>();
+  std::vector<int> errs(nt, kDecOk);
+
+  // Padding bits (serial: one or two bytes per tensor).
+  for (int64_t i = 0; i < nt; ++i) {
+    const DecTensor& t = plan.ts[i];
+    if (t.ubits % 8 && (src[t.ubase + t.unbytes - 1] >> (t.ubits % 8)) != 0) errs[i] = kDecPadding;
+    const int64_t lbits = t.k * t.l;
+    if (t.code == kIndexEliasFano && lbits % 8 && (src[t.ibase + t.low_nbytes - 1] >> (lbits % 8)) != 0)
+      errs[i] = kDecLowPadding;
+  }
+  auto raise_first = [&]() {
+    for (int64_t i = 0; i < nt; ++i) {
+      if (errs[i] == kDecOk) continue;
+      const DecTensor& t = plan.ts[i];
+      TORCH_CHECK(false, op, ": index code of tensor ", i, " (",
+                  t.code == kIndexBitmap ? "bitmap" : "Elias-Fano", ", numel ", t.n, ", count ", t.k,
+                  ") is malformed: ", dec_error_text(errs[i]));
+    }
+  };
+  raise_first();
+
+  std::vector<DecPiece> pieces;
+  for (int64_t i = 0; i < nt; ++i) {
+    const DecTensor& t = plan.ts[i];
+    for (int64_t b = 0; b < t.unbytes; b += kPieceBytes)
+      pieces.push_back(DecPiece{(int32_t)i, b, std::min(t.unbytes, b + kPieceBytes), 0, 0, -1, -1});
+  }
+  at::parallel_for(0, (int64_t)pieces.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t pi = lo; pi < hi; ++pi) {
+      DecPiece& p = pieces[pi];
+      const uint8_t* s = src + plan.ts[p.tensor].ubase;
+      int64_t pop = 0, b = p.b0;
+      for (; b + 8 <= p.b1; b += 8) pop += __builtin_popcountll(load_word8(s + b));
+      pop += __builtin_popcountll(load_word(s + b, p.b1 - b));
+      p.pop = pop;
+    }
+  });
+  {
+    std::vector<int64_t> seen(nt, 0);
+    for (DecPiece& p : pieces) {
+      p.rank0 = seen[p.tensor];
+      seen[p.tensor] += p.pop;
+    }
+    for (int64_t i = 0; i < nt; ++i)
+      if (seen[i] != plan.ts[i].k) errs[i] = kDecBitCount;
+    raise_first();
+  }
+
+  plan.idx.resize(nvalues);
+  int64_t* out_idx = plan.idx.data();
+  at::parallel_for(0, (int64_t)pieces.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t pi = lo; pi < hi; ++pi) {
+      DecPiece& p = pieces[pi];
+      const DecTensor& t = plan.ts[p.tensor];
+      const uint8_t* s = src + t.ubase;
+      const bool ef = t.code == kIndexEliasFano;
+      FieldReader low(src + t.ibase, t.low_nbytes, p.rank0 * (int64_t)t.l);
+      int64_t r = p.rank0, prev = -1;
+      bool bad_order = false, bad_range = false;
+      for (int64_t b = p.b0; b < p.b1; b += 8) {
+        int64_t nb = std::min<int64_t>(8, p.b1 - b);
+        uint64_t w = nb == 8 ? load_word8(s + b) : load_word(s + b, nb);
+        while (w) {
+          int64_t q = b * 8 + __builtin_ctzll(w);
+          w &= w - 1;
+          int64_t e = q;
+          if (ef) e = ((q - r) << t.l) | (int64_t)low.get(t.l);
+          bad_range |= e >= t.n;
+          bad_order |= e <= prev;
+          prev = e;
+          if (p.first < 0) p.first = e;
+          out_idx[t.vbase + r] = e;
+          ++r;
+        }
+      }
+      p.last = prev;
+      if (bad_range) set_error(errs, p.tensor, kDecOutOfRange);
+      else if (bad_order) set_error(errs, p.tensor, kDecNotIncreasing);
+    }
+  });
+  // Order across piece boundaries.
+  {
+    std::vector<int64_t> last(nt, -1);
+    for (const DecPiece& p : pieces) {
+      if (p.pop == 0) continue;
+      if (p.first <= last[p.tensor] && errs[p.tensor] == kDecOk) errs[p.tensor] = kDecNotIncreasing;
+      last[p.tensor] = p.last;
+    }
+    raise_first();
+  }
+  return plan;
+}
+
+enum class Vt { F32, F16, BF16 };
+
+Vt value_kind(const at::Tensor& v, const char* op) {
+  switch (v.scalar_type()) {
+    case at::kFloat: return Vt::F32;
+    case at::kHalf: return Vt::F16;
+    case at::kBFloat16: return Vt::BF16;
+    default:
+      TORCH_CHECK(false, op, ": values must be float32, float16 or bfloat16, got ", v.scalar_type());
+  }
+}
+
+inline float value_at(const void* v, Vt vt, int64_t i) {
+  switch (vt) {
+    case Vt::F32: return static_cast<const float*>(v)[i];
+    case Vt::F16: return bits_float(half_as_float_bits(static_cast<const uint16_t*>(v)[i]));
+    default: return bf16_to_float(static_cast<const uint16_t*>(v)[i]);
+  }
+}
+
+void check_out_dtype(at::ScalarType st, const char* op, const char* what) {
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", what,
+              " must be float32, float16, bfloat16 or float64, got ", st);
+}
+
+// out[idx[j]] = v[j] (or +=, computed in float32, float64 for float64 outputs,
+// then rounded to nearest even once), for j in [a, b).
+template <bool Add>
+void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Vt vt, int64_t a, int64_t b) {
+  switch (st) {
+    case at::kFloat: {
+      float* o = static_cast<float*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = Add ? add_rn(o[idx[j]], x) : x;
+      }
+      break;
+    }
+    case at::kDouble: {
+      double* o = static_cast<double*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        double x = (double)value_at(v, vt, j);
+        o[idx[j]] = Add ? o[idx[j]] + x : x;
+      }
+      break;
+    }
+    case at::kHalf: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = float_to_half_rn(Add ? add_rn(half_to_float(o[idx[j]]), x) : x);
+      }
+      break;
+    }
+    default: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = float_to_bf16_rn(Add ? add_rn(bf16_to_float(o[idx[j]]), x) : x);
+      }
+      break;
+    }
+  }
+}
+
+struct ScatterTask {
+  int32_t tensor;
+  int64_t a, b;
+};
+
+std::vector<ScatterTask> scatter_tasks(const DecodePlan& plan) {
+  std::vector<ScatterTask> tasks;
+  for (size_t i = 0; i < plan.ts.size(); ++i) {
+    const DecTensor& t = plan.ts[i];
+    for (int64_t a = 0; a < t.k; a += kScatterChunk)
+      tasks.push_back({(int32_t)i, t.vbase + a, t.vbase + std::min(t.k, a + kScatterChunk)});
+  }
+  return tasks;
+}
+
+}  // namespace
+
+at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& values_in, at::IntArrayRef numels,
+                             at::IntArrayRef counts, at::ScalarType dtype) {
+  const char* op = "flocora::sparse_decode";
+  check_out_dtype(dtype, op, "dtype");
+  const Vt vt = value_kind(values_in, op);
+  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
+  at::Tensor values = values_in.contiguous();
+  at::Tensor out = at::zeros({plan.total_numel}, at::TensorOptions().dtype(dtype));
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t es = out.element_size();
+  std::vector<int64_t> obase(plan.ts.size());
+  int64_t o = 0;
+  for (size_t i = 0; i < plan.ts.size(); ++i) {
+    obase[i] = o;
+    o += plan.ts[i].n;
+  }
+  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
+  const void* v = values.data_ptr();
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      const ScatterTask& t = tasks[ti];
+      scatter<false>(base + es * obase[t.tensor], dtype, plan.idx.data(), v, vt, t.a, t.b);
+    }
+  });
+  return out;
+}
+
+void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
+                            at::IntArrayRef counts) {
+  const char* op = "flocora::sparse_decode_add_";
+  TORCH_CHECK(outs.size() == counts.size(), op, ": got ", outs.size(), " output tensors and ", counts.size(),
+              " counts");
+  const Vt vt = value_kind(values_in, op);
+  std::vector<int64_t> numels(outs.size());
+  // Memory spans of the outputs: an element written twice would race.
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    TORCH_CHECK(outs[i].device().is_cpu(), op, ": output ", i, " is on ", outs[i].device(),
+                "; all tensors must be on the CPU");
+    check_out_dtype(outs[i].scalar_type(), op, "every output");
+    numels[i] = outs[i].numel();
+    if (numels[i] == 0) continue;
+    int64_t extent = 1;
+    for (int64_t d = 0; d < outs[i].dim(); ++d) extent += (outs[i].size(d) - 1) * outs[i].stride(d);
+    uintptr_t p = reinterpret_cast<uintptr_t>(outs[i].data_ptr());
+    spans.push_back({p, p + (uintptr_t)(extent * outs[i].element_size())});
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].first >= spans[i - 1].second, op, ": output tensors overlap in memory");
+
+  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
+  at::Tensor values = values_in.contiguous();
+  // Non-contiguous outputs are updated through a contiguous copy.
+  std::vector<at::Tensor> work(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) work[i] = outs[i].is_contiguous() ? outs[i] : outs[i].contiguous();
+  std::vector<void*> ptr(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
+  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
+  const void* v = values.data_ptr();
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      const ScatterTask& t = tasks[ti];
+      scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
+    }
+  });
+  for (size_t i = 0; i < outs.size(); ++i)
+    if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
+}
+
+}  // namespace cpu
+}  // namespace flocora
+
+TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("topk_encode", &flocora::cpu::topk_encode_cpu);
+  m.impl("sparse_decode", &flocora::cpu::sparse_decode_cpu);
+  m.impl("sparse_decode_add_", &flocora::cpu::sparse_decode_add__cpu);
+}
