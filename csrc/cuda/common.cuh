@@ -215,6 +215,14 @@ void for_each_pack(std::vector<D>& descs, WorkFn work, LaunchFn launch) {
   flush();
 }
 
+// The packs of descs, built once for several kernels over the same work.
+template <typename D, typename WorkFn>
+std::vector<Pack<D>> make_packs(std::vector<D>& descs, WorkFn work) {
+  std::vector<Pack<D>> packs;
+  for_each_pack(descs, work, [&](const Pack<D>& p) { packs.push_back(p); });
+  return packs;
+}
+
 // Grid of `total` blocks: x carries up to 2^31-1, y the rest.
 inline dim3 grid_for(int64_t total) {
   const int64_t kMaxX = 2147483647;
