@@ -1,0 +1,1 @@
+"""The fl/ FLoCoRA experiment as a Flower app, compressed by flocora_codec."""
