@@ -85,7 +85,7 @@ def torchao_quantize(x: torch.Tensor, bits: int, group: int):
     scale, zero = choose_qparams_affine(g, MappingType.ASYMMETRIC, block, torch.uint8, 0, 2**bits - 1)
     q = quantize_affine(g, block, scale, zero, torch.uint8, 0, 2**bits - 1)
     if bits == 4:
-        from torchao.dtypes.uintx.uint4_layout import pack_uint4  # location varies across versions
+        from torchao.prototype.mx_formats.kernels import pack_uint4  # torchao 0.18 location
 
         q = pack_uint4(q)
     return q
