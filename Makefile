@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test build venv bench clean
+.PHONY: demo test build venv bench clean cuda-check
 
 venv: .venv/.stamp
 .venv/.stamp: requirements-dev.txt
@@ -22,7 +22,12 @@ flocora_codec/.build.stamp: .venv/.stamp $(SOURCES)
 demo: build
 	$(PY) -m flocora_codec.demo
 
-test: build
+# Compile-only check of csrc/cuda/*.cu against a CUDA build of torch in
+# .venv-cuda (no GPU needed; skips if nvcc is absent). Runs before the tests.
+cuda-check:
+	bash .ci/cuda_compile_check.sh
+
+test: cuda-check build
 	$(PY) -m pytest -q tests
 
 bench: build

@@ -41,8 +41,10 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xcompiler=-g0"
 BUILD=build/cuda-check
 t0=$(date +%s)
-# flock: the same lock as `make build`, so two builds never share ninja state.
-if ! flock .build.lock "$VENV/bin/python" setup.py -q build_ext \
+# Own lock (not `make build`'s .build.lock, which this long compile would
+# hold for minutes): two cuda-checks never share ninja state in $BUILD.
+mkdir -p "$BUILD"
+if ! flock .cuda-check.lock "$VENV/bin/python" setup.py -q build_ext \
     --build-temp "$BUILD" --build-lib "$BUILD/lib" > "$BUILD.log" 2>&1; then
   cat "$BUILD.log" >&2
   echo "cuda-check: FAILED, the CUDA build did not compile (log above, $BUILD.log)" >&2
@@ -51,7 +53,6 @@ fi
 so=$(find "$BUILD/lib" -name '_C*.so' | head -1)
 missing=0
 for cu in "${cu_files[@]}"; do
-  obj="$BUILD/$(dirname "$cu")/$(basename "$cu" .cu).o"
   obj=$(find "$BUILD" -path "*/${cu%.cu}.o" | head -1)
   if [ -z "$obj" ]; then echo "cuda-check: no object for $cu" >&2; missing=1; fi
 done

@@ -30,6 +30,7 @@ constexpr int64_t kChunk = (int64_t)kThreads * kItems;  // elements per block
 constexpr int kScanThreads = 1024;
 constexpr int64_t kByteChunk = (int64_t)kThreads * 8;    // index-code bytes per block (decode)
 constexpr int64_t kPerBlock = kThreads;                  // entries per block (decode validate/scatter)
+constexpr int32_t kF64Out = 3;                           // decoder output dtype code of float64
 
 // ---- single-block exclusive scan ---------------------------------------------
 // out[0..n] = exclusive prefix sums of in[0..n), out[n] = total. n is the
@@ -390,8 +391,23 @@ __global__ __launch_bounds__(kThreads) void sparse_scatter_kernel(const __grid_c
   const int64_t o = d.out_off + idx[d.val_off + r];
   float v = load_float(values, d.val_off + r, val_dtype);
   // Indices are distinct (validated), so no two threads touch one element.
+  // The sum is computed in float32 (float64 for float64 outputs) and rounded
+  // once, as on the CPU.
+  if (d.out_dtype == kF64Out) {
+    double* out = static_cast<double*>(d.out);
+    out[o] = accumulate ? out[o] + (double)v : (double)v;
+    return;
+  }
   if (accumulate) v = add_rn(load_float(d.out, o, d.out_dtype), v);
   store_float(d.out, o, d.out_dtype, v);
+}
+
+// Output dtypes of the decoders: the float dtypes, and float64.
+int32_t out_dtype_code(at::ScalarType t, const char* op, const char* what) {
+  if (t == at::kDouble) return kF64Out;
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", what,
+              " must be float32, float16, bfloat16 or float64, got ", t);
+  return dtype_code(t, op, what);
 }
 
 at::Tensor to_device_i64(const std::vector<int64_t>& v, const at::TensorOptions& opts) {
@@ -648,7 +664,7 @@ at::Tensor sparse_decode_cuda(const at::Tensor& index_bytes_in, const at::Tensor
   check_cuda_tensor(values_in, dev, op, "values");
   check_cuda_tensor(index_bytes_in, dev, op, "index_bytes");
   c10::cuda::CUDAGuard guard(dev);
-  const int32_t out_dt = dtype_code(dtype, op, "output dtype");
+  const int32_t out_dt = out_dtype_code(dtype, op, "dtype");
   at::Tensor ib = index_bytes_in.contiguous(), values = values_in.contiguous();
   int64_t nchunks = 0;
   std::vector<int64_t> ns(numels.begin(), numels.end());
@@ -670,14 +686,26 @@ void sparse_decode_add__cuda(at::TensorList outs, const at::Tensor& index_bytes_
   const c10::Device dev = values_in.device();
   check_cuda_tensor(values_in, dev, op, "values");
   check_cuda_tensor(index_bytes_in, dev, op, "index_bytes");
+  TORCH_CHECK(outs.size() == counts.size(), op, ": got ", outs.size(), " output tensors and ", counts.size(),
+              " counts");
   std::vector<at::Tensor> work;  // contiguous views (or copies) of outs
   std::vector<int64_t> ns;
+  // Memory spans of the outputs: an element written twice would race.
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
   for (size_t i = 0; i < outs.size(); ++i) {
-    check_cuda_tensor(outs[i], dev, op, "outs[" + std::to_string(i) + "]");
-    dtype_code(outs[i].scalar_type(), op, ("outs[" + std::to_string(i) + "]").c_str());
+    check_cuda_tensor(outs[i], dev, op, "output " + std::to_string(i));
+    out_dtype_code(outs[i].scalar_type(), op, "every output");
     work.push_back(outs[i].contiguous());
     ns.push_back(outs[i].numel());
+    if (ns.back() == 0) continue;
+    int64_t extent = 1;
+    for (int64_t d = 0; d < outs[i].dim(); ++d) extent += (outs[i].size(d) - 1) * outs[i].stride(d);
+    uintptr_t p = reinterpret_cast<uintptr_t>(outs[i].data_ptr());
+    spans.push_back({p, p + (uintptr_t)(extent * outs[i].element_size())});
   }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].first >= spans[i - 1].second, op, ": output tensors overlap in memory");
   c10::cuda::CUDAGuard guard(dev);
   at::Tensor ib = index_bytes_in.contiguous(), values = values_in.contiguous();
   int64_t nchunks = 0;
@@ -685,7 +713,7 @@ void sparse_decode_add__cuda(at::TensorList outs, const at::Tensor& index_bytes_
   for (size_t i = 0; i < descs.size(); ++i) {
     descs[i].out = work[i].data_ptr();
     descs[i].out_off = 0;
-    descs[i].out_dtype = dtype_code(work[i].scalar_type(), op, "outs");
+    descs[i].out_dtype = out_dtype_code(work[i].scalar_type(), op, "every output");
   }
   sparse_run(op, descs, nchunks, ib, values, /*accumulate=*/true);
   for (size_t i = 0; i < outs.size(); ++i)
