@@ -212,17 +212,17 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
             if rec.codec == fmt.CODEC_TOPK:
                 entries[i].index_code = ops.choose_index_code(0, 0)
             continue
-        # float64 goes through the float32 kernels (it is quantized anyway).
-        dkey = torch.float32 if x.dtype == torch.float64 else x.dtype
+        # The kernels take mixed float dtypes in one call, so the dtype is not
+        # part of the key: a global top-k really spans every tensor of its record.
         if rec.codec == fmt.CODEC_AFFINE:
-            affine_groups.setdefault((rec, dkey, x.device), []).append(i)
+            affine_groups.setdefault((rec, x.device), []).append(i)
         else:
             sel = (eff.k, eff.density) if rec.topk_scope == fmt.SCOPE_GLOBAL else None
-            topk_groups.setdefault((rec, dkey, x.device, sel), []).append(i)
+            topk_groups.setdefault((rec, x.device, sel), []).append(i)
 
-    for (rec, _, _), members in affine_groups.items():
+    for (rec, _), members in affine_groups.items():
         _encode_affine(rec, members, entries, flat, specs, parts)
-    for (rec, _, _, sel), members in topk_groups.items():
+    for (rec, _, sel), members in topk_groups.items():
         _encode_topk(rec, sel is not None, members, entries, flat, specs, parts)
 
     record_list = list(records)
@@ -265,6 +265,7 @@ def _group_size(rec: fmt.CodecRecord, e: fmt.TensorEntry) -> int:
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    # float64 goes through the float32 kernels (it is quantized or sparsified anyway).
     return x.float() if x.dtype == torch.float64 else x
 
 
