@@ -20,6 +20,17 @@ from hypothesis import strategies as st
 import flocora_codec as fc
 from flocora_codec import format as fmt
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tens of thousands of tiny decodes: intra-op threads only add barrier
+    # waits (up to tens of ms each on a loaded machine), and fuzzing is about
+    # what the decoder accepts, not how fast.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Small limits: a mutant that inflates a shape must hit the limit, not allocate.
 LIMITS = fc.DecodeLimits(max_total_elements=1 << 20, max_message_bytes=1 << 20)
 
