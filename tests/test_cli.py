@@ -1,0 +1,133 @@
+"""The flocora-codec command line, through main(argv) and once as a subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import flocora_codec as fc
+from flocora_codec import cli
+
+
+@pytest.fixture
+def npz(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "layer.lora_A": rng.standard_normal((8, 64)).astype(np.float32),
+        "layer.bias": rng.standard_normal(8).astype(np.float32),
+        "steps": np.array(3, dtype=np.int64),
+    }
+    path = tmp_path / "in.npz"
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def test_encode_inspect_decode(tmp_path, npz, capsys):
+    path, arrays = npz
+    msg, out = tmp_path / "m.flc", tmp_path / "out.npz"
+    argv = ["encode", str(path), "-o", str(msg), "--bits", "3", "--granularity", "group", "--group-size", "16",
+            "--meta-dtype", "float16", "--rounding", "stochastic", "--seed", "5"]  # fmt: skip
+    assert cli.main(argv) == 0
+    spec = fc.CodecSpec(bits=3, granularity="group", group_size=16, meta_dtype="float16", rounding="stochastic", seed=5)
+    assert msg.read_bytes() == fc.encode_numpy(arrays, spec)
+    capsys.readouterr()
+
+    assert cli.main(["inspect", str(msg)]) == 0
+    text = capsys.readouterr().out
+    assert "CRC32C ok" in text and "format v1" in text
+    assert "layer.lora_A" in text and "8x64" in text and "affine 3-bit group=16 stochastic meta=float16" in text
+    info = fc.message_info(msg.read_bytes())
+    assert f"header {info.header_bytes}" in text and f"payload {info.payload_bytes}" in text
+
+    assert cli.main(["decode", str(msg), "-o", str(out)]) == 0
+    with np.load(out) as f:
+        got = {k: f[k] for k in f.files}
+    expected = fc.decode_numpy(msg.read_bytes())
+    assert list(got) == list(arrays)
+    for k in arrays:
+        assert got[k].dtype == arrays[k].dtype and got[k].shape == arrays[k].shape
+        np.testing.assert_array_equal(got[k], expected[k])
+    np.testing.assert_array_equal(got["layer.bias"], arrays["layer.bias"])  # 1-d raw by default
+
+
+def test_inspect_json(tmp_path, npz, capsys):
+    path, _ = npz
+    msg = tmp_path / "m.flc"
+    assert cli.main(["encode", str(path), "-o", str(msg), "--density", "0.1", "--no-keep-1d-raw"]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", "--json", str(msg)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] and doc["version"] == 1 and doc["bytes"]["total"] == msg.stat().st_size
+    rows = {t["name"]: t for t in doc["tensors"]}
+    assert rows["layer.bias"]["codec"] == "topk" and rows["layer.bias"]["count"] == 1
+    assert rows["layer.lora_A"]["count"] == 51 and rows["steps"]["codec"] == "raw"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "version"])
+def test_inspect_and_decode_reject_bad_messages(tmp_path, npz, capsys, damage):
+    path, _ = npz
+    msg = tmp_path / "m.flc"
+    cli.main(["encode", str(path), "-o", str(msg)])
+    data = bytearray(msg.read_bytes())
+    if damage == "flip":
+        data[40] ^= 0x10
+    elif damage == "truncate":
+        del data[-7:]
+    else:
+        data[4] = 9
+    msg.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["inspect", str(msg)]) == 1
+    err = capsys.readouterr().err
+    assert "invalid message" in err
+    assert ("UnsupportedVersionError" if damage == "version" else "ChecksumError") in err
+    assert cli.main(["decode", str(msg), "-o", str(tmp_path / "x.npz")]) == 1
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_usage_and_io_errors(tmp_path, npz, capsys):
+    path, _ = npz
+    assert cli.main([]) == 2
+    assert cli.main(["encode", str(path), "-o", str(tmp_path / "m"), "--bits", "9"]) == 2
+    assert "bits must be" in capsys.readouterr().err
+    assert cli.main(["encode", str(path), "-o", str(tmp_path / "m"), "--group-size", "12"]) == 2
+    assert cli.main(["encode", str(path), "-o", str(tmp_path / "m"), "--granularity", "column"]) == 2
+    assert cli.main(["encode", str(tmp_path / "missing.npz"), "-o", str(tmp_path / "m")]) == 3
+    assert cli.main(["inspect", str(tmp_path / "missing.flc")]) == 3
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert cli.main(["encode", str(tmp_path / "text.npz"), "-o", str(tmp_path / "m")]) == 3
+
+
+def test_raw_and_bits_none(tmp_path, npz):
+    path, arrays = npz
+    for flags in (["--raw"], ["--bits", "none"]):
+        msg = tmp_path / "m.flc"
+        assert cli.main(["encode", str(path), "-o", str(msg), *flags]) == 0
+        out = fc.decode_numpy(msg.read_bytes())
+        for k in arrays:
+            np.testing.assert_array_equal(out[k], arrays[k])
+
+
+def test_help_reads_like_a_man_page(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for section in ("commands:", "examples:", "exit status:", "inspect MSG", "docs/FORMAT.md"):
+        assert section in text
+    assert cli.main(["encode", "--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--bits", "--granularity", "--group-size", "--rounding", "--seed", "--meta-dtype", "--density",
+                "--k", "--topk-scope", "--values", "--keep-1d-raw", "--no-keep-1d-raw"):  # fmt: skip
+        assert opt in text
+
+
+def test_python_dash_m(tmp_path, npz):
+    # One subprocess only (each one imports torch): the __main__ entry and its exit status.
+    path, _ = npz
+    msg = tmp_path / "m.flc"
+    assert cli.main(["encode", str(path), "-o", str(msg)]) == 0
+    msg.write_bytes(msg.read_bytes()[:-1])
+    r = subprocess.run([sys.executable, "-m", "flocora_codec", "inspect", str(msg)], capture_output=True, text=True)
+    assert r.returncode == 1 and "invalid message" in r.stderr, r.stderr
