@@ -1,0 +1,543 @@
+"""topk_encode / sparse_decode / sparse_decode_add_ against the pure-PyTorch reference.
+
+The CPU kernel runs a tensor of at most 65536 elements as one task and larger
+ones (and every global selection) in chunked phases, so sizes on both sides of
+that line appear throughout.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flocora_codec import ops
+from flocora_codec import reference as R
+from tests.conftest import DEVICES, FLOAT_DTYPES
+
+CHUNK = 65536  # kChunk in csrc/cpu/topk_cpu.cpp
+
+
+def _bits(t):
+    """Exact float32 bits (torch.equal would let -0.0 == 0.0 pass)."""
+    return t.cpu().float().view(torch.int32)
+
+
+def _check(xs, ks, global_scope=False, device="cpu"):
+    got = ops.topk_encode([x.to(device) for x in xs], ks, global_scope=global_scope)
+    want = R.topk_encode(xs, ks, global_scope)
+    assert torch.equal(got[0].cpu(), want[0]), (got[0], want[0])
+    assert torch.equal(_bits(got[1]), _bits(want[1]))
+    assert torch.equal(got[2].cpu(), want[2])
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.uint8 and got[0].dtype == torch.int64
+    return got
+
+
+def _decode(counts, values, index_bytes, xs, dtype=torch.float32):
+    return ops.sparse_decode(index_bytes, values, [x.numel() for x in xs], counts.tolist(), dtype)
+
+
+# ---- encode == reference ------------------------------------------------------------
+SIZES = [1, 7, 16, 17, 100, 1000, 4099, CHUNK, CHUNK + 1, 3 * CHUNK + 77]
+DENSITIES = [0.0, 0.001, 0.01, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_reference_sizes_densities(device, n):
+    torch.manual_seed(n)
+    x = torch.randn(n)
+    # Large sizes (the chunked path) take fewer densities: the oracle sorts.
+    densities = DENSITIES if n < CHUNK else [0.001, 0.1, 0.25, 1.0]
+    for i, d in enumerate(densities):
+        _check([x], [int(n * d)], device=device)
+        if n < CHUNK or i % 2:
+            _check([x], [int(n * d)], global_scope=True, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_matches_reference_dtypes_lists(device, dtype, global_scope):
+    torch.manual_seed(7)
+    sizes = [5, 0, 1000, CHUNK + 5, 300, 2 * CHUNK]
+    xs = [(torch.randn(s) * 10).to(dtype) for s in sizes]
+    for d in [0.0, 0.01, 0.5, 1.0]:
+        if global_scope:
+            ks = [int(sum(sizes) * d)]
+        else:
+            ks = [int(s * d) for s in sizes]
+        _check(xs, ks, global_scope, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_small_tensors_one_call(device):
+    # LoRA-like: dozens of tensors, most far below one chunk.
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.randint(1, 5000, (40,), generator=g).tolist() + [CHUNK + 1, 70000]
+    xs = [torch.randn(s, generator=g) for s in sizes]
+    _check(xs, [max(1, s // 100) for s in sizes], False, device)
+    _check(xs, [sum(sizes) // 50], True, device)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    global_scope=st.booleans(),
+    levels=st.sampled_from([2, 5, 1000]),
+)
+def test_matches_reference_with_ties(data, sizes, dtype, global_scope, levels):
+    # Few distinct magnitudes (and both signs, and +-0): many ties at the threshold.
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    xs = [((torch.randint(-levels, levels + 1, (s,), generator=g).float()) * 0.25).to(dtype) for s in sizes]
+    if global_scope:
+        ks = [data.draw(st.integers(0, sum(sizes)))]
+    else:
+        ks = [data.draw(st.integers(0, s)) for s in sizes]
+    _check(xs, ks, global_scope)
+
+
+def test_large_candidate_buckets():
+    # Every key in one top-digit bucket (|x| in [1, 1.125)), and then in one
+    # second-digit bucket: the select must descend through all three digits.
+    torch.manual_seed(0)
+    for n in [5000, 2 * CHUNK]:
+        x = 1.0 + torch.rand(n) * 0.12
+        x[::3] *= -1
+        _check([x], [n // 3])
+        _check([x], [n // 3], True)
+        y = (1.0 + torch.randint(0, 1024, (n,)).float() * 2.0**-23) * torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        for k in [17, n // 2] if n > CHUNK else [1, 17, n // 2, n - 1]:
+            _check([y], [k])
+            _check([y, y[: n // 2]], [k], True)
+
+
+# ---- selection semantics ------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [10, 1000, 3 * CHUNK + 3])
+def test_exact_top_k_and_tie_rule(device, n):
+    # Half the elements tie at |x| = 1 (either sign): the kept ties are the
+    # lowest-indexed ones, every kept |x| >= every dropped |x|.
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, generator=g) * 0.5
+    tie_pos = torch.randperm(n, generator=g)[: n // 2]
+    x[tie_pos] = torch.where(torch.rand(n // 2, generator=g) < 0.5, -1.0, 1.0)
+    x[torch.randperm(n, generator=g)[: n // 10]] = 3.0
+    big = int((x.abs() > 1).sum())
+    k = big + n // 8
+    counts, values, index = ops.topk_encode([x.to(device)], [k])
+    idx = R.decode_indices(index.cpu(), n, k)
+    assert int(counts[0]) == k and idx.numel() == k
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[idx] = True
+    assert x.abs()[kept].min() >= x.abs()[~kept].max()
+    ties = torch.nonzero(x.abs() == 1.0).reshape(-1)
+    assert torch.equal(idx[x[idx].abs() == 1.0], ties[: n // 8])
+    assert torch.equal(_bits(values), _bits(x[idx]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_ties_go_to_earlier_tensors(device):
+    xs = [torch.full((100,), -2.0), torch.ones(CHUNK + 10), torch.ones(50), torch.full((7,), 5.0)]
+    counts, values, _ = ops.topk_encode([x.to(device) for x in xs], [120], global_scope=True)
+    assert counts.tolist() == [100, 13, 0, 7]
+    _check(xs, [120], True, device)
+    _check(xs, [7 + 100 + CHUNK + 10 + 3], True, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_and_signed_zero(device):
+    for n in [33, 2 * CHUNK + 1]:
+        for x in [torch.zeros(n), -torch.zeros(n), torch.full((n,), -0.5)]:
+            for k in [0, 1, n // 2, n] if n < CHUNK else [n // 2]:
+                _check([x], [k], device=device)
+    x = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-45, -1e-45])
+    _, values, _ = _check([x], [4], device=device)
+    assert _bits(values).tolist() == _bits(torch.tensor([0.0, -0.0, 1e-45, -1e-45])).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_zero_full_and_empty(device):
+    x = torch.randn(1000)
+    counts, values, index = ops.topk_encode([x.to(device)], [0])
+    assert counts.tolist() == [0] and values.numel() == 0 and index.numel() == 0
+    counts, values, index = ops.topk_encode([x.to(device)], [1000])
+    assert torch.equal(values.cpu(), x) and index.numel() == 125 and bool((index.cpu() == 255).all())
+    counts, values, index = ops.topk_encode([torch.empty(0, device=device)], [0])
+    assert counts.tolist() == [0] and values.numel() == 0 and index.numel() == 0
+    counts, values, index = ops.topk_encode([torch.empty(0, 3, device=device)], [0], global_scope=True)
+    assert counts.tolist() == [0] and values.numel() == 0
+    _check([torch.empty(0), x, torch.empty(2, 0)], [0, 10, 0], device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_contiguous_any_shape(device, dtype):
+    torch.manual_seed(1)
+    base = torch.randn(120, 250).to(dtype)
+    views = [base.t(), base[::2, 1::3], base[:, 7], base.reshape(5, 24, 250).permute(2, 0, 1)[::2]]
+    for v in views:
+        assert not v.is_contiguous()
+        got = ops.topk_encode([v.to(device)], [v.numel() // 7])
+        want = R.topk_encode([v.contiguous()], [v.numel() // 7])
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    _check([base.t(), base[:, 7]], [3000], True, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [50, CHUNK + 50])
+def test_nonfinite_raises(device, dtype, n):
+    for bad in [float("nan"), float("inf"), -float("inf")]:
+        x = torch.randn(n).to(dtype)
+        x[n - 3] = bad
+        for ks, gs in [([0], False), ([5], False), ([n], False), ([5], True)]:
+            with pytest.raises(RuntimeError, match="topk_encode.*NaN or Inf"):
+                ops.topk_encode([x.to(device)], ks, global_scope=gs)
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            R.topk_encode([x], [5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_k_raises(device):
+    x = torch.randn(10, device=device)
+    with pytest.raises(RuntimeError, match=r"topk_encode.*k of tensor 0.*\[0, numel = 10\].*got 11"):
+        ops.topk_encode([x], [11])
+    with pytest.raises(RuntimeError, match=r"topk_encode.*got -1"):
+        ops.topk_encode([x], [-1])
+    with pytest.raises(RuntimeError, match=r"topk_encode.*total numel = 20.*got 21"):
+        ops.topk_encode([x, x], [21], global_scope=True)
+    with pytest.raises(RuntimeError, match="topk_encode.*2 values of k for 1 tensors"):
+        ops.topk_encode([x], [1, 2])
+    with pytest.raises(RuntimeError, match="topk_encode.*one k over all tensors"):
+        ops.topk_encode([x, x], [1, 2], global_scope=True)
+    with pytest.raises(RuntimeError, match="topk_encode.*dtype"):
+        ops.topk_encode([x.double()], [1])
+
+
+def test_independent_of_thread_count():
+    # Tie shares are decided per chunk: the bytes must not depend on threads.
+    xs = [torch.ones(3 * CHUNK + 3), torch.randn(2 * CHUNK).round()]
+    ks_list = [([2 * CHUNK + 11, CHUNK], False), ([3 * CHUNK], True)]
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in [1, 2, 3]:
+            torch.set_num_threads(threads)
+            results.append([ops.topk_encode(xs, ks, global_scope=gs) for ks, gs in ks_list])
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for (ks, gs), got in zip(ks_list, results[0]):
+        want = R.topk_encode(xs, ks, gs)
+        assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
+# ---- index codes ------------------------------------------------------------------------
+def test_format_example():
+    # docs/FORMAT.md 3.5: n = 20, indices 2, 9, 17 -> Elias-Fano 16 49.
+    assert R.encode_indices(torch.tensor([2, 9, 17]), 20).tolist() == [0x16, 0x49]
+    x = torch.zeros(20)
+    x[[2, 9, 17]] = torch.tensor([3.0, -4.0, 5.0])
+    counts, values, index = ops.topk_encode([x], [3])
+    assert index.tolist() == [0x16, 0x49] and values.tolist() == [3.0, -4.0, 5.0]
+
+
+@pytest.mark.parametrize("n", [8, 20, 64, 1000, 4096, 20003])
+def test_code_choice_boundary(n):
+    # At every k the op emits exactly index_nbytes bytes in the code that
+    # choose_index_code names (bitmap on a tie), and the kernel bytes match.
+    torch.manual_seed(n)
+    x = torch.randn(n)
+    ks = sorted({0, 1, n} | {k for k in range(max(1, n // 5), min(n, n // 3 + 2))} if n <= 4096 else {
+        0, 1, n, n // 4 - 1, n // 4, n // 4 + 1, n // 5, n // 3})
+    flips = 0
+    prev = None
+    for k in ks:
+        code = ops.choose_index_code(n, k)
+        counts, values, index = ops.topk_encode([x], [k])
+        assert index.numel() == ops.index_nbytes(n, k) == min(ops.bitmap_nbytes(n), ops.elias_fano_nbytes(n, k))
+        if ops.bitmap_nbytes(n) == ops.elias_fano_nbytes(n, k):
+            assert code == ops.INDEX_BITMAP
+        idx = R.topk_select([x], [k])[0][0]
+        if code == ops.INDEX_BITMAP:
+            bitmap = torch.zeros(ops.bitmap_nbytes(n) * 8, dtype=torch.int64)
+            bitmap[idx] = 1
+            assert torch.equal(index, (bitmap.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8))
+        assert torch.equal(index, R.encode_indices(idx, n))
+        flips += prev is not None and code != prev
+        prev = code
+    assert n < 64 or flips >= 1
+
+
+def test_code_tie_case():
+    # n = 64, k = 16: l = 2, EF = 4 + 4 bytes = bitmap 8 bytes -> bitmap.
+    assert ops.elias_fano_low_bits(64, 16) == 2 and ops.elias_fano_nbytes(64, 16) == 8
+    assert ops.choose_index_code(64, 16) == ops.INDEX_BITMAP
+    x = torch.arange(64.0)
+    counts, values, index = ops.topk_encode([x], [16])
+    assert index.tolist() == [0] * 6 + [0xFF, 0xFF]
+
+
+def test_sizes_past_int32():
+    # Size arithmetic on 64-bit counts (no allocation): against formulas
+    # written independently here.
+    for n in [2**31 - 1, 2**31, 2**31 + 1, 2**32 + 7, 3 * 2**33 + 5, 2**40, 2**50 + 3]:
+        for k in [0, 1, 2, 1000, n // 1000, n // 32, n // 4, n // 2, n - 1, n]:
+            low = (n // k).bit_length() - 1 if k else 0
+            assert ops.elias_fano_low_bits(n, k) == low
+            ef = 0 if k == 0 else -(-k * low // 8) + -(-(((n - 1) >> low) + k) // 8)
+            assert ops.elias_fano_nbytes(n, k) == ef
+            assert ops.index_nbytes(n, k) == min(-(-n // 8), ef)
+    # The kernel checks sizes in int64 before it allocates anything:
+    # 2^40 elements, 1 kept -> Elias-Fano with l = 40: 5 + 1 bytes.
+    with pytest.raises(RuntimeError, match="index_bytes has 7 bytes, numels and counts need 6"):
+        ops.sparse_decode(torch.zeros(7, dtype=torch.uint8), torch.ones(1), [2**40], [1])
+    with pytest.raises(RuntimeError, match=r"need 536870912\b"):  # 2^32 elements, 2^31 kept: bitmap
+        ops.sparse_decode(torch.zeros(1, dtype=torch.uint8), torch.ones(1), [2**32], [2**31])
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 3000), data=st.data())
+def test_index_code_round_trip(n, data):
+    k = data.draw(st.integers(0, n))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    idx = torch.sort(torch.randperm(n, generator=g)[:k]).values
+    code = R.encode_indices(idx, n)
+    assert code.numel() == ops.index_nbytes(n, k)
+    assert torch.equal(R.decode_indices(code, n, k), idx)
+    vals = torch.randn(k, generator=g)
+    out = ops.sparse_decode(code, vals, [n], [k])
+    want = torch.zeros(n)
+    want[idx] = vals
+    assert torch.equal(out, want)
+
+
+# ---- decode ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("global_scope", [False, True])
+def test_round_trip_exact(device, dtype, global_scope):
+    torch.manual_seed(5)
+    xs = [torch.randn(s).to(dtype) for s in [0, 3, 999, CHUNK + 9, 64]]
+    for d in [0.0, 0.003, 0.3, 1.0]:
+        ks = [int(sum(x.numel() for x in xs) * d)] if global_scope else [int(x.numel() * d) for x in xs]
+        counts, values, index = ops.topk_encode([x.to(device) for x in xs], ks, global_scope=global_scope)
+        numels = [x.numel() for x in xs]
+        for out_dtype in sorted({torch.float32, dtype}, key=str):
+            dense = ops.sparse_decode(index, values, numels, counts.tolist(), out_dtype)
+            assert dense.dtype == out_dtype and dense.device.type == device
+            want = R.sparse_decode(index.cpu(), values.cpu(), numels, counts.tolist(), out_dtype)
+            assert torch.equal(dense.cpu(), want)
+            # kept elements come back bit-exact, the rest are zero
+            flat = torch.cat([x.reshape(-1) for x in xs]).to(out_dtype)
+            kept = dense.cpu() != 0
+            assert torch.equal(dense.cpu()[kept], flat[kept])
+        assert int((dense != 0).sum()) <= int(counts.sum())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("values_dtype", FLOAT_DTYPES)
+def test_decode_add_matches_reference(device, out_dtype, values_dtype):
+    torch.manual_seed(11)
+    xs = [torch.randn(s) for s in [17, 4000, CHUNK + 100]]
+    counts, values, index = ops.topk_encode(xs, [5, 400, 6000])
+    values = values.to(values_dtype)
+    outs = [torch.randn(17).to(out_dtype), torch.randn(40, 100).to(out_dtype)[:, ::1],
+            torch.randn(CHUNK + 100).to(out_dtype)]
+    want = [o.clone() for o in outs]
+    got = [o.to(device) for o in outs]
+    ops.sparse_decode_add_(got, index.to(device), values.to(device), counts.tolist())
+    R.sparse_decode_add_(want, index, values, counts.tolist())
+    for g, w in zip(got, want):
+        assert g.dtype == out_dtype and torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_add_non_contiguous(device):
+    xs = [torch.randn(30, 40), torch.randn(9)]
+    counts, values, index = ops.topk_encode(xs, [100, 3])
+    base = torch.randn(40, 30, device=device)
+    out0 = base.t()  # (30, 40) view, not contiguous
+    out1 = torch.zeros(18, device=device)[::2]
+    before = base.clone()
+    ops.sparse_decode_add_([out0, out1], index.to(device), values.to(device), counts.tolist())
+    want = before.t().clone()
+    R.sparse_decode_add_([want, torch.zeros(9)], index, values, counts.tolist())
+    assert torch.equal(base.t().cpu(), want.cpu())
+    dense = R.sparse_decode(index, values, [1200, 9], counts.tolist())
+    assert torch.equal(out1.cpu(), dense[1200:])
+
+
+def test_decode_add_rejects_overlapping_outputs():
+    counts, values, index = ops.topk_encode([torch.randn(10)] * 2, [2, 2])
+    out = torch.zeros(10)
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.sparse_decode_add_([out, out], index, values, counts.tolist())
+
+
+# ---- untrusted input -----------------------------------------------------------------
+def _valid_message(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    counts, values, index = ops.topk_encode([x], [k])
+    return index, values
+
+
+def _same_verdict(index, values, numels, counts):
+    """The op raises iff the reference raises; otherwise both decode alike."""
+    try:
+        want = R.sparse_decode(index, values, numels, counts)
+    except RuntimeError:
+        want = None
+    outs = [torch.full((n,), 0.5) for n in numels]
+    if want is None:
+        with pytest.raises(RuntimeError, match="flocora::sparse_decode"):
+            ops.sparse_decode(index, values, numels, counts)
+        with pytest.raises(RuntimeError, match="flocora::sparse_decode_add_"):
+            ops.sparse_decode_add_(outs, index, values, counts)
+        assert all(bool((o == 0.5).all()) for o in outs), "outputs modified before validation"
+    else:
+        assert torch.equal(ops.sparse_decode(index, values, numels, counts), want)
+        ops.sparse_decode_add_(outs, index, values, counts)
+        assert torch.equal(torch.cat(outs) if outs else torch.empty(0), want + 0.5)
+    return want is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.sampled_from([1, 9, 20, 64, 100, 1000, 5000, 140000]),
+    density=st.sampled_from([0.0, 0.001, 0.05, 0.2, 0.3, 0.9, 1.0]),
+    flips=st.lists(st.integers(0, 2**40), min_size=1, max_size=3),
+    seed=st.integers(0, 1000),
+)
+def test_corrupt_index_bytes_raise_or_match(n, density, flips, seed):
+    k = int(n * density)
+    index, values = _valid_message(n, k, seed)
+    if index.numel() == 0:
+        return
+    bad = index.clone()
+    for f in flips:
+        bit = f % (8 * bad.numel())
+        bad[bit // 8] ^= 1 << (bit % 8)
+    _same_verdict(bad, values, [n], [k])
+
+
+def test_crafted_invalid_codes():
+    # Elias-Fano n = 20, k = 3, l = 2: low stream 6 bits (1 byte), high stream
+    # (19 >> 2) + 3 = 7 bits (1 byte). Valid: indices 2, 9, 17.
+    def ef(lows, highs):
+        low = sum(v << (2 * i) for i, v in enumerate(lows))
+        return torch.tensor([low, sum(1 << b for b in highs)], dtype=torch.uint8)
+
+    vals = torch.ones(3)
+    assert _same_verdict(ef([2, 1, 1], [0, 3, 6]), vals, [20], [3])
+    cases = {
+        "equal indices": ef([1, 1, 1], [0, 1, 5]),  # 1, 1, 13
+        "decreasing": ef([3, 2, 1], [0, 1, 5]),  # 3, 2, 13
+        "too many high bits": ef([2, 1, 1], [0, 3, 5, 6]),
+        "too few high bits": ef([2, 1, 1], [0, 3]),
+        "high padding bit": ef([2, 1, 1], [0, 3, 6, 7]),
+        "low padding bit": torch.tensor([0x16 | 0x40, 0x49], dtype=torch.uint8),
+    }
+    for name, data in cases.items():
+        assert not _same_verdict(data, vals, [20], [3]), name
+    # n = 21, k = 2 -> l = 3, high stream (20 >> 3) + 2 = 4 bits. Second index:
+    # high part 2 (bit 3), low 7 -> 23 >= 21.
+    assert ops.choose_index_code(21, 2) == ops.INDEX_ELIAS_FANO and ops.index_nbytes(21, 2) == 2
+    assert not _same_verdict(torch.tensor([7 << 3, 0b1001], dtype=torch.uint8), torch.ones(2), [21], [2])
+    assert _same_verdict(torch.tensor([4 << 3, 0b1001], dtype=torch.uint8), torch.ones(2), [21], [2])  # 20
+    # Bitmap n = 12, k = 3: valid, padding bit, extra bit, too few bits.
+    assert ops.choose_index_code(12, 3) == ops.INDEX_BITMAP
+    assert _same_verdict(torch.tensor([0b1011, 0], dtype=torch.uint8), vals, [12], [3])
+    assert not _same_verdict(torch.tensor([0b1011, 0b10000], dtype=torch.uint8), vals, [12], [3])
+    assert not _same_verdict(torch.tensor([0b1011, 0b1000], dtype=torch.uint8), vals, [12], [3])
+    assert not _same_verdict(torch.tensor([0b0011, 0], dtype=torch.uint8), vals, [12], [3])
+
+
+def test_decode_many_pieces():
+    # Streams longer than one decode task (8 KiB): rank offsets and the
+    # order check across task boundaries.
+    n = 1 << 20
+    torch.manual_seed(2)
+    for k in [3, 5000, n // 6, n // 2]:
+        x = torch.randn(n)
+        counts, values, index = ops.topk_encode([x], [k])
+        assert _same_verdict(index, values, [n], [k])
+    # An Elias-Fano code whose only disorder straddles two tasks.
+    n, k = 1 << 22, 1 << 17  # l = 5, high stream 2^17 + 2^17 bits = 32 KiB
+    idx = torch.arange(k) * 32
+    code = R.encode_indices(idx, n)
+    assert ops.choose_index_code(n, k) == ops.INDEX_ELIAS_FANO
+    r = 8192 * 8 // 2  # rank of the first set bit in the second 8 KiB of the high stream
+    bad_idx = idx.clone()
+    bad_idx[r] = bad_idx[r - 1]  # same high part, same low bits: not increasing
+    bad = code.clone()
+    low_nbytes = k * 5 // 8
+    lows = R._unpack_lsb(code[:low_nbytes]).reshape(k, 5)
+    lows[r] = R._unpack_lsb(torch.tensor([int(bad_idx[r]) & 31], dtype=torch.uint8))[:5]
+    bad[:low_nbytes] = (lows.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+    high = R._unpack_lsb(code[low_nbytes:])
+    high[r + (int(idx[r]) >> 5)] = 0
+    high[r + (int(bad_idx[r]) >> 5)] = 1
+    bad[low_nbytes:] = (high.reshape(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+    assert not _same_verdict(bad, torch.ones(k), [n], [k])
+
+
+def test_wrong_sizes_raise():
+    x = [torch.randn(100), torch.randn(3000)]
+    counts, values, index = ops.topk_encode(x, [10, 30])
+    c = counts.tolist()
+    with pytest.raises(RuntimeError, match="index_bytes has"):
+        ops.sparse_decode(index[:-1], values, [100, 3000], c)
+    with pytest.raises(RuntimeError, match="index_bytes has"):
+        ops.sparse_decode(torch.cat([index, index[:1]]), values, [100, 3000], c)
+    with pytest.raises(RuntimeError, match="values has 39 elements, counts need 40"):
+        ops.sparse_decode(index, values[:-1], [100, 3000], c)
+    with pytest.raises(RuntimeError, match=r"count of tensor 0 must be in \[0, numel = 100\], got 101"):
+        ops.sparse_decode(index, values, [100, 3000], [101, 30])
+    with pytest.raises(RuntimeError, match="numel of tensor 1 is negative"):
+        ops.sparse_decode(index, values, [100, -1], [10, 0])
+    with pytest.raises(RuntimeError, match="2 numels and 1 counts"):
+        ops.sparse_decode(index, values, [100, 3000], [10])
+    with pytest.raises(RuntimeError, match="uint8"):
+        ops.sparse_decode(index.to(torch.int32), values, [100, 3000], c)
+    with pytest.raises(RuntimeError, match="values must be float32"):
+        ops.sparse_decode(index, values.double(), [100, 3000], c)
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        ops.sparse_decode(index, values, [100, 3000], c, torch.int32)
+    with pytest.raises(RuntimeError, match="2 output tensors and 1 counts"):
+        ops.sparse_decode_add_([torch.zeros(100), torch.zeros(3000)], index, values, [10])
+    with pytest.raises(RuntimeError, match="index_bytes has"):  # outs with the wrong numel
+        ops.sparse_decode_add_([torch.zeros(100), torch.zeros(50)], index, values, c)
+
+
+def test_decode_empty():
+    out = ops.sparse_decode(torch.empty(0, dtype=torch.uint8), torch.empty(0), [], [])
+    assert out.numel() == 0
+    out = ops.sparse_decode(torch.empty(0, dtype=torch.uint8), torch.empty(0), [0, 5], [0, 0])
+    assert torch.equal(out, torch.zeros(5))
+    ops.sparse_decode_add_([], torch.empty(0, dtype=torch.uint8), torch.empty(0), [])
+
+
+# ---- torch.library ---------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    torch.manual_seed(0)
+    xs = [torch.randn(40, device=device), torch.randn(3, 50, device=device).to(torch.float16)]
+    torch.library.opcheck(torch.ops.flocora.topk_encode.default, (xs, [5, 20], False))
+    counts, values, index = ops.topk_encode(xs, [5, 20])
+    c = counts.tolist()
+    torch.library.opcheck(torch.ops.flocora.sparse_decode.default, (index, values, [40, 150], c, torch.float32))
+    outs = [torch.randn(40, device=device), torch.randn(3, 50, device=device)]
+    torch.library.opcheck(torch.ops.flocora.sparse_decode_add_.default, (outs, index, values, c))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_global_scope(device):
+    # The fake kernel gives the value and index sizes as unbacked symbols.
+    xs = [torch.randn(40, device=device), torch.randn(150, device=device).to(torch.bfloat16)]
+    torch.library.opcheck(torch.ops.flocora.topk_encode.default, (xs, [30], True))
