@@ -520,3 +520,164 @@ def test_run_simulation_two_nodes_two_rounds():
         assert h["dropped"] == 0
         assert 0 < h["uplink_bytes"] < h["uplink_raw_bytes"] / 2
     assert out["loss"][1] < out["loss"][0]  # it learned through 4-bit deltas
+
+
+# ---------------------------------------------------------------------------
+# the bundled app on a real deployment: 1 SuperLink + 2 SuperNodes on loopback
+# ---------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of all living descendants of ``pid`` (from /proc), deepest last."""
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _stop(procs) -> None:
+    """Stop the processes we started and every process they spawned, by PID.
+
+    SuperLink and SuperNode start their SuperExec (and it the ServerApp /
+    ClientApp processes) in sessions of their own, so a process-group signal
+    would miss them: collect the descendants first, then signal each one.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pids = []
+    for p in procs:
+        pids += _descendants(p.pid) + [p.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # whatever ignored SIGTERM
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait(timeout=5)
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_flower_app_deployment_two_supernodes(tmp_path):
+    """``flwr run`` of fl/flower_app against a SuperLink and two SuperNodes
+    (127.0.0.1 only), two rounds with 4-bit uplink and 8-bit downlink."""
+    import json
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    app_dir = repo / "fl" / "flower_app"
+    binaries = Path(sys.executable).parent
+    if not (binaries / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed next to this Python")
+    link_port, node_port_a, node_port_b = _free_ports(3)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join([str(repo)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        "PATH": os.pathsep.join([str(binaries), env.get("PATH", "")]),
+        # nothing may be pip-installed at run time, nor any update checked
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    })
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start(name, *args):
+        with open(logs / f"{name}.log", "w") as out:
+            procs.append(subprocess.Popen([str(binaries / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=out,
+                                          stderr=subprocess.STDOUT))
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+              "--port", str(link_port), "--disable-runtime-dependency-installation")
+        _wait_http(f"http://127.0.0.1:{link_port}/health", 60)
+        for i, port in enumerate((node_port_a, node_port_b)):
+            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--host", "127.0.0.1", "--port", str(port), "--max-retries", "20",
+                  "--node-config", f"partition-id={i} num-partitions=2")
+        summary_path = tmp_path / "summary.json"
+        run_config = (f'num-server-rounds=2 codec-bits=4 downlink-bits=8 min-nodes=2 fraction-train=1.0 '
+                      f'summary-path="{summary_path}" '
+                      f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"')
+        submit = subprocess.run([str(binaries / "flwr"), "run", str(app_dir), "deploy", "--stream",
+                                 "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=420)
+        deadline = time.monotonic() + 60  # --stream may return as the run ends
+        while not summary_path.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert summary_path.exists(), (submit.stdout[-3000:], submit.stderr[-3000:],
+                                       (logs / "superlink.log").read_text()[-3000:])
+        res = json.loads(summary_path.read_text())
+    finally:
+        _stop(procs)
+        assert all(p.poll() is not None for p in procs)
+    assert res["method"] == "flocora" and res["rounds"] == 2
+    assert len(res["acc"]) == 3 and all(0.0 <= a <= 1.0 for a in res["acc"])
+    for rnd in ("1", "2"):
+        h = res["bytes"][rnd]
+        assert h["dropped"] == 0
+        assert 0 < h["uplink_bytes"] < h["uplink_raw_bytes"] / 4  # 4-bit deltas, 1-D tensors raw
+        assert 0 < h["downlink_bytes"] < h["downlink_raw_bytes"] / 2  # 8-bit downlink
