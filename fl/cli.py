@@ -1,0 +1,87 @@
+"""``python -m fl run|compare|plot|demo``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The offline comparison of ``python -m fl demo`` (and ``make demo``): one
+# base config, one override list per method.
+DEMO_VARIANTS = [
+    ("fedavg", ["method.name=fedavg"]),
+    ("flocora-r8", ["method.name=flocora", "method.rank=8", "method.alpha=16"]),
+    ("flocora-r8-4bit", ["method.name=flocora", "method.rank=8", "method.alpha=16", "method.bits=4"]),
+    ("flasc-r8-d0.1", ["method.name=flasc", "method.rank=8", "method.alpha=16", "method.ul_density=0.1",
+                        "method.dl_density=0.1"]),
+]
+
+
+def _run(args) -> int:
+    from fl.loop import run_file
+    summary, out = run_file(args.config, args.overrides, args.out, progress=not args.quiet)
+    print(f"{summary['name']}: final acc {summary['final_acc']:.4f}, "
+          f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.2f} MB -> {out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from fl.report import compare_table, load_run
+    table = compare_table([load_run(d)[0] for d in args.runs])
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return 0
+
+
+def _plot(args) -> int:
+    from fl.report import load_run, plot_runs
+    for p in plot_runs([load_run(d) for d in args.runs], args.output):
+        print(p)
+    return 0
+
+
+def _demo(args) -> int:
+    from fl.loop import run_file
+    from fl.report import compare_table
+    summaries = []
+    for name, over in DEMO_VARIANTS:
+        over = over + [f"name=demo-{name}"] + args.overrides
+        summary, _ = run_file(args.config, over, args.out, progress=not args.quiet)
+        summaries.append(summary)
+    print(compare_table(summaries))
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m fl", description="Minimal FL loop on flocora_codec")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run one experiment from a TOML config")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="section.key=value")
+    r.add_argument("--out", default="runs", help="runs folder (default: runs)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_run)
+    c = sub.add_parser("compare", help="markdown table of finished runs")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("-o", "--output", help="also write the table to this file")
+    c.set_defaults(func=_compare)
+    g = sub.add_parser("plot", help="accuracy vs round and vs cumulative MB (PNG)")
+    g.add_argument("runs", nargs="+")
+    g.add_argument("-o", "--output", required=True, help="folder for the PNGs")
+    g.set_defaults(func=_plot)
+    d = sub.add_parser("demo", help="small offline comparison: FedAvg, FLoCoRA, 4-bit FLoCoRA, FLASC")
+    d.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
+    d.add_argument("--config", default=str(CONFIG_DIR / "offline_mnist.toml"))
+    d.add_argument("--out", default="runs")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=_demo)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The FL methods, by config name."""
+from fl.methods.base import Method, Update
+from fl.methods.fedavg import FedAvg
+from fl.methods.fedlora import FedLoRA
+from fl.methods.flasc import FLASC
+from fl.methods.flocora import FLoCoRA
+
+METHODS = {"fedavg": FedAvg, "flocora": FLoCoRA, "flasc": FLASC, "fedlora": FedLoRA}
+
+__all__ = ["METHODS", "Method", "Update", "FedAvg", "FLoCoRA", "FLASC", "FedLoRA"]

@@ -1,0 +1,39 @@
+"""FLoCoRA: a frozen random base rebuilt from a shared seed, LoRA adapters
+(+ norms + fc in mode 2) trained and averaged; optional b-bit quantization of
+the upload, or of both directions (``quantize_download``).
+
+Unlike the paper's simulation (which ships and averages the whole state
+dict), only the trainable tensors are ever encoded: the loop checks every
+message against the frozen names.
+"""
+from __future__ import annotations
+
+from fl.comm import flocora_analytic_bits
+from fl.lora import apply_flocora, get_tensors, is_lora_name
+from fl.methods.fedavg import FedAvg
+
+
+class FLoCoRA(FedAvg):
+    name = "flocora"
+
+    def make_model(self):
+        m = self.mcfg
+        rank = int(m.get("rank", 16))
+        alpha = float(m.get("alpha", 2 * rank))
+        # adapters get their own seed so changing the rank leaves the base alone
+        return apply_flocora(self.build(), rank, alpha, int(m.get("mode", 2)), seed=self.model_seed + 1)
+
+    def describe(self):
+        d = super().describe()
+        tensors = get_tensors(self.global_model, self._trainable)
+        bits = self.mcfg.get("bits")
+        d.update(
+            rank=int(self.mcfg.get("rank", 16)), alpha=float(self.mcfg.get("alpha", 2 * int(self.mcfg.get("rank", 16)))),
+            mode=int(self.mcfg.get("mode", 2)),
+            params_lora=sum(t.numel() for k, t in tensors.items() if is_lora_name(k)),
+            params_non_lora_trainable=sum(t.numel() for k, t in tensors.items() if not is_lora_name(k)),
+            analytic_up_bytes=flocora_analytic_bits(tensors, bits) / 8,
+            analytic_down_bytes=flocora_analytic_bits(tensors, bits if self.mcfg.get("quantize_download") else None) / 8,
+            analytic_fedavg_bytes=d["params_total"] * 4,
+        )
+        return d

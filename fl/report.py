@@ -1,0 +1,79 @@
+"""Comparison tables (markdown) and plots (PNG) from run directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run: no summary.json")
+    summary = json.loads(summary_path.read_text())
+    rounds_path = run_dir / "rounds.jsonl"
+    rounds = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()] \
+        if rounds_path.is_file() else []
+    return summary, rounds
+
+
+def _pct(x):
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def compare_table(summaries: list[dict]) -> str:
+    """Method, final/best accuracy, MB per round each way, total MB, ratio vs FedAvg.
+
+    The ratio is FedAvg's bytes for the same messages (one raw whole-model
+    message each, ``fedavg_message_bytes``) over this run's bytes, so runs
+    with dropped clients or without a FedAvg run beside them still compare.
+    """
+    personal = any("final_acc_personal" in s for s in summaries)
+    head = ["run", "method", "final acc %", "best acc %"]
+    if personal:
+        head += ["final personal acc %"]
+    head += ["MB/round up", "MB/round down", "total MB", "up msg bytes", "ratio vs FedAvg"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        total = (s["bytes_up_total"] + s["bytes_down_total"]) / 1e6
+        ratio = s.get("ratio_vs_fedavg")
+        cells = [s["name"], s["method"], _pct(s["final_acc"]), _pct(s["best_acc"])]
+        if personal:
+            cells.append(_pct(s.get("final_acc_personal")))
+        cells += [f"{s['mb_up_per_round']:.3f}", f"{s['mb_down_per_round']:.3f}", f"{total:.2f}",
+                  f"{s['up_message_bytes']:,.0f}", "-" if ratio is None else f"{ratio:.2f}x"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: str | Path) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_mb.png (cumulative MB, up + down)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, xlabel, xfun, logx in (
+        ("accuracy_vs_round.png", "round", lambda r: r["round"], False),
+        ("accuracy_vs_mb.png", "cumulative MB (up + down)", lambda r: (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, True),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for summary, rounds in runs:
+            pts = [(xfun(r), r["acc"]) for r in rounds if "acc" in r]
+            if logx:
+                pts = [p for p in pts if p[0] > 0]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=summary["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=120)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    return paths
