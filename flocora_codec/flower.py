@@ -77,7 +77,9 @@ __all__ = [
     "CompressedStrategy",
 ]
 
-log = logging.getLogger(__name__)
+# A child of Flower's logger: its handlers show our warnings wherever Flower's
+# own log goes (terminal, `flwr run --stream`, SuperLink/SuperNode logs).
+log = logging.getLogger("flwr.flocora_codec")
 
 STYPE = "flocora/v1"
 """``Array.stype`` of an array whose ``data`` is one flocora wire message."""

@@ -254,7 +254,7 @@ def test_corrupt_reply_is_dropped_and_the_round_goes_on(caplog):
 
     strategy = ff.CompressedStrategy(FedAvg(min_train_nodes=1))
     mod = ff.compression_mod(SPEC4, error_feedback=False)
-    with caplog.at_level(logging.WARNING, logger="flocora_codec.flower"):
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         (arrays, metrics), wire = run_round(strategy, mod, make_contexts(), 1, g, tamper=corrupt_first)
     bad, good = wire[0], wire[1]
     assert strategy.history[1]["dropped"] == 1
@@ -274,7 +274,7 @@ def test_reply_without_known_base_is_dropped(caplog):
     def forget_bases(replies):
         strategy._bases.clear()
 
-    with caplog.at_level(logging.WARNING, logger="flocora_codec.flower"):
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         (arrays, metrics), _ = run_round(strategy, mod, make_contexts(), 1, g, tamper=forget_bases)
     assert arrays is None and metrics is None
     assert strategy.history[1]["dropped"] == 2
