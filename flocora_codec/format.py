@@ -8,8 +8,9 @@ checked against the bytes actually present and against :class:`DecodeLimits`
 """
 from __future__ import annotations
 
+import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import crc32c as _crc32c
 import torch
@@ -205,7 +206,7 @@ def section_sizes(rec: CodecRecord, dtype: torch.dtype, shape: tuple, numel: int
     return 0, index, count * VALUE_DTYPES[rec.values].itemsize
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorEntry:
     """One tensor record plus where its sections lie in the message."""
 
@@ -219,13 +220,11 @@ class TensorEntry:
     index_len: int = 0
     payload_len: int = 0
     offset: int = 0  # start of the metadata section in the message
+    numel: int = field(default=-1, compare=False)  # product of shape, computed once
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+    def __post_init__(self):
+        if self.numel < 0:
+            self.numel = math.prod(self.shape)
 
     @property
     def index_offset(self) -> int:
@@ -441,7 +440,7 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
         implied = section_sizes(rec, dtype, shape, numel, count)
         if lens != implied:
             raise FormatError(f"tensor {name!r}: section lengths {lens} differ from the {implied} its parameters imply")
-        entries.append(TensorEntry(name, dtype, tuple(shape), codec_index, count, index_code, *lens))
+        entries.append(TensorEntry(name, dtype, tuple(shape), codec_index, count, index_code, *lens, 0, numel))
     if not all(used):
         raise FormatError(f"codec record {used.index(False)} is not used by any tensor")
 
