@@ -55,6 +55,45 @@ def _demo(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    """Run every ``[[variant]]`` of a sweep file on its base config, then
+    write the comparison table, the summaries and the plots to ``--results``."""
+    import json
+    import tomllib
+
+    from fl.loop import run_file
+    from fl.report import compare_table, load_run, plot_runs
+    sweep_path = Path(args.sweep)
+    with open(sweep_path, "rb") as f:
+        sweep = tomllib.load(f)
+    base = (sweep_path.parent / sweep["base"]).resolve()
+    results = Path(args.results or sweep.get("results", "docs/results") + "/" + sweep_path.stem)
+    results.mkdir(parents=True, exist_ok=True)
+    dirs = []
+    for v in sweep["variant"]:
+        if args.only and v["name"] not in args.only:
+            continue
+        over = list(sweep.get("overrides", [])) + list(v.get("overrides", [])) + [f"name={v['name']}"] + args.overrides
+        summary, out = run_file(base, over, args.out, progress=not args.quiet)
+        dirs.append(out)
+        slim = {k: val for k, val in summary.items() if k != "config"}
+        slim["overrides"] = over
+        (results / f"{v['name']}.json").write_text(json.dumps(slim, indent=2))
+        print(f"{v['name']}: final acc {summary['final_acc']:.4f} -> {out}", flush=True)
+    runs = [load_run(d) for d in dirs]
+    table = compare_table([s for s, _ in runs])
+    (results / "table.md").write_text(table + "\n")
+    plot_runs(runs, results)
+    print(table)
+    return 0
+
+
+def _sizes(args) -> int:
+    from fl.sizes import sizes_table
+    print(sizes_table(args.arch, args.ranks, args.bits, args.classes))
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m fl", description="Minimal FL loop on flocora_codec")
@@ -79,8 +118,27 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="runs")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=_demo)
+    w = sub.add_parser("sweep", help="run the variants of a sweep TOML; table, summaries, plots to docs/results")
+    w.add_argument("sweep")
+    w.add_argument("overrides", nargs="*", help="section.key=value applied to every variant")
+    w.add_argument("--only", nargs="*", help="run only these variant names")
+    w.add_argument("--results", help="folder for summaries, table.md and PNGs")
+    w.add_argument("--out", default="runs")
+    w.add_argument("-q", "--quiet", action="store_true")
+    w.set_defaults(func=_sweep)
+    z = sub.add_parser("sizes", help="real message bytes vs FLoCoRA's formula, no training")
+    z.add_argument("--arch", nargs="*", default=["resnet8", "resnet18"])
+    z.add_argument("--ranks", nargs="*", type=int, default=[8, 16, 32, 64, 128])
+    z.add_argument("--bits", nargs="*", type=int, default=[8, 4, 2])
+    z.add_argument("--classes", type=int, default=10)
+    z.set_defaults(func=_sizes)
     args = p.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        # bad config or missing data: one clear line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
