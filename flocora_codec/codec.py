@@ -286,6 +286,10 @@ def _encode_affine(rec, members, entries, flat, specs, parts):
         parts[i] += [s.take(meta_len), o.take(meta_len), p.take(ops.packed_nbytes(x.numel(), rec.bits))]
 
 
+def rec_values_name(rec: fmt.CodecRecord) -> str:
+    return fmt.VALUE_NAMES[rec.values]
+
+
 def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
     names = [entries[i].name for i in members]
     xs = [_as_kernel_input(flat[i]) for i in members]
@@ -305,7 +309,13 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
         parts[i].append(idx.take(ops.index_nbytes(x.numel(), c)))
     if rec.values != fmt.VALUES_QUANTIZED:
         vdtype = fmt.VALUE_DTYPES[rec.values]
-        vals = _Slicer(values.to(vdtype))
+        converted = values.to(vdtype)
+        if vdtype != torch.float32 and not bool(torch.isfinite(converted).all()):
+            # float16 tops out at 65504: refuse rather than send inf
+            bad = torch.split(~torch.isfinite(converted), counts)
+            name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
+            raise ValueError(f"encode: tensor {name!r} has values beyond the range of {rec_values_name(rec)} sparse values")
+        vals = _Slicer(converted)
         for i, c in zip(members, counts):
             parts[i].append(vals.take(c * vdtype.itemsize))
         return

@@ -154,6 +154,16 @@ def test_nan_input_names_the_tensor():
         fc.encode({"good": sample((4, 8)), "bad": x}, fc.CodecSpec(bits=4))
 
 
+def test_out_of_range_for_float16_is_refused():
+    big = torch.linspace(0, 2e6, 32).reshape(4, 8)
+    with pytest.raises(ValueError, match="metadata dtype"):  # scale 2e6/15 > 65504
+        fc.encode({"big": big}, fc.CodecSpec(bits=4, granularity="tensor", meta_dtype="float16"))
+    with pytest.raises(ValueError, match="'big'.*float16"):
+        fc.encode({"ok": sample((4, 8)), "big": big}, fc.CodecSpec(k=3, values="float16"))
+    # float32 metadata and values carry it
+    assert float(fc.decode(fc.encode({"big": big}, fc.CodecSpec(k=3)))["big"].max()) == 2e6
+
+
 def test_granularity_row_gives_one_group_per_output_channel():
     x = sample((5, 3, 2, 2))
     info = fc.message_info(fc.encode({"x": x}, fc.CodecSpec(bits=4, granularity="row")))
