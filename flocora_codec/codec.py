@@ -127,6 +127,8 @@ class _Slicer:
         self.mv, self.pos = _host_bytes(t), 0
 
     def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.mv):  # a kernel returned less than its documented size
+            raise RuntimeError(f"encode: kernel output of {len(self.mv)} bytes, needed {self.pos + n}")
         piece = self.mv[self.pos : self.pos + n]
         self.pos += n
         return piece
@@ -250,7 +252,8 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
         for piece in parts[i]:
             view[pos : pos + len(piece)] = piece
             pos += len(piece)
-    assert pos == total - fmt.CHECKSUM_SIZE, (pos, total)  # sizes are computed once, from one formula
+    if pos != total - fmt.CHECKSUM_SIZE:  # sizes come from one formula; never send a short message
+        raise RuntimeError(f"encode: wrote {pos} of {total - fmt.CHECKSUM_SIZE} bytes (internal size mismatch)")
     fmt.CHECKSUM.pack_into(view, pos, fmt.crc32c(view[:pos]))
     return _finish(out, view)
 
@@ -286,7 +289,7 @@ def _encode_affine(rec, members, entries, flat, specs, parts):
         parts[i] += [s.take(meta_len), o.take(meta_len), p.take(ops.packed_nbytes(x.numel(), rec.bits))]
 
 
-def rec_values_name(rec: fmt.CodecRecord) -> str:
+def _values_name(rec: fmt.CodecRecord) -> str:
     return fmt.VALUE_NAMES[rec.values]
 
 
@@ -314,7 +317,7 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
             # float16 tops out at 65504: refuse rather than send inf
             bad = torch.split(~torch.isfinite(converted), counts)
             name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
-            raise ValueError(f"encode: tensor {name!r} has values beyond the range of {rec_values_name(rec)} sparse values")
+            raise ValueError(f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values")
         vals = _Slicer(converted)
         for i, c in zip(members, counts):
             parts[i].append(vals.take(c * vdtype.itemsize))
