@@ -157,3 +157,16 @@ def test_offline_default_config_end_to_end(tmp_path, capsys):
     assert "| smoke-fedavg | fedavg |" in table and "1.00x" in table
     assert main(["plot", *dirs, "-o", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "accuracy_vs_mb.png").stat().st_size > 1000
+
+
+def test_dense_flasc_with_sgd_lr1_equals_flocora(tmp_path):
+    # FedAvg of deltas applied with lr 1 is FedAvg of weights: same accuracy
+    common = ["method.rank=2", "method.alpha=4", "train.rounds=2"]
+    a = loop.run(tiny("method.name=flocora", *common), tmp_path / "a", progress=False)
+    b = loop.run(tiny("method.name=flasc", "method.server_opt=sgd", "method.server_lr=1.0", *common),
+                 tmp_path / "b", progress=False)
+    assert a["final_acc"] == b["final_acc"]
+    ra = [json.loads(x) for x in (tmp_path / "a" / "rounds.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "rounds.jsonl").read_text().splitlines()]
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
