@@ -434,7 +434,8 @@ def test_error_feedback_state():
 
 # ---- golden files -------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", sorted(make_golden.CASES))
-def test_golden_messages(case):
+def test_golden_messages(case, cpu_isa):
+    # cpu_isa (tests/conftest.py): once with the portable loops, once with AVX2.
     path = GOLDEN / f"{case}.flc"
     if not path.exists():
         pytest.fail(f"{path.name} missing: run tests/golden/make_golden.py {case}")
