@@ -256,6 +256,64 @@ def test_sparse_empty_tensor():
     assert int((out["x"] != 0).sum()) == 2
 
 
+specs = st.builds(
+    fc.CodecSpec,
+    bits=st.one_of(st.none(), st.integers(1, 8)),
+    granularity=st.sampled_from(["tensor", "row", "group"]),
+    group_size=st.sampled_from([8, 32]),
+    rounding=st.sampled_from(["nearest", "stochastic"]),
+    seed=st.integers(0, 2**64 - 1),
+    meta_dtype=st.sampled_from(["float32", "float16"]),
+    k=st.one_of(st.none(), st.integers(0, 40)),
+    topk_scope=st.sampled_from(["tensor", "global"]),
+    values=st.sampled_from(["float32", "float16", "bfloat16"]),
+    rules=st.sampled_from([(), (fc.Rule("*", "raw", max_ndim=1),), (fc.Rule("b*", "raw"),)]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=specs,
+    quantize_values=st.booleans(),
+    layout=st.lists(
+        st.tuples(st.lists(st.integers(0, 7), max_size=3).map(tuple), st.sampled_from(FLOATS + (torch.int32,))),
+        min_size=1,
+        max_size=4,
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_any_spec_round_trips_consistently(spec, quantize_values, layout, seed):
+    if quantize_values and spec.sparse and spec.bits is not None:
+        spec = spec.replace(values="quantized")
+    tensors = {}
+    for j, (shape, dtype) in enumerate(layout):
+        x = sample(shape, seed=seed + j) * 3
+        tensors[f"{'ab'[j % 2]}{j}"] = x.to(torch.int32) if dtype == torch.int32 else x.to(dtype)
+    data = fc.encode(tensors, spec)
+    assert fc.encode(tensors, spec) == data  # deterministic, stochastic rounding included
+    out = fc.decode(data)
+    info = fc.message_info(data)
+    assert list(out) == list(tensors) == [t.name for t in info.tensors]
+    assert info.total_bytes == len(data) == (info.header_bytes + info.metadata_bytes + info.index_bytes
+                                             + info.payload_bytes + 4)  # fmt: skip
+    for t in info.tensors:
+        x, y = tensors[t.name], out[t.name]
+        assert y.dtype == x.dtype and y.shape == x.shape
+        if t.codec == "raw":
+            assert torch.equal(y, x)
+        elif t.codec == "topk":
+            kept = y != 0
+            assert int(kept.sum()) <= t.count
+            if t.values in ("float32", "float16", "bfloat16"):  # raw values: exact in their dtype
+                vd = getattr(torch, t.values)
+                assert torch.equal(y[kept], x[kept].float().to(vd).to(x.dtype))
+        else:
+            step = scales_per_element(data, t.name).reshape(x.shape).double()
+            bound = step * (1.0 if t.rounding == "stochastic" else 0.5) * (1 + 1e-5)
+            slack = torch.finfo(x.dtype).eps * (x.double().abs() + step) + 1e-6
+            assert bool(((y.double() - x.double()).abs() <= bound + slack).all())
+
+
 # ---- spec, rules, grouping -----------------------------------------------------------------
 def test_spec_validation_messages():
     for kw, msg in [
