@@ -189,6 +189,7 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
     topk_groups: dict[tuple, list[int]] = {}
     flat: list[torch.Tensor] = []
     specs: list[CodecSpec] = []
+    rec_cache: dict[tuple, fmt.CodecRecord] = {}
 
     for name, t in tensors.items():
         if not isinstance(name, str):
@@ -200,7 +201,9 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
         if t.dtype not in fmt.DTYPE_CODES:
             raise ValueError(f"encode: {name!r} has dtype {t.dtype}, which the format does not carry")
         eff = spec.resolve(name, t.dim())
-        rec = _record_for(eff, t.dtype)
+        rec = rec_cache.get((id(eff), t.dtype))
+        if rec is None:  # a record per (spec, dtype), not per tensor
+            rec = rec_cache[(id(eff), t.dtype)] = _record_for(eff, t.dtype)
         idx = records.setdefault(rec, len(records))
         i = len(entries)
         entries.append(fmt.TensorEntry(name, t.dtype, tuple(t.shape), idx))
