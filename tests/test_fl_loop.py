@@ -170,3 +170,16 @@ def test_dense_flasc_with_sgd_lr1_equals_flocora(tmp_path):
     rb = [json.loads(x) for x in (tmp_path / "b" / "rounds.jsonl").read_text().splitlines()]
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_real_bytes_match_flocora_formula_up_to_header(bits, tmp_path):
+    over = ["method.name=flocora", "method.rank=2", "train.rounds=1"] + ([f"method.bits={bits}"] if bits else [])
+    s = loop.run(tiny(*over), tmp_path, progress=False)
+    d, up = s["describe"], s["last_up_breakdown"]
+    assert up["total_bytes"] == s["up_message_bytes"]
+    # same payload bits as the formula (b-bit codes, fp32 scale+offset per row);
+    # the rest is our header (names, shapes, specs) plus a few bytes of framing
+    extra = s["up_message_bytes"] - d["analytic_up_bytes"]
+    assert up["header_bytes"] <= extra <= up["header_bytes"] + 16
+    assert 0 < s["fedavg_message_bytes"] - d["analytic_fedavg_bytes"] < 4096
