@@ -13,6 +13,16 @@ import numpy as np
 
 EXIT_OK, EXIT_BAD_MESSAGE, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
 
+_EXIT_STATUS = """\
+exit status:
+  0  success
+  1  the message is invalid (malformed, corrupted, unsupported version, or
+     over a decode limit); the reason is printed on stderr
+  2  usage error (unknown option, invalid codec parameter)
+  3  input/output error (file missing, unreadable or unwritable, array that
+     cannot be encoded)
+"""
+
 _DESCRIPTION = """\
 Inspect, encode and decode flocora-codec messages: compact, checksummed
 wire messages of named tensors (LoRA adapters, model updates) for federated
@@ -40,14 +50,7 @@ examples:
   flocora-codec inspect --json update.flc
   flocora-codec decode update.flc -o restored.npz
 
-exit status:
-  0  success
-  1  the message is invalid (malformed, corrupted, unsupported version, or
-     over a decode limit); the reason is printed on stderr
-  2  usage error (unknown option, invalid codec parameter)
-  3  input/output error (file missing, unreadable or unwritable, array that
-     cannot be encoded)
-"""
+""" + _EXIT_STATUS
 
 
 def _bits(text: str):
@@ -71,8 +74,12 @@ def _build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect",
         help="print a message's tensor table and verify it",
-        description="Verify a message (checksum, header, sections) and print its tensor table "
-        "and byte breakdown. Exit status 1 if the message is invalid.",
+        description="Verify a message (CRC32C, every header field, every section) and print its\n"
+        "tensor table: name, dtype, shape, codec and parameters, kept elements and\n"
+        "index code of sparse tensors, and bytes by part.",
+        epilog="examples:\n  flocora-codec inspect update.flc\n  flocora-codec inspect --json update.flc | jq .bytes\n\n"
+        + _EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ins.add_argument("message", metavar="MSG", help="message file")
     ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
@@ -80,9 +87,11 @@ def _build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser(
         "encode",
         help="compress the arrays of a .npz file into a message",
-        description="Compress every array of IN.npz into one message. Non-float arrays travel raw; "
-        "by default 0-d and 1-d arrays (norms, biases) do too.",
-        epilog="example:\n  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row",
+        description="Compress every array of IN.npz into one message. Non-float arrays travel\n"
+        "raw; by default 0-d and 1-d arrays (norms, biases) do too.",
+        epilog="examples:\n  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row\n"
+        "  flocora-codec encode update.npz -o update.flc --density 0.01 --values quantized --bits 8\n\n"
+        + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     enc.add_argument("input", metavar="IN.npz", help="numpy .npz archive of named arrays")
@@ -113,8 +122,11 @@ def _build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser(
         "decode",
         help="rebuild the arrays of a message into a .npz file",
-        description="Verify and decode a message, writing its arrays (original names, shapes and "
-        "dtypes; bfloat16 as float32) to an uncompressed .npz archive.",
+        description="Verify and decode a message, writing its arrays (original names, shapes and\n"
+        "dtypes; bfloat16 as float32) to an uncompressed .npz archive. Nothing is\n"
+        "written if the message is invalid.",
+        epilog="example:\n  flocora-codec decode update.flc -o restored.npz\n\n" + _EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dec.add_argument("message", metavar="MSG", help="message file")
     dec.add_argument("-o", "--output", metavar="OUT.npz", required=True, help="archive to write")
