@@ -251,8 +251,10 @@ def test_codec_table_rules():
 
 
 def test_tensor_record_rules():
-    with pytest.raises(fc.FormatError, match="UTF-8"):
-        fc.decode(raw_message(tensor=dict(name=b"\xff\xfe")))
+    for bad in (b"\xff\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"ab\xe2\x82"):  # invalid, overlong, surrogate, cut
+        with pytest.raises(fc.FormatError, match="UTF-8"):
+            fc.decode(raw_message(tensor=dict(name=bad)))
+    assert list(fc.decode(raw_message(tensor=dict(name="λ.w"))))[0] == "λ.w"
     with pytest.raises(fc.FormatError, match="unknown dtype"):
         fc.decode(raw_message(tensor=dict(dtype=0)))
     with pytest.raises(fc.FormatError, match="unknown dtype"):
