@@ -682,7 +682,10 @@ class ErrorFeedback:
     Parameters
     ----------
     spec : CodecSpec
-        The (lossy) spec used by :meth:`encode`.
+        The (lossy) spec used by :meth:`encode`. It is a public attribute:
+        with stochastic rounding, give each round its own seed
+        (``ef.spec = spec.replace(seed=round_seed)``) so that the rounding
+        noise is independent across rounds.
 
     Examples
     --------
