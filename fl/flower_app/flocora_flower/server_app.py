@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -27,6 +28,9 @@ def make_server_app(overrides: dict | None = None, results: dict | None = None) 
         appcfg = app_config(context.run_config, overrides)
         cfg = fl_config(appcfg)
         method, device = method_for(cfg)
+        # Flower's node sampling draws from the global `random`: seed it, so
+        # runs that differ only in the codec sample the same nodes.
+        random.seed(int(cfg.get("seed", 0)))
         up, down = codec_specs(appcfg)
         n = int(appcfg["min-nodes"])
         strategy = CompressedStrategy(
