@@ -66,7 +66,21 @@ def _record_for(spec: CodecSpec, dtype: torch.dtype) -> fmt.CodecRecord:
 
 
 def tensor_seed(seed: int, name: str) -> int:
-    """Per-tensor stochastic-rounding seed: ``seed XOR (crc32c(name) << 32)``, as a signed int64."""
+    """Per-tensor stochastic-rounding seed.
+
+    Parameters
+    ----------
+    seed : int
+        The spec's seed (any integer; taken modulo 2**64).
+    name : str
+        The tensor's name.
+
+    Returns
+    -------
+    int
+        ``seed XOR (crc32c(utf8(name)) << 32)`` modulo 2**64, as the signed
+        int64 the kernels take: tensors of one message draw independent noise.
+    """
     s = (seed ^ (fmt.crc32c(name.encode("utf-8")) << 32)) & _MASK64
     return s - (1 << 64) if s >= 1 << 63 else s
 

@@ -229,7 +229,21 @@ class Rule:
             raise ValueError(f"Rule: max_ndim must be an integer >= 0 or None; got {self.max_ndim!r}")
 
     def matches(self, name: str, ndim: int) -> bool:
-        """Whether this rule applies to a tensor of that name and ndim."""
+        """Whether this rule applies to a tensor.
+
+        Parameters
+        ----------
+        name : str
+            Tensor name.
+        ndim : int
+            Its number of dimensions.
+
+        Returns
+        -------
+        bool
+            ``fnmatchcase(name, pattern)`` and, when ``max_ndim`` is set,
+            ``ndim <= max_ndim``.
+        """
         if self.max_ndim is not None and ndim > self.max_ndim:
             return False
         return fnmatch.fnmatchcase(name, self.pattern)
