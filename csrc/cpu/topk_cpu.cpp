@@ -44,6 +44,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;     // elements per selection task (multiple of kBlock)
 constexpr int kBlock = 16;              // elements per compare mask
+constexpr int64_t kFlagWords = kChunk / kBlock / 64;  // block flags per chunk
 constexpr int kTopShift = 20;           // top digit: key bits 20..30 (bit 31 is the sign, cleared)
 constexpr int kTopBins = 2048;
 constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
@@ -52,6 +53,21 @@ constexpr int64_t kPieceBytes = 1 << 13;  // decode: unary-stream bytes per task
 constexpr int64_t kScatterChunk = 1 << 16;
 
 enum class Dt { F32, F16, BF16 };
+
+#if defined(__GNUC__)
+#define FLOCORA_INLINE inline __attribute__((always_inline))
+#else
+#define FLOCORA_INLINE inline
+#endif
+
+// Portable popcount (the x86-64 baseline has no POPCNT; the builtin would
+// call into libgcc).
+FLOCORA_INLINE int popcount64(uint64_t v) {
+  v = v - ((v >> 1) & 0x5555555555555555ull);
+  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
+  return (int)((v * 0x0101010101010101ull) >> 56);
+}
 
 Dt input_kind(const at::Tensor& t, const char* op, size_t i) {
   switch (t.scalar_type()) {
@@ -75,30 +91,93 @@ inline uint32_t half_as_float_bits(uint16_t h) {
   return m | sign;
 }
 
-// Loads n <= kBlock elements starting at i as float32 bits.
-template <Dt D>
-inline void load_bits(const void* x, int64_t i, int n, uint32_t* out) {
+// Loads N elements starting at i as float32 bits.
+template <Dt D, int N>
+FLOCORA_INLINE void load_bits_n(const void* x, int64_t i, int n, uint32_t* out) {
+  const int m = N == kBlock ? kBlock : n;  // constant trip count for full blocks: vectorizes
   if (D == Dt::F32) {
-    std::memcpy(out, static_cast<const float*>(x) + i, sizeof(float) * n);
+    const float* p = static_cast<const float*>(x) + i;
+    for (int j = 0; j < m; ++j) out[j] = float_bits(p[j]);
   } else if (D == Dt::F16) {
     const uint16_t* p = static_cast<const uint16_t*>(x) + i;
-    for (int j = 0; j < n; ++j) out[j] = half_as_float_bits(p[j]);
+    for (int j = 0; j < m; ++j) out[j] = half_as_float_bits(p[j]);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(x) + i;
-    for (int j = 0; j < n; ++j) out[j] = (uint32_t)p[j] << 16;
+    for (int j = 0; j < m; ++j) out[j] = (uint32_t)p[j] << 16;
   }
 }
 
+// Loads n <= kBlock elements starting at i as float32 bits.
 template <Dt D>
-inline void load_keys(const void* x, int64_t i, int n, uint32_t* keys) {
-  load_bits<D>(x, i, n, keys);
+FLOCORA_INLINE void load_bits(const void* x, int64_t i, int n, uint32_t* out) {
+  if (n == kBlock)
+    load_bits_n<D, kBlock>(x, i, n, out);
+  else
+    load_bits_n<D, 0>(x, i, n, out);
+}
+
+// Magnitude keys of n <= kBlock elements; keys[n..kBlock) = 0.
+template <Dt D>
+FLOCORA_INLINE void load_keys(const void* x, int64_t i, int n, uint32_t* keys) {
+  if (n == kBlock) {
+    load_bits_n<D, kBlock>(x, i, n, keys);
+    for (int j = 0; j < kBlock; ++j) keys[j] &= 0x7fffffffu;
+    return;
+  }
+  load_bits_n<D, 0>(x, i, n, keys);
   for (int j = 0; j < n; ++j) keys[j] &= 0x7fffffffu;
   for (int j = n; j < kBlock; ++j) keys[j] = 0;
 }
 
+// Magnitude key of element i.
+template <Dt D>
+FLOCORA_INLINE uint32_t key_at(const void* x, int64_t i) {
+  if (D == Dt::F32) return float_bits(static_cast<const float*>(x)[i]) & 0x7fffffffu;
+  if (D == Dt::F16) return half_as_float_bits(static_cast<const uint16_t*>(x)[i]) & 0x7fffffffu;
+  return (uint32_t)(static_cast<const uint16_t*>(x)[i] & 0x7fffu) << 16;
+}
+
+// Top-digit histogram of elements [begin, end) of x, added to hist; with
+// Keep, the keys are also stored to keys_out[0..end-begin). Four interleaved
+// sub-histograms for long ranges: neighbouring elements often share a bin,
+// and one counter would serialize on its own increments.
+template <Dt D, bool Keep, typename H>
+void top_histogram_into(const void* x, int64_t begin, int64_t end, H* hist, uint32_t* keys_out) {
+  if (end - begin < 8192) {  // small: not worth clearing and summing sub-histograms
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t k = key_at<D>(x, i);
+      if (Keep) keys_out[i - begin] = k;
+      ++hist[k >> kTopShift];
+    }
+    return;
+  }
+  uint32_t sub[4][kTopBins];
+  std::memset(sub, 0, sizeof(sub));
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) {
+    uint32_t k0 = key_at<D>(x, i), k1 = key_at<D>(x, i + 1), k2 = key_at<D>(x, i + 2), k3 = key_at<D>(x, i + 3);
+    if (Keep) {
+      keys_out[i - begin] = k0;
+      keys_out[i - begin + 1] = k1;
+      keys_out[i - begin + 2] = k2;
+      keys_out[i - begin + 3] = k3;
+    }
+    ++sub[0][k0 >> kTopShift];
+    ++sub[1][k1 >> kTopShift];
+    ++sub[2][k2 >> kTopShift];
+    ++sub[3][k3 >> kTopShift];
+  }
+  for (; i < end; ++i) {
+    uint32_t k = key_at<D>(x, i);
+    if (Keep) keys_out[i - begin] = k;
+    ++sub[0][k >> kTopShift];
+  }
+  for (int b = 0; b < kTopBins; ++b) hist[b] += (H)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+}
+
 // Bit j set iff keys[j] > t, for 16 keys (signed compare: keys are < 2^31,
 // and t may be -1 to mean "every key").
-inline uint32_t gt_mask(const uint32_t* keys, int32_t t) {
+FLOCORA_INLINE uint32_t gt_mask(const uint32_t* keys, int32_t t) {
 #if defined(__SSE2__)
   __m128i tv = _mm_set1_epi32(t);
   uint32_t m = 0;
@@ -333,36 +412,40 @@ void with_dt(Dt dt, const Fn& fn) {
   }
 }
 
-// Top-digit histogram of elements [begin, end); false if any is NaN or Inf.
+// Top-digit histogram of elements [begin, end) (at most kChunk); false if
+// any is NaN or Inf.
 template <Dt D>
 bool top_histogram(const void* x, int64_t begin, int64_t end, uint32_t* hist) {
-  uint32_t keys[kBlock];
   std::fill(hist, hist + kTopBins, 0u);
-  for (int64_t i = begin; i < end; i += kBlock) {
-    int n = (int)std::min<int64_t>(kBlock, end - i);
-    load_keys<D>(x, i, n, keys);
-    for (int j = 0; j < n; ++j) ++hist[keys[j] >> kTopShift];
-  }
+  top_histogram_into<D, false>(x, begin, end, hist, nullptr);
   for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b)
     if (hist[b]) return false;
   return true;
 }
 
 // Copies the keys of [begin, end) whose top digit is `top` to stage; returns
-// how many, and *above the number whose top digit is larger.
+// how many, and *above the number whose top digit is larger. Block b of the
+// range gets bit b of `flags` iff it holds a key of top digit >= `top`: the
+// emit pass reads only those blocks (at low density, most blocks have none).
 template <Dt D>
-int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above) {
+int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above,
+                       uint64_t* flags) {
   uint32_t keys[kBlock];
   const int32_t lo = (int32_t)(top << kTopShift) - 1;
   const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
   int64_t cnt = 0, up = 0;
+  std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
   for (int64_t i = begin; i < end; i += kBlock) {
     int n = (int)std::min<int64_t>(kBlock, end - i);
     load_keys<D>(x, i, n, keys);
     uint32_t valid = valid_mask(n);
+    uint32_t ge = gt_mask(keys, lo) & valid;
+    if (!ge) continue;
+    const int64_t blk = (i - begin) / kBlock;
+    flags[blk >> 6] |= 1ull << (blk & 63);
     uint32_t gt = gt_mask(keys, hi) & valid;
-    uint32_t in = gt_mask(keys, lo) & ~gt & valid;
-    up += __builtin_popcount(gt);
+    uint32_t in = ge & ~gt;
+    up += popcount64(gt);
     while (in) {
       stage[cnt++] = keys[__builtin_ctz(in)];
       in &= in - 1;
@@ -375,9 +458,10 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, 
 // Emits the kept elements of [begin, end) of tensor t (begin a multiple of
 // kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
 // vals[rank0...], the index code into the zeroed idx bytes of the tensor.
+// flags (or null: every block): the blocks that may hold a kept key.
 template <Dt D>
 void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0, float* vals,
-                uint8_t* idx) {
+                uint8_t* idx, const uint64_t* flags) {
   uint32_t bits[kBlock], keys[kBlock];
   const bool bitmap = t.code == kIndexBitmap;
   const int l = t.low_bits;
@@ -385,7 +469,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
   FieldWriter low(idx, rank0 * (int64_t)l);
   UnaryWriter high(idx + t.low_nbytes);
   int64_t rank = rank0;
-  for (int64_t i = begin; i < end; i += kBlock) {
+  auto block = [&](int64_t i) {
     int n = (int)std::min<int64_t>(kBlock, end - i);
     load_bits<D>(t.x, i, n, bits);
     for (int j = 0; j < kBlock; ++j) keys[j] = j < n ? (bits[j] & 0x7fffffffu) : 0u;
@@ -399,7 +483,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
         --ties;
       }
     }
-    if (!sel) continue;
+    if (!sel) return;
     if (bitmap) {
       idx[i >> 3] = (uint8_t)sel;
       if (n > 8) idx[(i >> 3) + 1] = (uint8_t)(sel >> 8);
@@ -415,6 +499,19 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       }
       ++rank;
     }
+  };
+  if (flags) {
+    const int64_t nwords = (end - begin + kBlock * 64 - 1) / (kBlock * 64);
+    const int esize = D == Dt::F32 ? 4 : 2;
+    for (int64_t w = 0; w < nwords; ++w) {
+      // Skipping blocks defeats the hardware prefetcher: fetch the next word's blocks now.
+      if (w + 1 < nwords)
+        for (uint64_t f = flags[w + 1]; f; f &= f - 1)
+          __builtin_prefetch(static_cast<const char*>(t.x) + esize * (begin + ((w + 1) * 64 + __builtin_ctzll(f)) * kBlock));
+      for (uint64_t f = flags[w]; f; f &= f - 1) block(begin + (w * 64 + __builtin_ctzll(f)) * kBlock);
+    }
+  } else {
+    for (int64_t i = begin; i < end; i += kBlock) block(i);
   }
   if (!bitmap) {
     low.finish();
@@ -544,13 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[singles[task]];
         if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
         std::fill(h64, h64 + kTopBins, 0);
-        with_dt(t.dt, [&](auto d) {
-          for (int64_t i = 0; i < t.n; i += kBlock) {
-            int n = (int)std::min<int64_t>(kBlock, t.n - i);
-            load_keys<decltype(d)::value>(t.x, i, n, keys.data() + i);
-            for (int j = 0; j < n; ++j) ++h64[keys[i + j] >> kTopShift];
-          }
-        });
+        with_dt(t.dt, [&](auto d) { top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
         bool ok = true;
         for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b) ok &= h64[b] == 0;
         if (!ok) {
@@ -561,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         int64_t ties = 0;
         uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, &ties);
         with_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff);
+          emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
       }
     });
@@ -582,6 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
 
   // ---- phase 2: candidates (keys in the threshold's top bucket) per chunk.
   std::vector<uint32_t> cands(ncand);
+  std::vector<uint64_t> flags(chunks.size() * kFlagWords);  // blocks worth emitting, per chunk
   std::vector<int64_t> cursor(groups.size(), 0);
   {
     std::vector<int64_t> cost(chunks.size());
@@ -596,7 +688,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
         with_dt(t.dt, [&](auto d) {
-          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top);
+          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top,
+                                                  flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
         c.cand_off = g.cand_base + __atomic_fetch_add(&cursor[c.group], cnt, __ATOMIC_RELAXED);
@@ -673,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[c.tensor];
         with_dt(t.dt, [&](auto d) {
           emit_range<decltype(d)::value>(t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
-                                         idx_base + t.ioff);
+                                         idx_base + t.ioff, flags.data() + ci * kFlagWords);
         });
       }
     });
@@ -849,8 +942,8 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
       DecPiece& p = pieces[pi];
       const uint8_t* s = src + plan.ts[p.tensor].ubase;
       int64_t pop = 0, b = p.b0;
-      for (; b + 8 <= p.b1; b += 8) pop += __builtin_popcountll(load_word8(s + b));
-      pop += __builtin_popcountll(load_word(s + b, p.b1 - b));
+      for (; b + 8 <= p.b1; b += 8) pop += popcount64(load_word8(s + b));
+      pop += popcount64(load_word(s + b, p.b1 - b));
       p.pop = pop;
     }
   });
