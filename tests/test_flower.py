@@ -399,6 +399,29 @@ def test_dp_server_side_wrapper_sees_plain_arrays():
     assert strategy.clipping_norm == 1e6  # wrapper exposes the wrapped strategy's attributes
 
 
+def test_client_side_dp_clipping_mod_runs_inside_the_compression_mod():
+    """mods=[compression_mod, fixedclipping_mod]: clipping sees plain arrays,
+    the codec encodes the clipped update."""
+    from flwr.client.mod.utils import make_ffn
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    g = {k: v for k, v in global_arrays().items() if k != "steps"}
+    norm = 0.5  # the raw updates have norm ~1.6: clipping bites
+    mk = lambda: DifferentialPrivacyClientSideFixedClipping(  # noqa: E731
+        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2)
+    (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g, app=make_ffn(make_app(1), [fixedclipping_mod]))
+    mods = [ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), fixedclipping_mod]
+    strategy = ff.CompressedStrategy(mk())
+    (arrays, _), wire = run_round(strategy, None, make_contexts(), 1, g, app=make_ffn(make_app(1), mods))
+    assert all(ff.is_encoded(w.content["arrays"]) for w in wire)
+    got, want = as_numpy(arrays), as_numpy(plain)
+    update = np.sqrt(sum(np.sum((want[k].astype(np.float64) - g[k]) ** 2) for k in g))
+    assert update <= norm + 1e-4  # clipped (an average of clipped updates)
+    for k in g:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2e-3)
+
+
 def test_fedadam_through_the_wrapper():
     g = {k: v for k, v in global_arrays().items() if k != "steps"}  # FedAdam: float arrays only
     (plain, _), _ = run_round(FedAdam(eta=0.1), None, make_contexts(), 1, g)
