@@ -264,6 +264,9 @@ def header_nbytes(records, entries, names_utf8) -> int:
     return n
 
 
+_DEFAULT_LIMITS = DecodeLimits()
+
+
 def write_header(buf, records, entries, names_utf8) -> int:
     """Pack preamble and tables into ``buf`` (writable buffer) at 0; return the end offset."""
     if len(records) > MAX_U16:
@@ -276,10 +279,17 @@ def write_header(buf, records, entries, names_utf8) -> int:
         CODEC_RECORD.pack_into(buf, pos, *r.pack())
         pos += CODEC_RECORD.size
     for e, nb in zip(entries, names_utf8):
-        if len(nb) > MAX_U16:
-            raise ValueError(f"encode: tensor name of {len(nb)} UTF-8 bytes exceeds {MAX_U16}")
-        if len(e.shape) > 255:
-            raise ValueError(f"encode: tensor {e.name!r} has {len(e.shape)} dimensions; the format allows 255")
+        # The encoder holds itself to the default decode limits (tighter than
+        # the format's u16/u8 fields), so that what it writes, a default
+        # decoder accepts.
+        if len(nb) > _DEFAULT_LIMITS.max_name_bytes:
+            raise ValueError(
+                f"encode: tensor name of {len(nb)} UTF-8 bytes exceeds max_name_bytes={_DEFAULT_LIMITS.max_name_bytes}"
+            )
+        if len(e.shape) > _DEFAULT_LIMITS.max_ndim:
+            raise ValueError(
+                f"encode: tensor {e.name!r} has {len(e.shape)} dimensions; max_ndim={_DEFAULT_LIMITS.max_ndim}"
+            )
         _U16.pack_into(buf, pos, len(nb))
         pos += 2
         buf[pos : pos + len(nb)] = nb

@@ -535,3 +535,15 @@ def test_codec_module_exports():
     assert issubclass(fc.CodecError, ValueError)
     for err in (fc.FormatError, fc.ChecksumError, fc.UnsupportedVersionError, fc.LimitError):
         assert issubclass(err, fc.CodecError)
+
+
+def test_encoder_refuses_what_the_default_decoder_would_reject():
+    limits = fc.DecodeLimits()
+    with pytest.raises(ValueError, match="max_name_bytes"):
+        fc.encode({"x" * (limits.max_name_bytes + 1): torch.zeros(3)}, fc.CodecSpec.raw())
+    with pytest.raises(ValueError, match="max_ndim"):
+        fc.encode({"t": torch.zeros([1] * (limits.max_ndim + 1))}, fc.CodecSpec.raw())
+    # at the limits, the default decoder reads it back
+    name = "y" * limits.max_name_bytes
+    out = fc.decode(fc.encode({name: torch.zeros([1] * limits.max_ndim)}, fc.CodecSpec.raw()))
+    assert out[name].shape == (1,) * limits.max_ndim
