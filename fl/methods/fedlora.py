@@ -74,11 +74,10 @@ class FedLoRA(Method):
             held = self.clients[cid].test_idx
             if len(held):
                 personal.append((evaluate(model, self.train, held)["acc"], len(held)))
-            glob.append(evaluate(model, self.test)["acc"])
+            glob.append(evaluate(model, self.test))
         n = sum(w for _, w in personal)
-        out = {"acc": sum(glob) / len(glob), "acc_personal": sum(a * w for a, w in personal) / n if n else float("nan")}
-        out["loss"] = float("nan")
-        return out
+        return {"acc": sum(g["acc"] for g in glob) / len(glob), "loss": sum(g["loss"] for g in glob) / len(glob),
+                "acc_personal": sum(a * w for a, w in personal) / n if n else float("nan")}
 
     def reference_model_bytes(self):
         # FedAvg cannot average heterogeneous models: compare with each client
