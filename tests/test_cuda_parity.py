@@ -139,8 +139,8 @@ def test_quantize_stochastic_seeds_match_cpu(seed):
 
 
 def test_quantize_multi_tensor_matches_cpu_and_single_calls():
-    # More tensors than one descriptor pack (40), mixed paths and dtypes.
-    shapes = [(s % 17 + 1, (s * 37) % 301 + 1) for s in range(97)] + [(0,), (50000,), (3, 20000)]
+    # More tensors than one descriptor pack (128: two launches), mixed paths and dtypes.
+    shapes = [(s % 17 + 1, (s * 37) % 301 + 1) for s in range(197)] + [(0,), (50000,), (3, 20000)]
     xs = [_data(s, FLOAT_DTYPES[i % 3], seed=i) for i, s in enumerate(shapes)]
     groups = [[64, 8, 1000, 5][i % 4] for i in range(len(xs))]
     groups[-1] = xs[-1].numel()
@@ -355,8 +355,9 @@ def test_topk_index_code_edges_match_cpu(n, k):
 
 
 def test_topk_many_tensors_and_non_contiguous_match_cpu():
+    # More tensors than one descriptor pack (128).
     base = _data((200, 300), torch.float32, seed=4, kind="ties")
-    xs = [base.t(), base[::3, 1::2]] + [_data((i * 13 % 97 + 1,), torch.float16, seed=i) for i in range(90)]
+    xs = [base.t(), base[::3, 1::2]] + [_data((i * 13 % 97 + 1,), torch.float16, seed=i) for i in range(150)]
     ks = [max(0, x.numel() // 7) for x in xs]
     _topk_both(xs, ks, global_scope=False)
     _topk_both(xs, [sum(ks)], global_scope=True)

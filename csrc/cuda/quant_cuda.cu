@@ -222,30 +222,36 @@ __global__ __launch_bounds__(kThreads) void quantize_range_kernel(const __grid_c
   }
 }
 
-// Work item = 8 groups (one warp each): reduce the partials, write metadata
-// and the (offset, inv_scale) the pack pass reads.
+// Work item = one group: a block reduces its partials (up to 16384 for a
+// 1 GiB per-tensor group), writes the metadata and the (offset, inv_scale)
+// the pack pass reads.
 __global__ __launch_bounds__(kThreads) void quantize_finalize_kernel(const __grid_constant__ Pack<QuantDesc> pack,
                                                                      const float2* __restrict__ partial,
                                                                      float2* __restrict__ params, int bits,
                                                                      MetaOut meta, int* flag) {
+  __shared__ float2 red[kThreads / 32];
   const int64_t w = block_id();
   if (w >= pack.total) return;
   const QuantDesc& d = pack.d[find_desc(pack, w)];
-  const int64_t grp = (w - d.work_begin) * (kThreads / 32) + (threadIdx.x >> 5);
-  const int64_t ngroups = num_groups(d.numel, d.group);
-  if (grp >= ngroups) return;  // whole warps leave together
-  const int lane = threadIdx.x & 31;
+  const int64_t grp = w - d.work_begin;
   float mn = __int_as_float(0x7f800000), mx = __int_as_float(0xff800000);
   const float2* p = partial + d.aux_base + grp * d.tile;
-  for (int64_t i = lane; i < d.tile; i += 32) {
-    mn = min_ord(mn, p[i].x);
-    mx = max_ord(mx, p[i].y);
+  for (int64_t i = threadIdx.x; i < d.tile; i += kThreads) {
+    const float2 v = p[i];
+    mn = min_ord(mn, v.x);
+    mx = max_ord(mx, v.y);
   }
   for (int o = 16; o > 0; o >>= 1) {
     mn = min_ord(mn, __shfl_xor_sync(0xffffffffu, mn, o));
     mx = max_ord(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   }
-  if (lane == 0) params[d.group_base + grp] = finish_group(mn, mx, bits, meta, d.group_base + grp, flag);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = make_float2(mn, mx);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float2 r = red[0];
+    for (int i = 1; i < kThreads / 32; ++i) r = make_float2(min_ord(r.x, red[i].x), max_ord(r.y, red[i].y));
+    params[d.group_base + grp] = finish_group(r.x, r.y, bits, meta, d.group_base + grp, flag);
+  }
 }
 
 // Work item = kUnitsPerBlock units of one tensor.
@@ -378,6 +384,8 @@ int64_t gcd64(int64_t a, int64_t b) {
   return a;
 }
 
+static_assert(sizeof(Pack<QuantDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
+static_assert(sizeof(Pack<UnpackDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList xs, int64_t bits,
@@ -462,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     for_each_pack(
-        big, [](const QuantDesc& d) { return num_groups(num_groups(d.numel, d.group), kThreads / 32); },
+        big, [](const QuantDesc& d) { return num_groups(d.numel, d.group); },
         [&](const Pack<QuantDesc>& p) {
           quantize_finalize_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, partial_p, params_p, (int)bits,
                                                                                meta, flag_p);

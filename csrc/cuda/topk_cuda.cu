@@ -416,6 +416,8 @@ at::Tensor to_device_i64(const std::vector<int64_t>& v, const at::TensorOptions&
   return h.to(at::TensorOptions().device(opts.device()).dtype(at::kLong));
 }
 
+static_assert(sizeof(Pack<TopkDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
+static_assert(sizeof(Pack<SparseDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList xs, at::IntArrayRef ks,
