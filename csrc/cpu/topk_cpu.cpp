@@ -44,6 +44,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;     // elements per selection task (multiple of kBlock)
 constexpr int kBlock = 16;              // elements per compare mask
+constexpr int64_t kInlineWork = 32768;  // below this many elements (or bits, values), no threads
 constexpr int64_t kFlagWords = kChunk / kBlock / 64;  // block flags per chunk
 constexpr int kTopShift = 20;           // top digit: key bits 20..30 (bit 31 is the sign, cleared)
 constexpr int kTopBins = 2048;
@@ -141,15 +142,18 @@ FLOCORA_INLINE uint32_t key_at(const void* x, int64_t i) {
 // Keep, the keys are also stored to keys_out[0..end-begin). Four interleaved
 // sub-histograms for long ranges: neighbouring elements often share a bin,
 // and one counter would serialize on its own increments.
+// Returns the largest key.
 template <Dt D, bool Keep, typename H>
-void top_histogram_into(const void* x, int64_t begin, int64_t end, H* hist, uint32_t* keys_out) {
+uint32_t top_histogram_into(const void* x, int64_t begin, int64_t end, H* hist, uint32_t* keys_out) {
+  uint32_t mx = 0;
   if (end - begin < 8192) {  // small: not worth clearing and summing sub-histograms
     for (int64_t i = begin; i < end; ++i) {
       uint32_t k = key_at<D>(x, i);
       if (Keep) keys_out[i - begin] = k;
+      mx = std::max(mx, k);
       ++hist[k >> kTopShift];
     }
-    return;
+    return mx;
   }
   uint32_t sub[4][kTopBins];
   std::memset(sub, 0, sizeof(sub));
@@ -172,7 +176,13 @@ void top_histogram_into(const void* x, int64_t begin, int64_t end, H* hist, uint
     if (Keep) keys_out[i - begin] = k;
     ++sub[0][k >> kTopShift];
   }
-  for (int b = 0; b < kTopBins; ++b) hist[b] += (H)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+  int top = 0;
+  for (int b = 0; b < kTopBins; ++b) {
+    uint32_t c = sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+    hist[b] += (H)c;
+    top = c ? b : top;
+  }
+  return (uint32_t)top << kTopShift;  // the top digit of the largest key is all the callers use
 }
 
 // Bit j set iff keys[j] > t, for 16 keys (signed compare: keys are < 2^31,
@@ -275,9 +285,10 @@ constexpr int kBins[3] = {2048, 1024, 1024};
 
 // Scans a histogram from the top bin down for the bin holding the need-th
 // largest key; *need becomes its rank inside that bin.
-int top_bin(const int64_t* hist, int bins, int64_t* need) {
+// highest: a bin at or above the highest non-empty one.
+int top_bin(const int64_t* hist, int highest, int64_t* need) {
   int64_t cum = 0;
-  int b = bins - 1;
+  int b = highest;
   for (; b > 0; --b) {
     if (cum + hist[b] >= *need) break;
     cum += hist[b];
@@ -290,7 +301,9 @@ int top_bin(const int64_t* hist, int bins, int64_t* need) {
 // need-th largest key, and *ties = need - #(keys > T): the number of keys
 // equal to T that belong to the top `need`. Compacts keys in place.
 // first_hist: the histogram of digit d when the caller has it already.
-uint32_t select_inplace(uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist, int64_t* ties) {
+// first_top: a bin at or above the highest non-empty one of first_hist.
+uint32_t select_inplace(uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist, int first_top,
+                        int64_t* ties) {
   int64_t hist[kTopBins];
   for (; d < 3; ++d) {
     if (m <= kSmallSelect) {
@@ -304,13 +317,14 @@ uint32_t select_inplace(uint32_t* keys, int64_t m, int64_t need, int d, const in
     const int s = kShift[d];
     const uint32_t mask = (uint32_t)kBins[d] - 1;
     const int64_t* h = first_hist;
+    int highest = first_hist ? first_top : kBins[d] - 1;
     if (h == nullptr) {
       std::fill(hist, hist + kBins[d], 0);
       for (int64_t i = 0; i < m; ++i) ++hist[(keys[i] >> s) & mask];
       h = hist;
     }
     first_hist = nullptr;
-    const uint32_t b = (uint32_t)top_bin(h, kBins[d], &need);
+    const uint32_t b = (uint32_t)top_bin(h, highest, &need);
     int64_t j = 0;
     for (int64_t i = 0; i < m; ++i) {  // j <= i: in place
       uint32_t v = keys[i];
@@ -329,14 +343,14 @@ uint32_t select_from(const uint32_t* src, int64_t m, int64_t need, int d, int64_
   std::vector<uint32_t> buf;
   if (m <= kSmallSelect) {
     buf.assign(src, src + m);
-    return select_inplace(buf.data(), m, need, d, nullptr, ties);
+    return select_inplace(buf.data(), m, need, d, nullptr, 0, ties);
   }
   int64_t hist[kTopBins];
   const int s = kShift[d];
   const uint32_t mask = (uint32_t)kBins[d] - 1;
   std::fill(hist, hist + kBins[d], 0);
   for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> s) & mask];
-  const uint32_t b = (uint32_t)top_bin(hist, kBins[d], &need);
+  const uint32_t b = (uint32_t)top_bin(hist, kBins[d] - 1, &need);
   buf.resize(hist[b]);
   int64_t j = 0;
   for (int64_t i = 0; i < m; ++i)
@@ -345,7 +359,7 @@ uint32_t select_from(const uint32_t* src, int64_t m, int64_t need, int d, int64_
     *ties = need;
     return buf[0];
   }
-  return select_inplace(buf.data(), j, need, d + 1, nullptr, ties);
+  return select_inplace(buf.data(), j, need, d + 1, nullptr, 0, ties);
 }
 
 // ---- encode plan ---------------------------------------------------------------
@@ -389,6 +403,10 @@ void run_balanced(const std::vector<int64_t>& cost, const Fn& fn) {
   if (ntasks == 0) return;
   int64_t total = 0;
   for (int64_t c : cost) total += c;
+  if (total < kInlineWork || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    fn(0, ntasks);  // too little work to pay for waking threads
+    return;
+  }
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
   std::vector<int64_t> bound(parts + 1, ntasks);
   bound[0] = 0;
@@ -417,10 +435,7 @@ void with_dt(Dt dt, const Fn& fn) {
 template <Dt D>
 bool top_histogram(const void* x, int64_t begin, int64_t end, uint32_t* hist) {
   std::fill(hist, hist + kTopBins, 0u);
-  top_histogram_into<D, false>(x, begin, end, hist, nullptr);
-  for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b)
-    if (hist[b]) return false;
-  return true;
+  return (top_histogram_into<D, false>(x, begin, end, hist, nullptr) >> kTopShift) < kNonFiniteTop;
 }
 
 // Copies the keys of [begin, end) whose top digit is `top` to stage; returns
@@ -641,16 +656,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[singles[task]];
         if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
         std::fill(h64, h64 + kTopBins, 0);
-        with_dt(t.dt, [&](auto d) { top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
-        bool ok = true;
-        for (uint32_t b = kNonFiniteTop; b < kTopBins; ++b) ok &= h64[b] == 0;
-        if (!ok) {
+        uint32_t mx = 0;
+        with_dt(t.dt, [&](auto d) {
+          mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data());
+        });
+        if ((mx >> kTopShift) >= kNonFiniteTop) {
           __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           continue;
         }
         if (t.count == 0) continue;
         int64_t ties = 0;
-        uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, &ties);
+        uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
         with_dt(t.dt, [&](auto d) {
           emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
@@ -666,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     gr.cand_base = ncand;
     if (gr.k == 0) continue;
     gr.need = gr.k;
-    gr.top = (uint32_t)top_bin(ghist.data() + g * kTopBins, kTopBins, &gr.need);
+    gr.top = (uint32_t)top_bin(ghist.data() + g * kTopBins, kTopBins - 1, &gr.need);
     gr.cand_count = ghist[g * kTopBins + gr.top];
     ncand += gr.cand_count;
   }
@@ -699,7 +715,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   }
 
   // Threshold of each group from its candidates.
-  at::parallel_for(0, (int64_t)groups.size(), 1, [&](int64_t lo, int64_t hi) {
+  std::vector<int64_t> gcost(groups.size());
+  for (size_t g = 0; g < groups.size(); ++g) gcost[g] = groups[g].cand_count;
+  run_balanced(gcost, [&](int64_t lo, int64_t hi) {
     for (int64_t g = lo; g < hi; ++g) {
       Group& gr = groups[g];
       if (gr.k == 0) continue;
@@ -708,7 +726,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   });
 
   // ---- phase 3: each chunk's keys > T and == T, from its candidates alone.
-  at::parallel_for(0, (int64_t)chunks.size(), 16, [&](int64_t lo, int64_t hi) {
+  std::vector<int64_t> ccost(chunks.size());
+  for (size_t c = 0; c < chunks.size(); ++c) ccost[c] = chunks[c].cand_cnt;
+  run_balanced(ccost, [&](int64_t lo, int64_t hi) {
     for (int64_t ci = lo; ci < hi; ++ci) {
       Chunk& c = chunks[ci];
       const Group& g = groups[c.group];
@@ -937,7 +957,9 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
     for (int64_t b = 0; b < t.unbytes; b += kPieceBytes)
       pieces.push_back(DecPiece{(int32_t)i, b, std::min(t.unbytes, b + kPieceBytes), 0, 0, -1, -1});
   }
-  at::parallel_for(0, (int64_t)pieces.size(), 1, [&](int64_t lo, int64_t hi) {
+  std::vector<int64_t> pcost(pieces.size());
+  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0);
+  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
     for (int64_t pi = lo; pi < hi; ++pi) {
       DecPiece& p = pieces[pi];
       const uint8_t* s = src + plan.ts[p.tensor].ubase;
@@ -960,7 +982,8 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
 
   plan.idx.resize(nvalues);
   int64_t* out_idx = plan.idx.data();
-  at::parallel_for(0, (int64_t)pieces.size(), 1, [&](int64_t lo, int64_t hi) {
+  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0) + 4 * pieces[pi].pop;
+  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
     for (int64_t pi = lo; pi < hi; ++pi) {
       DecPiece& p = pieces[pi];
       const DecTensor& t = plan.ts[p.tensor];
@@ -1083,6 +1106,12 @@ std::vector<ScatterTask> scatter_tasks(const DecodePlan& plan) {
   return tasks;
 }
 
+std::vector<int64_t> scatter_cost(const std::vector<ScatterTask>& tasks) {
+  std::vector<int64_t> cost(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) cost[i] = tasks[i].b - tasks[i].a;
+  return cost;
+}
+
 }  // namespace
 
 at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& values_in, at::IntArrayRef numels,
@@ -1103,7 +1132,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& va
   }
   const std::vector<ScatterTask> tasks = scatter_tasks(plan);
   const void* v = values.data_ptr();
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t lo, int64_t hi) {
+  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
     for (int64_t ti = lo; ti < hi; ++ti) {
       const ScatterTask& t = tasks[ti];
       scatter<false>(base + es * obase[t.tensor], dtype, plan.idx.data(), v, vt, t.a, t.b);
@@ -1145,7 +1174,7 @@ void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, 
   for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
   const std::vector<ScatterTask> tasks = scatter_tasks(plan);
   const void* v = values.data_ptr();
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t lo, int64_t hi) {
+  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
     for (int64_t ti = lo; ti < hi; ++ti) {
       const ScatterTask& t = tasks[ti];
       scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
