@@ -22,14 +22,14 @@ def _pct(x):
 
 
 def compare_table(summaries: list[dict]) -> str:
-    """Method, final/best accuracy, MB per round each way, total MB, ratio vs FedAvg.
+    """Method, final/last-3-mean/best accuracy, MB per round each way, total MB, ratio vs FedAvg.
 
     The ratio is FedAvg's bytes for the same messages (one raw whole-model
     message each, ``fedavg_message_bytes``) over this run's bytes, so runs
     with dropped clients or without a FedAvg run beside them still compare.
     """
     personal = any("final_acc_personal" in s for s in summaries)
-    head = ["run", "method", "final acc %", "best acc %"]
+    head = ["run", "method", "final acc %", "mean acc last 3 %", "best acc %"]
     if personal:
         head += ["final personal acc %"]
     head += ["MB/round up", "MB/round down", "total MB", "up msg bytes", "ratio vs FedAvg"]
@@ -37,7 +37,7 @@ def compare_table(summaries: list[dict]) -> str:
     for s in summaries:
         total = (s["bytes_up_total"] + s["bytes_down_total"]) / 1e6
         ratio = s.get("ratio_vs_fedavg")
-        cells = [s["name"], s["method"], _pct(s["final_acc"]), _pct(s["best_acc"])]
+        cells = [s["name"], s["method"], _pct(s["final_acc"]), _pct(s.get("acc_last3_mean")), _pct(s["best_acc"])]
         if personal:
             cells.append(_pct(s.get("final_acc_personal")))
         cells += [f"{s['mb_up_per_round']:.3f}", f"{s['mb_down_per_round']:.3f}", f"{total:.2f}",
