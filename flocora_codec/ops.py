@@ -161,7 +161,16 @@ def topk_encode(
     (``index_nbytes(numel, count)`` bytes: bitmap or Elias-Fano, whichever is
     smaller) back to back.
     """
-    return torch.ops.flocora.topk_encode(list(xs), [int(k) for k in ks], bool(global_scope))
+    xs, ks = list(xs), [int(k) for k in ks]
+    if not xs:  # no tensor to dispatch on, and nothing to select
+        if ks != ([0] if global_scope else []):
+            raise RuntimeError(f"flocora::topk_encode: no tensors, but ks = {ks}")
+        return (
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=torch.float32),
+            torch.empty(0, dtype=torch.uint8),
+        )
+    return torch.ops.flocora.topk_encode(xs, ks, bool(global_scope))
 
 
 @torch.library.register_fake("flocora::topk_encode")
