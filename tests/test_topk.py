@@ -541,3 +541,30 @@ def test_opcheck_global_scope(device):
     # The fake kernel gives the value and index sizes as unbacked symbols.
     xs = [torch.randn(40, device=device), torch.randn(150, device=device).to(torch.bfloat16)]
     torch.library.opcheck(torch.ops.flocora.topk_encode.default, (xs, [30], True))
+
+
+def test_empty_list():
+    for ks, gs in [([], False), ([0], True)]:
+        counts, values, index = ops.topk_encode([], ks, global_scope=gs)
+        assert counts.numel() == values.numel() == index.numel() == 0
+    with pytest.raises(RuntimeError, match="no tensors"):
+        ops.topk_encode([], [1], global_scope=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_random_bit_patterns(device, dtype):
+    # Every finite value of the dtype can occur: subnormals, huge magnitudes,
+    # +-0; the keys must order them exactly like |x|.
+    g = torch.Generator().manual_seed(17)
+    for n in [3000, CHUNK + 3000]:
+        if dtype == torch.float32:
+            raw = torch.randint(-(2**31), 2**31, (n,), dtype=torch.int64, generator=g).to(torch.int32)
+        else:
+            raw = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int64, generator=g).to(torch.int16)
+        x = raw.view(dtype)
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=dtype))
+        x[:50] = x[50:100]  # exact ties
+        for k in [1, n // 100, n // 2]:
+            _check([x], [k], device=device)
+        _check([x, x[:777]], [n // 3], True, device)
