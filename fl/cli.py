@@ -28,8 +28,9 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from fl.report import compare_table, load_run
-    table = compare_table([load_run(d)[0] for d in args.runs])
+    from fl.report import compare_table, load_run, seeds_table
+    summaries = [load_run(d)[0] for d in args.runs]
+    table = seeds_table(summaries) if args.seeds else compare_table(summaries)
     print(table)
     if args.output:
         Path(args.output).write_text(table + "\n")
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="markdown table of finished runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("-o", "--output", help="also write the table to this file")
+    c.add_argument("--seeds", action="store_true", help="one row per run name, one column per seed")
     c.set_defaults(func=_compare)
     g = sub.add_parser("plot", help="accuracy vs round and vs cumulative MB (PNG)")
     g.add_argument("runs", nargs="+")

@@ -46,6 +46,28 @@ def compare_table(summaries: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def seeds_table(summaries: list[dict]) -> str:
+    """Runs of the same name (other seeds) side by side: mean accuracy of the
+    last 3 rounds per seed and their mean, with the traffic of the first."""
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(s["name"], []).append(s)
+    seeds = sorted({s["config"]["seed"] if "config" in s else s.get("seed") for s in summaries}, key=str)
+    head = ["run", "method"] + [f"last-3 acc % (seed {sd})" for sd in seeds] + \
+        ["mean %", "total MB", "ratio vs FedAvg"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in groups.items():
+        by_seed = {(r["config"]["seed"] if "config" in r else r.get("seed")): r for r in runs}
+        accs = [by_seed[sd]["acc_last3_mean"] for sd in seeds if sd in by_seed]
+        first = runs[0]
+        ratio = first.get("ratio_vs_fedavg")
+        rows.append("| " + " | ".join(
+            [name, first["method"]] + [_pct(by_seed[sd]["acc_last3_mean"]) if sd in by_seed else "-" for sd in seeds]
+            + [_pct(sum(accs) / len(accs)), f"{(first['bytes_up_total'] + first['bytes_down_total']) / 1e6:.2f}",
+               "-" if ratio is None else f"{ratio:.2f}x"]) + " |")
+    return "\n".join(rows)
+
+
 def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: str | Path) -> list[Path]:
     """accuracy_vs_round.png and accuracy_vs_mb.png (cumulative MB, up + down)."""
     import matplotlib
