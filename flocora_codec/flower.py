@@ -347,7 +347,7 @@ def compression_mod(
 
         train = _is_train(msg)
         base = None
-        if train and mode == "delta" and msg.has_content() and len(msg.content.array_records) == 1:
+        if spec is not None and train and mode == "delta" and msg.has_content() and len(msg.content.array_records) == 1:
             base = _to_numpy(next(iter(msg.content.array_records.values())))
 
         reply = call_next(msg, context)
