@@ -455,6 +455,63 @@ def test_decode_array_record_rejects_bad_records():
         ff.decode_array_record(ArrayRecord({ff.DELTA_KEY: Array(a.dtype, a.shape, a.stype, b"x" * 40)}), g)
 
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_shapes = st.sampled_from([(), (0,), (1,), (7,), (3, 5), (0, 4), (4, 1), (2, 3, 4), (16, 65)])
+_dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_])
+
+
+@st.composite
+def _record_and_base(draw):
+    n = draw(st.integers(0, 5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    arrays, base = {}, {}
+    for i in range(n):
+        shape, dtype = draw(_shapes), draw(_dtypes)
+        x = (rng.standard_normal(shape) * 3).astype(dtype)
+        arrays[f"t{i}.w"] = x
+        how = draw(st.sampled_from(["same", "absent", "other_shape"]))
+        if how == "same":
+            base[f"t{i}.w"] = (rng.standard_normal(shape) * 3).astype(dtype)
+        elif how == "other_shape":
+            base[f"t{i}.w"] = np.zeros((2, 2), dtype)
+    return arrays, base
+
+
+@settings(max_examples=40, deadline=None)
+@given(_record_and_base(), st.booleans())
+def test_record_roundtrip_property(rb, use_base):
+    """Raw spec: every tensor comes back with its name, shape and dtype, equal up
+    to one float rounding of (x - base) + base; ints and bools exactly."""
+    arrays, base = rb
+    base = base if use_base else None
+    out = as_numpy(ff.decode_array_record(ff.encode_array_record(arrays, fc.CodecSpec.raw(), base), base))
+    assert set(out) == set(arrays)
+    for k, x in arrays.items():
+        y = out[k]
+        assert y.shape == x.shape and y.dtype == x.dtype, k
+        if np.issubdtype(x.dtype, np.floating):
+            tol = float(np.finfo(x.dtype).eps) * 8 * (1 + np.abs(x.astype(np.float64)).max(initial=0))
+            np.testing.assert_allclose(y.astype(np.float64), x.astype(np.float64), rtol=0, atol=tol)
+        else:
+            np.testing.assert_array_equal(y, x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 20), st.integers(1, 70), st.integers(0, 2**31 - 1))
+def test_quantized_delta_within_half_a_step_property(bits, rows, cols, seed):
+    rng = np.random.default_rng(seed)
+    g = {"w": rng.standard_normal((rows, cols)).astype(np.float32)}
+    x = {"w": (g["w"] + rng.standard_normal((rows, cols)) * rng.uniform(1e-3, 10)).astype(np.float32)}
+    enc = ff.encode_array_record(x, fc.CodecSpec(bits=bits, granularity="row"), g)
+    got = as_numpy(ff.decode_array_record(enc, g))["w"]
+    d = x["w"] - g["w"]
+    bound = row_scales(d, bits) / 2
+    assert np.all(np.abs(got - x["w"]) <= bound * (1 + 1e-5) + 1e-6 * (1 + np.abs(x["w"])))
+
+
 def test_empty_record_roundtrips():
     enc = ff.encode_array_record({}, SPEC4)
     assert list(enc.keys()) == [ff.FULL_KEY]
