@@ -38,7 +38,8 @@ class FedLoRA(Method):
         for cid in range(len(self.clients)):
             model = self.build(member=cid, seed=self.model_seed + 7919 * (cid + 1))
             # one adapter seed for all clients: they start from the same adapter
-            self.models.append(add_linear_adapter(model, ADAPTER_LAYER, rank, alpha, seed=self.model_seed).to(self.device))
+            model = add_linear_adapter(model, ADAPTER_LAYER, rank, alpha, seed=self.model_seed)
+            self.models.append(model.to(self.device))
         self._adapter = adapter_names(self.models[0])
         self.global_adapter = get_tensors(self.models[0], self._adapter)
 

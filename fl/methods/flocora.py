@@ -27,14 +27,15 @@ class FLoCoRA(FedAvg):
         d = super().describe()
         tensors = get_tensors(self.global_model, self._trainable)
         bits = self.mcfg.get("bits")
+        down_bits = bits if self.mcfg.get("quantize_download") else None
+        rank = int(self.mcfg.get("rank", 16))
         lora = sum(t.numel() for k, t in tensors.items() if is_lora_name(k))
         d.update(
-            rank=int(self.mcfg.get("rank", 16)), alpha=float(self.mcfg.get("alpha", 2 * int(self.mcfg.get("rank", 16)))),
-            mode=int(self.mcfg.get("mode", 2)),
+            rank=rank, alpha=float(self.mcfg.get("alpha", 2 * rank)), mode=int(self.mcfg.get("mode", 2)),
             params_lora=lora, params_base=d["params_total"] - lora,
             params_non_lora_trainable=sum(t.numel() for k, t in tensors.items() if not is_lora_name(k)),
             analytic_up_bytes=flocora_analytic_bits(tensors, bits) / 8,
-            analytic_down_bytes=flocora_analytic_bits(tensors, bits if self.mcfg.get("quantize_download") else None) / 8,
+            analytic_down_bytes=flocora_analytic_bits(tensors, down_bits) / 8,
             # FedAvg sends the model without adapters
             analytic_fedavg_bytes=(d["params_total"] - lora) * 4,
         )
