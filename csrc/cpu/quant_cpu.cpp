@@ -245,6 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     std::vector<float> fbuf(max_task);
     std::vector<uint8_t> codes(max_task);
     std::vector<AffineParams> params(max_task);
+    std::vector<float> lo_buf(max_task), hi_buf(max_task);
+    std::vector<uint16_t> oh_buf(max_task), sh_buf(max_task);
     for (int64_t k = lo; k < hi; ++k) {
       const QuantTask& task = phase1[k];
       const QuantTensor& t = tensors[task.tensor];
@@ -253,22 +255,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
         if (!L.minmax(xf, task.end - task.begin, &piece_lo[k], &piece_hi[k])) nonfinite = true;
         continue;
       }
+      // Ranges of all groups of the task, then their parameters in one
+      // batch (vectorized across groups: small groups are common, e.g. the
+      // 16-element rows of a rank-16 LoRA B), then codes.
       int64_t g0 = task.begin / t.group;
-      for (int64_t g = g0; g * t.group < task.end; ++g) {
-        int64_t gb = g * t.group, ge = std::min(task.end, gb + t.group);
-        float mn, mx;
-        if (!L.minmax(xf + (gb - task.begin), ge - gb, &mn, &mx)) {
+      int64_t ng = 0;
+      for (int64_t gb = task.begin; gb < task.end; gb += t.group, ++ng) {
+        int64_t ge = std::min(task.end, gb + t.group);
+        if (!L.minmax(xf + (gb - task.begin), ge - gb, &lo_buf[ng], &hi_buf[ng])) {
           nonfinite = true;
-          mn = mx = 0.0f;
+          lo_buf[ng] = hi_buf[ng] = 0.0f;
         }
-        uint16_t sh = 0, oh = 0;
-        AffineParams& p = params[g - g0];
-        if (!affine_params(mn, mx, (int)bits, meta_half, &p, &oh, &sh)) {
-          unfit = true;
-          p = AffineParams{0.0f, 0.0f, 0.0f};
-        }
-        meta.store(t.group_base + g, p.scale, p.offset, sh, oh);
       }
+      if (!L.params(lo_buf.data(), hi_buf.data(), ng, (int)bits, meta_half, params.data(), oh_buf.data(),
+                    sh_buf.data()))
+        unfit = true;
+      for (int64_t j = 0; j < ng; ++j)
+        meta.store(t.group_base + g0 + j, params[j].scale, params[j].offset, sh_buf[j], oh_buf[j]);
       pack_range(t, task.begin, task.end, xf, codes.data(), params.data(), g0);
     }
   });

@@ -22,6 +22,11 @@ namespace cpu {
 struct QuantLoops {
   // Min and max of x[0..n); false if any element is NaN or Inf.
   bool (*minmax)(const float* x, int64_t n, float* lo, float* hi);
+  // affine_params of n groups from their min/max; float16 bits of the stored
+  // metadata in offset_half/scale_half when meta_half. False if any group's
+  // parameters do not fit (its entry is then zeroed).
+  bool (*params)(const float* lo, const float* hi, int64_t n, int bits, bool meta_half, AffineParams* p,
+                 uint16_t* offset_half, uint16_t* scale_half);
   void (*quantize_nearest)(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes);
   // Element j uses counter index_lo + j (no 2^32 wrap inside one call).
   void (*quantize_stochastic)(const float* x, int64_t n, const AffineParams& p, float levels, uint32_t key,
@@ -49,6 +54,21 @@ inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
   *lo = mn;
   *hi = mx;
   return finite;
+}
+
+inline bool params(const float* lo, const float* hi, int64_t n, int bits, bool meta_half, AffineParams* p,
+                   uint16_t* offset_half, uint16_t* scale_half) {
+  bool ok = true;
+  for (int64_t g = 0; g < n; ++g) {
+    uint16_t oh = 0, sh = 0;
+    if (!affine_params(lo[g], hi[g], bits, meta_half, &p[g], &oh, &sh)) {
+      ok = false;
+      p[g] = AffineParams{0.0f, 0.0f, 0.0f};
+    }
+    offset_half[g] = oh;
+    scale_half[g] = sh;
+  }
+  return ok;
 }
 
 inline void quantize_nearest(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes) {
@@ -140,6 +160,7 @@ inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
 inline QuantLoops loops() {
   QuantLoops t;
   t.minmax = minmax;
+  t.params = params;
   t.quantize_nearest = quantize_nearest;
   t.quantize_stochastic = quantize_stochastic;
   t.pack[0] = t.pack[1] = nullptr;
@@ -161,11 +182,26 @@ inline QuantLoops loops() {
 #pragma GCC target("avx2,f16c")
 namespace avx2 {
 
+inline float hmin8(__m256 v) {
+  v = _mm256_min_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_min_ps(v, _mm256_shuffle_ps(v, v, 0x4e));
+  v = _mm256_min_ps(v, _mm256_shuffle_ps(v, v, 0xb1));
+  return _mm256_cvtss_f32(v);
+}
+inline float hmax8(__m256 v) {
+  v = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0x4e));
+  v = _mm256_max_ps(v, _mm256_shuffle_ps(v, v, 0xb1));
+  return _mm256_cvtss_f32(v);
+}
+
+// Min/max are exact whatever the order of evaluation (the sign of a zero
+// aside, which affine_params normalizes), so lanes may be combined freely.
 inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
-  if (n < 32) return scalar::minmax(x, n, lo, hi);
-  __m256 mn0 = _mm256_loadu_ps(x), mx0 = mn0, mn1 = mn0, mx1 = mn0;
-  __m256 bad = _mm256_setzero_ps();
+  if (n < 8) return scalar::minmax(x, n, lo, hi);
   const __m256 zero = _mm256_setzero_ps();
+  __m256 mn0 = _mm256_loadu_ps(x), mx0 = mn0, mn1 = mn0, mx1 = mn0;
+  __m256 bad = zero;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
@@ -175,16 +211,12 @@ inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
     mn0 = _mm256_min_ps(a, mn0); mx0 = _mm256_max_ps(a, mx0);
     mn1 = _mm256_min_ps(b, mn1); mx1 = _mm256_max_ps(b, mx1);
   }
-  mn0 = _mm256_min_ps(mn0, mn1);
-  mx0 = _mm256_max_ps(mx0, mx1);
-  alignas(32) float a[8], b[8];
-  _mm256_store_ps(a, mn0);
-  _mm256_store_ps(b, mx0);
-  float mn = a[0], mx = b[0];
-  for (int j = 1; j < 8; ++j) {
-    mn = a[j] < mn ? a[j] : mn;
-    mx = b[j] > mx ? b[j] : mx;
+  for (; i + 8 <= n; i += 8) {
+    __m256 a = _mm256_loadu_ps(x + i);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), zero, _CMP_NEQ_UQ));
+    mn0 = _mm256_min_ps(a, mn0); mx0 = _mm256_max_ps(a, mx0);
   }
+  float mn = hmin8(_mm256_min_ps(mn0, mn1)), mx = hmax8(_mm256_max_ps(mx0, mx1));
   bool finite = _mm256_movemask_ps(bad) == 0;
   if (i < n) {
     float tl, th;
@@ -195,6 +227,42 @@ inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
   *lo = mn;
   *hi = mx;
   return finite;
+}
+
+// affine_params for 8 groups at a time (float32 metadata; float16 metadata
+// takes the scalar path): the same IEEE operations, lane by lane.
+inline bool params(const float* lo, const float* hi, int64_t n, int bits, bool meta_half, AffineParams* p,
+                   uint16_t* offset_half, uint16_t* scale_half) {
+  if (meta_half) return scalar::params(lo, hi, n, bits, meta_half, p, offset_half, scale_half);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
+  bool ok = true;
+  int64_t g = 0;
+  alignas(32) float off[8], sc[8], inv[8];
+  for (; g + 8 <= n; g += 8) {
+    __m256 o = _mm256_add_ps(_mm256_loadu_ps(lo + g), zero);
+    __m256 range = _mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(hi + g), zero), o);
+    __m256 bad = _mm256_or_ps(_mm256_cmp_ps(_mm256_sub_ps(range, range), zero, _CMP_NEQ_UQ),
+                              _mm256_cmp_ps(_mm256_sub_ps(o, o), zero, _CMP_NEQ_UQ));
+    __m256 scale = _mm256_div_ps(range, levels);
+    scale = _mm256_and_ps(scale, _mm256_cmp_ps(scale, fmin, _CMP_GE_OQ));
+    __m256 r = _mm256_and_ps(_mm256_div_ps(one, scale), _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));
+    _mm256_store_ps(off, o);
+    _mm256_store_ps(sc, scale);
+    _mm256_store_ps(inv, r);
+    int badmask = _mm256_movemask_ps(bad);
+    for (int j = 0; j < 8; ++j) {
+      p[g + j] = (badmask >> j) & 1 ? AffineParams{0.0f, 0.0f, 0.0f} : AffineParams{off[j], sc[j], inv[j]};
+    }
+    ok &= badmask == 0;
+  }
+  return scalar::params(lo + g, hi + g, n - g, bits, meta_half, p + g, offset_half + g, scale_half + g) && ok;
+}
+
+// 8 int32 lanes (values 0..255) -> 8 bytes in order.
+inline void store_codes8(__m256i q, uint8_t* dst) {
+  __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  _mm_storel_epi64((__m128i*)dst, _mm_packus_epi16(w, w));
 }
 
 // 32 int32 lanes (4 vectors, values 0..255) -> 32 bytes in order.
@@ -223,6 +291,7 @@ inline void quantize_nearest(const float* x, int64_t n, const AffineParams& p, f
                   nearest8(_mm256_loadu_ps(x + i + 16), off, inv, lev),
                   nearest8(_mm256_loadu_ps(x + i + 24), off, inv, lev), codes + i);
   }
+  for (; i + 8 <= n; i += 8) store_codes8(nearest8(_mm256_loadu_ps(x + i), off, inv, lev), codes + i);
   scalar::quantize_nearest(x + i, n - i, p, levels, codes + i);
 }
 
@@ -259,6 +328,10 @@ inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p
       q[j] = stochastic8(_mm256_loadu_ps(x + i + 8 * j), idx, k, off, inv, lev);
     }
     store_codes32(q[0], q[1], q[2], q[3], codes + i);
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(index_lo + (uint32_t)i)), step);
+    store_codes8(stochastic8(_mm256_loadu_ps(x + i), idx, k, off, inv, lev), codes + i);
   }
   scalar::quantize_stochastic(x + i, n - i, p, levels, key, index_lo + (uint32_t)i, codes + i);
 }
@@ -338,6 +411,7 @@ inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
 inline QuantLoops loops() {
   QuantLoops t = scalar::loops();
   t.minmax = minmax;
+  t.params = params;
   t.quantize_nearest = quantize_nearest;
   t.quantize_stochastic = quantize_stochastic;
   t.pack[1] = pack<1>; t.pack[2] = pack<2>; t.pack[3] = pack<3>; t.pack[4] = pack<4>;
