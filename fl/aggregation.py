@@ -61,5 +61,11 @@ class ServerOptimizer:
         for p in self.params.values():
             p.grad = None
 
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the global tensors (e.g. reset to what clients hold), keeping the optimizer state."""
+        for k, p in self.params.items():
+            p.copy_(tensors[k])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.params.items()}

@@ -20,8 +20,15 @@ DEMO_VARIANTS = [
 
 
 def _run(args) -> int:
-    from fl.loop import run_file
-    summary, out = run_file(args.config, args.overrides, args.out, progress=not args.quiet)
+    from fl.loop import resume_dir, run_file
+    if args.resume:
+        # `run --resume DIR [train.rounds=N]`: a config argument is read as an override
+        over = ([args.config] if args.config else []) + args.overrides
+        summary, out = resume_dir(args.resume, over, progress=not args.quiet)
+    elif args.config is None:
+        raise ValueError("run: give a config file (or --resume RUN_DIR)")
+    else:
+        summary, out = run_file(args.config, args.overrides, args.out, progress=not args.quiet)
     print(f"{summary['name']}: final acc {summary['final_acc']:.4f}, "
           f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.2f} MB -> {out}")
     return 0
@@ -57,35 +64,72 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    """Run every ``[[variant]]`` of a sweep file on its base config, then
-    write the comparison table, the summaries and the plots to ``--results``."""
+    """Run every ``[[variant]]`` of a sweep file on its base config (for each
+    of the sweep's ``seeds``), then write the tables, summaries and plots to
+    ``--results``. A frontier sweep (``seeds`` given) keeps every run in
+    ``<results>/runs/<variant>-s<seed>/`` and is resumable: finished runs are
+    skipped, interrupted ones continue from their last completed round."""
     import json
     import tomllib
 
-    from fl.loop import run_file
-    from fl.report import compare_table, load_run, plot_runs
+    from fl.loop import CHECKPOINT, resume_dir, run
+    from fl.config import load_config
+    from fl.report import compare_table, frontier_report, load_run, plot_runs
     sweep_path = Path(args.sweep)
     with open(sweep_path, "rb") as f:
         sweep = tomllib.load(f)
     base = (sweep_path.parent / sweep["base"]).resolve()
     results = Path(args.results or sweep.get("results", "docs/results") + "/" + sweep_path.stem)
     results.mkdir(parents=True, exist_ok=True)
+    seeds = sweep.get("seeds")
+    shard, n_shards = (int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    jobs = [(v, sd) for sd in (seeds or [None]) for v in sweep["variant"] if not args.only or v["name"] in args.only]
     dirs = []
-    for v in sweep["variant"]:
-        if args.only and v["name"] not in args.only:
-            continue
-        over = list(sweep.get("overrides", [])) + list(v.get("overrides", [])) + [f"name={v['name']}"] + args.overrides
-        summary, out = run_file(base, over, args.out, progress=not args.quiet)
+    for j, (v, sd) in enumerate(jobs):
+        over = list(sweep.get("overrides", [])) + list(v.get("overrides", [])) + [f"name={v['name']}"]
+        if sd is not None:
+            over.append(f"seed={sd}")
+        over += args.overrides
+        if seeds is None:  # a plain sweep: fresh runs under --out, as before
+            summary, out = _run_fresh(base, over, args)
+            slim = {k: val for k, val in summary.items() if k != "config"}
+            slim["overrides"] = over
+            (results / f"{v['name']}.json").write_text(json.dumps(slim, indent=2))
+        else:
+            out = results / "runs" / f"{v['name']}-s{sd}"
+            if j % n_shards != shard:
+                continue
+            cfg = load_config(base, over)
+            if (out / CHECKPOINT).is_file() or (out / "summary.json").is_file():
+                summary, _ = resume_dir(out, [f"train.rounds={cfg['train']['rounds']}"], progress=not args.quiet)
+            else:
+                summary = run(cfg, out, progress=not args.quiet)
         dirs.append(out)
-        slim = {k: val for k, val in summary.items() if k != "config"}
-        slim["overrides"] = over
-        (results / f"{v['name']}.json").write_text(json.dumps(slim, indent=2))
-        print(f"{v['name']}: final acc {summary['final_acc']:.4f} -> {out}", flush=True)
+        print(f"{out.name}: final acc {summary['final_acc']:.4f}, last-10 mean "
+              f"{summary.get('acc_last10_mean') or float('nan'):.4f}, ratio {summary['ratio_vs_fedavg'] or 0:.1f}x",
+              flush=True)
+    if seeds is not None:
+        if n_shards == 1:
+            for p in frontier_report(results):
+                print(p)
+        return 0
     runs = [load_run(d) for d in dirs]
     table = compare_table([s for s, _ in runs])
     (results / "table.md").write_text(table + "\n")
     plot_runs(runs, results)
     print(table)
+    return 0
+
+
+def _run_fresh(base, over, args):
+    from fl.loop import run_file
+    return run_file(base, over, args.out, progress=not args.quiet)
+
+
+def _frontier(args) -> int:
+    from fl.report import frontier_report
+    for p in frontier_report(Path(args.results), reference=args.reference):
+        print(p)
     return 0
 
 
@@ -100,8 +144,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fl", description="Minimal FL loop on flocora_codec")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run one experiment from a TOML config")
-    r.add_argument("config")
+    r.add_argument("config", nargs="?")
     r.add_argument("overrides", nargs="*", help="section.key=value")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last completed round (only train.rounds may change)")
     r.add_argument("--out", default="runs", help="runs folder (default: runs)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)
@@ -126,8 +172,13 @@ def main(argv=None) -> int:
     w.add_argument("--only", nargs="*", help="run only these variant names")
     w.add_argument("--results", help="folder for summaries, table.md and PNGs")
     w.add_argument("--out", default="runs")
+    w.add_argument("--shard", help="I/N: run only every N-th job starting at I (two processes on two cores)")
     w.add_argument("-q", "--quiet", action="store_true")
     w.set_defaults(func=_sweep)
+    f = sub.add_parser("frontier", help="table and plots of a seeded sweep's runs (accuracy at convergence vs bytes)")
+    f.add_argument("results", help="the sweep's results folder (holds runs/<variant>-s<seed>/)")
+    f.add_argument("--reference", default="fedavg", help="variant the ratios and accuracy gaps refer to")
+    f.set_defaults(func=_frontier)
     z = sub.add_parser("sizes", help="real message bytes vs FLoCoRA's formula, no training")
     z.add_argument("--arch", nargs="*", default=["resnet8", "resnet18"])
     z.add_argument("--ranks", nargs="*", type=int, default=[8, 16, 32, 64, 128])

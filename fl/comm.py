@@ -29,29 +29,41 @@ def check_names(names: Iterable[str], allowed: set[str], frozen: set[str], where
         raise MessageNameError(f"{where}: tensors not allowed in this message: {sorted(extra)[:5]}")
 
 
-def make_spec(cfg: dict, direction: str) -> "fc.CodecSpec":
+_UNSET = object()
+
+
+def make_spec(cfg: dict, direction: str, density=_UNSET) -> "fc.CodecSpec":
     """Codec spec of one direction from the ``[method]`` section.
 
     Keys: ``bits`` (quantize, FLoCoRA), ``quantize_download`` (also quantize
-    the download), ``granularity``/``group_size``/``rounding``, and for FLASC
-    ``ul_density``/``dl_density``/``topk_scope``/``sparse_values``.
-    1-D tensors (norms, biases) stay raw, as FLoCoRA and our codec default do.
+    the download), ``granularity``/``group_size``/``rounding``, and for
+    top-k ``ul_density``/``dl_density``/``topk_scope``/``sparse_values``
+    (``"sign"``: STC's sign-and-mean values). ``density`` overrides the
+    configured one (tiers, decay). 1-D tensors (norms, biases) stay raw, as
+    FLoCoRA and our codec default do, except in delta transport, where every
+    tensor is compressed (error feedback keeps what is dropped) unless
+    ``keep_1d_raw``.
     """
     bits = cfg.get("bits")
-    if direction == "down" and not cfg.get("quantize_download", False):
+    if direction == "down" and not cfg.get("quantize_download", cfg.get("transport") == "delta"):
         bits = None
-    density = cfg.get("ul_density" if direction == "up" else "dl_density")
+    if density is _UNSET:
+        density = cfg.get("ul_density" if direction == "up" else "dl_density")
     if density is not None and density >= 1.0:
         density = None
     if bits is None and density is None:
         return fc.CodecSpec.raw()
-    kw = dict(bits=bits, granularity=cfg.get("granularity", "row"), rounding=cfg.get("rounding", "nearest"),
-              seed=cfg.get("codec_seed", 0), meta_dtype=cfg.get("meta_dtype", "float32"))
+    values = cfg.get("sparse_values", "float32")
+    kw = dict(bits=bits if values != "sign" else None, granularity=cfg.get("granularity", "row"),
+              rounding=cfg.get("rounding", "nearest"), seed=cfg.get("codec_seed", 0),
+              meta_dtype=cfg.get("meta_dtype", "float32"))
     if kw["granularity"] == "group":
         kw["group_size"] = cfg.get("group_size", 64)
     if density is not None:
         kw.update(density=density, topk_scope=cfg.get("topk_scope", "global"),
-                  values="quantized" if bits is not None else cfg.get("sparse_values", "float32"))
+                  values="quantized" if bits is not None and values != "sign" else values)
+    if cfg.get("transport") == "delta" and not cfg.get("keep_1d_raw", False):
+        kw["rules"] = ()
     return fc.CodecSpec(**kw)
 
 

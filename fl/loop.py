@@ -9,15 +9,18 @@ is left).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import flocora_codec as fc
 from fl.comm import Timer, check_names, message_breakdown
 from fl.config import load_config
 from fl.data import load_dataset, make_clients
@@ -62,95 +65,234 @@ def _corrupt(data: bytes) -> bytes:
     return bytes(b)
 
 
-def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Run one experiment; returns the summary (also written under ``out_dir``)."""
-    t_start = time.perf_counter()
+CHECKPOINT = "checkpoint.pt"
+
+
+def provenance() -> dict:
+    """What produced a run: package and torch versions, the code revision."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"flocora_codec": fc.__version__, "torch": torch.__version__, "git_rev": git("rev-parse", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+class _State:
+    """Everything a run carries from one round to the next (checkpointed)."""
+
+    def __init__(self, seed: int):
+        self.rnd = 0
+        self.rng = np.random.default_rng(seed + 17)
+        self.records: list[dict] = []
+        self.cum_up = self.cum_down = 0
+        self.up_sizes: list[int] = []
+        self.down_sizes: list[int] = []
+        self.participations = 0  # client-rounds that received the model and uploaded
+        self.last_up = self.last_down = None
+        self.link = None  # fl.transport.DeltaLink in delta transport
+
+
+def _save_checkpoint(out: Path, st: _State, method) -> None:
+    """Atomically write the state after a completed round (os.replace)."""
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save({"state": st.__dict__, "method": method.checkpoint_state(),
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def _load_checkpoint(out: Path, st: _State, method) -> None:
+    # our own file from an earlier run of this program: full unpickling is intended
+    ck = torch.load(out / CHECKPOINT, weights_only=False)
+    st.__dict__.update(ck["state"])
+    method.load_checkpoint_state(ck["method"])
+    torch.set_rng_state(ck["torch_rng"])
+
+
+def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
+        stop_after: int | None = None) -> dict:
+    """Run one experiment; returns the summary (also written under ``out_dir``).
+
+    With ``resume``, ``out_dir`` must hold a checkpoint of this config: the run
+    continues after its last completed round and gives the same per-round
+    results as an uninterrupted one. ``stop_after`` ends the run after that
+    round without a summary (tests of ``resume``).
+    """
     method, device = setup(cfg)
     tcfg, faults = cfg["train"], cfg.get("faults", {})
     rounds, per_round = int(tcfg["rounds"]), int(tcfg["clients_per_round"])
     n_clients = len(method.clients)
     if not 1 <= per_round <= n_clients:
         raise ValueError(f"clients_per_round must be in 1..{n_clients}, got {per_round}")
+    transport = method.transport
     allowed, frozen = method.allowed_names(), method.frozen_names()
-    rng = np.random.default_rng(int(cfg.get("seed", 0)) + 17)
+    st = _State(int(cfg.get("seed", 0)))
     out = Path(out_dir) if out_dir else None
+    if resume:
+        if out is None or not (out / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
+        saved = json.loads((out / "config.json").read_text())
+        if _without(saved, "train.rounds") != _without(cfg, "train.rounds"):
+            raise ValueError(f"--resume: the config differs from the one {out} was started with "
+                             "(only train.rounds may change)")
+        _load_checkpoint(out, st, method)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
-        lines = open(out / "rounds.jsonl", "w")
-    records, cum_up, cum_down = [], 0, 0
-    up_sizes, down_sizes, last_up, last_down = [], [], None, None
-    bar = _progress(rounds, progress, cfg.get("name", "run"))
-    for rnd in range(1, rounds + 1):
+        runs_info = json.loads((out / "provenance.json").read_text()) if resume and (out / "provenance.json").is_file() \
+            else []
+        runs_info.append({**provenance(), "started_at_round": st.rnd + 1})
+        (out / "provenance.json").write_text(json.dumps(runs_info, indent=2))
+        # rounds.jsonl holds exactly the checkpointed rounds: a round cut short left nothing
+        with open(out / "rounds.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in st.records)
+    if transport == "delta" and st.link is None:
+        st.link = method.make_link()
+    bar = _progress(rounds, progress, cfg.get("name", "run"), st.rnd)
+    for rnd in range(st.rnd + 1, rounds + 1):
         t0 = time.perf_counter()
         timer = Timer()
-        selected = sorted(rng.choice(n_clients, per_round, replace=False).tolist())
+        selected = sorted(st.rng.choice(n_clients, per_round, replace=False).tolist())
         down_msg = None
-        if method.communicates:
+        if method.communicates and transport == "weights":
             down = method.download(rnd)
             check_names(down, allowed, frozen, "download")
-            down_msg = timer.encode(down, method.down_spec)
-            last_down = down_msg
-        updates, dropped, bytes_up, bytes_down, train_losses = [], [], 0, 0, []
+            down_msg = timer.encode(down, method.down_spec_at(rnd))
+            st.last_down = down_msg
+        updates, dropped, bytes_up, bytes_down, train_losses, sync = [], [], 0, 0, [], {}
         for cid in selected:
             try:
-                received = {}
-                if down_msg is not None:
-                    bytes_down += len(down_msg)
-                    down_sizes.append(len(down_msg))
-                    received = timer.decode(down_msg, device)  # the client's side
-                    check_names(received, allowed, frozen, f"client {cid} received")
-                if cid in faults.get("raise_clients", []):
-                    raise InjectedFault(f"client {cid}: injected failure")
-                tensors, metrics = method.client_update(cid, received, rnd)
-                if method.communicates:
-                    check_names(tensors, allowed, frozen, f"client {cid} upload")
-                    up_msg = timer.encode(tensors, method.up_spec, method.error_feedback(cid))
-                    if cid in faults.get("corrupt_clients", []):
-                        up_msg = _corrupt(up_msg)
-                    bytes_up += len(up_msg)
-                    up_sizes.append(len(up_msg))
-                    tensors = timer.decode(up_msg, device)  # the server's side
-                    check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
-                    last_up = up_msg
+                if transport == "delta":
+                    tensors, metrics, nbytes = _delta_client(method, st, cid, rnd, timer, device, faults, sync)
+                    bytes_down += nbytes[0]
+                    bytes_up += nbytes[1]
+                else:
+                    received = {}
+                    if down_msg is not None:
+                        bytes_down += len(down_msg)
+                        st.down_sizes.append(len(down_msg))
+                        received = timer.decode(down_msg, device)  # the client's side
+                        check_names(received, allowed, frozen, f"client {cid} received")
+                    if cid in faults.get("raise_clients", []):
+                        raise InjectedFault(f"client {cid}: injected failure")
+                    tensors, metrics = method.client_update(cid, received, rnd)
+                    if method.communicates:
+                        check_names(tensors, allowed, frozen, f"client {cid} upload")
+                        spec, ef = method.up_spec_at(cid, rnd), method.error_feedback(cid)
+                        if ef is not None:
+                            ef.spec = spec  # density tiers and decay change the spec, not the residual
+                        up_msg = timer.encode(tensors, spec, ef)
+                        if cid in faults.get("corrupt_clients", []):
+                            up_msg = _corrupt(up_msg)
+                        bytes_up += len(up_msg)
+                        st.up_sizes.append(len(up_msg))
+                        tensors = timer.decode(up_msg, device)  # the server's side
+                        check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
+                        st.last_up = up_msg
                 updates.append(Update(cid, tensors, int(metrics["num_samples"]), metrics))
                 train_losses.append(metrics["loss"])
             except Exception as e:  # noqa: BLE001  (any client failure drops that client only)
                 reason = f"{type(e).__name__}: {e}"
                 log.warning("round %d: client %d dropped: %s", rnd, cid, reason)
                 dropped.append({"cid": cid, "reason": reason})
-        if updates and method.communicates:
-            method.aggregate(rnd, updates)
-        cum_up += bytes_up
-        cum_down += bytes_down
+        st.participations += len(updates)
+        if method.communicates:
+            if transport == "delta":
+                if updates:
+                    method.apply_deltas(rnd, updates)
+                # the server broadcasts every round (its residual may still hold news)
+                msg, new_global = st.link.broadcast(rnd, method.global_tensors(), timer)
+                method.set_global(new_global)
+                st.last_down = msg
+            elif updates:
+                method.aggregate(rnd, updates)
+        st.cum_up += bytes_up
+        st.cum_down += bytes_down
         rec = {"round": rnd, "clients": selected, "dropped": dropped,
                "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
-               "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-               "encode_ms": timer.encode_ms, "decode_ms": timer.decode_ms}
+               "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": st.cum_up,
+               "cum_bytes_down": st.cum_down, "encode_ms": timer.encode_ms, "decode_ms": timer.decode_ms}
+        if sync:
+            rec["sync"] = sync
         every = int(cfg.get("eval", {}).get("every", 1))
         if rnd % every == 0 or rnd == rounds:
             rec.update({k: v for k, v in method.evaluate().items() if k in ("acc", "loss", "acc_personal")})
+            if transport == "delta" and method.communicates:
+                rec["acc_public"] = method.evaluate_tensors(st.link.public)["acc"]
         rec["wall_s"] = time.perf_counter() - t0
-        records.append(rec)
+        st.records.append(rec)
+        st.rnd = rnd
         if out:
-            lines.write(json.dumps(rec) + "\n")
-            lines.flush()
+            _save_checkpoint(out, st, method)
+            with open(out / "rounds.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.update(rec)
+        if stop_after is not None and rnd >= stop_after:
+            bar.close()
+            return {}
     bar.close()
-    if out:
-        lines.close()
-    summary = _summary(cfg, method, records, up_sizes, down_sizes, last_up, last_down, device,
-                       time.perf_counter() - t_start)
+    summary = _summary(cfg, method, st, device, sum(r["wall_s"] for r in st.records))
     if out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _summary(cfg, method, records, up_sizes, down_sizes, last_up, last_down, device, wall):
+def _without(cfg: dict, dotted: str) -> dict:
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    *path, last = dotted.split(".")
+    for p in path:
+        node = node.get(p, {})
+    node.pop(last, None)
+    return cfg
+
+
+def _delta_client(method, st: _State, cid, rnd, timer, device, faults, sync):
+    """One client's round in delta transport: catch up, train, upload its delta
+    with error feedback; returns (decoded delta, metrics, (bytes down, bytes up))."""
+    allowed, frozen = method.allowed_names(), method.frozen_names()
+    link = st.link
+    state, received, how = link.sync(cid, rnd, timer, device)
+    down = sum(len(m) for m in received)
+    st.down_sizes.extend(len(m) for m in received)
+    sync[str(cid)] = {"how": how, "messages": len(received), "bytes": down}
+    check_names(state, allowed, frozen, f"client {cid} model")
+    if cid in faults.get("raise_clients", []):
+        raise InjectedFault(f"client {cid}: injected failure")
+    trained, metrics = method.train_from(cid, state, rnd)
+    delta = {k: trained[k] - state[k] for k in state}
+    up_msg = link.upload(cid, rnd, delta, timer)
+    if cid in faults.get("corrupt_clients", []):
+        up_msg = _corrupt(up_msg)
+    st.up_sizes.append(len(up_msg))
+    st.last_up = up_msg
+    tensors = link.receive(up_msg, timer, device)  # the server's side
+    check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
+    return tensors, metrics, (down, len(up_msg))
+
+
+def convergence(accs: list[float], window: int = 10, tol: float = 0.005) -> dict:
+    """The flatness criterion of docs/experiments.md: the mean accuracy of the
+    last ``window`` rounds moved less than ``tol`` from the ``window`` before."""
+    if len(accs) < 2 * window:
+        return {"acc_last10_mean": float(np.mean(accs[-window:])) if accs else None, "flat": False}
+    last, prev = float(np.mean(accs[-window:])), float(np.mean(accs[-2 * window:-window]))
+    return {"acc_last10_mean": last, "acc_prev10_mean": prev, "flat": abs(last - prev) < tol}
+
+
+def _summary(cfg, method, st: _State, device, wall):
+    records, up_sizes, down_sizes, last_up, last_down = st.records, st.up_sizes, st.down_sizes, st.last_up, st.last_down
     accs = [r["acc"] for r in records if "acc" in r]
     ref = method.reference_model_bytes()
     n_up, n_down = len(up_sizes), len(down_sizes)
     total_up, total_down = sum(up_sizes), sum(down_sizes)
+    # FedAvg's traffic for the same participations: one raw model down and one up each
+    fedavg_equiv = 2 * ref * st.participations if method.communicates else 0
     s = {
         "name": cfg.get("name", "run"), "method": method.name, "device": str(device),
         "rounds": len(records), "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None,
@@ -161,11 +303,13 @@ def _summary(cfg, method, records, up_sizes, down_sizes, last_up, last_down, dev
         "up_message_bytes": total_up / n_up if n_up else 0, "down_message_bytes": total_down / n_down if n_down else 0,
         "fedavg_message_bytes": ref,
         # what FedAvg would have sent for the same messages: one full model each
-        "ratio_vs_fedavg": (ref * (n_up + n_down)) / (total_up + total_down) if total_up + total_down else None,
+        "participations": st.participations, "fedavg_equivalent_bytes": fedavg_equiv,
+        "ratio_vs_fedavg": fedavg_equiv / (total_up + total_down) if total_up + total_down else None,
         "ratio_up_vs_fedavg": ref * n_up / total_up if total_up else None,
         "dropped_total": sum(len(r["dropped"]) for r in records),
         "encode_ms_total": sum(r["encode_ms"] for r in records), "decode_ms_total": sum(r["decode_ms"] for r in records),
-        "wall_s": wall, "describe": method.describe(), "config": cfg,
+        "wall_s": wall, "describe": method.describe(), "config": cfg, "provenance": provenance(),
+        **convergence(accs),
     }
     pers = [r["acc_personal"] for r in records if "acc_personal" in r]
     if pers:
@@ -180,11 +324,11 @@ def _summary(cfg, method, records, up_sizes, down_sizes, last_up, last_down, dev
 class _progress:
     """tqdm over rounds showing accuracy and cumulative MB (silent if off)."""
 
-    def __init__(self, total, enabled, desc):
+    def __init__(self, total, enabled, desc, done=0):
         self.bar = None
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="round", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="round", leave=False, dynamic_ncols=True)
 
     def update(self, rec):
         if self.bar is not None:
@@ -198,6 +342,18 @@ class _progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def resume_dir(run_dir, overrides=(), progress=True) -> tuple[dict, Path]:
+    """Continue the run in ``run_dir`` from its last completed round
+    (``overrides`` may only change ``train.rounds``, e.g. to train longer)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(None, overrides, base=json.loads((run_dir / "config.json").read_text()))
+    if (run_dir / "summary.json").is_file():
+        done = json.loads((run_dir / "summary.json").read_text())
+        if done["rounds"] >= int(cfg["train"]["rounds"]):
+            return done, run_dir
+    return run(cfg, run_dir, progress, resume=True), run_dir
 
 
 def run_file(path, overrides=(), out_root="runs", progress=True) -> tuple[dict, Path]:

@@ -99,3 +99,129 @@ def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: str | Path) -> list[
         plt.close(fig)
         paths.append(out_dir / fname)
     return paths
+
+
+# ---- frontier: seeded sweeps at convergence ---------------------------------------------
+def _group_runs(results: Path) -> dict[str, list[tuple[dict, list[dict]]]]:
+    """``results/runs/<variant>-s<seed>/`` grouped by variant (finished runs only)."""
+    groups: dict[str, list] = {}
+    for d in sorted((results / "runs").glob("*-s*")):
+        if (d / "summary.json").is_file():
+            summary, rounds = load_run(d)
+            groups.setdefault(summary["name"], []).append((summary, rounds))
+    return groups
+
+
+def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
+    """One row per variant: accuracy at convergence (mean of the last 10
+    rounds) as mean and spread over seeds, total traffic and its ratio."""
+    import numpy as np
+
+    rows = []
+    for name, runs in _group_runs(Path(results)).items():
+        accs = np.array([s["acc_last10_mean"] for s, _ in runs])
+        total = np.array([(s["bytes_up_total"] + s["bytes_down_total"]) for s, _ in runs], dtype=float)
+        ratios = np.array([s["ratio_vs_fedavg"] or np.nan for s, _ in runs])
+        s0 = runs[0][0]
+        m = s0["config"]["method"]
+        rows.append({
+            "name": name, "method": s0["method"], "transport": m.get("transport", "weights"),
+            "seeds": [s["config"]["seed"] for s, _ in runs], "rounds": [s["rounds"] for s, _ in runs],
+            "acc_mean": float(accs.mean()), "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "acc_min": float(accs.min()), "acc_max": float(accs.max()), "accs": accs.tolist(),
+            "flat": sum(bool(s["flat"]) for s, _ in runs),
+            "mb_total": float(total.mean() / 1e6), "ratio": float(np.nanmean(ratios)),
+            "up_msg_bytes": float(np.mean([s["up_message_bytes"] for s, _ in runs])),
+            "personal": [s.get("final_acc_personal") for s, _ in runs] if "final_acc_personal" in s0 else None,
+        })
+    ref = next((r for r in rows if r["name"] == reference), None)
+    for r in rows:
+        r["gap_points"] = 100 * (r["acc_mean"] - ref["acc_mean"]) if ref else None
+    return sorted(rows, key=lambda r: r["ratio"])
+
+
+def frontier_table(rows: list[dict], reference: str = "fedavg") -> str:
+    head = ["run", "method", "transport", "acc % (mean ± sd, last 10 rounds)", "per seed", f"vs {reference} (points)",
+            "flat", "rounds", "MB up+down", "ratio vs FedAvg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        gap = "-" if r["gap_points"] is None else f"{r['gap_points']:+.2f}"
+        lines.append("| " + " | ".join([
+            r["name"], r["method"], r["transport"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
+            " / ".join(f"{100 * a:.1f}" for a in r["accs"]), gap, f"{r['flat']}/{len(r['accs'])}",
+            "/".join(str(n) for n in sorted(set(r["rounds"]))), f"{r['mb_total']:.3f}", f"{r['ratio']:.1f}x",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def best_within(rows: list[dict], points: float = 1.0, exclude=("fedlora", "local")) -> dict | None:
+    """The most compressed run whose mean accuracy is within ``points`` of the reference."""
+    ok = [r for r in rows if r["gap_points"] is not None and r["gap_points"] >= -points and r["method"] not in exclude]
+    return max(ok, key=lambda r: r["ratio"]) if ok else None
+
+
+def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
+    """``table.md``, ``frontier.json`` and the plots (frontier, accuracy vs round
+    with the seed band, accuracy vs cumulative MB) of a seeded sweep."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = Path(results)
+    rows = frontier_rows(results, reference)
+    if not rows:
+        raise FileNotFoundError(f"{results}/runs holds no finished run")
+    best = best_within(rows)
+    table = frontier_table(rows, reference)
+    if best:
+        table += (f"\n\nMost compressed within 1 point of {reference}: **{best['name']}**, "
+                  f"{best['ratio']:.1f}x less traffic, {best['gap_points']:+.2f} points.")
+    (results / "table.md").write_text(table + "\n")
+    (results / "frontier.json").write_text(json.dumps(rows, indent=2))
+    paths = [results / "table.md", results / "frontier.json"]
+
+    comm = [r for r in rows if r["method"] not in ("fedlora", "local")]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in comm:
+        ax.errorbar(r["mb_total"], 100 * r["acc_mean"], yerr=[[100 * (r["acc_mean"] - r["acc_min"])],
+                    [100 * (r["acc_max"] - r["acc_mean"])]], fmt="o", capsize=3, label=r["name"])
+        ax.annotate(r["name"], (r["mb_total"], 100 * r["acc_mean"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total traffic, MB (up + down, whole run, mean over seeds)")
+    ax.set_ylabel("test accuracy at convergence, % (mean of last 10 rounds)")
+    ax.set_title("accuracy vs traffic; bars: min-max over seeds")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(results / "frontier.png", dpi=130)
+    plt.close(fig)
+    paths.append(results / "frontier.png")
+
+    groups = _group_runs(results)
+    for fname, xlabel, key, logx in (("accuracy_vs_round.png", "round", "round", False),
+                                      ("accuracy_vs_mb.png", "cumulative MB (up + down)", "mb", True)):
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for r in comm:
+            runs = groups[r["name"]]
+            n = min(len(rs) for _, rs in runs)
+            acc = np.array([[x["acc"] for x in rs[:n]] for _, rs in runs]) * 100
+            if key == "round":
+                x = np.arange(1, n + 1)
+            else:
+                x = np.mean([[(x["cum_bytes_up"] + x["cum_bytes_down"]) / 1e6 for x in rs[:n]] for _, rs in runs], 0)
+            line, = ax.plot(x, acc.mean(0), lw=1, label=r["name"])
+            ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy, % (line: mean over seeds; band: min-max)")
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(results / fname, dpi=130)
+        plt.close(fig)
+        paths.append(results / fname)
+    return paths

@@ -1,6 +1,8 @@
 """flocora_codec: compact, checksummed wire messages for federated learning."""
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
+__version__ = "0.1.0"
+
 from flocora_codec import _C  # noqa: F401  registers torch.ops.flocora
 from flocora_codec.codec import (
     ErrorFeedback,
@@ -17,6 +19,7 @@ from flocora_codec.format import DecodeLimits
 from flocora_codec.spec import CodecSpec, Rule
 
 __all__ = [
+    "__version__",
     "CodecSpec",
     "Rule",
     "encode",

@@ -37,7 +37,7 @@ __all__ = [
 _GRAN_CODES = {"tensor": fmt.GRAN_TENSOR, "row": fmt.GRAN_ROW, "group": fmt.GRAN_GROUP}
 _META_CODES = {"float32": 1, "float16": 2}
 _VALUE_CODES = {"float32": fmt.VALUES_F32, "float16": fmt.VALUES_F16, "bfloat16": fmt.VALUES_BF16,
-                "quantized": fmt.VALUES_QUANTIZED}  # fmt: skip
+                "quantized": fmt.VALUES_QUANTIZED, "sign": fmt.VALUES_SIGN}  # fmt: skip
 _QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK64 = (1 << 64) - 1
 
@@ -48,6 +48,9 @@ def _record_for(spec: CodecSpec, dtype: torch.dtype) -> fmt.CodecRecord:
     if spec.is_raw or dtype not in _QUANTIZABLE:
         return fmt.RAW_RECORD
     scope = fmt.SCOPE_GLOBAL if spec.topk_scope == "global" else fmt.SCOPE_TENSOR
+    if spec.sparse and spec.values == "sign":
+        return fmt.CodecRecord(fmt.CODEC_TOPK, bits=1, meta_dtype=_META_CODES[spec.meta_dtype],
+                               values=fmt.VALUES_SIGN, topk_scope=scope)  # fmt: skip
     if spec.sparse and spec.values != "quantized":
         return fmt.CodecRecord(fmt.CODEC_TOPK, values=_VALUE_CODES[spec.values], topk_scope=scope)
     gran = _GRAN_CODES[spec.granularity]
@@ -327,6 +330,9 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
         entries[i].count = c
         entries[i].index_code = ops.choose_index_code(x.numel(), c)
         parts[i].append(idx.take(ops.index_nbytes(x.numel(), c)))
+    if rec.values == fmt.VALUES_SIGN:
+        _encode_sign_values(rec, members, entries, counts, values, parts)
+        return
     if rec.values != fmt.VALUES_QUANTIZED:
         vdtype = fmt.VALUE_DTYPES[rec.values]
         converted = values.to(vdtype)
@@ -359,6 +365,38 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
         meta_len = ops.num_groups(c, g) * meta.itemsize
         index_piece = parts[i][0]
         parts[i] = [s.take(meta_len), o.take(meta_len), index_piece, p.take(ops.packed_nbytes(c, rec.bits))]
+
+
+def sign_mean_magnitude(values: torch.Tensor, meta_dtype: torch.dtype) -> torch.Tensor:
+    """STC's magnitude of one tensor's kept values: ``mean(|v|)`` (float32
+    accumulation), rounded to ``meta_dtype`` as it is stored."""
+    mu = values.abs().mean(dtype=torch.float32)
+    return mu.to(meta_dtype)
+
+
+def _pack_bits_lsb_first(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 codes to the 1-bit stream of FORMAT.md 3.4 (element i at bit i)."""
+    n = bits.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:n] = bits.to(torch.uint8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=bits.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _encode_sign_values(rec, members, entries, counts, values, parts):
+    """values = 5: per tensor one mean magnitude and one sign bit per kept value
+    (1 = positive or zero, decoded ``+mu``; 0 = negative, decoded ``-mu``)."""
+    meta = fmt.META_CODES[rec.meta_dtype]
+    vecs = torch.split(values, counts) if members else ()
+    for i, c, v in zip(members, counts, vecs):
+        if not c:
+            continue
+        mu = sign_mean_magnitude(v, meta)
+        if not bool(torch.isfinite(v).all()) or not bool(torch.isfinite(mu.float() * 2)):
+            raise ValueError(f"encode: tensor {entries[i].name!r} has NaN/Inf or out-of-range values; "
+                             f"sign values cannot encode it")  # fmt: skip
+        index_piece = parts[i][0]
+        parts[i] = [_host_bytes(mu.reshape(1)), index_piece, _host_bytes(_pack_bits_lsb_first(v >= 0))]
 
 
 # ---- decode -----------------------------------------------------------------------
@@ -401,6 +439,26 @@ def _dequantize(mv, rec, members, counts, group_sizes, dtype, device):
         raise FormatError(f"unpack_dequantize rejected the sections of {[e.name for e in members]}: {exc}") from exc
 
 
+def _sign_values(mv, rec, members, device) -> torch.Tensor:
+    """Sign-and-mean values as 1-bit affine codes with scale ``2 mu`` and offset
+    ``-mu``: exactly ``-mu`` or ``+mu`` (doubling and ``-mu + 2 mu`` are exact)."""
+    if not members:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    meta = fmt.META_CODES[rec.meta_dtype]
+    mus = _gather(mv, [(e.offset, e.metadata_len) for e, _ in members]).view(meta).float()
+    if not bool(torch.isfinite(mus * 2).all()) or bool((mus < 0).any()) or bool(torch.signbit(mus).any()):
+        raise FormatError(f"sign values: mean magnitude must be finite, >= +0 and at most half the float32 range "
+                          f"in tensors {[e.name for e, _ in members]}")  # fmt: skip
+    counts = [c for _, c in members]
+    _check_padding(mv, [(e.end, c, e.name) for e, c in members], "sign")
+    packed = _gather(mv, [(e.payload_offset, e.payload_len) for e, _ in members])
+    try:
+        return ops.unpack_dequantize(packed.to(device), (2 * mus).to(device), (-mus).to(device), 1, counts,
+                                     counts, torch.float32)  # fmt: skip
+    except RuntimeError as exc:
+        raise FormatError(f"unpack_dequantize rejected the sign bits of {[e.name for e, _ in members]}: {exc}") from exc
+
+
 def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, torch.Tensor]:
     device = torch.device(device) if device is not None else torch.device("cpu")
     out: dict[str, torch.Tensor] = {}
@@ -430,7 +488,9 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
-            if rec.values == fmt.VALUES_QUANTIZED:
+            if rec.values == fmt.VALUES_SIGN:
+                values = _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], device)
+            elif rec.values == fmt.VALUES_QUANTIZED:
                 q = [(e, c) for e, c in zip(members, counts) if c]
                 if q:
                     gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]

@@ -21,7 +21,11 @@ from flocora_codec.errors import ChecksumError, FormatError, LimitError, Unsuppo
 __all__ = ["DecodeLimits", "CodecRecord", "TensorEntry", "ParsedMessage", "parse", "crc32c"]
 
 MAGIC = b"FLoC"
-VERSION = 1
+# Version 2 is version 1 plus sign-and-mean top-k values (values = 5). The
+# encoder writes the lowest version a message needs, so every message without
+# sign values stays a version-1 message, byte for byte.
+VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 PREAMBLE = struct.Struct("<4sHHHI")  # magic, version, flags, n_codecs, n_tensors
 CODEC_RECORD = struct.Struct("<8B")
 CHECKSUM = struct.Struct("<I")
@@ -44,8 +48,9 @@ GRAN_TENSOR, GRAN_ROW, GRAN_GROUP = 0, 1, 2
 GRAN_NAMES = {GRAN_TENSOR: "tensor", GRAN_ROW: "row", GRAN_GROUP: "group"}
 ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
 ROUND_NAMES = {ROUND_NEAREST: "nearest", ROUND_STOCHASTIC: "stochastic"}
-VALUES_NONE, VALUES_F32, VALUES_F16, VALUES_BF16, VALUES_QUANTIZED = 0, 1, 2, 3, 4
-VALUE_NAMES = {VALUES_F32: "float32", VALUES_F16: "float16", VALUES_BF16: "bfloat16", VALUES_QUANTIZED: "quantized"}
+VALUES_NONE, VALUES_F32, VALUES_F16, VALUES_BF16, VALUES_QUANTIZED, VALUES_SIGN = 0, 1, 2, 3, 4, 5
+VALUE_NAMES = {VALUES_F32: "float32", VALUES_F16: "float16", VALUES_BF16: "bfloat16", VALUES_QUANTIZED: "quantized",
+               VALUES_SIGN: "sign"}  # fmt: skip
 VALUE_DTYPES = {VALUES_F32: torch.float32, VALUES_F16: torch.float16, VALUES_BF16: torch.bfloat16}
 SCOPE_TENSOR, SCOPE_GLOBAL = 0, 1
 SCOPE_NAMES = {SCOPE_TENSOR: "tensor", SCOPE_GLOBAL: "global"}
@@ -136,7 +141,9 @@ class CodecRecord:
         parts = [CODEC_NAMES[self.codec]]
         if self.codec == CODEC_TOPK:
             parts.append(f"scope={SCOPE_NAMES[self.topk_scope]} values={VALUE_NAMES[self.values]}")
-        if self.bits:
+        if self.values == VALUES_SIGN:
+            parts.append(f"meta={str(CODE_DTYPES[self.meta_dtype])[6:]}")
+        elif self.bits:
             gran = GRAN_NAMES[self.granularity]
             if self.granularity == GRAN_GROUP:
                 gran += f"={1 << self.group_log2}"
@@ -144,9 +151,26 @@ class CodecRecord:
             parts.append(f"{self.bits}-bit {gran} {ROUND_NAMES[self.rounding]} meta={str(meta)[6:]}")
         return " ".join(parts)
 
-    def validate(self) -> None:
+    def min_version(self) -> int:
+        """The first format version that defines this record."""
+        return 2 if self.values == VALUES_SIGN else 1
+
+    def validate(self, version: int = VERSION) -> None:
         """Raise :class:`FormatError` unless this is a valid combination (FORMAT.md 2.2)."""
         c = self
+        if c.values == VALUES_SIGN:
+            # sign-and-mean values (v2): one sign bit per kept value, one mean magnitude per tensor
+            ok = (
+                version >= 2
+                and c.codec == CODEC_TOPK
+                and (c.bits, c.granularity, c.group_log2, c.rounding) == (1, GRAN_TENSOR, 0, 0)
+                and c.meta_dtype in META_CODES
+                and c.topk_scope in SCOPE_NAMES
+            )
+            if not ok:
+                raise FormatError(f"invalid codec record {self} (sign values need version 2, top-k, bits=1, "
+                                  f"tensor granularity; message version {version})")  # fmt: skip
+            return
         if c.codec == CODEC_RAW:
             ok = (c.bits, c.granularity, c.group_log2, c.rounding, c.meta_dtype, c.values, c.topk_scope) == (0,) * 7
         elif c.codec in (CODEC_AFFINE, CODEC_TOPK):
@@ -200,6 +224,8 @@ def section_sizes(rec: CodecRecord, dtype: torch.dtype, shape: tuple, numel: int
         g = affine_group_size(rec.granularity, rec.group_log2, shape, numel)
         return 2 * ops.num_groups(numel, g) * meta_size, 0, ops.packed_nbytes(numel, rec.bits)
     index = ops.index_nbytes(numel, count)
+    if rec.values == VALUES_SIGN:  # one mean magnitude, one sign bit per kept value
+        return (meta_size if count else 0), index, ops.packed_nbytes(count, 1)
     if rec.values == VALUES_QUANTIZED:
         g = affine_group_size(rec.granularity, rec.group_log2, (count,), count)
         return 2 * ops.num_groups(count, g) * meta_size, index, ops.packed_nbytes(count, rec.bits)
@@ -273,7 +299,8 @@ def write_header(buf, records, entries, names_utf8) -> int:
         raise ValueError(f"encode: {len(records)} distinct codecs exceed the format's {MAX_U16}")
     if len(entries) > MAX_U32:
         raise ValueError(f"encode: {len(entries)} tensors exceed the format's {MAX_U32}")
-    PREAMBLE.pack_into(buf, 0, MAGIC, VERSION, 0, len(records), len(entries))
+    version = max((r.min_version() for r in records), default=1)
+    PREAMBLE.pack_into(buf, 0, MAGIC, version, 0, len(records), len(entries))
     pos = PREAMBLE_SIZE
     for r in records:
         CODEC_RECORD.pack_into(buf, pos, *r.pack())
@@ -344,8 +371,10 @@ def check_envelope(mv: memoryview, limits: DecodeLimits) -> tuple:
     if bytes(mv[:4]) != MAGIC:
         raise FormatError(f"not a flocora-codec message (magic {bytes(mv[:4])!r}, expected {MAGIC!r})")
     magic, version, flags, n_codecs, n_tensors = PREAMBLE.unpack_from(mv, 0)
-    if version != VERSION:
-        raise UnsupportedVersionError(f"format version {version} is not supported (this decoder reads {VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersionError(
+            f"format version {version} is not supported (this decoder reads {', '.join(map(str, SUPPORTED_VERSIONS))})"
+        )
     if n > limits.max_message_bytes:
         raise LimitError(f"message of {n} bytes exceeds max_message_bytes={limits.max_message_bytes}")
     stored = CHECKSUM.unpack_from(mv, n - CHECKSUM_SIZE)[0]
@@ -392,7 +421,7 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
     records = []
     for i in range(n_codecs):
         rec = CodecRecord(*rd.unpack(CODEC_RECORD, "codec record"))
-        rec.validate()
+        rec.validate(version)
         records.append(rec)
     if len(set(records)) != len(records):
         raise FormatError("duplicate codec records")

@@ -18,7 +18,7 @@ GRANULARITIES = ("tensor", "row", "group")
 ROUNDINGS = ("nearest", "stochastic")
 META_DTYPES = ("float32", "float16")
 TOPK_SCOPES = ("tensor", "global")
-VALUE_ENCODINGS = ("float32", "float16", "bfloat16", "quantized")
+VALUE_ENCODINGS = ("float32", "float16", "bfloat16", "quantized", "sign")
 MAX_GROUP_SIZE = 1 << 31
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -66,10 +66,14 @@ class CodecSpec:
         Select ``k`` per tensor, or one ``k`` over all sparse tensors of the
         message (as FLASC); with ``density`` the global ``k`` is
         ``density * (their total size)``.
-    values : {"float32", "float16", "bfloat16", "quantized"}
+    values : {"float32", "float16", "bfloat16", "quantized", "sign"}
         How the kept values of a sparse tensor travel; ``"quantized"`` uses
         ``bits``, ``granularity`` (``"row"`` means one group), ``group_size``,
-        ``rounding`` and ``meta_dtype`` on the values vector.
+        ``rounding`` and ``meta_dtype`` on the values vector. ``"sign"`` is
+        STC's ternary code: one sign bit per kept value and one mean
+        magnitude (``meta_dtype``) per tensor, so every kept value decodes
+        to ``+mu`` or ``-mu`` (format version 2; ``bits``, ``granularity``
+        and ``rounding`` do not apply to it).
     rules : sequence of Rule
         Per-tensor overrides, first match wins; tensors that match no rule use
         this spec. The default keeps 0-d and 1-d tensors (norms, biases) raw.

@@ -18,6 +18,11 @@ from fl.models import build_model
 from fl.training import TrainConfig
 
 
+TRANSPORTS = ("weights", "delta")
+# what a checkpoint leaves out: rebuilt from the config on resume
+_NOT_CHECKPOINTED = ("cfg", "mcfg", "train_cfg", "train", "test", "clients", "device")
+
+
 @dataclass
 class Update:
     """A decoded client upload as the server sees it."""
@@ -38,6 +43,9 @@ class Method:
         self.train, self.test, self.clients, self.device = train, test, clients, device
         self.seed = int(cfg.get("seed", 0))
         self.model_seed = int(cfg.get("model", {}).get("seed", self.seed))
+        self.transport = self.mcfg.get("transport", "weights")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"method.transport must be one of {TRANSPORTS}, got {self.transport!r}")
         self.up_spec = make_spec(self.mcfg, "up")
         self.down_spec = make_spec(self.mcfg, "down")
 
@@ -70,6 +78,14 @@ class Method:
         """Client side: returns (tensors to upload, metrics with num_samples)."""
         raise NotImplementedError
 
+    def down_spec_at(self, rnd: int) -> fc.CodecSpec:
+        """The download's spec in round ``rnd``."""
+        return self.down_spec
+
+    def up_spec_at(self, cid: int, rnd: int) -> fc.CodecSpec:
+        """Client ``cid``'s upload spec in round ``rnd``."""
+        return self.up_spec
+
     def error_feedback(self, cid: int):
         """The client's ``fc.ErrorFeedback`` for its upload, or None."""
         return None
@@ -88,3 +104,15 @@ class Method:
 
     def describe(self) -> dict:
         return {}
+
+    # -- resume ---------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """Everything that changes over rounds (models, optimizers, residuals)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_CHECKPOINTED}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # -- delta transport (fl.transport) -------------------------------------------------------
+    def make_link(self):
+        raise ValueError(f"method {self.name!r} does not support method.transport = 'delta'")

@@ -5,11 +5,15 @@ so what travels) and the codec spec.
 """
 from __future__ import annotations
 
-from fl.aggregation import weighted_average
+import math
+
+from fl.aggregation import ServerOptimizer, weighted_average
+from fl.comm import make_spec
 from fl.lora import frozen_names, get_tensors, set_tensors, trainable_names
 from fl.methods.base import Method, Update
 from fl.models import num_params
 from fl.training import evaluate, train_client
+from fl.transport import DeltaLink
 
 
 class FedAvg(Method):
@@ -47,6 +51,52 @@ class FedAvg(Method):
 
     def evaluate(self):
         return evaluate(self.global_model, self.test)
+
+    # -- delta transport: both directions as compressed deltas with error feedback -----------
+    def make_link(self) -> DeltaLink:
+        m = self.mcfg
+        self.server_opt = ServerOptimizer(self.global_tensors(), kind=m.get("server_opt", "sgd"),
+                                          lr=float(m.get("server_lr", 1.0)),
+                                          momentum=float(m.get("server_momentum", 0.0)))
+        return DeltaLink(self.global_tensors(), self.down_spec_at, self.up_spec_at,
+                         server_ef=bool(m.get("server_error_feedback", True)),
+                         client_ef=bool(m.get("error_feedback", True)), flatten=bool(m.get("flatten", False)))
+
+    def density_at(self, density, rnd):
+        """``density * decay^(rnd-1)``, floored at ``min_density`` (FLASC's density decay)."""
+        decay = float(self.mcfg.get("density_decay", 1.0))
+        if density is None or decay == 1.0:
+            return density
+        return max(float(self.mcfg.get("min_density", 0.0)), density * math.pow(decay, rnd - 1))
+
+    def down_spec_at(self, rnd):
+        return make_spec(self.mcfg, "down", self.density_at(self.mcfg.get("dl_density"), rnd))
+
+    def up_spec_at(self, cid, rnd):
+        tiers = self.mcfg.get("ul_density_tiers")
+        density = tiers[cid % len(tiers)] if tiers else self.mcfg.get("ul_density")
+        return make_spec(self.mcfg, "up", self.density_at(density, rnd))
+
+    def global_tensors(self):
+        return get_tensors(self.global_model, self._trainable)
+
+    def set_global(self, tensors):
+        set_tensors(self.global_model, tensors)
+        self.server_opt.load(tensors)
+
+    def train_from(self, cid, tensors, rnd):
+        set_tensors(self.client_model, tensors)
+        metrics = train_client(self.client_model, self.clients[cid], self.client_train_config(cid, rnd))
+        return get_tensors(self.client_model, self._trainable), metrics
+
+    def apply_deltas(self, rnd, updates: list[Update]):
+        self.server_opt.step(weighted_average([u.tensors for u in updates], [u.num_samples for u in updates]))
+        set_tensors(self.global_model, self.server_opt.tensors())
+
+    def evaluate_tensors(self, tensors):
+        """Accuracy of the model with ``tensors`` as its trainable part (e.g. the public model)."""
+        set_tensors(self.client_model, tensors)
+        return evaluate(self.client_model, self.test)
 
     def describe(self):
         return {"params_total": num_params(self.global_model),
