@@ -368,10 +368,10 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
 
 
 def sign_mean_magnitude(values: torch.Tensor, meta_dtype: torch.dtype) -> torch.Tensor:
-    """STC's magnitude of one tensor's kept values: ``mean(|v|)`` (float32
-    accumulation), rounded to ``meta_dtype`` as it is stored."""
-    mu = values.abs().mean(dtype=torch.float32)
-    return mu.to(meta_dtype)
+    """STC's magnitude of one tensor's kept values: ``mean(|v|)`` accumulated in
+    float64, rounded to float32, then to ``meta_dtype`` as it is stored."""
+    mu = values.abs().sum(dtype=torch.float64) / max(1, values.numel())
+    return mu.to(torch.float32).to(meta_dtype)
 
 
 def _pack_bits_lsb_first(bits: torch.Tensor) -> torch.Tensor:
@@ -439,16 +439,18 @@ def _dequantize(mv, rec, members, counts, group_sizes, dtype, device):
         raise FormatError(f"unpack_dequantize rejected the sections of {[e.name for e in members]}: {exc}") from exc
 
 
-def _sign_values(mv, rec, members, device) -> torch.Tensor:
+def _sign_values(mv, rec, members, dtype, device) -> torch.Tensor:
     """Sign-and-mean values as 1-bit affine codes with scale ``2 mu`` and offset
     ``-mu``: exactly ``-mu`` or ``+mu`` (doubling and ``-mu + 2 mu`` are exact)."""
     if not members:
         return torch.empty(0, dtype=torch.float32, device=device)
     meta = fmt.META_CODES[rec.meta_dtype]
     mus = _gather(mv, [(e.offset, e.metadata_len) for e, _ in members]).view(meta).float()
-    if not bool(torch.isfinite(mus * 2).all()) or bool((mus < 0).any()) or bool(torch.signbit(mus).any()):
-        raise FormatError(f"sign values: mean magnitude must be finite, >= +0 and at most half the float32 range "
-                          f"in tensors {[e.name for e, _ in members]}")  # fmt: skip
+    if (not bool(torch.isfinite(mus * 2).all()) or bool(torch.signbit(mus).any())
+            or not bool(torch.isfinite(mus.to(dtype)).all())):  # fmt: skip
+        # a mean of |values| of this dtype is finite in it: no encoder wrote this
+        raise FormatError(f"sign values: mean magnitude must be finite, >= +0, at most half the float32 range and "
+                          f"finite as {dtype} in tensors {[e.name for e, _ in members]}")  # fmt: skip
     counts = [c for _, c in members]
     _check_padding(mv, [(e.end, c, e.name) for e, c in members], "sign")
     packed = _gather(mv, [(e.payload_offset, e.payload_len) for e, _ in members])
@@ -489,7 +491,7 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
             if rec.values == fmt.VALUES_SIGN:
-                values = _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], device)
+                values = _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
             elif rec.values == fmt.VALUES_QUANTIZED:
                 q = [(e, c) for e, c in zip(members, counts) if c]
                 if q:
@@ -806,7 +808,9 @@ class ErrorFeedback:
                 t = x.to(t.dtype)
             corrected[name] = t
         data = encode(corrected, self.spec)
-        decoded = decode(data)
+        # decode where the tensors live: on a GPU only the compressed bytes go back up
+        device = next((x.device for x in target.values()), None)
+        decoded = decode(data, device=device)
         for name, x in target.items():
             self._residual[name] = x - decoded[name].to(device=x.device, dtype=torch.float32)
         return data

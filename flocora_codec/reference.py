@@ -313,3 +313,19 @@ def sparse_decode_add_(outs, index_bytes, values, counts):
         flat = out.detach().cpu().reshape(-1).to(acc)
         flat[i] += v.to(acc)
         out.copy_(flat.to(out.dtype).reshape(out.shape))
+
+
+def sign_mean_encode(values: torch.Tensor, meta_dtype: torch.dtype = torch.float32):
+    """STC's sign-and-mean code of one tensor's kept values (FORMAT.md 3.3,
+    ``values = 5``): ``mu = mean(|v|)`` stored in ``meta_dtype`` and one bit
+    per value, 1 for ``v >= 0`` (including -0.0), 0 for ``v < 0``."""
+    v = values.detach().cpu().reshape(-1).to(torch.float32)
+    mu = (v.abs().sum(dtype=torch.float64) / max(1, v.numel())).to(torch.float32).to(meta_dtype)
+    return mu, pack_bits((v >= 0).to(torch.int64), 1)
+
+
+def sign_mean_decode(mu: torch.Tensor, packed: torch.Tensor, count: int) -> torch.Tensor:
+    """``+mu`` where the bit is 1, ``-mu`` where it is 0 (float32)."""
+    bits = unpack_bits(packed, 1, count)
+    m = mu.to(torch.float32)
+    return torch.where(bits == 1, m, -m)

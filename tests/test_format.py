@@ -157,8 +157,8 @@ def test_short_and_bad_magic():
 
 
 def test_unsupported_version_before_checksum():
-    data = raw_message(version=2, trailer=0)
-    with pytest.raises(fc.UnsupportedVersionError, match="version 2"):
+    data = raw_message(version=3, trailer=0)
+    with pytest.raises(fc.UnsupportedVersionError, match="version 3"):
         fc.decode(data)
 
 
@@ -340,3 +340,15 @@ def test_message_info_byte_identity():
             assert t.offset == pos
             pos += t.total_bytes
         assert pos == len(data) - 4
+
+
+def test_version_2_worked_example_of_format_md():
+    # FORMAT.md 3.3, sign-and-mean values: the message typed in from the document
+    doc = """46 4c 6f 43 02 00 00 00 01 00 01 00 00 00 02 01 00 00 00 01 05 00
+             01 00 78 01 01 08 00 00 00 00 00 00 00 00 00 04 00 00 00 00 00 00 00 00
+             04 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00
+             00 00 20 40 6a 06 b1 e6 9e 3d"""
+    data = bytes.fromhex(doc)
+    assert fc.decode(data)["x"].tolist() == [0.0, -2.5, 0.0, 2.5, 0.0, 2.5, -2.5, 0.0]
+    x = torch.tensor([0.5, -4.0, 0.1, 3.0, -0.0, 2.0, -1.0, 0.0])
+    assert fc.encode({"x": x}, fc.CodecSpec(k=4, values="sign", rules=())) == data

@@ -47,6 +47,8 @@ def _seed_messages() -> list[bytes]:
         fc.CodecSpec(k=2, values="float16"),  # Elias-Fano indices
         fc.CodecSpec(density=0.3, values="quantized", bits=4, granularity="group", group_size=8),
         fc.CodecSpec(k=7, topk_scope="global", values="bfloat16"),
+        fc.CodecSpec(density=0.4, values="sign", rules=()),  # version 2
+        fc.CodecSpec(k=9, topk_scope="global", values="sign", meta_dtype="float16"),
     ]
     return [fc.encode(tensors, s) for s in specs]
 
@@ -99,6 +101,8 @@ def check_outcome(data: bytes) -> None:
     for t in info.tensors:
         v = out[t.name]
         assert isinstance(v, torch.Tensor) and tuple(v.shape) == t.shape and v.dtype == t.dtype
+        if t.values == "sign":  # +-mu with a finite mu: never NaN or Inf
+            assert bool(torch.isfinite(v).all()), t.name
 
 
 def check_stale(original: bytes, mutant: bytes) -> None:

@@ -63,11 +63,13 @@ class FedAvg(Method):
                          client_ef=bool(m.get("error_feedback", True)), flatten=bool(m.get("flatten", False)))
 
     def density_at(self, density, rnd):
-        """``density * decay^(rnd-1)``, floored at ``min_density`` (FLASC's density decay)."""
+        """``density * decay^(rnd-1)``, floored at ``min_density`` (FLASC's density
+        decay); the floor never raises a density above where it started."""
         decay = float(self.mcfg.get("density_decay", 1.0))
         if density is None or decay == 1.0:
             return density
-        return max(float(self.mcfg.get("min_density", 0.0)), density * math.pow(decay, rnd - 1))
+        floor = min(density, float(self.mcfg.get("min_density", 0.0)))
+        return max(floor, density * math.pow(decay, rnd - 1))
 
     def down_spec_at(self, rnd):
         return make_spec(self.mcfg, "down", self.density_at(self.mcfg.get("dl_density"), rnd))

@@ -1,4 +1,4 @@
-"""Generate the golden messages of wire format v1 (run from the repo root).
+"""Generate the golden messages of wire formats v1 and v2 (run from the repo root).
 
     .venv/bin/python tests/golden/make_golden.py            # every case
     .venv/bin/python tests/golden/make_golden.py q3_row_f32  # some cases
@@ -6,8 +6,9 @@
 Writes ``inputs.npz`` (fixed, deterministic inputs), ``<case>.flc`` (the
 message) and ``<case>.npz`` (what it decodes to). ``tests/test_codec.py``
 re-encodes the inputs with ``CASES[case]`` and compares bytes exactly, and
-decodes each file to the stored values. Regenerate only for a new format
-version: the v1 bytes are pinned forever.
+decodes each file to the stored values. Generate only the cases of a new
+format version: the bytes of earlier versions are pinned forever (``v2_*``
+cases are version 2, all others version 1).
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ CASES: dict[str, fc.CodecSpec] = {
     "topk_ef_f16": S(density=0.05, values="float16"),
     "topk_quantized": S(k=20, values="quantized", bits=4, granularity="group", group_size=8, meta_dtype="float16"),
     "topk_global_bf16": S(density=0.1, topk_scope="global", values="bfloat16"),
+    # version 2: STC's sign-and-mean values
+    "v2_sign_tensor_f32": S(density=0.1, values="sign"),
+    "v2_sign_global_f16": S(density=0.2, topk_scope="global", values="sign", meta_dtype="float16", rules=()),
     "rules_mixed": S(
         bits=4,
         rules=(
