@@ -313,7 +313,9 @@ def _summary(cfg, method, st: _State, device, wall):
     }
     pers = [r["acc_personal"] for r in records if "acc_personal" in r]
     if pers:
-        s.update(final_acc_personal=pers[-1], best_acc_personal=max(pers))
+        conv = convergence(pers)
+        s.update(final_acc_personal=pers[-1], best_acc_personal=max(pers),
+                 personal_last10_mean=conv["acc_last10_mean"], personal_flat=conv["flat"])
     if last_up is not None:
         s["last_up_breakdown"] = message_breakdown(last_up)
     if last_down is not None:

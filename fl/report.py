@@ -119,9 +119,11 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
 
     rows = []
     for name, runs in _group_runs(Path(results)).items():
-        accs = np.array([s["acc_last10_mean"] for s, _ in runs])
+        # personalised methods (FedLoRA) are judged on each client's own held-out data
+        key = "personal_last10_mean" if "personal_last10_mean" in runs[0][0] else "acc_last10_mean"
+        accs = np.array([s[key] for s, _ in runs])
         total = np.array([(s["bytes_up_total"] + s["bytes_down_total"]) for s, _ in runs], dtype=float)
-        ratios = np.array([s["ratio_vs_fedavg"] or np.nan for s, _ in runs])
+        ratios = [s["ratio_vs_fedavg"] for s, _ in runs if s["ratio_vs_fedavg"]]
         s0 = runs[0][0]
         m = s0["config"]["method"]
         rows.append({
@@ -129,10 +131,11 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
             "seeds": [s["config"]["seed"] for s, _ in runs], "rounds": [s["rounds"] for s, _ in runs],
             "acc_mean": float(accs.mean()), "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
             "acc_min": float(accs.min()), "acc_max": float(accs.max()), "accs": accs.tolist(),
-            "flat": sum(bool(s["flat"]) for s, _ in runs),
-            "mb_total": float(total.mean() / 1e6), "ratio": float(np.nanmean(ratios)),
+            "flat": sum(bool(s["personal_flat" if key.startswith("personal") else "flat"]) for s, _ in runs),
+            "metric": "personal" if key.startswith("personal") else "global",
+            "mb_total": float(total.mean() / 1e6), "ratio": float(np.mean(ratios)) if ratios else float("inf"),
             "up_msg_bytes": float(np.mean([s["up_message_bytes"] for s, _ in runs])),
-            "personal": [s.get("final_acc_personal") for s, _ in runs] if "final_acc_personal" in s0 else None,
+            "personal": [s.get("personal_last10_mean") for s, _ in runs] if "final_acc_personal" in s0 else None,
         })
     ref = next((r for r in rows if r["name"] == reference), None)
     for r in rows:
@@ -141,7 +144,8 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
 
 
 def frontier_table(rows: list[dict], reference: str = "fedavg") -> str:
-    head = ["run", "method", "transport", "acc % (mean ± sd, last 10 rounds)", "per seed", f"vs {reference} (points)",
+    metric = "personal acc" if rows and rows[0].get("metric") == "personal" else "acc"
+    head = ["run", "method", "transport", f"{metric} % (mean ± sd, last 10 rounds)", "per seed", f"vs {reference} (points)",
             "flat", "rounds", "MB up+down", "ratio vs FedAvg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -149,7 +153,7 @@ def frontier_table(rows: list[dict], reference: str = "fedavg") -> str:
         lines.append("| " + " | ".join([
             r["name"], r["method"], r["transport"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
             " / ".join(f"{100 * a:.1f}" for a in r["accs"]), gap, f"{r['flat']}/{len(r['accs'])}",
-            "/".join(str(n) for n in sorted(set(r["rounds"]))), f"{r['mb_total']:.3f}", f"{r['ratio']:.1f}x",
+            "/".join(str(n) for n in sorted(set(r["rounds"]))), f"{r['mb_total']:.3f}", f"{r['ratio']:.1f}x" if r["ratio"] != float("inf") else "nothing sent",
         ]) + " |")
     return "\n".join(lines)
 
@@ -183,16 +187,18 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
     (results / "frontier.json").write_text(json.dumps(rows, indent=2))
     paths = [results / "table.md", results / "frontier.json"]
 
-    comm = [r for r in rows if r["method"] not in ("fedlora", "local")]
+    # FedLoRA's personalised accuracy is not comparable with a global model's: plotted on its own
+    comm = [r for r in rows if r["method"] not in ("fedlora", "local")] or rows
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in comm:
+    for r in (r for r in comm if r["mb_total"] > 0):  # nothing sent: no point on a log axis
         ax.errorbar(r["mb_total"], 100 * r["acc_mean"], yerr=[[100 * (r["acc_mean"] - r["acc_min"])],
                     [100 * (r["acc_max"] - r["acc_mean"])]], fmt="o", capsize=3, label=r["name"])
         ax.annotate(r["name"], (r["mb_total"], 100 * r["acc_mean"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("total traffic, MB (up + down, whole run, mean over seeds)")
-    ax.set_ylabel("test accuracy at convergence, % (mean of last 10 rounds)")
+    ax.set_ylabel(f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy at convergence, % "
+                  "(mean of last 10 rounds)")
     ax.set_title("accuracy vs traffic; bars: min-max over seeds")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -207,7 +213,8 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
         for r in comm:
             runs = groups[r["name"]]
             n = min(len(rs) for _, rs in runs)
-            acc = np.array([[x["acc"] for x in rs[:n]] for _, rs in runs]) * 100
+            metric = "acc_personal" if r["metric"] == "personal" else "acc"
+            acc = np.array([[x[metric] for x in rs[:n]] for _, rs in runs]) * 100
             if key == "round":
                 x = np.arange(1, n + 1)
             else:
@@ -215,7 +222,8 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
             line, = ax.plot(x, acc.mean(0), lw=1, label=r["name"])
             ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy, % (line: mean over seeds; band: min-max)")
+        ax.set_ylabel(f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy, % "
+                      "(line: mean over seeds; band: min-max)")
         if logx:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
