@@ -208,7 +208,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
                 # the server broadcasts every round (its residual may still hold news)
                 msg, new_global = st.link.broadcast(rnd, method.global_tensors(), timer)
                 method.set_global(new_global)
-                st.last_down = msg
+                st.last_down = msg or st.last_down
             elif updates:
                 method.aggregate(rnd, updates)
         st.cum_up += bytes_up
@@ -222,7 +222,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
         every = int(cfg.get("eval", {}).get("every", 1))
         if rnd % every == 0 or rnd == rounds:
             rec.update({k: v for k, v in method.evaluate().items() if k in ("acc", "loss", "acc_personal")})
-            if transport == "delta" and method.communicates:
+            if transport == "delta" and method.communicates and st.link.down_mode == "broadcast":
                 rec["acc_public"] = method.evaluate_tensors(st.link.public)["acc"]
         rec["wall_s"] = time.perf_counter() - t0
         st.records.append(rec)
@@ -260,6 +260,8 @@ def _delta_client(method, st: _State, cid, rnd, timer, device, faults, sync):
     state, received, how = link.sync(cid, rnd, timer, device)
     down = sum(len(m) for m in received)
     st.down_sizes.extend(len(m) for m in received)
+    if received:
+        st.last_down = received[-1]
     sync[str(cid)] = {"how": how, "messages": len(received), "bytes": down}
     check_names(state, allowed, frozen, f"client {cid} model")
     if cid in faults.get("raise_clients", []):

@@ -21,6 +21,16 @@ base, is rebuilt from the seed the run shares.
 The client trains from its copy and uploads ``C(delta + e_i)`` with its own
 residual ``e_i`` (``fc.ErrorFeedback``).
 
+``down_mode = "per_client"`` trades server memory for download bytes: the
+server keeps the copy each client holds and, when the client is sampled,
+sends it one message ``C(global - copy_i)``; what that message dropped stays
+in ``global - copy_i`` and goes out at the client's next round (a residual
+per client instead of one shared one). A client then receives one message
+per round it takes part in, instead of every broadcast it missed; the cost
+is one model copy per client on the server, which suits cross-silo
+federations, not millions of devices. A client's first download after
+round 1 is a raw snapshot of the server's model (counted).
+
 With ``flatten``, every message carries one 1-D tensor, the trainable
 tensors concatenated in a fixed order that both sides derive from the model
 definition: a header of a few dozen bytes instead of ~75 bytes per tensor.
@@ -84,10 +94,15 @@ class DeltaLink:
     """
 
     def __init__(self, init: dict[str, torch.Tensor], down_spec: Callable, up_spec: Callable,
-                 server_ef: bool = True, client_ef: bool = True, flatten: bool = False):
+                 server_ef: bool = True, client_ef: bool = True, flatten: bool = False,
+                 down_mode: str = "broadcast"):
+        if down_mode not in ("broadcast", "per_client"):
+            raise ValueError(f"down_mode must be 'broadcast' or 'per_client', got {down_mode!r}")
+        self.down_mode = down_mode
         self.layout = Layout(init, flatten)
         self.init = {k: v.detach().clone() for k, v in init.items()}
         self.public = {k: v.detach().clone() for k, v in init.items()}
+        self.global_ = self.public  # per-client mode: the server's model as of the last aggregation
         self.down_spec, self.up_spec = down_spec, up_spec
         self.server_ef, self.client_ef = server_ef, client_ef
         self.log: list[tuple[int, bytes]] = []  # (round broadcast after, message)
@@ -98,7 +113,11 @@ class DeltaLink:
     # -- server ------------------------------------------------------------------------
     def broadcast(self, rnd: int, global_tensors: dict[str, torch.Tensor], codec) -> tuple[bytes, dict]:
         """Compress ``global - public`` after round ``rnd``; returns the message and
-        the tensors the server should now hold as ``global``."""
+        the tensors the server should now hold as ``global`` (per-client mode:
+        nothing is broadcast, ``(None, global)``)."""
+        if self.down_mode == "per_client":
+            self.global_ = global_tensors
+            return None, global_tensors
         diff = {k: global_tensors[k] - self.public[k] for k in self.public}
         msg = codec.encode(self.layout.pack(diff), self.down_spec(rnd))
         self.public = _add(self.public, self.layout.unpack(codec.decode(msg, None)))
@@ -123,6 +142,20 @@ class DeltaLink:
         synced, state = self.clients.get(cid, (0, None))
         if state is None:
             state = {k: v.clone() for k, v in self.init.items()}
+        if self.down_mode == "per_client":
+            if rnd == 1:  # nothing has changed since the seed
+                how, received = "seed", []
+            elif synced == 0:  # first contact after round 1: the exact model, raw
+                snap = codec.encode({k: v.cpu() for k, v in self.global_.items()}, fc.CodecSpec.raw())
+                state = {k: v.to(device) for k, v in codec.decode(snap, device).items()}
+                how, received = "snapshot", [snap]
+            else:
+                diff = {k: self.global_[k] - state[k] for k in state}
+                msg = codec.encode(self.layout.pack(diff), self.down_spec(rnd))
+                state = _add(state, self.layout.unpack(codec.decode(msg, device)))
+                how, received = "per-client", [msg]
+            self.clients[cid] = (rnd, state)
+            return {k: v.clone() for k, v in state.items()}, received, how
         # it holds every broadcast made before round `synced` (none if 0)
         missed = [m for r, m in self.log if r >= synced]
         complete = not self.log or self.log[0][0] <= max(synced, 1)  # nothing it needs was trimmed

@@ -60,7 +60,8 @@ class FedAvg(Method):
                                           momentum=float(m.get("server_momentum", 0.0)))
         return DeltaLink(self.global_tensors(), self.down_spec_at, self.up_spec_at,
                          server_ef=bool(m.get("server_error_feedback", True)),
-                         client_ef=bool(m.get("error_feedback", True)), flatten=bool(m.get("flatten", False)))
+                         client_ef=bool(m.get("error_feedback", True)), flatten=bool(m.get("flatten", False)),
+                         down_mode=m.get("down_mode", "broadcast"))
 
     def density_at(self, density, rnd):
         """``density * decay^(rnd-1)``, floored at ``min_density`` (FLASC's density
