@@ -68,8 +68,22 @@ def _corrupt(data: bytes) -> bytes:
 CHECKPOINT = "checkpoint.pt"
 
 
+_PROVENANCE: dict | None = None
+
+
 def provenance() -> dict:
-    """What produced a run: package and torch versions, the code revision."""
+    """What produced a run: package and torch versions, the code revision.
+
+    Read once per process: Python runs the code it imported, so a commit made
+    while a long sweep runs must not be credited with its later runs.
+    """
+    global _PROVENANCE
+    if _PROVENANCE is None:
+        _PROVENANCE = _read_provenance()
+    return dict(_PROVENANCE)
+
+
+def _read_provenance() -> dict:
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
