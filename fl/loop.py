@@ -310,7 +310,7 @@ def _summary(cfg, method, st: _State, device, wall):
     # FedAvg's traffic for the same participations: one raw model down and one up each
     fedavg_equiv = 2 * ref * st.participations if method.communicates else 0
     s = {
-        "name": cfg.get("name", "run"), "method": method.name, "device": str(device),
+        "name": cfg.get("name", "run"), "method": method.name, "transport": method.transport, "device": str(device),
         "rounds": len(records), "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None,
         # with few clients per round on non-IID data the last round alone is noisy
         "acc_last3_mean": float(np.mean(accs[-3:])) if accs else None,

@@ -127,7 +127,7 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
         s0 = runs[0][0]
         m = s0["config"]["method"]
         rows.append({
-            "name": name, "method": s0["method"], "transport": m.get("transport", "weights"),
+            "name": name, "method": s0["method"], "transport": s0.get("transport", m.get("transport", "delta" if s0["method"] == "stc" else "weights")),
             "seeds": [s["config"]["seed"] for s, _ in runs], "rounds": [s["rounds"] for s, _ in runs],
             "acc_mean": float(accs.mean()), "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
             "acc_min": float(accs.min()), "acc_max": float(accs.max()), "accs": accs.tolist(),
