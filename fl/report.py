@@ -189,18 +189,30 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
 
     # FedLoRA's personalised accuracy is not comparable with a global model's: plotted on its own
     comm = [r for r in rows if r["method"] not in ("fedlora", "local")] or rows
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in (r for r in comm if r["mb_total"] > 0):  # nothing sent: no point on a log axis
-        ax.errorbar(r["mb_total"], 100 * r["acc_mean"], yerr=[[100 * (r["acc_mean"] - r["acc_min"])],
-                    [100 * (r["acc_max"] - r["acc_mean"])]], fmt="o", capsize=3, label=r["name"])
-        ax.annotate(r["name"], (r["mb_total"], 100 * r["acc_mean"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    ref_row = next((r for r in rows if r["name"] == reference), None)
+    floor = 100 * ref_row["acc_mean"] - 4 if ref_row else None
+    markers = "osD^v<>ph*XP"
+    for i, r in enumerate(r for r in comm if r["mb_total"] > 0):  # nothing sent: no point on a log axis
+        y, lo, hi = 100 * r["acc_mean"], 100 * r["acc_min"], 100 * r["acc_max"]
+        label = f"{r['name']} ({r['ratio']:.0f}x, {y:.1f}%)"
+        if floor is not None and y < floor:  # far below: a marker on the floor, its value in the legend
+            ax.plot(r["mb_total"], floor + 0.15, marker="v", ms=9, ls="none", label=label + " (below)")
+            continue
+        ax.errorbar(r["mb_total"], y, yerr=[[y - lo], [hi - y]], fmt=markers[i % len(markers)], capsize=3,
+                    ms=6, label=label)
+    if ref_row:
+        ax.axhline(100 * ref_row["acc_mean"] - 1, color="grey", ls="--", lw=0.8)
+        ax.text(ax.get_xlim()[0], 100 * ref_row["acc_mean"] - 0.95, f" {reference} - 1 point", fontsize=7,
+                color="grey")
+        ax.set_ylim(floor, 100 * ref_row["acc_mean"] + 1)
     ax.set_xscale("log")
     ax.set_xlabel("total traffic, MB (up + down, whole run, mean over seeds)")
     ax.set_ylabel(f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy at convergence, % "
                   "(mean of last 10 rounds)")
     ax.set_title("accuracy vs traffic; bars: min-max over seeds")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(results / "frontier.png", dpi=130)
     plt.close(fig)
