@@ -93,6 +93,10 @@ class DeltaLink:
         The timing wrapper the loop uses (``fl.comm.Timer``).
     """
 
+    # defaults for links unpickled from checkpoints written before these attributes existed
+    down_mode = "broadcast"
+    global_: dict | None = None
+
     def __init__(self, init: dict[str, torch.Tensor], down_spec: Callable, up_spec: Callable,
                  server_ef: bool = True, client_ef: bool = True, flatten: bool = False,
                  down_mode: str = "broadcast"):
