@@ -82,9 +82,9 @@ class Timer:
         self.encode_ms += (time.perf_counter() - t0) * 1e3
         return data
 
-    def decode(self, data: bytes, device=None) -> dict[str, torch.Tensor]:
+    def decode(self, data: bytes, device=None, expect=None) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        out = fc.decode(data, device=device)
+        out = fc.decode(data, device=device, expect=expect)
         self.decode_ms += (time.perf_counter() - t0) * 1e3
         return out
 

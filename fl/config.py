@@ -20,7 +20,13 @@ DEFAULTS = {
     "train": {"rounds": 10, "clients_per_round": 5, "epochs": 1, "batch_size": 32, "lr": 0.01,
               "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
     "eval": {"every": 1},
-    "faults": {"raise_clients": [], "corrupt_clients": []},
+    # Fault tolerance of the server (docs/experiments.md): 0 switches a check off.
+    "server": {"client_timeout_s": 0.0, "max_update_norm_ratio": 0.0},
+    # Injected faults (tests, demos): clients that raise, send corrupt bytes or a
+    # decompression bomb, put NaN in their update, scale it by scale_factor, or
+    # hang for hang_s.
+    "faults": {"raise_clients": [], "corrupt_clients": [], "bomb_clients": [], "nan_clients": [], "scale_clients": [],
+               "scale_factor": 1000.0, "hang_clients": [], "hang_s": 3600.0},
 }
 
 

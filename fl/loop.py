@@ -2,10 +2,14 @@
 count their bytes, drop faulty clients, aggregate, evaluate, log.
 
 Per round one JSON line goes to ``rounds.jsonl``; at the end ``summary.json``.
-A client that raises, or whose upload fails to decode (or holds a tensor it
-must not), is dropped from that round with the reason logged; the round
-completes with the others (and is skipped, keeping the global state, if none
-is left).
+A client that raises, does not answer within ``server.client_timeout_s``,
+sends an upload that fails to decode or is not the tensors the server expects
+(names, shapes, dtypes: checked before anything is allocated), holds NaN or
+Inf, or (with ``server.max_update_norm_ratio``) an update far larger than the
+round's median, is dropped from that round with the reason and its kind
+logged; the round completes with the others (and is skipped, keeping the
+global state, if none is left). This is fault tolerance, not Byzantine
+robustness: colluding or subtly wrong clients pass these checks.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +68,20 @@ def _corrupt(data: bytes) -> bytes:
     b = bytearray(data)
     b[len(b) // 2] ^= 0xFF
     return bytes(b)
+
+
+def _bomb(name: str, numel: int = 1 << 28) -> bytes:
+    """A valid top-k message that keeps nothing of a float32 tensor ``name`` of
+    ``numel`` elements: about 80 bytes that would decode to ``4 * numel``."""
+    import struct
+
+    from flocora_codec import format as fmt
+
+    nb = name.encode()
+    body = fmt.PREAMBLE.pack(fmt.MAGIC, 1, 0, 1, 1)
+    body += fmt.CodecRecord(fmt.CODEC_TOPK, values=fmt.VALUES_F32).pack()
+    body += struct.pack("<H", len(nb)) + nb + struct.pack("<BBQHQB3Q", 1, 1, numel, 0, 0, 1, 0, 0, 0)
+    return body + struct.pack("<I", fmt.crc32c(body))
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -168,52 +187,46 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
     if transport == "delta" and st.link is None:
         st.link = method.make_link()
     bar = _progress(rounds, progress, cfg.get("name", "run"), st.rnd)
+    scfg = cfg.get("server", {})
+    timeout = float(scfg.get("client_timeout_s", 0.0) or 0.0)
+    ratio = float(scfg.get("max_update_norm_ratio", 0.0) or 0.0)
     for rnd in range(st.rnd + 1, rounds + 1):
         t0 = time.perf_counter()
         timer = Timer()
         selected = sorted(st.rng.choice(n_clients, per_round, replace=False).tolist())
-        down_msg = None
+        down_msg = down = None
         if method.communicates and transport == "weights":
             down = method.download(rnd)
             check_names(down, allowed, frozen, "download")
             down_msg = timer.encode(down, method.down_spec_at(rnd))
             st.last_down = down_msg
         updates, dropped, bytes_up, bytes_down, train_losses, sync = [], [], 0, 0, [], {}
+        # what a client's upload must hold (checked before the decoder allocates) and
+        # the tensors its update is measured against
+        expect_up = down if method.communicates and transport == "weights" else None
+        norm_base = None if transport == "delta" or method.uploads_deltas else expect_up
+        norms = {}
         for cid in selected:
+            acct = {"down": 0, "up": 0}
             try:
-                if transport == "delta":
-                    tensors, metrics, nbytes = _delta_client(method, st, cid, rnd, timer, device, faults, sync)
-                    bytes_down += nbytes[0]
-                    bytes_up += nbytes[1]
-                else:
-                    received = {}
-                    if down_msg is not None:
-                        bytes_down += len(down_msg)
-                        st.down_sizes.append(len(down_msg))
-                        received = timer.decode(down_msg, device)  # the client's side
-                        check_names(received, allowed, frozen, f"client {cid} received")
-                    if cid in faults.get("raise_clients", []):
-                        raise InjectedFault(f"client {cid}: injected failure")
-                    tensors, metrics = method.client_update(cid, received, rnd)
-                    if method.communicates:
-                        check_names(tensors, allowed, frozen, f"client {cid} upload")
-                        spec, ef = method.up_spec_at(cid, rnd), method.error_feedback(cid)
-                        if ef is not None:
-                            ef.spec = spec  # density tiers and decay change the spec, not the residual
-                        up_msg = timer.encode(tensors, spec, ef)
-                        if cid in faults.get("corrupt_clients", []):
-                            up_msg = _corrupt(up_msg)
-                        bytes_up += len(up_msg)
-                        st.up_sizes.append(len(up_msg))
-                        tensors = timer.decode(up_msg, device)  # the server's side
-                        check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
-                        st.last_up = up_msg
+                tensors, metrics = _with_timeout(
+                    lambda cancelled, cid=cid, acct=acct: _one_client(
+                        method, st, cid, rnd, timer, device, faults, sync, down_msg, expect_up, acct, cancelled),
+                    timeout, f"client {cid}")  # fmt: skip
+                if method.communicates:
+                    norms[cid] = _screen_update(cid, tensors, norm_base)
                 updates.append(Update(cid, tensors, int(metrics["num_samples"]), metrics))
                 train_losses.append(metrics["loss"])
             except Exception as e:  # noqa: BLE001  (any client failure drops that client only)
                 reason = f"{type(e).__name__}: {e}"
                 log.warning("round %d: client %d dropped: %s", rnd, cid, reason)
-                dropped.append({"cid": cid, "reason": reason})
+                dropped.append({"cid": cid, "kind": _drop_kind(e), "reason": reason})
+            finally:
+                # bytes that were sent count, whatever became of the client
+                bytes_down += acct["down"]
+                bytes_up += acct["up"]
+        if ratio > 0 and updates:
+            updates, train_losses = _apply_norm_bound(updates, norms, ratio, dropped, rnd)
         st.participations += len(updates)
         if method.communicates:
             if transport == "delta":
@@ -266,30 +279,161 @@ def _without(cfg: dict, dotted: str) -> dict:
     return cfg
 
 
-def _delta_client(method, st: _State, cid, rnd, timer, device, faults, sync):
-    """One client's round in delta transport: catch up, train, upload its delta
-    with error feedback; returns (decoded delta, metrics, (bytes down, bytes up))."""
+class ClientTimeout(TimeoutError):
+    """A client did not answer within ``server.client_timeout_s``."""
+
+
+class NonFiniteUpdate(ValueError):
+    """A decoded client update holds NaN or Inf."""
+
+
+class UpdateNormBound(ValueError):
+    """A client update's norm exceeds ``server.max_update_norm_ratio`` times the round's median."""
+
+
+_DROP_KINDS = {ClientTimeout: "timeout", NonFiniteUpdate: "nonfinite", UpdateNormBound: "norm",
+               fc.CodecError: "decode", InjectedFault: "injected"}
+
+
+def _drop_kind(e: Exception) -> str:
+    return next((kind for cls, kind in _DROP_KINDS.items() if isinstance(e, cls)), "error")
+
+
+def _with_timeout(work, timeout: float, who: str):
+    """``work(cancelled)``, or :class:`ClientTimeout` after ``timeout`` seconds (0: no limit).
+
+    In this single-process simulation a Python thread cannot be stopped: a
+    client past its deadline is abandoned in a daemon thread, its result is
+    discarded, and ``cancelled`` tells it to stop touching shared state at its
+    next stage boundary. Real clients are separate processes (Flower).
+    """
+    if timeout <= 0:
+        return work(threading.Event())
+    cancelled, box = threading.Event(), {}
+
+    def target():
+        try:
+            box["result"] = work(cancelled)
+        except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name=f"fl-{who}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        cancelled.set()
+        raise ClientTimeout(f"{who} did not answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _check_cancelled(cancelled: threading.Event, cid: int) -> None:
+    if cancelled.is_set():
+        raise ClientTimeout(f"client {cid}: abandoned after its timeout")
+
+
+def _inject(cid: int, tensors: dict, faults: dict, cancelled: threading.Event) -> dict:
+    """Faults a test or demo asked for, applied to what the client is about to send."""
+    if cid in faults.get("hang_clients", []):
+        deadline = time.monotonic() + float(faults.get("hang_s", 3600.0))
+        while time.monotonic() < deadline and not cancelled.is_set():
+            time.sleep(0.02)
+        _check_cancelled(cancelled, cid)
+    if cid in faults.get("scale_clients", []):
+        tensors = {k: v * float(faults.get("scale_factor", 1000.0)) for k, v in tensors.items()}
+    if cid in faults.get("nan_clients", []):
+        # in a 1-D tensor if there is one: those travel raw, so the NaN reaches the server
+        name = min(tensors, key=lambda k: (tensors[k].dim() != 1, list(tensors).index(k)))
+        tensors = dict(tensors)
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+    return tensors
+
+
+def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_msg, expect_up, acct, cancelled):
+    """One client's round: receive, train, upload; returns what the server decoded
+    and the client's metrics. Bytes are counted in ``acct`` as they are sent."""
     allowed, frozen = method.allowed_names(), method.frozen_names()
-    link = st.link
-    state, received, how = link.sync(cid, rnd, timer, device)
-    down = sum(len(m) for m in received)
-    st.down_sizes.extend(len(m) for m in received)
-    if received:
-        st.last_down = received[-1]
-    sync[str(cid)] = {"how": how, "messages": len(received), "bytes": down}
-    check_names(state, allowed, frozen, f"client {cid} model")
-    if cid in faults.get("raise_clients", []):
-        raise InjectedFault(f"client {cid}: injected failure")
-    trained, metrics = method.train_from(cid, state, rnd)
-    delta = {k: trained[k] - state[k] for k in state}
-    up_msg = link.upload(cid, rnd, delta, timer)
+    if method.transport == "delta":
+        link = st.link
+        state, received, how = link.sync(cid, rnd, timer, device)
+        acct["down"] = sum(len(m) for m in received)
+        st.down_sizes.extend(len(m) for m in received)
+        if received:
+            st.last_down = received[-1]
+        sync[str(cid)] = {"how": how, "messages": len(received), "bytes": acct["down"]}
+        check_names(state, allowed, frozen, f"client {cid} model")
+        if cid in faults.get("raise_clients", []):
+            raise InjectedFault(f"client {cid}: injected failure")
+        trained, metrics = method.train_from(cid, state, rnd)
+        delta = _inject(cid, {k: trained[k] - state[k] for k in state}, faults, cancelled)
+        _check_cancelled(cancelled, cid)
+        up_msg = link.upload(cid, rnd, delta, timer)
+    else:
+        received = {}
+        if down_msg is not None:
+            acct["down"] = len(down_msg)
+            st.down_sizes.append(len(down_msg))
+            received = timer.decode(down_msg, device, expect=expect_up)  # the client's side
+            check_names(received, allowed, frozen, f"client {cid} received")
+        if cid in faults.get("raise_clients", []):
+            raise InjectedFault(f"client {cid}: injected failure")
+        tensors, metrics = method.client_update(cid, received, rnd)
+        if not method.communicates:
+            return tensors, metrics
+        check_names(tensors, allowed, frozen, f"client {cid} upload")
+        tensors = _inject(cid, tensors, faults, cancelled)
+        _check_cancelled(cancelled, cid)
+        spec, ef = method.up_spec_at(cid, rnd), method.error_feedback(cid)
+        if ef is not None:
+            ef.spec = spec  # density tiers and decay change the spec, not the residual
+        up_msg = timer.encode(tensors, spec, ef)
     if cid in faults.get("corrupt_clients", []):
         up_msg = _corrupt(up_msg)
+    if cid in faults.get("bomb_clients", []):
+        up_msg = _bomb(next(iter(st.link.layout.expected() if method.transport == "delta" else expect_up)))
+    acct["up"] = len(up_msg)
     st.up_sizes.append(len(up_msg))
     st.last_up = up_msg
-    tensors = link.receive(up_msg, timer, device)  # the server's side
+    # the server's side: the upload must hold exactly what it expects, or nothing is allocated
+    if method.transport == "delta":
+        tensors = st.link.receive(up_msg, timer, device)
+    else:
+        tensors = timer.decode(up_msg, device, expect=expect_up)
     check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
-    return tensors, metrics, (down, len(up_msg))
+    return tensors, metrics
+
+
+def _screen_update(cid: int, tensors: dict, base: dict | None) -> float:
+    """Refuse a decoded update holding NaN or Inf; return its L2 norm (of
+    ``tensors - base`` when the upload is weights, of ``tensors`` for deltas)."""
+    sq = 0.0
+    for name, t in tensors.items():
+        if not torch.is_floating_point(t):
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteUpdate(f"client {cid}: tensor {name!r} of its update holds NaN or Inf")
+        d = t.double() - base[name].double() if base is not None else t.double()
+        sq += float(torch.dot(d.reshape(-1), d.reshape(-1)))
+    return math.sqrt(sq)
+
+
+def _apply_norm_bound(updates, norms, ratio, dropped, rnd):
+    """Drop updates whose norm exceeds ``ratio`` times the round's lower median
+    norm (the lower median: with two clients, the larger cannot set its own bar)."""
+    ordered = sorted(norms[u.cid] for u in updates)
+    median = ordered[(len(ordered) - 1) // 2]
+    kept = []
+    for u in updates:
+        if norms[u.cid] > ratio * median:
+            reason = (f"UpdateNormBound: client {u.cid}: update norm {norms[u.cid]:.4g} exceeds "
+                      f"{ratio:g} x the round's median {median:.4g}")
+            log.warning("round %d: client %d dropped: %s", rnd, u.cid, reason)
+            dropped.append({"cid": u.cid, "kind": "norm", "reason": reason})
+        else:
+            kept.append(u)
+    return kept, [u.metrics["loss"] for u in kept]
 
 
 def convergence(accs: list[float], window: int = 10, tol: float = 0.005) -> dict:
@@ -323,6 +467,7 @@ def _summary(cfg, method, st: _State, device, wall):
         "ratio_vs_fedavg": fedavg_equiv / (total_up + total_down) if total_up + total_down else None,
         "ratio_up_vs_fedavg": ref * n_up / total_up if total_up else None,
         "dropped_total": sum(len(r["dropped"]) for r in records),
+        "dropped_by_kind": _count_kinds(records),
         "encode_ms_total": sum(r["encode_ms"] for r in records), "decode_ms_total": sum(r["decode_ms"] for r in records),
         "wall_s": wall, "describe": method.describe(), "config": cfg, "provenance": provenance(),
         **convergence(accs),
@@ -337,6 +482,15 @@ def _summary(cfg, method, st: _State, device, wall):
     if last_down is not None:
         s["last_down_breakdown"] = message_breakdown(last_down)
     return s
+
+
+def _count_kinds(records) -> dict:
+    counts: dict[str, int] = {}
+    for r in records:
+        for d in r["dropped"]:
+            kind = d.get("kind", "error")  # records of runs before kinds were logged
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 class _progress:

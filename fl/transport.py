@@ -53,12 +53,22 @@ class Layout:
         self.names = list(tensors)
         self.shapes = [tuple(t.shape) for t in tensors.values()]
         self.numels = [t.numel() for t in tensors.values()]
+        self.dtypes = [t.dtype for t in tensors.values()]
         self.flatten = flatten
 
     def pack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.flatten:
             return tensors
         return {FLAT_NAME: torch.cat([tensors[n].detach().reshape(-1).float() for n in self.names])}
+
+    def expected(self) -> dict[str, tuple]:
+        """What a message of this layout holds, ``{name: (shape, dtype)}``, for
+        ``fc.decode(..., expect=...)``."""
+        if self.flatten:
+            return {FLAT_NAME: ((sum(self.numels),), torch.float32)}
+        # layouts pickled in checkpoints before dtypes were kept held float32 tensors
+        dtypes = getattr(self, "dtypes", [torch.float32] * len(self.names))
+        return {n: (s, d) for n, s, d in zip(self.names, self.shapes, dtypes)}
 
     def unpack(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.flatten:
@@ -151,12 +161,12 @@ class DeltaLink:
                 how, received = "seed", []
             elif synced == 0:  # first contact after round 1: the exact model, raw
                 snap = codec.encode({k: v.cpu() for k, v in self.global_.items()}, fc.CodecSpec.raw())
-                state = {k: v.to(device) for k, v in codec.decode(snap, device).items()}
+                state = {k: v.to(device) for k, v in codec.decode(snap, device, expect=self.init).items()}
                 how, received = "snapshot", [snap]
             else:
                 diff = {k: self.global_[k] - state[k] for k in state}
                 msg = codec.encode(self.layout.pack(diff), self.down_spec(rnd))
-                state = _add(state, self.layout.unpack(codec.decode(msg, device)))
+                state = _add(state, self.layout.unpack(codec.decode(msg, device, expect=self.layout.expected())))
                 how, received = "per-client", [msg]
             self.clients[cid] = (rnd, state)
             return {k: v.clone() for k, v in state.items()}, received, how
@@ -168,11 +178,11 @@ class DeltaLink:
         elif complete and sum(len(m) for m in missed) <= self.snapshot_bytes:
             how, received = "catch-up", missed
             for m in missed:  # in broadcast order: the same additions the server made
-                state = _add(state, self.layout.unpack(codec.decode(m, device)))
+                state = _add(state, self.layout.unpack(codec.decode(m, device, expect=self.layout.expected())))
         else:
             snap = codec.encode({k: v.cpu() for k, v in self.public.items()}, fc.CodecSpec.raw())
             how, received = "snapshot", [snap]
-            state = {k: v.to(device) for k, v in codec.decode(snap, device).items()}
+            state = {k: v.to(device) for k, v in codec.decode(snap, device, expect=self.init).items()}
         self.clients[cid] = (rnd, state)
         return {k: v.clone() for k, v in state.items()}, received, how
 
@@ -186,5 +196,6 @@ class DeltaLink:
         return codec.encode(self.layout.pack(delta), spec, ef)
 
     def receive(self, msg: bytes, codec, device) -> dict[str, torch.Tensor]:
-        """Server side: decode one upload into per-tensor deltas."""
-        return self.layout.unpack(codec.decode(msg, device))
+        """Server side: decode one upload into per-tensor deltas. The message
+        must hold exactly the layout's tensors, checked before any allocation."""
+        return self.layout.unpack(codec.decode(msg, device, expect=self.layout.expected()))

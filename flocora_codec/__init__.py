@@ -14,7 +14,14 @@ from flocora_codec.codec import (
     encode_numpy,
     message_info,
 )
-from flocora_codec.errors import ChecksumError, CodecError, FormatError, LimitError, UnsupportedVersionError
+from flocora_codec.errors import (
+    ChecksumError,
+    CodecError,
+    ExpectationError,
+    FormatError,
+    LimitError,
+    UnsupportedVersionError,
+)
 from flocora_codec.format import DecodeLimits
 from flocora_codec.spec import CodecSpec, Rule
 
@@ -36,4 +43,5 @@ __all__ = [
     "ChecksumError",
     "UnsupportedVersionError",
     "LimitError",
+    "ExpectationError",
 ]

@@ -303,10 +303,24 @@ def _encode_affine(rec, members, entries, flat, specs, parts):
         )
     except RuntimeError as exc:
         raise _kernel_failed("quantize_pack", names, xs, exc) from exc
+    _refuse_unfit_groups(scales, offsets, rec, {entries[i].dtype for i in members}, names)
     p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
     for i, x, g in zip(members, xs, gs):
         meta_len = ops.num_groups(x.numel(), g) * meta.itemsize
         parts[i] += [s.take(meta_len), o.take(meta_len), p.take(ops.packed_nbytes(x.numel(), rec.bits))]
+
+
+def _refuse_unfit_groups(scales, offsets, rec, dtypes, names) -> None:
+    """Refuse to write groups a decoder must reject (FORMAT.md 3.2): near the
+    edge of a dtype's range, rounding the float16 scale up can make the top
+    code decode to inf (a float16 tensor holding +-65504 with float16 metadata)."""
+    for dtype in dtypes:
+        if affine_meta_violation(scales, offsets, rec.bits, dtype) is not None:
+            raise ValueError(
+                f"encode: tensors {names[:5]}: a group's range reaches the edge of {dtype}'s range and would "
+                f"decode beyond it with {fmt.META_CODES[rec.meta_dtype]} metadata; use meta_dtype='float32' "
+                "or keep these tensors raw"
+            )
 
 
 def _values_name(rec: fmt.CodecRecord) -> str:
@@ -336,9 +350,12 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
     if rec.values != fmt.VALUES_QUANTIZED:
         vdtype = fmt.VALUE_DTYPES[rec.values]
         converted = values.to(vdtype)
-        if vdtype != torch.float32 and not bool(torch.isfinite(converted).all()):
+        bad = ~torch.isfinite(converted)
+        for dtype in {entries[i].dtype for i in members} - {torch.float32, torch.float64, vdtype}:
+            bad |= ~torch.isfinite(converted.to(dtype))  # bfloat16 rounds 65504 up to 65536: inf as float16
+        if bool(bad.any()):
             # float16 tops out at 65504: refuse rather than send inf
-            bad = torch.split(~torch.isfinite(converted), counts)
+            bad = torch.split(bad, counts)
             name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
             raise ValueError(f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values")
         vals = _Slicer(converted)
@@ -360,6 +377,7 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
         )
     except RuntimeError as exc:
         raise _kernel_failed("quantize_pack", [entries[i].name for i, _ in nz], vecs, exc) from exc
+    _refuse_unfit_groups(scales, offsets, rec, {entries[i].dtype for i, _ in nz}, [entries[i].name for i, _ in nz])
     p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
     for (i, c), g in zip(nz, gs):
         meta_len = ops.num_groups(c, g) * meta.itemsize
@@ -419,16 +437,46 @@ def _check_padding(mv: memoryview, streams, what: str) -> None:
             raise FormatError(f"tensor {name!r}: nonzero padding bits after the last {what} code")
 
 
-def _dequantize(mv, rec, members, counts, group_sizes, dtype, device):
-    """One ``unpack_dequantize`` call over the affine sections of ``members``."""
+_FLOAT32_MIN_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int, out_dtype: torch.dtype) -> str | None:
+    """Why these affine groups could come from no encoder (FORMAT.md 3.2), or None.
+
+    Every group's decoded values lie between its offset and its top value
+    ``offset + scale * (2^bits - 1)`` (float32, each operation rounded), so
+    both being finite in float32 and in the output dtype bounds every value
+    of the group: O(groups) work, never O(elements).
+    """
+    s, o = scales.float(), offsets.float()
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(o).all())):
+        return "non-finite scale or offset"
+    if bool(torch.signbit(s).any()):
+        return "negative scale (or -0.0; the encoder writes +0.0)"
+    if bool(((o == 0) & torch.signbit(o)).any()):
+        return "offset -0.0 (the encoder writes +0.0)"
+    if scales.dtype == torch.float32 and bool(((s != 0) & (s < _FLOAT32_MIN_NORMAL)).any()):
+        return "subnormal float32 scale (the encoder stores a scale below 2^-126 as 0)"
+    top = o + s * float((1 << bits) - 1)  # two roundings, as the kernels decode
+    if not bool(torch.isfinite(top).all()):
+        return f"a group's top value offset + scale * {(1 << bits) - 1} overflows float32"
+    if out_dtype in (torch.float16, torch.bfloat16) and not (
+        bool(torch.isfinite(top.to(out_dtype)).all()) and bool(torch.isfinite(o.to(out_dtype)).all())
+    ):
+        return f"a group's range decodes beyond the finite range of {out_dtype}"
+    return None
+
+
+def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
+    """One ``unpack_dequantize`` call over the affine sections of ``members``
+    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
     meta = fmt.META_CODES[rec.meta_dtype]
     half = [e.metadata_len // 2 for e in members]
     scales = _gather(mv, [(e.offset, h) for e, h in zip(members, half)]).view(meta)
     offsets = _gather(mv, [(e.offset + h, h) for e, h in zip(members, half)]).view(meta)
-    if not (bool(torch.isfinite(scales).all()) and bool(torch.isfinite(offsets).all())):
-        raise FormatError(f"non-finite scale or offset in tensors {[e.name for e in members]}")
-    if bool((scales < 0).any()):
-        raise FormatError(f"negative scale in tensors {[e.name for e in members]}")
+    why = affine_meta_violation(scales, offsets, rec.bits, out_dtype)
+    if why is not None:
+        raise FormatError(f"{why} in tensors {[e.name for e in members]}")
     _check_padding(mv, [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts)], f"{rec.bits}-bit")
     packed = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
     try:
@@ -486,7 +534,7 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         numels = [e.numel for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
             gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
-            dense = _dequantize(mv, rec, members, numels, gs, kdtype, device)
+            dense = _dequantize(mv, rec, members, numels, gs, kdtype, dtype, device)
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
@@ -497,13 +545,17 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
                 if q:
                     gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
                     values = _dequantize(
-                        mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, device
+                        mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device
                     )
                 else:
                     values = torch.empty(0, dtype=torch.float32, device=device)
             else:
                 vdtype = fmt.VALUE_DTYPES[rec.values]
                 values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
+                if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(values.to(dtype)).all())):
+                    # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
+                    raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
+                                      f"in tensors {[e.name for e in members]}")  # fmt: skip
                 values = values.to(device=device, dtype=torch.float32)
             try:
                 dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
@@ -523,12 +575,12 @@ def _as_view(data) -> memoryview:
         raise FormatError(f"message must be a bytes-like object, not {type(data).__name__}") from exc
 
 
-def decode(data, *, device=None, limits: DecodeLimits | None = None) -> dict[str, torch.Tensor]:
+def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None) -> dict[str, torch.Tensor]:
     """Rebuild the named tensors of a message.
 
     The whole message is validated first (length, CRC32C, every header field
-    and section size, against ``limits``), so a hostile or corrupted message
-    raises before anything it claims is allocated.
+    and section size, against ``limits`` and ``expect``), so a hostile or
+    corrupted message raises before anything it claims is allocated.
 
     Parameters
     ----------
@@ -539,8 +591,15 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None) -> dict[str
         Where the tensors are decoded and returned (default CPU). Only the
         compressed sections are moved there.
     limits : DecodeLimits, optional
-        Bounds on message size, tensor count, total elements, ndim and name
-        length (defaults: :class:`DecodeLimits`).
+        Bounds on message size, tensor count, total elements, ndim, name
+        length and expansion (defaults: :class:`DecodeLimits`).
+    expect : mapping, optional
+        What the receiver knows the message must hold: names mapped to
+        tensors or arrays (a state dict: only shapes and dtypes are used) or
+        to ``(shape, dtype)`` pairs. Anything else is refused before any
+        allocation, which is how a server should decode client uploads: a
+        message cannot make it allocate more than its own model. With
+        ``expect`` the ``max_expansion`` limit does not apply.
 
     Returns
     -------
@@ -558,9 +617,11 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None) -> dict[str
         Format version not implemented here.
     LimitError
         The message exceeds ``limits``.
+    ExpectationError
+        The message is well formed but not what ``expect`` says.
     """
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits)
+    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect))
     return _decode_parsed(pm, mv, device)
 
 
@@ -600,7 +661,7 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
     return encode(tensors, spec)
 
 
-def decode_numpy(data, *, limits: DecodeLimits | None = None) -> dict[str, np.ndarray]:
+def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None) -> dict[str, np.ndarray]:
     """:func:`decode` to numpy arrays.
 
     Parameters
@@ -609,6 +670,8 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None) -> dict[str, np.nd
         The message.
     limits : DecodeLimits, optional
         As for :func:`decode`.
+    expect : mapping, optional
+        As for :func:`decode` (numpy arrays or ``(shape, dtype)`` pairs).
 
     Returns
     -------
@@ -621,7 +684,7 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None) -> dict[str, np.nd
         As for :func:`decode`.
     """
     out = {}
-    for name, t in decode(data, limits=limits).items():
+    for name, t in decode(data, limits=limits, expect=expect).items():
         if t.dtype == torch.bfloat16:
             t = t.float()
         out[name] = t.numpy()
@@ -701,7 +764,8 @@ def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
         If the header is invalid, as for :func:`decode` (section contents,
         such as index codes, are only checked by :func:`decode`).
     """
-    pm = fmt.parse(_as_view(data), limits)
+    # Nothing is decoded here, so a would-be bomb is described, not refused.
+    pm = fmt.parse(_as_view(data), limits, bound_expansion=False)
     rows = []
     for e in pm.entries:
         r = pm.records[e.codec_index]

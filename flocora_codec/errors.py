@@ -7,7 +7,9 @@ and ``except CodecError`` catches exactly "this message is not acceptable".
 """
 from __future__ import annotations
 
-__all__ = ["CodecError", "FormatError", "ChecksumError", "UnsupportedVersionError", "LimitError"]
+__all__ = [
+    "CodecError", "FormatError", "ChecksumError", "UnsupportedVersionError", "LimitError", "ExpectationError",
+]
 
 
 class CodecError(ValueError):
@@ -28,3 +30,8 @@ class UnsupportedVersionError(CodecError):
 
 class LimitError(CodecError):
     """The message exceeds a :class:`flocora_codec.DecodeLimits` bound."""
+
+
+class ExpectationError(CodecError):
+    """The message is well formed, but its tensors are not the names, shapes and
+    dtypes the receiver said it expects (``decode(..., expect=...)``)."""

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import crc32c as _crc32c
+import numpy as np
 import torch
 
 from flocora_codec import ops
-from flocora_codec.errors import ChecksumError, FormatError, LimitError, UnsupportedVersionError
+from flocora_codec.errors import ChecksumError, ExpectationError, FormatError, LimitError, UnsupportedVersionError
 
-__all__ = ["DecodeLimits", "CodecRecord", "TensorEntry", "ParsedMessage", "parse", "crc32c"]
+__all__ = ["DecodeLimits", "CodecRecord", "TensorEntry", "ParsedMessage", "parse", "crc32c", "expectation"]
 
 MAGIC = b"FLoC"
 # Version 2 is version 1 plus sign-and-mean top-k values (values = 5). The
@@ -90,6 +92,12 @@ class DecodeLimits:
         Most dimensions per tensor (default 16).
     max_name_bytes : int
         Longest tensor name in UTF-8 bytes (default 1024).
+    max_expansion : int
+        Most decoded bytes per message byte (default 65 536) when the
+        receiver states no expectation (``decode(..., expect=None)``): the
+        guard against a tiny top-k message whose shape claims gigabytes. A
+        top-k message at density 1e-4 expands about 20 000x; a receiver that
+        expects sparser messages raises it, or better, passes ``expect=``.
 
     Raises
     ------
@@ -102,9 +110,11 @@ class DecodeLimits:
     max_total_elements: int = 1 << 31
     max_ndim: int = 16
     max_name_bytes: int = 1024
+    max_expansion: int = 1 << 16
 
     def __post_init__(self):
-        for name in ("max_message_bytes", "max_tensors", "max_total_elements", "max_ndim", "max_name_bytes"):
+        for name in ("max_message_bytes", "max_tensors", "max_total_elements", "max_ndim", "max_name_bytes",
+                     "max_expansion"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"DecodeLimits: {name} must be an integer >= 0; got {v!r}")
@@ -386,7 +396,42 @@ def check_envelope(mv: memoryview, limits: DecodeLimits) -> tuple:
     return version, flags, n_codecs, n_tensors
 
 
-def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
+def expectation(expect) -> dict:
+    """Normalize what a receiver expects to ``{name: (shape, torch dtype)}``.
+
+    ``expect`` maps names to tensors or numpy arrays (a state dict: only
+    their shapes and dtypes are used) or to ``(shape, dtype)`` pairs, with
+    ``dtype`` a torch or numpy dtype.
+    """
+    if not isinstance(expect, Mapping):
+        raise TypeError(f"expect must map tensor names to tensors or (shape, dtype); got {type(expect).__name__}")
+    out = {}
+    for name, v in expect.items():
+        if isinstance(v, torch.Tensor):
+            shape, dtype = tuple(v.shape), v.dtype
+        elif isinstance(v, np.ndarray):
+            shape, dtype = v.shape, v.dtype
+        elif isinstance(v, tuple) and len(v) == 2:
+            shape, dtype = v
+        else:
+            raise TypeError(f"expect[{name!r}] must be a tensor, an array or a (shape, dtype) pair; got {v!r}")
+        if not isinstance(dtype, torch.dtype):
+            dtype = _numpy_dtype_to_torch(dtype)
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"expect[{name!r}]: dtype {dtype} is not one the format carries")
+        out[str(name)] = (tuple(int(d) for d in shape), dtype)
+    return out
+
+
+def _numpy_dtype_to_torch(dtype) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+    except TypeError as exc:
+        raise TypeError(f"expect: numpy dtype {dtype} has no torch equivalent") from exc
+
+
+def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
+          bound_expansion: bool = True) -> ParsedMessage:
     """Validate a whole message's envelope and header; return where everything lies.
 
     Parameters
@@ -395,6 +440,14 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
         The message.
     limits : DecodeLimits, optional
         Bounds to enforce (defaults: :class:`DecodeLimits`).
+    expect : dict, optional
+        The output of :func:`expectation`: the message must hold exactly these
+        names with these shapes and dtypes (:class:`ExpectationError`
+        otherwise, raised as each record is read). ``max_expansion`` is then
+        not applied: the receiver has bounded the output itself.
+    bound_expansion : bool
+        Apply ``limits.max_expansion`` when ``expect`` is None (a decoder
+        does; ``message_info``, which allocates nothing, does not).
 
     Returns
     -------
@@ -416,6 +469,9 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
 
     if n_tensors > limits.max_tensors:
         raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
+    if expect is not None and n_tensors != len(expect):
+        raise ExpectationError(f"message holds {n_tensors} tensors; the receiver expects {len(expect)}")
+    max_decoded = limits.max_expansion * len(mv) if expect is None and bound_expansion else None
     # Both tables must fit in what is left before anything is looped over.
     rd.need(n_codecs * CODEC_RECORD.size + n_tensors * MIN_TENSOR_RECORD, f"{n_codecs} codecs and {n_tensors} tensors")
     records = []
@@ -429,7 +485,7 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
     entries = []
     names = set()
     used = [False] * n_codecs
-    total_elements = 0
+    total_elements = decoded_bytes = 0
     for t in range(n_tensors):
         (name_len,) = rd.unpack(_U16, "name length")
         if name_len > limits.max_name_bytes:
@@ -442,12 +498,19 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
         if name in names:
             raise FormatError(f"duplicate tensor name {name!r}")
         names.add(name)
+        if expect is not None and name not in expect:
+            raise ExpectationError(f"tensor {name!r} is not one the receiver expects "
+                                   f"(expected names such as {sorted(expect)[:3]})")  # fmt: skip
         dtype_code, ndim = rd.unpack(_U8U8, "dtype and ndim")
         if dtype_code not in CODE_DTYPES:
             raise FormatError(f"tensor {name!r}: unknown dtype code {dtype_code}")
         if ndim > limits.max_ndim:
             raise LimitError(f"tensor {name!r}: {ndim} dimensions exceed max_ndim={limits.max_ndim}")
         shape = struct.unpack_from(f"<{ndim}Q", rd.take(8 * ndim, "shape")) if ndim else ()
+        if expect is not None and (tuple(shape), CODE_DTYPES[dtype_code]) != expect[name]:
+            want_shape, want_dtype = expect[name]
+            raise ExpectationError(f"tensor {name!r} is {CODE_DTYPES[dtype_code]} of shape {tuple(shape)}; "
+                                   f"the receiver expects {want_dtype} of shape {want_shape}")  # fmt: skip
         numel = 1
         for d in shape:
             if d > limits.max_total_elements:
@@ -458,6 +521,13 @@ def parse(data, limits: DecodeLimits | None = None) -> ParsedMessage:
             raise LimitError(
                 f"tensor {name!r} of shape {tuple(shape)} brings the message to {total_elements} elements, "
                 f"over max_total_elements={limits.max_total_elements}"
+            )
+        decoded_bytes += numel * CODE_DTYPES[dtype_code].itemsize
+        if max_decoded is not None and decoded_bytes > max_decoded:
+            raise LimitError(
+                f"tensor {name!r} of shape {tuple(shape)} brings a {len(mv)}-byte message to {decoded_bytes} decoded "
+                f"bytes, over max_expansion={limits.max_expansion} times its size (a decompression bomb?): "
+                "decode with expect= (the names, shapes and dtypes you expect) or raise DecodeLimits.max_expansion"
             )
         (codec_index,) = rd.unpack(_U16, "codec index")
         if codec_index >= n_codecs:

@@ -44,8 +44,8 @@ class Recorder:
         self.decoded = []  # (bytes, names)
         orig = comm.Timer.decode
 
-        def decode(timer, data, device=None):
-            out = orig(timer, data, device)
+        def decode(timer, data, device=None, expect=None):
+            out = orig(timer, data, device, expect)
             self.decoded.append((data, set(out)))
             return out
         monkeypatch.setattr(comm.Timer, "decode", decode)

@@ -132,9 +132,9 @@ def test_delta_bytes_are_the_messages_each_client_received(tmp_path, monkeypatch
     seen = []
     orig = Timer.decode
 
-    def decode(timer, data, device=None):
+    def decode(timer, data, device=None, expect=None):
         seen.append(data)
-        return orig(timer, data, device)
+        return orig(timer, data, device, expect)
     monkeypatch.setattr(Timer, "decode", decode)
     cfg = tiny("method.name=flocora", "method.rank=2", "method.transport=delta", "method.bits=2")
     s = loop.run(cfg, tmp_path, progress=False)

@@ -382,13 +382,19 @@ __global__ __launch_bounds__(kThreads) void sparse_validate_kernel(const __grid_
 __global__ __launch_bounds__(kThreads) void sparse_scatter_kernel(const __grid_constant__ Pack<SparseDesc> pack,
                                                                   const int64_t* __restrict__ idx,
                                                                   const void* __restrict__ values, int32_t val_dtype,
-                                                                  bool accumulate) {
+                                                                  bool accumulate, const int* __restrict__ flag) {
   const int64_t w = block_id();
   if (w >= pack.total) return;
+  // Under CUDA graph capture the host cannot read the validation flag before
+  // this launch, so the kernel reads it itself: a corrupt code writes nothing,
+  // and no index, valid-looking or not, writes outside its tensor.
+  if (flag[0] != 0) return;
   const SparseDesc& d = pack.d[find_desc(pack, w)];
   const int64_t r = (w - d.work_begin) * kPerBlock + threadIdx.x;
   if (r >= d.k) return;
-  const int64_t o = d.out_off + idx[d.val_off + r];
+  const int64_t i = idx[d.val_off + r];
+  if (i < 0 || i >= d.n) return;
+  const int64_t o = d.out_off + i;
   float v = load_float(values, d.val_off + r, val_dtype);
   // Indices are distinct (validated), so no two threads touch one element.
   // The sum is computed in float32 (float64 for float64 outputs) and rounded
@@ -652,7 +658,7 @@ void sparse_run(const char* op, std::vector<SparseDesc>& descs, int64_t nchunks,
   const int32_t vdt = dtype_code(values.scalar_type(), op, "values");
   for (const auto& p : entry_packs) {
     sparse_scatter_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, idx.data_ptr<int64_t>(), values.data_ptr(),
-                                                                      vdt, accumulate);
+                                                                      vdt, accumulate, flag_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -35,6 +35,7 @@ class Update:
 class Method:
     name = "method"
     communicates = True  # False: clients train alone, nothing travels
+    uploads_deltas = False  # weights transport: clients upload trained - received (FLASC), not weights
 
     def __init__(self, cfg: dict, train: Dataset, test: Dataset, clients: list[ClientData], device):
         self.cfg = cfg

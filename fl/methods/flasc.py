@@ -22,6 +22,8 @@ from fl.training import train_client
 class FLASC(FLoCoRA):
     name = "flasc"
 
+    uploads_deltas = True
+
     def __init__(self, *args):
         super().__init__(*args)
         m = self.mcfg
