@@ -575,7 +575,8 @@ def _as_view(data) -> memoryview:
         raise FormatError(f"message must be a bytes-like object, not {type(data).__name__}") from exc
 
 
-def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None) -> dict[str, torch.Tensor]:
+def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None,
+           partial: bool = False) -> dict[str, torch.Tensor]:
     """Rebuild the named tensors of a message.
 
     The whole message is validated first (length, CRC32C, every header field
@@ -599,7 +600,10 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         to ``(shape, dtype)`` pairs. Anything else is refused before any
         allocation, which is how a server should decode client uploads: a
         message cannot make it allocate more than its own model. With
-        ``expect`` the ``max_expansion`` limit does not apply.
+        ``expect`` the ``max_expansion`` limit does not apply. A dtype of
+        None accepts any dtype.
+    partial : bool
+        The message may hold a subset of ``expect`` (default: exactly it).
 
     Returns
     -------
@@ -621,7 +625,7 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         The message is well formed but not what ``expect`` says.
     """
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect))
+    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial)
     return _decode_parsed(pm, mv, device)
 
 
@@ -661,7 +665,8 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
     return encode(tensors, spec)
 
 
-def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None) -> dict[str, np.ndarray]:
+def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
+                 partial: bool = False) -> dict[str, np.ndarray]:
     """:func:`decode` to numpy arrays.
 
     Parameters
@@ -672,6 +677,8 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None) -> di
         As for :func:`decode`.
     expect : mapping, optional
         As for :func:`decode` (numpy arrays or ``(shape, dtype)`` pairs).
+    partial : bool
+        As for :func:`decode`.
 
     Returns
     -------
@@ -684,7 +691,7 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None) -> di
         As for :func:`decode`.
     """
     out = {}
-    for name, t in decode(data, limits=limits, expect=expect).items():
+    for name, t in decode(data, limits=limits, expect=expect, partial=partial).items():
         if t.dtype == torch.bfloat16:
             t = t.float()
         out[name] = t.numpy()

@@ -192,6 +192,7 @@ def decode_array_record(
     base: ArrayRecord | Mapping[str, np.ndarray] | None = None,
     *,
     limits: Any = None,
+    expect_base: bool = False,
 ) -> ArrayRecord:
     """Decode a record made by :func:`encode_array_record` back to plain arrays.
 
@@ -205,6 +206,10 @@ def decode_array_record(
     limits : DecodeLimits, optional
         Passed to the decoder (untrusted input: bounds what a message may
         allocate). ``None`` uses the codec's defaults.
+    expect_base : bool
+        Every tensor of either message must be one of ``base``'s names with
+        its shape (any dtype), checked before anything is allocated: a reply
+        cannot make the server allocate more than the global model.
 
     Returns
     -------
@@ -228,12 +233,16 @@ def decode_array_record(
         if arr.stype != STYPE:
             raise EncodedRecordError(f"entry {key!r} has stype {arr.stype!r}, expected {STYPE!r}")
     kwargs = {} if limits is None else {"limits": limits}
+    if isinstance(base, ArrayRecord):
+        base = _to_numpy(base)
+    if expect_base:
+        if base is None:
+            raise EncodedRecordError("cannot check the reply: no global arrays are known for its node")
+        kwargs.update(expect={n: (b.shape, None) for n, b in base.items()}, partial=True)
     out: dict[str, np.ndarray] = {}
     if DELTA_KEY in record:
         if base is None:
             raise EncodedRecordError("reply carries deltas but no global arrays are known to add them to")
-        if isinstance(base, ArrayRecord):
-            base = _to_numpy(base)
         delta = fc.decode_numpy(record[DELTA_KEY].data, **kwargs)
         for name, b in base.items():
             if name in delta:
@@ -252,6 +261,23 @@ def decode_array_record(
                 raise EncodedRecordError(f"tensor {name!r} sent both as delta and in full")
             out[name] = x
     return ArrayRecord({k: Array(_c_array(v)) for k, v in out.items()})
+
+
+def _update_norm(reply: Message, base: Mapping[str, np.ndarray] | None) -> float | None:
+    """L2 norm of a reply's float arrays minus the global arrays (the arrays
+    themselves where no global one matches); None if any holds NaN or Inf."""
+    sq = 0.0
+    for rec in reply.content.array_records.values():
+        for name, arr in rec.items():
+            x = arr.numpy()
+            if not _is_float(x):
+                continue
+            if not np.isfinite(x).all():
+                return None
+            b = None if base is None else base.get(name)
+            d = x.astype(np.float64) - (b if b is not None and b.shape == x.shape else 0.0)
+            sq += float(np.dot(d.ravel(), d.ravel()))
+    return float(np.sqrt(sq))
 
 
 def _copy_content(content: RecordDict, replace: Mapping[str, Any]) -> RecordDict:
@@ -429,6 +455,15 @@ class CompressedStrategy(Strategy):
         what the clients trained on. ``None`` sends them as plain arrays.
     decode_limits : DecodeLimits, optional
         Bounds on what one client message may allocate when decoded.
+    expect_replies : bool
+        Decode each reply against the global arrays its node was sent
+        (names and shapes, before anything is allocated; default on). A
+        reply holding anything else is dropped.
+    max_update_norm_ratio : float
+        Drop a reply whose update (its arrays minus the global arrays) has an
+        L2 norm above this multiple of the round's lower median update norm;
+        0 (the default) switches the bound off. Replies holding NaN or Inf are
+        always dropped. Fault tolerance, not Byzantine robustness.
 
     Attributes
     ----------
@@ -438,8 +473,12 @@ class CompressedStrategy(Strategy):
         Per round: ``uplink_bytes`` / ``uplink_raw_bytes`` (encoded replies vs
         the same arrays as plain Flower arrays, summed over accepted replies),
         ``downlink_bytes`` / ``downlink_raw_bytes`` (summed over train
-        instructions), ``dropped`` (replies that failed to decode). Bytes are
-        ``ArrayRecord.count_bytes()``: array payloads plus key names.
+        instructions), ``dropped`` (replies dropped, of which
+        ``dropped_decode``, ``dropped_nonfinite`` and ``dropped_norm`` by
+        cause), ``instructions`` (train messages sent) and ``missing_replies``
+        (instructions no reply came back for within the round's timeout: dead
+        or hung nodes). Bytes are ``ArrayRecord.count_bytes()``: array
+        payloads plus key names.
 
     Notes
     -----
@@ -457,7 +496,8 @@ class CompressedStrategy(Strategy):
     >>> strategy.history[1]["uplink_bytes"]
     """
 
-    def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None):
+    def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None,
+                 expect_replies: bool = True, max_update_norm_ratio: float = 0.0):
         if not isinstance(strategy, Strategy):
             raise TypeError(
                 f"CompressedStrategy wraps a flwr.serverapp.strategy.Strategy; got {type(strategy).__name__}"
@@ -467,6 +507,10 @@ class CompressedStrategy(Strategy):
         self.strategy = strategy
         self.downlink = downlink
         self.decode_limits = decode_limits
+        self.expect_replies = bool(expect_replies)
+        if not max_update_norm_ratio >= 0:
+            raise ValueError(f"CompressedStrategy: max_update_norm_ratio must be >= 0; got {max_update_norm_ratio!r}")
+        self.max_update_norm_ratio = float(max_update_norm_ratio)
         self.history: dict[int, dict[str, int]] = {}
         self._bases: dict[int, dict[str, np.ndarray]] = {}
 
@@ -487,8 +531,10 @@ class CompressedStrategy(Strategy):
     def _round_stats(self, server_round: int) -> dict[str, int]:
         return self.history.setdefault(
             server_round,
-            {"uplink_bytes": 0, "uplink_raw_bytes": 0, "downlink_bytes": 0, "downlink_raw_bytes": 0, "dropped": 0},
-        )
+            {"uplink_bytes": 0, "uplink_raw_bytes": 0, "downlink_bytes": 0, "downlink_raw_bytes": 0, "dropped": 0,
+             "dropped_decode": 0, "dropped_nonfinite": 0, "dropped_norm": 0, "instructions": 0,
+             "missing_replies": 0},
+        )  # fmt: skip
 
     def _downlink_pair(self, arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord | None]:
         """(what clients will hold after decoding, what travels) for ``arrays``."""
@@ -531,6 +577,8 @@ class CompressedStrategy(Strategy):
                     self._bases[msg.metadata.dst_node_id] = numpy_cache[id(plain)]
             if swap:
                 msg.content = _copy_content(msg.content, swap)
+            if stats is not None:
+                stats["instructions"] += 1
         return messages
 
     def configure_train(
@@ -548,7 +596,8 @@ class CompressedStrategy(Strategy):
             return reply
         node = reply.metadata.src_node_id
         base = self._bases.get(node)
-        decoded = {k: decode_array_record(r, base, limits=self.decode_limits) for k, r in encoded.items()}
+        decoded = {k: decode_array_record(r, base, limits=self.decode_limits, expect_base=self.expect_replies)
+                   for k, r in encoded.items()}  # fmt: skip
         reply.content = _copy_content(reply.content, decoded)
         return reply
 
@@ -558,7 +607,17 @@ class CompressedStrategy(Strategy):
         """Decode every compressed reply (dropping those that fail), then let the
         wrapped strategy aggregate plain arrays."""
         stats = self._round_stats(server_round)
+        replies = list(replies)
+        stats["missing_replies"] = max(0, stats["instructions"] - len(replies))
         kept: list[Message] = []
+        norms: dict[int, float] = {}
+
+        def drop(reply: Message, kind: str, why: str) -> None:
+            stats["dropped"] += 1
+            stats["dropped_" + kind] += 1
+            log.warning("CompressedStrategy: round %d: dropped the reply of node %s: %s",
+                        server_round, reply.metadata.src_node_id, why)  # fmt: skip
+
         for reply in replies:
             if reply.has_error() or not reply.has_content():
                 kept.append(reply)  # the wrapped strategy counts and logs failures
@@ -567,15 +626,27 @@ class CompressedStrategy(Strategy):
             try:
                 reply = self._decode_reply(reply)
             except Exception as err:  # noqa: BLE001  one bad client must not end the round
-                stats["dropped"] += 1
-                log.warning(
-                    "CompressedStrategy: round %d: dropped the reply of node %s: %s: %s",
-                    server_round, reply.metadata.src_node_id, type(err).__name__, err,
-                )
+                drop(reply, "decode", f"{type(err).__name__}: {err}")
                 continue
             stats["uplink_bytes"] += wire
             stats["uplink_raw_bytes"] += sum(r.count_bytes() for r in reply.content.array_records.values())
+            norm = _update_norm(reply, self._bases.get(reply.metadata.src_node_id))
+            if norm is None:
+                drop(reply, "nonfinite", "its arrays hold NaN or Inf")
+                continue
+            norms[id(reply)] = norm
             kept.append(reply)
+        if self.max_update_norm_ratio > 0 and norms:
+            ordered = sorted(norms.values())
+            bar = self.max_update_norm_ratio * ordered[(len(ordered) - 1) // 2]  # lower median
+            screened = []
+            for reply in kept:
+                if norms.get(id(reply), 0.0) > bar:
+                    drop(reply, "norm", f"update norm {norms[id(reply)]:.4g} exceeds {self.max_update_norm_ratio:g} "
+                                        "x the round's median")  # fmt: skip
+                else:
+                    screened.append(reply)
+            kept = screened
         arrays, metrics = self.strategy.aggregate_train(server_round, kept)
         if metrics is not None:
             metrics = MetricRecord(dict(metrics))

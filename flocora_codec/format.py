@@ -401,7 +401,7 @@ def expectation(expect) -> dict:
 
     ``expect`` maps names to tensors or numpy arrays (a state dict: only
     their shapes and dtypes are used) or to ``(shape, dtype)`` pairs, with
-    ``dtype`` a torch or numpy dtype.
+    ``dtype`` a torch or numpy dtype, or None for any dtype.
     """
     if not isinstance(expect, Mapping):
         raise TypeError(f"expect must map tensor names to tensors or (shape, dtype); got {type(expect).__name__}")
@@ -415,9 +415,9 @@ def expectation(expect) -> dict:
             shape, dtype = v
         else:
             raise TypeError(f"expect[{name!r}] must be a tensor, an array or a (shape, dtype) pair; got {v!r}")
-        if not isinstance(dtype, torch.dtype):
+        if dtype is not None and not isinstance(dtype, torch.dtype):
             dtype = _numpy_dtype_to_torch(dtype)
-        if dtype not in DTYPE_CODES:
+        if dtype is not None and dtype not in DTYPE_CODES:
             raise TypeError(f"expect[{name!r}]: dtype {dtype} is not one the format carries")
         out[str(name)] = (tuple(int(d) for d in shape), dtype)
     return out
@@ -431,7 +431,7 @@ def _numpy_dtype_to_torch(dtype) -> torch.dtype:
 
 
 def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
-          bound_expansion: bool = True) -> ParsedMessage:
+          bound_expansion: bool = True, partial: bool = False) -> ParsedMessage:
     """Validate a whole message's envelope and header; return where everything lies.
 
     Parameters
@@ -448,6 +448,8 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
     bound_expansion : bool
         Apply ``limits.max_expansion`` when ``expect`` is None (a decoder
         does; ``message_info``, which allocates nothing, does not).
+    partial : bool
+        The message may hold a subset of ``expect``'s tensors.
 
     Returns
     -------
@@ -469,8 +471,9 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
 
     if n_tensors > limits.max_tensors:
         raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
-    if expect is not None and n_tensors != len(expect):
-        raise ExpectationError(f"message holds {n_tensors} tensors; the receiver expects {len(expect)}")
+    if expect is not None and (n_tensors > len(expect) if partial else n_tensors != len(expect)):
+        raise ExpectationError(f"message holds {n_tensors} tensors; the receiver expects "
+                               f"{'at most ' if partial else ''}{len(expect)}")  # fmt: skip
     max_decoded = limits.max_expansion * len(mv) if expect is None and bound_expansion else None
     # Both tables must fit in what is left before anything is looped over.
     rd.need(n_codecs * CODEC_RECORD.size + n_tensors * MIN_TENSOR_RECORD, f"{n_codecs} codecs and {n_tensors} tensors")
@@ -507,10 +510,11 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
         if ndim > limits.max_ndim:
             raise LimitError(f"tensor {name!r}: {ndim} dimensions exceed max_ndim={limits.max_ndim}")
         shape = struct.unpack_from(f"<{ndim}Q", rd.take(8 * ndim, "shape")) if ndim else ()
-        if expect is not None and (tuple(shape), CODE_DTYPES[dtype_code]) != expect[name]:
+        if expect is not None and (tuple(shape) != expect[name][0] or
+                                   expect[name][1] not in (None, CODE_DTYPES[dtype_code])):  # fmt: skip
             want_shape, want_dtype = expect[name]
             raise ExpectationError(f"tensor {name!r} is {CODE_DTYPES[dtype_code]} of shape {tuple(shape)}; "
-                                   f"the receiver expects {want_dtype} of shape {want_shape}")  # fmt: skip
+                                   f"the receiver expects {want_dtype or 'any dtype'} of shape {want_shape}")  # fmt: skip
         numel = 1
         for d in shape:
             if d > limits.max_total_elements:

@@ -192,6 +192,13 @@ def test_expect_accepts_the_model_and_refuses_everything_else():
             fc.decode(data, expect=expect)
     with pytest.raises(TypeError, match="expect"):
         fc.decode(data, expect=[("a", model["a"])])
+    # a receiver that accepts a subset, in any dtype, still bounds every shape
+    loose = {"a": ((4, 8), None), "b": ((8,), None), "c": ((3,), None)}
+    assert list(fc.decode(data, expect=loose, partial=True)) == ["a", "b"]
+    with pytest.raises(fc.ExpectationError, match="expects at most 1"):
+        fc.decode(data, expect={"a": ((4, 8), None)}, partial=True)
+    with pytest.raises(fc.ExpectationError, match=r"any dtype of shape \(9,\)"):
+        fc.decode(data, expect={"a": ((4, 8), None), "b": ((9,), None)}, partial=True)
 
 
 def test_expectation_error_is_a_codec_error():

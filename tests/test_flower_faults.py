@@ -1,0 +1,104 @@
+"""Faulty and hostile replies through CompressedStrategy: each is dropped, by
+cause, and FedAvg aggregates exactly the others."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed")
+
+from flwr.app import Array  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+import flocora_codec as fc  # noqa: E402
+from flocora_codec import flower as ff  # noqa: E402
+from fl.loop import _bomb  # noqa: E402
+from tests.test_flower import SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity  # noqa: E402,F401
+
+
+def replace_array(reply, key, fn):
+    rec = reply.content["arrays"]
+    a = rec[key]
+    rec[key] = fn(a)
+
+
+def run(tamper, **kw):
+    g = global_arrays()
+    strategy = ff.CompressedStrategy(FedAvg(min_train_nodes=1), **kw)
+    mod = ff.compression_mod(SPEC4, error_feedback=False)
+    (arrays, _), wire = run_round(strategy, mod, make_contexts(), 1, g, tamper=tamper)
+    return strategy.history[1], arrays, wire, g
+
+
+def only_the_second(arrays, wire, g):
+    """The aggregate equals the second reply's decoded arrays alone (FedAvg of one)."""
+    want = as_numpy(ff.decode_array_record(wire[1].content["arrays"], g))
+    got = as_numpy(arrays)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_reply_holding_nan_is_dropped(caplog):
+    def nan_first(replies):
+        # the 1-D bias travels raw inside the full message... make it NaN
+        def poison(a):
+            arrays = fc.decode_numpy(a.data)
+            arrays["fc.bias"] = arrays["fc.bias"].copy()
+            arrays["fc.bias"][3] = np.nan
+            return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+        replace_array(replies[0], ff.DELTA_KEY, poison)
+
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
+        h, arrays, wire, g = run(nan_first)
+    assert (h["dropped"], h["dropped_nonfinite"], h["dropped_decode"]) == (1, 1, 0)
+    assert "NaN or Inf" in caplog.text
+    only_the_second(arrays, wire, g)
+
+
+@pytest.mark.parametrize("bound", [0.0, 10.0])
+def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
+    def scale_first(replies):
+        def scale(a):
+            arrays = {k: v * 1000 for k, v in fc.decode_numpy(a.data).items()}
+            return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+        replace_array(replies[0], ff.DELTA_KEY, scale)
+
+    h, arrays, wire, g = run(scale_first, max_update_norm_ratio=bound)
+    if bound:
+        assert (h["dropped"], h["dropped_norm"]) == (1, 1)
+        only_the_second(arrays, wire, g)
+    else:
+        assert h["dropped"] == 0
+        assert np.abs(as_numpy(arrays)["fc.weight"]).max() > 10  # the 1000x update was averaged in
+
+
+def test_bomb_reply_is_refused_before_allocation(caplog):
+    def bomb_first(replies):
+        replace_array(replies[0], ff.DELTA_KEY,
+                      lambda a: Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=_bomb("fc.weight")))
+
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
+        h, arrays, wire, g = run(bomb_first)
+    assert (h["dropped"], h["dropped_decode"]) == (1, 1)
+    assert "ExpectationError" in caplog.text and "(10, 37)" in caplog.text
+    only_the_second(arrays, wire, g)
+    # without expectations the default limits still refuse it (max_expansion)
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
+        h, _, _, _ = run(bomb_first, expect_replies=False)
+    assert h["dropped_decode"] == 1 and "max_expansion" in caplog.text
+
+
+def test_missing_replies_are_counted():
+    h, arrays, wire, g = run(lambda replies: replies.pop(0))
+    assert (h["instructions"], h["missing_replies"], h["dropped"]) == (2, 1, 0)
+    want = as_numpy(ff.decode_array_record(wire[0].content["arrays"], g))
+    for k, v in want.items():
+        np.testing.assert_array_equal(as_numpy(arrays)[k], v)
+
+
+def test_honest_replies_pass_every_check():
+    h, _, _, _ = run(None, max_update_norm_ratio=10.0)
+    assert (h["instructions"], h["missing_replies"], h["dropped"]) == (2, 0, 0)
