@@ -36,7 +36,7 @@ def make_server_app(overrides: dict | None = None, results: dict | None = None) 
         strategy = CompressedStrategy(
             FedAvg(fraction_train=float(appcfg["fraction-train"]), fraction_evaluate=0.0,
                    min_train_nodes=n, min_available_nodes=n),
-            downlink=down,
+            downlink=down, max_update_norm_ratio=float(appcfg.get("max-update-norm-ratio", 0.0)),
         )
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -45,8 +45,11 @@ def make_server_app(overrides: dict | None = None, results: dict | None = None) 
             return MetricRecord({"acc": float(m["acc"]), "loss": float(m["loss"])})
 
         rounds = int(appcfg["num-server-rounds"])
+        # a node that has not replied when the round's time is up (dead, hung)
+        # is left out of that round; the run goes on with the replies received
         result = strategy.start(grid=grid, initial_arrays=to_record(method.download(0)), num_rounds=rounds,
-                                train_config=ConfigRecord(), evaluate_fn=evaluate)
+                                timeout=float(appcfg.get("round-timeout", 3600.0)), train_config=ConfigRecord(),
+                                evaluate_fn=evaluate)
         summary = {
             "method": method.name, "uplink_codec": repr(up), "downlink_codec": repr(down), "rounds": rounds,
             "acc": [float(result.evaluate_metrics_serverapp[r]["acc"]) for r in range(rounds + 1)
