@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test build venv bench clean cuda-check
+.PHONY: demo test build venv bench clean cuda-check fuzz
 
 venv: .venv/.stamp
 .venv/.stamp: requirements-dev.txt
@@ -31,6 +31,14 @@ cuda-check:
 
 test: cuda-check build
 	$(PY) -m pytest -q tests
+
+# Coverage-guided fuzzing of decode/message_info (atheris), seeded with the
+# golden messages; findings land in fuzz/crashes/ (see fuzz/fuzz_decode.py).
+FUZZ_SECONDS ?= 600
+fuzz: build
+	$(PY) fuzz/make_seeds.py fuzz/seeds
+	mkdir -p fuzz/corpus fuzz/crashes
+	$(PY) fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ fuzz/corpus fuzz/seeds
 
 bench: build
 	$(PY) benchmarks/bench_codec.py

@@ -1,0 +1,78 @@
+"""Coverage-guided fuzzing of ``decode`` and ``message_info`` (atheris, libFuzzer).
+
+    make fuzz FUZZ_SECONDS=600          # or: python fuzz/fuzz_decode.py -max_total_time=600 CORPUS SEEDS...
+
+The target holds the decoder to docs/FORMAT.md section 4: only the codec's
+own errors (``CodecError``), never another exception, a crash or a hang;
+``message_info`` and ``decode`` agree on what is valid; every affine or top-k
+tensor that decodes is finite. The first input byte picks a mode: odd, the
+rest of the input gets a valid CRC32C appended, so the fuzzer explores what
+lies behind the checksum (a hostile sender re-seals its messages too); even,
+the rest is taken as it is. Seeds: the golden messages (each in both modes).
+A crash input found is saved under ``fuzz/crashes/``; copy it to
+``tests/fuzz_regressions/`` and it becomes a test (tests/test_fuzz_regressions.py).
+"""
+from __future__ import annotations
+
+import struct
+import sys
+
+import crc32c
+import numpy  # noqa: F401  (imported uninstrumented, like torch: only our code is traced)
+import torch
+
+torch.set_num_threads(1)
+
+try:
+    import atheris
+except ImportError:  # the regression test imports check_input without atheris
+    atheris = None
+
+if atheris is not None:
+    with atheris.instrument_imports(include=["flocora_codec"]):
+        import flocora_codec as fc
+else:
+    import flocora_codec as fc
+
+# Small limits: each input must run in well under a millisecond, and a header
+# that claims more must be refused, not allocated.
+LIMITS = fc.DecodeLimits(max_total_elements=1 << 16, max_message_bytes=1 << 20)
+
+
+def message_of(data: bytes) -> bytes:
+    """The message an input stands for (see the module docstring)."""
+    if not data:
+        return b""
+    body = data[1:]
+    return body + struct.pack("<I", crc32c.crc32c(body)) if data[0] & 1 else body
+
+
+def check_input(data: bytes) -> None:
+    """Run one input; raise AssertionError (or the foreign exception) on a finding."""
+    msg = message_of(data)
+    try:
+        info = fc.message_info(msg, limits=LIMITS)
+    except fc.CodecError:
+        info = None
+    try:
+        out = fc.decode(msg, limits=LIMITS)
+    except fc.CodecError:
+        return
+    assert info is not None, "decode accepted a message message_info refused"
+    assert list(out) == [t.name for t in info.tensors]
+    for t in info.tensors:
+        x = out[t.name]
+        assert x.dtype == t.dtype and tuple(x.shape) == t.shape, t.name
+        if t.codec != "raw":
+            assert bool(torch.isfinite(x).all()), f"{t.name}: {t.codec} tensor decoded to NaN/Inf"
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, check_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    if atheris is None:
+        sys.exit("fuzz/fuzz_decode.py needs atheris: pip install atheris")
+    main()

@@ -1,0 +1,47 @@
+"""Inputs the fuzzer (fuzz/fuzz_decode.py) or a review found, kept as tests,
+and a short coverage-guided run of the fuzz target itself.
+
+Every file in tests/fuzz_regressions/ is one input in the target's format
+(first byte: 1 = re-seal the CRC32C, 0 = as is). Each once made the decoder
+hand back NaN/Inf from an affine tensor, or is a bomb; ``check_input`` fails
+on exactly that, so these pin the fixes (FORMAT.md 3.2, 3.3, 4).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fuzz"))
+from fuzz_decode import check_input  # noqa: E402
+
+CASES = sorted((ROOT / "tests" / "fuzz_regressions").glob("*.bin"))
+
+
+def test_there_are_regression_inputs():
+    assert len(CASES) >= 6
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_regression_input(path):
+    check_input(path.read_bytes())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
+def test_fuzz_target_runs_briefly(tmp_path):
+    """A bounded libFuzzer run from the golden seeds: `make fuzz` runs it for as long as asked."""
+    seeds, corpus = tmp_path / "seeds", tmp_path / "corpus"
+    corpus.mkdir()
+    subprocess.run([sys.executable, str(ROOT / "fuzz" / "make_seeds.py"), str(seeds)], check=True,
+                   capture_output=True)  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "fuzz" / "fuzz_decode.py"), "-runs=20000", "-max_total_time=60",
+                        f"-artifact_prefix={tmp_path}/", str(corpus), str(seeds)],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 20000 runs" in r.stderr
