@@ -246,3 +246,31 @@ def test_sparse_scatter_never_writes_outside_its_output():
     with pytest.raises(RuntimeError):
         ops.sparse_decode(idx, vals, [n], [3], torch.float32)
     assert np.all(guard[n:].numpy() == 7.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sparse_scatter_is_bounded_even_under_graph_capture():
+    """Under CUDA graph capture the host cannot read the validation flag
+    before the scatter is launched: the kernel reads it and writes nothing."""
+    from flocora_codec import ops
+
+    n, dev = 20, "cuda"
+    bad = torch.tensor([0b0000_0101, 0, 0b1000_0000], dtype=torch.uint8, device=dev)  # index 23 >= n
+    good = torch.tensor([0b0000_0101, 0, 0], dtype=torch.uint8, device=dev)  # indices 0 and 2
+    vals3 = torch.tensor([1.0, 2.0, 3.0], device=dev)
+    with pytest.raises(RuntimeError, match="padding"):
+        ops.sparse_decode_add_([torch.zeros(n, device=dev)], bad, vals3, [3])
+    guard = torch.full((n + 16,), 7.0, device=dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.sparse_decode_add_([guard[:n]], bad, vals3, [3])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool((guard == 7.0).all())  # nothing written, in or out of bounds
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.sparse_decode_add_([guard[:n]], good, vals3[:2], [2])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert guard[0].item() == 8.0 and guard[2].item() == 9.0 and int((guard == 7.0).sum()) == n + 14
