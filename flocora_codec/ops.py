@@ -29,9 +29,23 @@ class ReferenceFallbackWarning(RuntimeWarning):
     """Issued once when the ops run the pure-PyTorch reference instead of ``_C``."""
 
 
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in version.split("+")[0].split(".")[:2])
+
+
 def _load_extension() -> tuple[str, str | None]:
     if os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0"):
         return "reference", f"{FORCE_REFERENCE_ENV} is set"
+    try:
+        from flocora_codec._build_info import TORCH_VERSION as built
+    except ImportError:  # an in-place build older than _build_info: trust it
+        built = None
+    # libtorch's C++ ABI changes between minor releases; a mismatched _C may
+    # load and then crash, so it is not loaded at all.
+    if built is not None and _minor(built) != _minor(torch.__version__):
+        return "reference", (
+            f"flocora_codec._C was built for torch {built}, this is torch {torch.__version__}"
+        )
     try:
         from flocora_codec import _C  # noqa: F401  (registers the schemas)
     except (ImportError, OSError) as exc:  # missing .so, or one built for another torch

@@ -76,6 +76,28 @@ def test_import_without_extension_warns_once():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
+def test_extension_built_for_another_torch_is_not_loaded():
+    # A _C built against another torch minor release may load and then crash:
+    # the recorded build version keeps it unloaded.
+    script = textwrap.dedent("""
+        import sys, types, warnings
+        info = types.ModuleType("flocora_codec._build_info")
+        info.TORCH_VERSION, info.TORCH_CUDA = "2.4.1+cpu", None
+        sys.modules["flocora_codec._build_info"] = info
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import flocora_codec as fc
+        assert fc.ops.BACKEND == "reference"
+        assert "flocora_codec._C" not in sys.modules
+        (w,) = [w for w in caught if w.category.__name__ == "ReferenceFallbackWarning"]
+        assert "built for torch 2.4.1+cpu" in str(w.message), str(w.message)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
 SPECS = [
     fc.CodecSpec(bits=4),
     fc.CodecSpec(bits=3, granularity="group", group_size=16, meta_dtype="float16", rounding="stochastic", seed=5),
