@@ -25,10 +25,24 @@ def _want_cuda():
 
 
 use_cuda = _want_cuda()
-# torch >= 2.14 headers need C++20 (operator<=> in c10); older ones build as C++17.
 import torch  # noqa: E402
 
-_std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) else "-std=c++17"
+_torch_minor = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+# torch >= 2.14 headers need C++20 (operator<=> in c10); older ones build as C++17.
+_std = "-std=c++20" if _torch_minor >= (2, 14) else "-std=c++17"
+
+# _C uses libtorch's C++ ABI, which changes between torch minor releases (the
+# stable ABI was evaluated and not adopted; README, "Installing"). So the
+# wheel's metadata requires the minor release it is built against, and the
+# package records it: flocora_codec.ops refuses to load _C under another torch
+# and falls back to the pure-PyTorch reference instead of risking a crash.
+_torch_pin = f"torch>={_torch_minor[0]}.{_torch_minor[1]},<{_torch_minor[0]}.{_torch_minor[1] + 1}"
+with open(os.path.join(ROOT, "flocora_codec", "_build_info.py"), "w") as f:
+    f.write(
+        '"""Written by setup.py at build time: what flocora_codec._C was compiled against."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda if use_cuda else None!r}\n"
+    )
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 # -ffp-contract=off: no FMA fusion, so CPU and CUDA compute the same floats.
 # -fopenmp: at::parallel_for is serial without it. -g0 keeps the .so small.
@@ -43,6 +57,12 @@ if use_cuda:
     extra_compile_args["nvcc"] = ["-O3", _std, "--fmad=false", "-lineinfo"]
 
 setup(
+    install_requires=[
+        _torch_pin,
+        "numpy>=1.24",
+        # CRC32C of every message, hardware-accelerated (SSE4.2/ARMv8 CRC).
+        "crc32c>=2.4",
+    ],
     ext_modules=[
         extension(
             "flocora_codec._C",

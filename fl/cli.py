@@ -70,26 +70,20 @@ def _sweep(args) -> int:
     ``<results>/runs/<variant>-s<seed>/`` and is resumable: finished runs are
     skipped, interrupted ones continue from their last completed round."""
     import json
-    import tomllib
 
     from fl.loop import CHECKPOINT, resume_dir, run
-    from fl.config import load_config
+    from fl.config import load_config, load_sweep
     from fl.report import compare_table, frontier_report, load_run, plot_runs
     sweep_path = Path(args.sweep)
-    with open(sweep_path, "rb") as f:
-        sweep = tomllib.load(f)
-    base = (sweep_path.parent / sweep["base"]).resolve()
+    # every run's config is validated here, before the first run starts
+    sweep, base, all_jobs = load_sweep(sweep_path, args.overrides)
     results = Path(args.results or sweep.get("results", "docs/results") + "/" + sweep_path.stem)
     results.mkdir(parents=True, exist_ok=True)
     seeds = sweep.get("seeds")
     shard, n_shards = (int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
-    jobs = [(v, sd) for sd in (seeds or [None]) for v in sweep["variant"] if not args.only or v["name"] in args.only]
+    jobs = [(v, sd, over) for v, sd, over in all_jobs if not args.only or v["name"] in args.only]
     dirs = []
-    for j, (v, sd) in enumerate(jobs):
-        over = list(sweep.get("overrides", [])) + list(v.get("overrides", [])) + [f"name={v['name']}"]
-        if sd is not None:
-            over.append(f"seed={sd}")
-        over += args.overrides
+    for j, (v, sd, over) in enumerate(jobs):
         if seeds is None:  # a plain sweep: fresh runs under --out, as before
             summary, out = _run_fresh(base, over, args)
             slim = {k: val for k, val in summary.items() if k != "config"}

@@ -3,7 +3,9 @@ import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 __version__ = "0.1.0"
 
-from flocora_codec import _C  # noqa: F401  registers torch.ops.flocora
+# Loads the compiled kernels (torch.ops.flocora), or warns once and falls back
+# to the pure-PyTorch reference when they cannot be loaded (see ops.BACKEND).
+from flocora_codec import ops as _ops  # noqa: F401
 from flocora_codec.codec import (
     ErrorFeedback,
     MessageInfo,

@@ -7,34 +7,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
-
-import numpy as np
 
 EXIT_OK, EXIT_BAD_MESSAGE, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
 
 _EXIT_STATUS = """\
 exit status:
-  0  success
+  0  success (also --help and --version)
   1  the message is invalid (malformed, corrupted, unsupported version, or
      over a decode limit); the reason is printed on stderr
-  2  usage error (unknown option, invalid codec parameter)
-  3  input/output error (file missing, unreadable or unwritable, array that
-     cannot be encoded)
+  2  usage error (unknown option, invalid codec parameter, output format
+     that cannot be inferred)
+  3  input/output error (file missing, unreadable or unwritable, not a
+     .safetensors/.npz file, array that cannot be encoded, the safetensors
+     package missing for a .safetensors file)
 """
 
 _DESCRIPTION = """\
 Inspect, encode and decode flocora-codec messages: compact, checksummed
 wire messages of named tensors (LoRA adapters, model updates) for federated
-learning. The byte format is specified in docs/FORMAT.md (version 1).
+learning. The byte format is specified in docs/FORMAT.md (versions 1, 2).
 
 commands:
   inspect MSG            print the tensor table (name, dtype, shape, codec and
                          its parameters, bytes by part) after verifying the
                          whole message (CRC32C, every header field, every
                          section); exit 1 with the reason if it is invalid
-  encode IN.npz -o MSG   compress the arrays of a .npz file into one message
-  decode MSG -o OUT.npz  rebuild the arrays of a message into a .npz file
+  encode IN -o MSG       compress the tensors of a .safetensors or .npz file
+                         into one message
+  decode MSG -o OUT      rebuild the tensors of a message into a .safetensors
+                         (every dtype kept) or .npz file (bfloat16 as float32)
+
+A file argument of "-" is standard input or output (messages and tensor files
+are binary; the format of a tensor file on standard output comes from
+--format).
 
 Run "flocora-codec COMMAND --help" for the options of each command.
 """
@@ -49,6 +54,9 @@ examples:
   flocora-codec inspect update.flc
   flocora-codec inspect --json update.flc
   flocora-codec decode update.flc -o restored.npz
+  flocora-codec encode adapter_model.safetensors -o adapter.flc --bits 4
+  flocora-codec decode adapter.flc -o adapter_restored.safetensors
+  cat adapter_model.safetensors | flocora-codec encode - -o - | flocora-codec decode - -o out.safetensors
 
 """ + _EXIT_STATUS
 
@@ -69,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=_VersionAction, help="print the version, torch's and the ops backend, and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     ins = sub.add_parser(
@@ -81,21 +90,24 @@ def _build_parser() -> argparse.ArgumentParser:
         + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ins.add_argument("message", metavar="MSG", help="message file")
+    ins.add_argument("message", metavar="MSG", help='message file ("-": standard input)')
     ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
     enc = sub.add_parser(
         "encode",
-        help="compress the arrays of a .npz file into a message",
-        description="Compress every array of IN.npz into one message. Non-float arrays travel\n"
-        "raw; by default 0-d and 1-d arrays (norms, biases) do too.",
+        help="compress the tensors of a .safetensors or .npz file into a message",
+        description="Compress every tensor of IN (.safetensors or .npz; the format comes from the\n"
+        "suffix or the content) into one message. Non-float tensors travel raw; by\n"
+        "default 0-d and 1-d tensors (norms, biases) do too. Names, shapes and dtypes\n"
+        "(bfloat16 and float16 included) are kept.",
         epilog="examples:\n  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row\n"
         "  flocora-codec encode update.npz -o update.flc --density 0.01 --values quantized --bits 8\n\n"
         + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    enc.add_argument("input", metavar="IN.npz", help="numpy .npz archive of named arrays")
-    enc.add_argument("-o", "--output", metavar="MSG", required=True, help="message file to write")
+    enc.add_argument("input", metavar="IN", help='.safetensors or .npz file of named tensors ("-": standard input)')
+    enc.add_argument("-o", "--output", metavar="MSG", required=True,
+                     help='message file to write ("-": standard output)')
     g = enc.add_argument_group("codec parameters (see CodecSpec)")
     g.add_argument("--raw", action="store_true", help="no compression at all (overrides everything below)")
     g.add_argument("--bits", type=_bits, default=4, metavar="B",
@@ -121,16 +133,37 @@ def _build_parser() -> argparse.ArgumentParser:
 
     dec = sub.add_parser(
         "decode",
-        help="rebuild the arrays of a message into a .npz file",
-        description="Verify and decode a message, writing its arrays (original names, shapes and\n"
-        "dtypes; bfloat16 as float32) to an uncompressed .npz archive. Nothing is\n"
-        "written if the message is invalid.",
-        epilog="example:\n  flocora-codec decode update.flc -o restored.npz\n\n" + _EXIT_STATUS,
+        help="rebuild the tensors of a message into a .safetensors or .npz file",
+        description="Verify and decode a message, writing its tensors (original names, shapes and\n"
+        "dtypes) to a .safetensors file, or to an uncompressed .npz archive (bfloat16\n"
+        "as float32: numpy has no bfloat16). Nothing is written if the message is\n"
+        "invalid.",
+        epilog="examples:\n  flocora-codec decode update.flc -o restored.npz\n"
+        "  flocora-codec decode adapter.flc -o adapter_model.safetensors\n"
+        "  flocora-codec decode - -o - --format safetensors < adapter.flc > out.safetensors\n\n" + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dec.add_argument("message", metavar="MSG", help="message file")
-    dec.add_argument("-o", "--output", metavar="OUT.npz", required=True, help="archive to write")
+    dec.add_argument("message", metavar="MSG", help='message file ("-": standard input)')
+    dec.add_argument("-o", "--output", metavar="OUT", required=True,
+                     help='.safetensors or .npz file to write ("-": standard output, needs --format)')
+    dec.add_argument("--format", choices=("safetensors", "npz"), default=None,
+                     help="format of OUT (default: from its suffix)")
     return p
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: imports the package only when asked (torch is slow to load)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        import flocora_codec as fc
+
+        print(f"flocora-codec {fc.__version__} (torch {torch.__version__}, {fc.ops.BACKEND} ops)")
+        parser.exit(EXIT_OK)
 
 
 def _spec_from(args):
@@ -155,8 +188,23 @@ def _spec_from(args):
 
 
 def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
     with open(path, "rb") as f:
         return f.read()
+
+
+def _write(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _name(path: str) -> str:
+    return "<stdin>" if path == "-" else path
 
 
 def _fmt_bytes(n: int) -> str:
@@ -168,6 +216,7 @@ def _inspect(args) -> int:
 
     data = _read(args.message)
     info = fc.message_info(data)
+    args.message = _name(args.message)
     fc.decode(data)  # section contents (index codes, padding, metadata) are checked here
     rows = info.tensors
     if args.json:
@@ -214,38 +263,57 @@ def _inspect(args) -> int:
 
 def _encode(args) -> int:
     import flocora_codec as fc
+    from flocora_codec import files
 
     try:
         spec = _spec_from(args)
     except ValueError as exc:
         print(f"flocora-codec encode: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        with np.load(args.input, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        print(f"flocora-codec encode: cannot read {args.input}: {exc}", file=sys.stderr)
+    raw_in = _read(args.input)
+    fmt = files.format_of(args.input, raw_in)
+    if fmt is None:
+        print(f"flocora-codec encode: {_name(args.input)} is neither a .safetensors nor an .npz file", file=sys.stderr)
         return EXIT_IO
     try:
-        data = fc.encode_numpy(arrays, spec)
+        tensors = files.tensors_from_bytes(raw_in, fmt)
+    except Exception as exc:  # noqa: BLE001  each reader has its own errors (zip, safetensors' Rust errors)
+        if isinstance(exc, files.MissingDependencyError):
+            print(f"flocora-codec encode: {exc}", file=sys.stderr)
+        else:
+            print(f"flocora-codec encode: cannot read {_name(args.input)} as .{fmt}: {exc}", file=sys.stderr)
+        return EXIT_IO
+    try:
+        data = fc.encode(tensors, spec)
     except (TypeError, ValueError) as exc:
         print(f"flocora-codec encode: {exc}", file=sys.stderr)
         return EXIT_IO
-    with open(args.output, "wb") as f:
-        f.write(data)
-    raw = sum(a.nbytes for a in arrays.values())
+    _write(args.output, data)
+    raw = sum(t.numel() * t.element_size() for t in tensors.values())
     ratio = f", {raw / len(data):.2f}x smaller than raw" if raw else ""
-    print(f"{args.output}: {len(arrays)} tensors, {len(data):,} bytes{ratio}", file=sys.stderr)
+    print(f"{_name(args.output) if args.output != '-' else '<stdout>'}: {len(tensors)} tensors, "
+          f"{len(data):,} bytes{ratio}", file=sys.stderr)  # fmt: skip
     return EXIT_OK
 
 
 def _decode(args) -> int:
     import flocora_codec as fc
+    from flocora_codec import files
 
-    arrays = fc.decode_numpy(_read(args.message))
-    with open(args.output, "wb") as f:
-        np.savez(f, **arrays)
-    print(f"{args.output}: {len(arrays)} arrays", file=sys.stderr)
+    fmt = args.format or files.format_of(args.output)
+    if fmt is None:
+        print(f"flocora-codec decode: cannot tell the format of {args.output!r}: name it .safetensors or .npz, "
+              "or pass --format", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    tensors = fc.decode(_read(args.message))
+    try:
+        data = files.tensors_to_bytes(tensors, fmt)
+    except files.MissingDependencyError as exc:
+        print(f"flocora-codec decode: {exc}", file=sys.stderr)
+        return EXIT_IO
+    _write(args.output, data)
+    where = "<stdout>" if args.output == "-" else args.output
+    print(f"{where}: {len(tensors)} tensors ({fmt})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,4 +1,4 @@
-"""Flower (flwr >= 1.41) integration: a client mod and a strategy wrapper.
+"""Flower (flwr 1.41, 1.42) integration: a client mod and a strategy wrapper.
 
 Two lines turn an existing Flower app into one that sends compressed updates::
 
@@ -89,6 +89,9 @@ BYTES_METRIC = "flocora-bytes"
 """Reply metric: bytes of the encoded ``ArrayRecord`` (``ArrayRecord.count_bytes``)."""
 RAW_BYTES_METRIC = "flocora-raw-bytes"
 """Reply metric: bytes the same arrays take as plain Flower arrays."""
+CLIPPING_NORM_KEY = "clipping_norm"
+"""Config key of the clipping norm that Flower's DP strategy wrappers send with
+train instructions (flwr's ``KEY_CLIPPING_NORM``, read by ``fixedclipping_mod``)."""
 
 _MODES = ("delta", "arrays")
 
@@ -137,18 +140,29 @@ def _split_delta(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Split into (deltas against ``base``, tensors sent as they are).
 
-    Only float tensors whose name, shape and dtype match ``base`` become deltas:
-    the difference of anything else (integer counters, new tensors) is either
-    undefined or no smaller than the tensor.
+    Float tensors whose name and shape match a float array of ``base`` become
+    deltas, in the reply's dtype (``x - base.astype(x.dtype)``): a strategy
+    such as ``FedAdam`` returns float64 global arrays that a float32 model
+    answers in float32, and the receiver adds the delta to the global arrays
+    cast the same way. The difference of anything else (integer counters, new
+    tensors, changed shapes) is either undefined or no smaller than the tensor.
     """
     delta, full = {}, {}
     for name, x in arrays.items():
         b = None if base is None else base.get(name)
-        if b is not None and _is_float(x) and b.shape == x.shape and b.dtype == x.dtype:
-            delta[name] = x - b
+        if b is not None and _is_float(x) and _is_float(b) and b.shape == x.shape:
+            delta[name] = x - b.astype(x.dtype, copy=False)
         else:
             full[name] = x
     return delta, full
+
+
+def _full_fallbacks(
+    full: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None
+) -> list[str]:
+    """Float tensors sent in full in delta mode although a delta was expected:
+    no global arrays at all, or a global array of another shape or kind."""
+    return [n for n, x in full.items() if _is_float(x) and (base is None or n in base)]
 
 
 def encode_array_record(
@@ -251,7 +265,8 @@ def decode_array_record(
                     raise EncodedRecordError(
                         f"delta {name!r} has shape {tuple(d.shape)} but the global array has {tuple(b.shape)}"
                     )
-                out[name] = (b + d).astype(b.dtype, copy=False)
+                # in the delta's dtype: the reply's (see _split_delta)
+                out[name] = b.astype(d.dtype, copy=False) + d
         unknown = [n for n in delta if n not in base]
         if unknown:
             raise EncodedRecordError(f"deltas for names absent from the global arrays: {unknown[:5]}")
@@ -278,6 +293,49 @@ def _update_norm(reply: Message, base: Mapping[str, np.ndarray] | None) -> float
             d = x.astype(np.float64) - (b if b is not None and b.shape == x.shape else 0.0)
             sq += float(np.dot(d.ravel(), d.ravel()))
     return float(np.sqrt(sq))
+
+
+def _warn_once(seen: set, key: tuple, fmt: str, *args) -> None:
+    if key not in seen:
+        seen.add(key)
+        log.warning(fmt, *args)
+
+
+def _l2(arrays: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
+
+
+def _encode_within(
+    delta: dict[str, np.ndarray], spec: fc.CodecSpec, bound: float | None
+) -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Encode ``delta`` so that the *decoded* update has L2 norm <= ``bound``.
+
+    Returns ``(message, decoded, encoded_delta)``, ``encoded_delta`` being
+    ``delta`` scaled down when the bound needed it. Quantization (and error
+    feedback's residual before it) can lift the norm of a clipped update above
+    the clipping norm; scaling the input scales every codec's output in
+    proportion (affine offsets and scales, top-k values, sign magnitudes), so
+    one rescale lands within the bound up to float rounding, which the margin
+    of the following tries absorbs.
+    """
+    data = fc.encode_numpy(delta, spec)
+    sent = fc.decode_numpy(data)
+    if bound is None:
+        return data, sent, delta
+    for attempt in range(8):
+        norm = _l2(sent)
+        if norm <= bound:
+            return data, sent, delta
+        factor = bound / norm * (1.0 - 1e-6 * 4**attempt)
+        delta = {k: (v * factor).astype(v.dtype, copy=False) for k, v in delta.items()}
+        data = fc.encode_numpy(delta, spec)
+        sent = fc.decode_numpy(data)
+    if _l2(sent) <= bound:
+        return data, sent, delta
+    log.warning("compression_mod: could not fit the update within the clipping norm %g; sending zeros", bound)
+    delta = {k: np.zeros_like(v) for k, v in delta.items()}
+    data = fc.encode_numpy(delta, spec)
+    return data, fc.decode_numpy(data), delta
 
 
 def _copy_content(content: RecordDict, replace: Mapping[str, Any]) -> RecordDict:
@@ -311,7 +369,15 @@ def compression_mod(
 
     Put it first in ``ClientApp(mods=[...])`` so it is the outermost layer: it
     decodes what arrives before any other mod sees it and encodes what leaves
-    after them (e.g. after ``fixedclipping_mod``).
+    after them. With client-side DP clipping the order is
+    ``mods=[compression_mod(spec), fixedclipping_mod]``: ``fixedclipping_mod``
+    clips the plain update, then this mod adds its error-feedback residual,
+    quantizes, and scales what it sends so that the *decoded* update stays
+    within the clipping norm of the instruction (the ``"clipping_norm"`` that
+    Flower's ``DifferentialPrivacyClientSideFixedClipping`` sends): error
+    feedback then only re-sends quantization error, never what clipping cut.
+    The other order fails loudly (``fixedclipping_mod`` answers with an error
+    reply rather than clip codec bytes).
 
     Parameters
     ----------
@@ -346,6 +412,13 @@ def compression_mod(
       if there is none) gains :data:`BYTES_METRIC` and :data:`RAW_BYTES_METRIC`.
     - With ``rounding="stochastic"`` the seed is mixed with the node id and a
       per-node round counter, so rounds and nodes draw independent noise.
+    - Deltas are taken in the reply's dtype: global arrays that come back in
+      another float dtype (``FedAdam`` returns float64 from round 2) still
+      travel as deltas. A float tensor that cannot (no global arrays in the
+      instruction, another shape) is sent in full, and the mod logs a
+      warning the first time that happens for those tensors.
+    - The clipping bound needs ``mode="delta"``; in ``"arrays"`` mode it is
+      not enforced after quantization (a warning says so).
     """
     if spec is not None and not isinstance(spec, fc.CodecSpec):
         raise TypeError(f"compression_mod: spec must be a flocora_codec.CodecSpec or None; got {type(spec).__name__}")
@@ -357,6 +430,7 @@ def compression_mod(
         raise ValueError('compression_mod: error_feedback needs mode="delta" (it compensates the error of updates)')
     residual_key = f"{state_key}.residual"
     counter_key = f"{state_key}.counter"
+    warned: set = set()
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         # 1. downlink: decode before the app (and any inner mod) sees the arrays
@@ -372,9 +446,14 @@ def compression_mod(
                 msg.content = _copy_content(msg.content, decoded)
 
         train = _is_train(msg)
-        base = None
+        base, clip = None, None
         if spec is not None and train and mode == "delta" and msg.has_content() and len(msg.content.array_records) == 1:
             base = _to_numpy(next(iter(msg.content.array_records.values())))
+        if spec is not None and train and msg.has_content() and len(msg.content.config_records) == 1:
+            # the clipping norm Flower's DP wrappers send (what fixedclipping_mod reads)
+            value = next(iter(msg.content.config_records.values())).get(CLIPPING_NORM_KEY)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                clip = float(value)
 
         reply = call_next(msg, context)
 
@@ -397,29 +476,43 @@ def compression_mod(
             round_spec = spec.replace(seed=_mix_seed(spec.seed, context.node_id, rounds))
         context.state[counter_key] = ConfigRecord({"rounds": rounds + 1})
 
-        if error_feedback:
+        if mode == "delta":
             delta, full = _split_delta(arrays, base)
-            old = context.state.array_records.get(residual_key)
-            residual = {} if old is None else _to_numpy(old)
-            for name, d in delta.items():
-                r = residual.get(name)
-                if r is not None and r.shape == d.shape and r.dtype == d.dtype:
-                    delta[name] = d + r
+            fallback = _full_fallbacks(full, base)
+            if fallback:
+                why = ("the train instruction carried no single ArrayRecord of global arrays" if base is None
+                       else "their global arrays differ in shape or are not float")  # fmt: skip
+                _warn_once(warned, ("full", tuple(fallback)),
+                           "compression_mod: %d float tensor(s) sent in full, quantized without error feedback, "
+                           "instead of as deltas: %s (%s)", len(fallback), fallback[:5], why)  # fmt: skip
+            if error_feedback:
+                old = context.state.array_records.get(residual_key)
+                residual = {} if old is None else _to_numpy(old)
+                for name, d in delta.items():
+                    r = residual.get(name)
+                    if r is not None and r.shape == d.shape and r.dtype == d.dtype:
+                        delta[name] = d + r
             out = ArrayRecord()
             if delta:
-                data = fc.encode_numpy(delta, round_spec)
+                data, sent, delta = _encode_within(delta, round_spec, clip)
                 out[DELTA_KEY] = _message_array(data)
-                sent = fc.decode_numpy(data)
-                new_residual = {}
-                for name, d in delta.items():
-                    r = d - sent[name].astype(d.dtype, copy=False)
-                    if np.any(r):  # raw-rule tensors have none
-                        new_residual[name] = _c_array(r)
-                context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
+                if error_feedback:
+                    # residual of the (clipped) vector that was encoded: error
+                    # feedback re-sends quantization error, never what clipping cut
+                    new_residual = {}
+                    for name, d in delta.items():
+                        r = d - sent[name].astype(d.dtype, copy=False)
+                        if np.any(r):  # raw-rule tensors have none
+                            new_residual[name] = _c_array(r)
+                    context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
             if full or not delta:
                 out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec))
         else:
-            out = encode_array_record(arrays, round_spec, base if mode == "delta" else None)
+            if clip is not None:
+                _warn_once(warned, ("clip-arrays",),
+                           "compression_mod: mode='arrays' cannot keep the update within the clipping norm %g "
+                           "after quantization; use mode='delta'", clip)  # fmt: skip
+            out = encode_array_record(arrays, round_spec, None)
 
         metrics = dict(reply.content.metric_records)
         mkey, mrec = next(iter(metrics.items())) if metrics else ("metrics", MetricRecord())
@@ -438,6 +531,20 @@ def compression_mod(
 # ---------------------------------------------------------------------------
 # Server side
 # ---------------------------------------------------------------------------
+def _without_byte_metrics(reply: Message) -> Message:
+    """The reply without the mod's per-reply byte metrics: the wrapped strategy
+    would average them (FedAvg weights every metric by num-examples); the
+    round totals are summed here instead."""
+    metrics = reply.content.metric_records
+    swap = {}
+    for key, rec in metrics.items():
+        if BYTES_METRIC in rec or RAW_BYTES_METRIC in rec:
+            swap[key] = MetricRecord({k: v for k, v in rec.items() if k not in (BYTES_METRIC, RAW_BYTES_METRIC)})
+    if swap:
+        reply.content = _copy_content(reply.content, swap)
+    return reply
+
+
 class CompressedStrategy(Strategy):
     """Wrap any Flower strategy so that it receives (and optionally sends)
     compressed arrays.
@@ -487,7 +594,10 @@ class CompressedStrategy(Strategy):
     the wrapped strategy; the round goes on with the others. The aggregated
     train ``MetricRecord`` gains the round totals ``flocora-uplink-bytes``,
     ``flocora-uplink-raw-bytes``, ``flocora-downlink-bytes`` and
-    ``flocora-downlink-raw-bytes``.
+    ``flocora-downlink-raw-bytes``, summed here over the round's accepted
+    replies and instructions (``Result.train_metrics_clientapp[round]`` of
+    ``strategy.start``); the per-reply ``flocora-bytes`` metrics are removed
+    before the wrapped strategy aggregates, so no averaged byte count appears.
 
     Examples
     --------
@@ -630,6 +740,7 @@ class CompressedStrategy(Strategy):
                 continue
             stats["uplink_bytes"] += wire
             stats["uplink_raw_bytes"] += sum(r.count_bytes() for r in reply.content.array_records.values())
+            reply = _without_byte_metrics(reply)
             norm = _update_norm(reply, self._bases.get(reply.metadata.src_node_id))
             if norm is None:
                 drop(reply, "nonfinite", "its arrays hold NaN or Inf")

@@ -7,14 +7,81 @@ the ``register_fake`` kernels below use under ``torch.compile``.
 
 The kernels live in ``csrc/cpu`` and ``csrc/cuda``; ``flocora_codec.reference``
 holds the pure-PyTorch definitions they are tested against.
+
+When the compiled extension ``flocora_codec._C`` cannot be loaded (no
+compiler at install time, a torch it was not built for) or
+``FLOCORA_FORCE_REFERENCE=1`` is set, every op runs the reference instead:
+the same bytes, much slower, CPU only, with one warning at import.
+:data:`BACKEND` says which one is in use.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 
-from flocora_codec import _C  # noqa: F401  (registers the schemas)
+FORCE_REFERENCE_ENV = "FLOCORA_FORCE_REFERENCE"
+
+
+class ReferenceFallbackWarning(RuntimeWarning):
+    """Issued once when the ops run the pure-PyTorch reference instead of ``_C``."""
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in version.split("+")[0].split(".")[:2])
+
+
+def _load_extension() -> tuple[str, str | None]:
+    if os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0"):
+        return "reference", f"{FORCE_REFERENCE_ENV} is set"
+    try:
+        from flocora_codec._build_info import TORCH_VERSION as built
+    except ImportError:  # an in-place build older than _build_info: trust it
+        built = None
+    # libtorch's C++ ABI changes between minor releases; a mismatched _C may
+    # load and then crash, so it is not loaded at all.
+    if built is not None and _minor(built) != _minor(torch.__version__):
+        return "reference", (
+            f"flocora_codec._C was built for torch {built}, this is torch {torch.__version__}"
+        )
+    try:
+        from flocora_codec import _C  # noqa: F401  (registers the schemas)
+    except (ImportError, OSError) as exc:  # missing .so, or one built for another torch
+        return "reference", f"the compiled extension flocora_codec._C cannot be loaded ({type(exc).__name__}: {exc})"
+    return "compiled", None
+
+
+BACKEND, FALLBACK_REASON = _load_extension()
+"""``"compiled"`` (the ``torch.ops.flocora`` kernels) or ``"reference"``."""
+if BACKEND == "reference":
+    warnings.warn(
+        f"flocora_codec: {FALLBACK_REASON}; using the pure-PyTorch reference ops (same messages, "
+        "much slower, CPU only). Reinstall with a C++ compiler and a matching torch for the kernels.",
+        ReferenceFallbackWarning,
+        stacklevel=2,
+    )
+
+
+def _register_fake(name):
+    """``torch.library.register_fake`` when the schema exists (compiled backend only)."""
+    if BACKEND == "compiled":
+        return torch.library.register_fake(name)
+    return lambda fn: fn
+
+
+def _reference_call(op: str, fn, *args):
+    """Run a reference op; malformed input raises RuntimeError, as the kernels do
+    (the codec turns RuntimeError into FormatError)."""
+    from flocora_codec import reference as ref
+
+    try:
+        return fn(ref, *args)
+    except RuntimeError:
+        raise
+    except (IndexError, ValueError, TypeError) as exc:
+        raise RuntimeError(f"flocora::{op} (reference): {exc}") from exc
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 META_DTYPES = (torch.float32, torch.float16)
@@ -102,12 +169,15 @@ def quantize_pack(
     if not xs:
         empty = torch.empty(0, dtype=torch.uint8)
         return empty, torch.empty(0, dtype=meta_dtype), torch.empty(0, dtype=meta_dtype)
+    if BACKEND == "reference":
+        return _reference_call("quantize_pack", _ref_quantize_pack, xs, int(bits), [int(g) for g in group_sizes],
+                               bool(stochastic), [int(s) for s in seeds], meta_dtype)  # fmt: skip
     return torch.ops.flocora.quantize_pack(
         xs, int(bits), [int(g) for g in group_sizes], bool(stochastic), [int(s) for s in seeds], meta_dtype
     )
 
 
-@torch.library.register_fake("flocora::quantize_pack")
+@_register_fake("flocora::quantize_pack")
 def _quantize_pack_fake(xs, bits, group_sizes, stochastic, seeds, meta_dtype):
     nbytes = sum(packed_nbytes(x.numel(), bits) for x in xs)
     ngroups = sum(num_groups(x.numel(), g) for x, g in zip(xs, group_sizes))
@@ -134,12 +204,15 @@ def unpack_dequantize(
     with ``torch.split(out, numels)``. Sizes of ``packed``, ``scales`` and
     ``offsets`` are checked against ``numels`` before anything is read.
     """
+    if BACKEND == "reference":
+        return _reference_call("unpack_dequantize", _ref_unpack_dequantize, packed, scales, offsets, int(bits),
+                               [int(n) for n in numels], [int(g) for g in group_sizes], dtype)  # fmt: skip
     return torch.ops.flocora.unpack_dequantize(
         packed, scales, offsets, int(bits), [int(n) for n in numels], [int(g) for g in group_sizes], dtype
     )
 
 
-@torch.library.register_fake("flocora::unpack_dequantize")
+@_register_fake("flocora::unpack_dequantize")
 def _unpack_dequantize_fake(packed, scales, offsets, bits, numels, group_sizes, dtype):
     return torch.empty(sum(numels), dtype=dtype, device=packed.device)
 
@@ -170,10 +243,12 @@ def topk_encode(
             torch.empty(0, dtype=torch.float32),
             torch.empty(0, dtype=torch.uint8),
         )
+    if BACKEND == "reference":
+        return _reference_call("topk_encode", _ref_topk_encode, xs, ks, bool(global_scope))
     return torch.ops.flocora.topk_encode(xs, ks, bool(global_scope))
 
 
-@torch.library.register_fake("flocora::topk_encode")
+@_register_fake("flocora::topk_encode")
 def _topk_encode_fake(xs, ks, global_scope):
     ctx = torch.library.get_ctx()
     device = xs[0].device
@@ -203,12 +278,15 @@ def sparse_decode(
     The index codes are validated (strictly increasing, in range, exactly
     ``counts[i]`` entries, zero padding) before anything is written.
     """
+    if BACKEND == "reference":
+        return _reference_call("sparse_decode", _ref_sparse_decode, index_bytes, values, [int(n) for n in numels],
+                               [int(c) for c in counts], dtype)  # fmt: skip
     return torch.ops.flocora.sparse_decode(
         index_bytes, values, [int(n) for n in numels], [int(c) for c in counts], dtype
     )
 
 
-@torch.library.register_fake("flocora::sparse_decode")
+@_register_fake("flocora::sparse_decode")
 def _sparse_decode_fake(index_bytes, values, numels, counts, dtype):
     return torch.empty(sum(numels), dtype=dtype, device=values.device)
 
@@ -217,9 +295,65 @@ def sparse_decode_add_(
     outs: Sequence[torch.Tensor], index_bytes: torch.Tensor, values: torch.Tensor, counts: Sequence[int]
 ) -> None:
     """``outs[i].view(-1)[idx_i] += values_i`` in place, for every tensor."""
+    if BACKEND == "reference":
+        _reference_call("sparse_decode_add_", _ref_sparse_decode_add_, list(outs), index_bytes, values,
+                        [int(c) for c in counts])  # fmt: skip
+        return
     torch.ops.flocora.sparse_decode_add_(list(outs), index_bytes, values, [int(c) for c in counts])
 
 
-@torch.library.register_fake("flocora::sparse_decode_add_")
+@_register_fake("flocora::sparse_decode_add_")
 def _sparse_decode_add_fake(outs, index_bytes, values, counts):
     return None
+
+
+# ---- reference backend: the list-taking ops over flocora_codec.reference ----
+# The reference works on CPU tensors; results go back to the inputs' device.
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu()
+
+
+def _ref_quantize_pack(ref, xs, bits, group_sizes, stochastic, seeds, meta_dtype):
+    if not 1 <= bits <= MAX_BITS:
+        raise RuntimeError(f"flocora::quantize_pack: bits must be in [1, {MAX_BITS}], got {bits}")
+    if len(group_sizes) != len(xs) or len(seeds) != len(xs):
+        raise RuntimeError("flocora::quantize_pack: one group size and one seed per tensor")
+    if meta_dtype not in META_DTYPES:
+        raise RuntimeError(f"flocora::quantize_pack: meta_dtype must be float32 or float16, got {meta_dtype}")
+    parts = [ref.quantize_pack(_cpu(x), bits, g, stochastic, s, meta_dtype) for x, g, s in zip(xs, group_sizes, seeds)]
+    device = xs[0].device
+    return tuple(torch.cat([p[j] for p in parts]).to(device) for j in range(3))
+
+
+def _ref_unpack_dequantize(ref, packed, scales, offsets, bits, numels, group_sizes, dtype):
+    if len(group_sizes) != len(numels):
+        raise RuntimeError("flocora::unpack_dequantize: one group size per tensor")
+    device = packed.device
+    nbytes = [packed_nbytes(n, bits) for n in numels]
+    ngroups = [num_groups(n, g) for n, g in zip(numels, group_sizes)]
+    packed, scales, offsets = _cpu(packed).reshape(-1), _cpu(scales).reshape(-1), _cpu(offsets).reshape(-1)
+    if packed.numel() != sum(nbytes) or scales.numel() != sum(ngroups) or offsets.numel() != sum(ngroups):
+        raise RuntimeError(
+            f"flocora::unpack_dequantize: got {packed.numel()} packed bytes and {scales.numel()}/{offsets.numel()} "
+            f"scales/offsets, need {sum(nbytes)} and {sum(ngroups)}"
+        )
+    outs = [
+        ref.unpack_dequantize(p, s, o, bits, n, g, dtype)
+        for p, s, o, n, g in zip(torch.split(packed, nbytes), torch.split(scales, ngroups),
+                                 torch.split(offsets, ngroups), numels, group_sizes)
+    ]  # fmt: skip
+    return (torch.cat(outs) if outs else torch.empty(0, dtype=dtype)).to(device)
+
+
+def _ref_topk_encode(ref, xs, ks, global_scope):
+    device = xs[0].device
+    out = ref.topk_encode([_cpu(x) for x in xs], ks, global_scope)
+    return tuple(t.to(device) for t in out)
+
+
+def _ref_sparse_decode(ref, index_bytes, values, numels, counts, dtype):
+    return ref.sparse_decode(_cpu(index_bytes), _cpu(values), numels, counts, dtype).to(values.device)
+
+
+def _ref_sparse_decode_add_(ref, outs, index_bytes, values, counts):
+    ref.sparse_decode_add_(outs, _cpu(index_bytes), _cpu(values), counts)

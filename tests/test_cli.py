@@ -1,15 +1,18 @@
 """The flocora-codec command line, through main(argv) and once as a subprocess."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 import flocora_codec as fc
 from flocora_codec import cli
+from flocora_codec.files import read_tensors, tensors_from_bytes
 
 
 @pytest.fixture
@@ -131,3 +134,97 @@ def test_python_dash_m(tmp_path, npz):
     msg.write_bytes(msg.read_bytes()[:-1])
     r = subprocess.run([sys.executable, "-m", "flocora_codec", "inspect", str(msg)], capture_output=True, text=True)
     assert r.returncode == 1 and "invalid message" in r.stderr, r.stderr
+
+
+# ---- .safetensors, standard streams, --version ---------------------------------
+def _tensors():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "base_model.model.fc1.lora_A.weight": torch.randn(8, 64, generator=g).bfloat16(),
+        "base_model.model.fc1.lora_B.weight": torch.randn(64, 8, generator=g).half(),
+        "base_model.model.fc1.bias": torch.randn(64, generator=g),
+        "step": torch.tensor(7, dtype=torch.int64),
+    }
+
+
+def _cli_spec(bits):
+    """The spec `flocora-codec encode --bits B` uses (1-d tensors raw)."""
+    return fc.CodecSpec(bits=bits, granularity="row", rules=(fc.Rule("*", "raw", max_ndim=1),))
+
+
+def test_safetensors_round_trip_keeps_dtypes(tmp_path, capsys):
+    st = pytest.importorskip("safetensors.torch")
+    x = _tensors()
+    src, msg, out = tmp_path / "adapter_model.safetensors", tmp_path / "a.flc", tmp_path / "out.safetensors"
+    st.save_file(x, src, metadata={"format": "pt"})
+    assert cli.main(["encode", str(src), "-o", str(msg), "--bits", "4"]) == 0
+    # safetensors lays tensors out in its own order (not the dict's); the
+    # message follows the file's layout, so the same file always gives the same bytes
+    assert msg.read_bytes() == fc.encode(read_tensors(src), _cli_spec(4))
+    assert cli.main(["encode", str(src), "-o", str(tmp_path / "again.flc"), "--bits", "4"]) == 0
+    assert (tmp_path / "again.flc").read_bytes() == msg.read_bytes()
+    assert cli.main(["decode", str(msg), "-o", str(out)]) == 0
+    got = st.load_file(out)
+    expected = fc.decode(msg.read_bytes())
+    assert sorted(got) == sorted(x)
+    for k in x:
+        assert got[k].dtype == x[k].dtype and got[k].shape == x[k].shape
+        assert torch.equal(got[k], expected[k])
+    assert torch.equal(got["base_model.model.fc1.bias"], x["base_model.model.fc1.bias"])  # raw 1-d
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers/PEFT expect
+    # .npz output of the same message: bfloat16 as float32, the rest exact
+    assert cli.main(["decode", str(msg), "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as f:
+        a = f["base_model.model.fc1.lora_A.weight"]
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, expected["base_model.model.fc1.lora_A.weight"].float().numpy())
+        assert f["base_model.model.fc1.lora_B.weight"].dtype == np.float16
+
+
+def _stdio(monkeypatch, data: bytes):
+    stdin, stdout = io.TextIOWrapper(io.BytesIO(data)), io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    return stdout
+
+
+def test_dash_is_stdin_and_stdout(tmp_path, npz, monkeypatch, capsys):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load, save
+
+    data = save(_tensors())
+    x = tensors_from_bytes(data, "safetensors")
+    out = _stdio(monkeypatch, data)
+    assert cli.main(["encode", "-", "-o", "-", "--bits", "3"]) == 0  # format sniffed from the bytes
+    msg = out.buffer.getvalue()
+    assert msg == fc.encode(x, _cli_spec(3))
+
+    out = _stdio(monkeypatch, msg)
+    assert cli.main(["decode", "-", "-o", "-"]) == 2  # no suffix to tell the format
+    assert "--format" in capsys.readouterr().err
+    out = _stdio(monkeypatch, msg)
+    assert cli.main(["decode", "-", "-o", "-", "--format", "safetensors"]) == 0
+    got = load(out.buffer.getvalue())
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in x.items()}
+
+    path, arrays = npz  # an .npz on stdin too
+    out = _stdio(monkeypatch, path.read_bytes())
+    assert cli.main(["encode", "-", "-o", "-"]) == 0
+    assert out.buffer.getvalue() == fc.encode_numpy(arrays, _cli_spec(4))
+    _stdio(monkeypatch, msg)
+    assert cli.main(["inspect", "--json", "-"]) == 0
+    sys.stdout.flush()
+    doc = json.loads(sys.stdout.buffer.getvalue())
+    assert doc["file"] == "<stdin>" and doc["bytes"]["total"] == len(msg)
+    _stdio(monkeypatch, b"neither npz nor safetensors")
+    assert cli.main(["encode", "-", "-o", str(tmp_path / "m")]) == 3
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"flocora-codec {fc.__version__} (torch {torch.__version__}, ")
+    assert f"{fc.ops.BACKEND} ops" in out

@@ -11,6 +11,7 @@ import logging
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 flwr = pytest.importorskip("flwr", reason="Flower is not installed (pip install 'flocora-codec[flower]')")
@@ -432,6 +433,130 @@ def test_fedadam_through_the_wrapper():
     diff = np.abs(as_numpy(arrays)["fc.weight"] - as_numpy(plain)["fc.weight"])
     assert np.median(diff) < 1e-2
     assert not np.allclose(as_numpy(arrays)["fc.weight"], g["fc.weight"])  # it did step
+
+
+def float32_app(rnd: int):
+    """A client whose model is float32 (as a PyTorch model): it answers in
+    float32 whatever dtype the global arrays came in."""
+    inner = make_app(rnd)
+
+    def app(msg: Message, context: Context) -> Message:
+        reply = inner(msg, context)
+        rec = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in rec.items()})
+        return reply
+
+    return app
+
+
+def test_fedadam_float64_globals_still_travel_as_deltas(caplog):
+    """FedAdam returns float64 global arrays from round 2; a float32 client
+    still sends deltas (in float32), and the result tracks plain FedAdam."""
+    g = {k: v for k, v in global_arrays().items() if k != "steps"}
+    plain_strategy, strategy = FedAdam(eta=0.05), ff.CompressedStrategy(FedAdam(eta=0.05))
+    mod = ff.compression_mod(fc.CodecSpec(bits=8))
+    plain_arrays, arrays, contexts = dict(g), dict(g), make_contexts()
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
+        for rnd in (1, 2, 3):
+            (plain_rec, _), _ = run_round(plain_strategy, None, make_contexts(), rnd, plain_arrays,
+                                          app=float32_app(rnd))  # fmt: skip
+            (rec, metrics), wire = run_round(strategy, mod, contexts, rnd, arrays, app=float32_app(rnd))
+            if rnd > 1:
+                assert arrays["fc.weight"].dtype == np.float64  # what FedAdam hands back
+            for w in wire:
+                # every float tensor travelled as a delta: nothing in full
+                assert ff.FULL_KEY not in w.content["arrays"], rnd
+                assert {t.dtype for t in fc.decode(w.content["arrays"][ff.DELTA_KEY].data).values()} == {torch.float32}
+            plain_arrays, arrays = as_numpy(plain_rec), as_numpy(rec)
+    assert not [r for r in caplog.records if "sent in full" in r.getMessage()]
+    diff = np.abs(arrays["fc.weight"] - plain_arrays["fc.weight"])
+    assert np.median(diff) < 1e-2 and not np.allclose(arrays["fc.weight"], g["fc.weight"])
+
+
+def test_full_fallback_warns_once(caplog):
+    g = global_arrays()
+
+    def reshaping_app(msg, context):
+        reply = make_app(1)(msg, context)
+        rec = reply.content["arrays"]
+        w = rec["fc.weight"].numpy()
+        rec["fc.weight"] = Array(np.ascontiguousarray(w.reshape(37, 10)))  # no longer the global's shape
+        return reply
+
+    mod = ff.compression_mod(SPEC4)
+    with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
+        for _ in range(2):
+            (_, _), wire = run_round(ff.CompressedStrategy(FedAvg()), mod, make_contexts(), 1, g, app=reshaping_app)
+    names = fc.message_info(wire[0].content["arrays"][ff.FULL_KEY].data).tensors
+    assert "fc.weight" in [t.name for t in names]
+    warnings = [r.getMessage() for r in caplog.records if "sent in full" in r.getMessage()]
+    assert len(warnings) == 1 and "fc.weight" in warnings[0] and "differ in shape" in warnings[0]
+
+
+def test_round_byte_totals_are_sums_not_averages():
+    g = global_arrays()
+    strategy = ff.CompressedStrategy(FedAvg())
+    (_, metrics), wire = run_round(strategy, ff.compression_mod(SPEC4), make_contexts(), 1, g)
+    per_reply = [w.content["metrics"][ff.BYTES_METRIC] for w in wire]
+    assert len(set(per_reply)) >= 1 and metrics["flocora-uplink-bytes"] == sum(per_reply)
+    assert metrics["flocora-uplink-raw-bytes"] == sum(w.content["metrics"][ff.RAW_BYTES_METRIC] for w in wire)
+    # the per-reply counts never reach FedAvg's weighted averaging
+    assert ff.BYTES_METRIC not in metrics and ff.RAW_BYTES_METRIC not in metrics
+    assert metrics["loss"] == pytest.approx(1.0)
+
+
+def _dp_round_trip(mods, rounds, norm):
+    from flwr.client.mod.utils import make_ffn
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    g = {k: v for k, v in global_arrays().items() if k != "steps"}
+    strategy = ff.CompressedStrategy(DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2))  # fmt: skip
+    contexts, arrays, sent_norms = make_contexts(), g, []
+    for rnd in range(1, rounds + 1):
+        (rec, _), wire = run_round(strategy, None, contexts, rnd, arrays, app=make_ffn(make_app(rnd), mods))
+        for w in wire:
+            assert not w.msg.has_error(), w.msg.error
+            delta = fc.decode_numpy(w.content["arrays"][ff.DELTA_KEY].data)
+            sent_norms.append(float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values()))))
+        arrays = as_numpy(rec)
+    return sent_norms, contexts
+
+
+def test_error_feedback_never_lifts_a_clipped_update_above_the_clipping_norm():
+    """The documented order, mods=[compression_mod(spec), fixedclipping_mod]:
+    fixedclipping_mod clips the plain update; the compression mod adds its
+    error-feedback residual and quantizes, then keeps what it sends within the
+    clipping norm that came with the instruction."""
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    norm = 0.5  # the raw updates have norm ~1.6: clipping bites every round
+    spec = fc.CodecSpec(bits=2, granularity="tensor")  # coarse: large quantization error to feed back
+    sent, contexts = _dp_round_trip([ff.compression_mod(spec), fixedclipping_mod], 4, norm)
+    assert max(sent) <= norm * (1 + 1e-9), sent
+    assert max(sent) > 0.9 * norm  # it did send clipped-size updates
+    # error feedback is on: residuals were kept (quantization error only)
+    residual = as_numpy(next(iter(contexts.values())).state.array_records["flocora.residual"])
+    assert residual and all(np.isfinite(r).all() for r in residual.values())
+    r_norm = float(np.sqrt(sum(np.sum(r.astype(np.float64) ** 2) for r in residual.values())))
+    assert r_norm < norm  # bounded by one quantization error, not growing with what clipping cut
+
+
+def test_compression_mod_inside_the_clipping_mod_fails_loudly():
+    """The wrong order, mods=[fixedclipping_mod, compression_mod]: the clipping
+    mod would see encoded arrays; it answers with an error reply instead of
+    clipping codec bytes."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.client.mod.utils import make_ffn
+
+    g = {k: v for k, v in global_arrays().items() if k != "steps"}
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    strategy = ff.CompressedStrategy(DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(), noise_multiplier=0.0, clipping_norm=0.5, num_sampled_clients=2))  # fmt: skip
+    mods = [fixedclipping_mod, ff.compression_mod(SPEC4)]
+    (_, _), wire = run_round(strategy, None, make_contexts(), 1, g, app=make_ffn(make_app(1), mods))
+    assert all(w.msg.has_error() for w in wire)
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import flocora_codec as fc
 
 try:
     import fl
-    from fl.config import load_config
+    from fl.config import ConfigError, Choice, load_config, validate
     from fl.loop import setup as fl_setup
 except ImportError as exc:  # pragma: no cover - environment problem, not logic
     raise ImportError(
@@ -42,12 +42,37 @@ def default_run_config() -> dict:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
+# String settings with a fixed set of values; every other key's type is the
+# type of its default in pyproject.toml.
+_APP_CHOICES = {
+    "codec-granularity": ("tensor", "row", "group"),
+    "codec-rounding": ("nearest", "stochastic"),
+    "codec-mode": ("delta", "arrays"),
+}
+
+
+def app_schema() -> dict:
+    """Run config key -> type (or choice), from the app's pyproject defaults."""
+    schema = {}
+    for key, default in default_run_config().items():
+        if key in _APP_CHOICES:
+            schema[key] = Choice(*_APP_CHOICES[key])
+        else:
+            schema[key] = float if isinstance(default, float) else type(default)
+    return schema
+
+
 def app_config(run_config, overrides: dict | None = None) -> dict:
-    """pyproject defaults < Flower run config < ``overrides``."""
+    """pyproject defaults < Flower run config < ``overrides``, validated: an
+    unknown key or a value of the wrong type raises ``ConfigError`` naming the
+    key and the closest valid one, before anything trains."""
     cfg = default_run_config()
     cfg.update(dict(run_config or {}))
     cfg.update(overrides or {})
-    return cfg
+    try:
+        return validate(cfg, app_schema())
+    except ConfigError as exc:
+        raise ConfigError(f"Flower run config: {exc}".replace("config key", "run config key")) from None
 
 
 def fl_config(appcfg: dict) -> dict:
