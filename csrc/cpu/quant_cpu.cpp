@@ -306,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       }
     });
   }
-  TORCH_CHECK(!nonfinite, op, ": input has NaN or Inf values");
-  TORCH_CHECK(!unfit, op, ": a group's range does not fit the metadata dtype ", meta_dtype,
+  // ValueError: the input cannot be encoded (not a kernel failure).
+  TORCH_CHECK_VALUE(!nonfinite, op, ": input has NaN or Inf values");
+  TORCH_CHECK_VALUE(!unfit, op, ": a group's range does not fit the metadata dtype ", meta_dtype,
               " (float16 holds |values| up to 65504)");
   return {packed, scales, offsets};
 }
