@@ -161,7 +161,9 @@ def quantize_pack(
     Returns ``(packed, scales, offsets)``: ``packed`` is uint8, each tensor's
     ``packed_nbytes(numel, bits)`` bytes back to back; ``scales`` and
     ``offsets`` hold ``num_groups(numel, group_size)`` values per tensor, back
-    to back, in ``meta_dtype``. NaN or Inf input raises ``RuntimeError``.
+    to back, in ``meta_dtype``. Input that cannot be encoded (NaN or Inf, a
+    range beyond float16 metadata) raises ``ValueError``; a bad argument or a
+    kernel failure, ``RuntimeError``.
     """
     xs = list(xs)
     if seeds is None:
@@ -232,7 +234,7 @@ def topk_encode(
     per tensor; ``values`` float32, each tensor's kept values in increasing
     index order, back to back; ``index_bytes`` uint8, each tensor's index code
     (``index_nbytes(numel, count)`` bytes: bitmap or Elias-Fano, whichever is
-    smaller) back to back.
+    smaller) back to back. NaN or Inf input raises ``ValueError``.
     """
     xs, ks = list(xs), [int(k) for k in ks]
     if not xs:  # no tensor to dispatch on, and nothing to select
@@ -276,7 +278,11 @@ def sparse_decode(
     """Scatter ``values`` into zeros: one flat tensor of ``sum(numels)``.
 
     The index codes are validated (strictly increasing, in range, exactly
-    ``counts[i]`` entries, zero padding) before anything is written.
+    ``counts[i]`` entries, zero padding) before anything is written. A
+    malformed code raises ``ValueError`` naming the first failing tensor (by
+    phase: padding of every tensor, then the counts, then the indices) and
+    what is wrong; sizes that do not match ``numels``/``counts``, or a kernel
+    failure, raise ``RuntimeError``.
     """
     if BACKEND == "reference":
         return _reference_call("sparse_decode", _ref_sparse_decode, index_bytes, values, [int(n) for n in numels],

@@ -85,11 +85,11 @@ def affine_params(flat: torch.Tensor, bits: int, group_size: int, meta_dtype: to
         offset = lo
     scale = (hi - offset) / levels
     if not (torch.isfinite(offset).all() and torch.isfinite(scale).all()):
-        raise RuntimeError("quantize_pack: group range does not fit the metadata dtype")
+        raise ValueError("quantize_pack: group range does not fit the metadata dtype")
     if meta_dtype == torch.float16:
         scale = half_round_up(scale).float()
         if not torch.isfinite(scale).all():
-            raise RuntimeError("quantize_pack: group range does not fit the metadata dtype")
+            raise ValueError("quantize_pack: group range does not fit the metadata dtype")
     scale = torch.where(scale >= FLT_MIN, scale, torch.zeros_like(scale))
     inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), scale)
     return offset, scale, inv
@@ -110,7 +110,7 @@ def quantize_pack(
         e = torch.empty(0, dtype=meta_dtype)
         return torch.empty(0, dtype=torch.uint8), e, e.clone()
     if not torch.isfinite(flat).all():
-        raise RuntimeError("quantize_pack: input has NaN or Inf")
+        raise ValueError("quantize_pack: input has NaN or Inf")
     offset, scale, inv = affine_params(flat, bits, group_size, meta_dtype)
     group = torch.arange(n) // group_size
     levels = float(2**bits - 1)
@@ -171,7 +171,7 @@ def topk_select(xs, ks, global_scope: bool = False):
     flats = [x.detach().cpu().reshape(-1).to(torch.float32) for x in xs]
     for f in flats:
         if not torch.isfinite(f).all():
-            raise RuntimeError("topk_encode: input has NaN or Inf values")
+            raise ValueError("topk_encode: input has NaN or Inf values")
     if global_scope:
         if len(ks) != 1:
             raise RuntimeError("topk_encode: global_scope=True takes ks = [k]")
@@ -227,9 +227,9 @@ def encode_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`encode_indices`, validating: RuntimeError unless data
-    is exactly the canonical code of k strictly increasing indices < n (sizes
-    exact, padding bits zero)."""
+    """Inverse of :func:`encode_indices`, validating: RuntimeError on wrong
+    sizes, ValueError (as the kernels) unless data is exactly the canonical
+    code of k strictly increasing indices < n (padding bits zero)."""
     if not 0 <= k <= n:
         raise RuntimeError(f"sparse_decode: count {k} not in [0, numel = {n}]")
     data = data.reshape(-1)
@@ -238,29 +238,29 @@ def decode_indices(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     bits = _unpack_lsb(data)
     if choose_index_code(n, k) == INDEX_BITMAP:
         if bits[n:].any():
-            raise RuntimeError("sparse_decode: bitmap padding bits are not zero")
+            raise ValueError("sparse_decode: bitmap padding bits are not zero")
         idx = torch.nonzero(bits[:n]).reshape(-1)
         if idx.numel() != k:
-            raise RuntimeError("sparse_decode: bitmap set bits differ from count")
+            raise ValueError("sparse_decode: bitmap set bits differ from count")
         return idx
     low_bits = elias_fano_low_bits(n, k)
     low_nbytes = (k * low_bits + 7) // 8
     low_stream = bits[: low_nbytes * 8]
     if low_stream[k * low_bits :].any():
-        raise RuntimeError("sparse_decode: Elias-Fano low padding bits are not zero")
+        raise ValueError("sparse_decode: Elias-Fano low padding bits are not zero")
     low = (low_stream[: k * low_bits].reshape(k, low_bits) << torch.arange(low_bits)).sum(1)
     unary = bits[low_nbytes * 8 :]
     nhigh = ((n - 1) >> low_bits) + k if k else 0
     if unary[nhigh:].any():
-        raise RuntimeError("sparse_decode: Elias-Fano high padding bits are not zero")
+        raise ValueError("sparse_decode: Elias-Fano high padding bits are not zero")
     pos = torch.nonzero(unary).reshape(-1)
     if pos.numel() != k:
-        raise RuntimeError("sparse_decode: Elias-Fano high part set bits differ from count")
+        raise ValueError("sparse_decode: Elias-Fano high part set bits differ from count")
     idx = ((pos - torch.arange(k)) << low_bits) | low
     if (idx >= n).any():
-        raise RuntimeError("sparse_decode: Elias-Fano index >= numel")
+        raise ValueError("sparse_decode: Elias-Fano index >= numel")
     if (idx[1:] <= idx[:-1]).any():
-        raise RuntimeError("sparse_decode: Elias-Fano indices not strictly increasing")
+        raise ValueError("sparse_decode: Elias-Fano indices not strictly increasing")
     return idx
 
 

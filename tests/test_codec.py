@@ -15,6 +15,7 @@ import flocora_codec as fc
 from flocora_codec import codec as codec_mod
 from flocora_codec import format as fmt
 from flocora_codec import ops
+from flocora_codec import reference as R
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
@@ -34,16 +35,66 @@ def sample(shape, dtype=torch.float32, seed=0, scale=1.0):
     return (torch.randn(shape, generator=g) * scale).to(dtype)
 
 
-def scales_per_element(data: bytes, name: str) -> torch.Tensor:
-    """The stored scale of every element's group, read straight from the message."""
+# ---- expectations computed from the input alone ----------------------------------------
+# Not from the message (its stored scales) nor from the encoder's helpers: an
+# encoder that stores too large a step or groups wrongly must fail these.
+def spec_group_size(granularity: str, group_size: int, shape: tuple, numel: int) -> int:
+    """Elements per group by FORMAT.md 3.2's table."""
+    if granularity == "group":
+        return group_size
+    if granularity == "row" and len(shape) >= 2 and shape[0] > 0:
+        return numel // shape[0]  # one group per index of dimension 0
+    return max(numel, 1)
+
+
+def input_steps(flat: torch.Tensor, group: int, bits: int, meta_dtype: str) -> torch.Tensor:
+    """Per element, the largest step its group may have: (max - min) / (2^b - 1)
+    over its group of the input, widened only by the metadata rounding
+    (float16: offset down by at most one float16 ulp, scale up by one)."""
+    v = flat.detach().reshape(-1).double()
+    gid = torch.arange(v.numel()) // group
+    ng = int(gid[-1]) + 1
+    lo = torch.full((ng,), float("inf"), dtype=torch.float64).scatter_reduce(0, gid, v, "amin")
+    hi = torch.full((ng,), -float("inf"), dtype=torch.float64).scatter_reduce(0, gid, v, "amax")
+    levels = 2**bits - 1
+    if meta_dtype == "float16":
+        ulp = torch.clamp(lo.abs() * 2**-10, min=2**-24)
+        step = (hi - lo + ulp) / levels * (1 + 2**-10) + 2**-24
+    else:
+        step = (hi - lo) / levels * (1 + 2**-22)
+    return step[gid]
+
+
+def assert_within_steps(y, x, steps, rounding):
+    """|y - x| <= step / 2 (nearest) or one step (stochastic), plus float32
+    arithmetic in offset + q * scale and the rounding to the output dtype."""
+    x64, y64 = x.detach().reshape(-1).double(), y.reshape(-1).double()
+    bound = steps * (1.0 if rounding == "stochastic" else 0.5)
+    slack = 4 * 2**-24 * (x64.abs() + steps * 256) + torch.finfo(y.dtype).eps * y64.abs() + 1e-30
+    err = (y64 - x64).abs()
+    assert bool((err <= bound + slack).all()), float((err - bound).max())
+
+
+def expected_topk(flats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Sorted kept indices of each tensor: the k largest |x| over the
+    concatenation (one tensor for the per-tensor scope), ties to the lower
+    position (tensor order first), by a stable sort of float32 magnitudes."""
+    mags = torch.cat([f.detach().reshape(-1).float().abs() for f in flats]) if flats else torch.zeros(0)
+    keep = torch.sort(-mags, stable=True).indices[:k]
+    out, start = [], 0
+    for f in flats:
+        n = f.numel()
+        out.append(torch.sort(keep[(keep >= start) & (keep < start + n)] - start).values)
+        start += n
+    return out
+
+
+def message_indices(data: bytes, name: str) -> torch.Tensor:
+    """The kept indices the message carries, by the pure-PyTorch reference decoder."""
     pm = fmt.parse(data)
     e = next(e for e in pm.entries if e.name == name)
-    rec = pm.records[e.codec_index]
-    meta = fmt.META_CODES[rec.meta_dtype]
-    ng = e.metadata_len // 2 // meta.itemsize
-    scales = torch.frombuffer(bytearray(data[e.offset : e.offset + ng * meta.itemsize]), dtype=meta).float()
-    g = fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel)
-    return scales[torch.arange(e.numel) // g]
+    raw = torch.tensor(list(data[e.index_offset : e.index_offset + e.index_len]), dtype=torch.uint8)
+    return R.decode_indices(raw, e.numel, e.count)
 
 
 # ---- raw -------------------------------------------------------------------------------
@@ -92,11 +143,8 @@ def test_nearest_error_is_at_most_half_a_step(shape, bits, granularity, group_si
     assert y.dtype == dtype and y.shape == x.shape
     if x.numel() == 0:
         return
-    step = scales_per_element(data, "x").reshape(x.shape)
-    err = (y.double() - x.double()).abs()
-    # float32 arithmetic in offset + q*scale, then rounding to the output dtype
-    slack = 1e-6 * x.double().abs().max() + torch.finfo(dtype).eps * y.double().abs()
-    assert bool((err <= step.double() / 2 * (1 + 1e-6) + slack).all()), float((err - step / 2).max())
+    g = spec_group_size(granularity, group_size, tuple(x.shape), x.numel())
+    assert_within_steps(y, x, input_steps(x, g, bits, meta_dtype), "nearest")
 
 
 @settings(max_examples=25, deadline=None)
@@ -105,8 +153,8 @@ def test_stochastic_error_is_below_one_step(bits, granularity, seed):
     x = sample((6, 40), seed=seed)
     spec = fc.CodecSpec(bits=bits, granularity=granularity, group_size=16, rounding="stochastic", seed=seed)
     data = fc.encode({"x": x}, spec)
-    err = (fc.decode(data)["x"] - x).abs()
-    assert bool((err <= scales_per_element(data, "x").reshape(x.shape) * (1 + 1e-5) + 1e-6).all())
+    g = spec_group_size(granularity, 16, tuple(x.shape), x.numel())
+    assert_within_steps(fc.decode(data)["x"], x, input_steps(x, g, bits, "float32"), "stochastic")
 
 
 def test_stochastic_rounding_is_unbiased_and_seeded():
@@ -266,7 +314,7 @@ specs = st.builds(
     meta_dtype=st.sampled_from(["float32", "float16"]),
     k=st.one_of(st.none(), st.integers(0, 40)),
     topk_scope=st.sampled_from(["tensor", "global"]),
-    values=st.sampled_from(["float32", "float16", "bfloat16"]),
+    values=st.sampled_from(["float32", "float16", "bfloat16", "sign"]),
     rules=st.sampled_from([(), (fc.Rule("*", "raw", max_ndim=1),), (fc.Rule("b*", "raw"),)]),
 )
 
@@ -296,22 +344,122 @@ def test_any_spec_round_trips_consistently(spec, quantize_values, layout, seed):
     assert list(out) == list(tensors) == [t.name for t in info.tensors]
     assert info.total_bytes == len(data) == (info.header_bytes + info.metadata_bytes + info.index_bytes
                                              + info.payload_bytes + 4)  # fmt: skip
+    assert_topk_as_specified(data, tensors, out, spec)
     for t in info.tensors:
         x, y = tensors[t.name], out[t.name]
         assert y.dtype == x.dtype and y.shape == x.shape
         if t.codec == "raw":
             assert torch.equal(y, x)
-        elif t.codec == "topk":
-            kept = y != 0
-            assert int(kept.sum()) <= t.count
-            if t.values in ("float32", "float16", "bfloat16"):  # raw values: exact in their dtype
-                vd = getattr(torch, t.values)
-                assert torch.equal(y[kept], x[kept].float().to(vd).to(x.dtype))
-        elif x.numel():
-            step = scales_per_element(data, t.name).reshape(x.shape).double()
-            bound = step * (1.0 if t.rounding == "stochastic" else 0.5) * (1 + 1e-5)
-            slack = torch.finfo(x.dtype).eps * (x.double().abs() + step) + 1e-6
-            assert bool(((y.double() - x.double()).abs() <= bound + slack).all())
+        elif t.codec == "affine" and x.numel():
+            g = spec_group_size(spec.granularity, spec.group_size, tuple(x.shape), x.numel())
+            assert_within_steps(y, x, input_steps(x, g, spec.bits, spec.meta_dtype), spec.rounding)
+
+
+def assert_topk_as_specified(data, tensors, out, spec):
+    """Every top-k tensor keeps the positions expected_topk picks from the
+    input (k per tensor, or one k over all top-k tensors for the global
+    scope), zeros elsewhere, and its values as the value encoding says."""
+    sparse = [t for t in fc.message_info(data).tensors if t.codec == "topk"]
+    if not sparse:
+        return
+    if spec.topk_scope == "global":
+        flats = [tensors[t.name] for t in sparse]
+        k = min(spec.k, sum(f.numel() for f in flats))
+        want_idx = dict(zip([t.name for t in sparse], expected_topk(flats, k)))
+    else:
+        want_idx = {t.name: expected_topk([tensors[t.name]], min(spec.k, tensors[t.name].numel()))[0] for t in sparse}
+    for t in sparse:
+        x, y = tensors[t.name], out[t.name]
+        idx = message_indices(data, t.name)
+        assert torch.equal(idx, want_idx[t.name]), t.name
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        dropped = torch.ones(x.numel(), dtype=torch.bool)
+        dropped[idx] = False
+        assert bool((yf[dropped] == 0).all())
+        v = xf[idx].float()  # the kept values, in index order
+        if t.values in ("float32", "float16", "bfloat16"):  # exact in their dtype
+            assert torch.equal(yf[idx], v.to(getattr(torch, t.values)).to(x.dtype))
+        elif t.values == "quantized" and v.numel():  # the values vector, grouped as FORMAT.md 3.3 says
+            g = spec.group_size if spec.granularity == "group" else v.numel()
+            assert_within_steps(yf[idx], v, input_steps(v, g, spec.bits, spec.meta_dtype), spec.rounding)
+        elif t.values == "sign" and v.numel():  # +-mean|v|: float64 sum, float32, then the meta dtype
+            mu = (v.double().abs().sum() / v.numel()).float().to(getattr(torch, spec.meta_dtype)).float()
+            assert torch.equal(yf[idx], torch.where(v >= 0, mu, -mu).to(x.dtype))
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "bfloat16", "quantized", "sign"])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("k", [1, 23, 500])
+def test_topk_keeps_the_largest_and_codes_every_value_encoding(values, scope, k):
+    # Few distinct magnitudes, so ties straddle every threshold.
+    g = torch.Generator().manual_seed(k)
+    tensors = {
+        "a": torch.randint(-4, 5, (12, 10), generator=g).float() * 0.75,
+        "b": torch.randn(7, 9, generator=g).half(),
+        "c": torch.randint(-3, 4, (5, 8), generator=g).bfloat16(),
+    }
+    spec = fc.CodecSpec(k=k, topk_scope=scope, values=values, bits=3, granularity="group", group_size=8,
+                        rounding="stochastic" if k == 23 else "nearest", meta_dtype="float16", rules=())
+    data = fc.encode(tensors, spec)
+    assert [t.codec for t in fc.message_info(data).tensors] == ["topk"] * 3
+    assert_topk_as_specified(data, tensors, fc.decode(data), spec)
+
+
+# ---- kernel failures that are not about the message -------------------------------------
+_DECODE_CASES = [  # (kernel op the decoder calls, spec)
+    ("unpack_dequantize", fc.CodecSpec(bits=4, rules=())),
+    ("sparse_decode", fc.CodecSpec(density=0.2, rules=())),
+    ("unpack_dequantize", fc.CodecSpec(density=0.2, values="quantized", bits=4, rules=())),
+    ("unpack_dequantize", fc.CodecSpec(density=0.2, values="sign", rules=())),
+]
+_ENCODE_CASES = [
+    ("quantize_pack", fc.CodecSpec(bits=4, rules=())),
+    ("topk_encode", fc.CodecSpec(density=0.2, rules=())),
+    ("quantize_pack", fc.CodecSpec(density=0.2, values="quantized", bits=4, rules=())),
+]
+
+
+@pytest.mark.parametrize("make_exc", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+    lambda: RuntimeError("flocora::sparse_decode: internal error (simulated)"),
+    lambda: MemoryError(),
+])
+def test_kernel_failures_surface_as_they_are(monkeypatch, make_exc):
+    # Only the kernels' ValueError (a malformed index code; input that cannot
+    # be encoded) is about the message. Anything else must reach the caller
+    # unchanged: not reported as a corrupt message (FormatError) or bad input.
+    tensors = {"w": sample((16, 8), seed=1), "v": sample((40,), seed=2)}
+    for op, spec in _DECODE_CASES + _ENCODE_CASES:
+        exc = make_exc()
+        data = fc.encode(tensors, spec)
+
+        def fail(*args, **kwargs):
+            raise exc
+
+        with monkeypatch.context() as m:
+            m.setattr(ops, op, fail)
+            with pytest.raises(type(exc)) as info:
+                if (op, spec) in _DECODE_CASES:
+                    fc.decode(data)
+                else:
+                    fc.encode(tensors, spec)
+        assert info.value is exc, (op, spec)
+
+
+def test_malformed_index_code_is_a_format_error():
+    # The kernel's ValueError for a bad index code becomes FormatError, with it as the cause.
+    x = torch.zeros(16, 64)
+    x[3, 5], x[9, 60] = 2.0, -3.0
+    data = bytearray(fc.encode({"x": x}, fc.CodecSpec(k=2, rules=())))
+    pm = fmt.parse(bytes(data))
+    e = pm.entries[0]
+    data[e.index_offset + e.index_len - 1] |= 0x80  # a padding bit of the Elias-Fano high part
+    body = bytes(data[:-4])
+    data = body + struct.pack("<I", fmt.crc32c(body))  # the checksum recomputed: the kernel must catch it
+    with pytest.raises(fc.FormatError, match="sparse_decode rejected the index codes of \\['x'\\]") as info:
+        fc.decode(data)
+    assert type(info.value.__cause__) is ValueError
+    assert "padding bits" in str(info.value.__cause__)
 
 
 # ---- spec, rules, grouping -----------------------------------------------------------------

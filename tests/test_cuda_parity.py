@@ -3,15 +3,17 @@
 Every test needs a CUDA device and skips without one. The CPU kernels are
 tested against the pure-PyTorch reference elsewhere (test_quant.py,
 test_topk.py); here the CUDA output must equal the CPU output exactly:
-packed bytes, metadata bits, counts, values and index-code bytes. Metadata
-compares bit for bit except for the sign of a zero offset (see _same_meta).
+packed bytes, metadata bits (signed zeros included), counts, values and
+index-code bytes; and the same error, type and text, for the same bad input.
 """
 import itertools
+import re
 
 import pytest
 import torch
 
 from flocora_codec import ops
+from tests.stochastic_kat import KNOWN_U24, probe_inputs, u24
 
 pytestmark = [
     pytest.mark.cuda,
@@ -67,11 +69,15 @@ def _same_bits(a, b):
     assert torch.equal(_bits_of(a), _bits_of(b))
 
 
-def _same_meta(a, b):
-    """Bit-exact metadata, except that -0.0 and +0.0 compare equal: the CPU
-    min of a group holding both zeros depends on the element order (scalar vs
-    AVX2 loops), while CUDA picks -0.0; the codes do not depend on it."""
-    _same_bits(a + 0.0, b + 0.0)
+def _raises_same(fn_cpu, fn_cuda, exc, match):
+    """Both backends raise ``exc`` with a first line matching ``match`` (a
+    regex per backend where the texts differ: {"cpu": ..., "cuda": ...})."""
+    for device, fn in (("cpu", fn_cpu), ("cuda", fn_cuda)):
+        pattern = match[device] if isinstance(match, dict) else match
+        with pytest.raises(exc) as info:
+            fn()
+        assert info.type is exc, (device, info.type)  # not a subclass, e.g. OutOfMemoryError
+        assert re.fullmatch(pattern, str(info.value).splitlines()[0]), (device, str(info.value))
 
 
 def _quant_both(xs_cpu, bits, groups, stochastic=False, seeds=None, meta=torch.float32):
@@ -81,8 +87,8 @@ def _quant_both(xs_cpu, bits, groups, stochastic=False, seeds=None, meta=torch.f
                              meta_dtype=meta)
     assert all(t.is_cuda for t in cuda)
     _same_bits(cuda[0], cpu[0])
-    _same_meta(cuda[1], cpu[1])
-    _same_meta(cuda[2], cpu[2])
+    _same_bits(cuda[1], cpu[1])  # both backends store +0.0 for a zero minimum
+    _same_bits(cuda[2], cpu[2])
     return cpu, cuda
 
 
@@ -214,7 +220,7 @@ def test_quantize_cuda_graph_capture():
         cpu = ops.quantize_pack([x.cpu() for x in xs], 4, groups, **args)
         for c, e, p in zip(captured, eager, cpu):
             _same_bits(c, e)
-            _same_meta(c, p)
+            _same_bits(c, p)
 
 
 def test_quantize_round_trip_on_cuda():
@@ -227,27 +233,40 @@ def test_quantize_round_trip_on_cuda():
         assert torch.all((y - x).abs() <= step / 2 + 1e-6 * x.abs().max())
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda d: ([torch.tensor([1.0, float("nan")], device=d)], 4, [2], torch.float32),
-        lambda d: ([torch.tensor([1.0, float("inf")], device=d)], 4, [2], torch.float32),
-        lambda d: ([torch.randn(20000, device=d).index_fill_(0, torch.tensor([19999], device=d), float("-inf"))],
-                   4, [20000], torch.float32),
-        lambda d: ([torch.tensor([0.0, 1e5], device=d)], 4, [2], torch.float16),
-        lambda d: ([torch.ones(4, device=d)], 0, [2], torch.float32),
-        lambda d: ([torch.ones(4, device=d)], 9, [2], torch.float32),
-        lambda d: ([torch.ones(4, device=d)], 4, [0], torch.float32),
-        lambda d: ([torch.ones(4, device=d)], 4, [2, 2], torch.float32),
-        lambda d: ([torch.ones(4, device=d)], 4, [2], torch.bfloat16),
-        lambda d: ([torch.ones(4, device=d, dtype=torch.int32)], 4, [2], torch.float32),
-    ],
-)
-def test_quantize_errors_match_cpu(make):
-    for device in ("cpu", "cuda"):
+_Q = "flocora::quantize_pack: "
+QUANTIZE_ERRORS = [
+    (lambda d: ([torch.tensor([1.0, float("nan")], device=d)], 4, [2], torch.float32),
+     ValueError, _Q + "input has NaN or Inf values"),
+    (lambda d: ([torch.tensor([1.0, float("inf")], device=d)], 4, [2], torch.float32),
+     ValueError, _Q + "input has NaN or Inf values"),
+    (lambda d: ([torch.randn(20000, device=d).index_fill_(0, torch.tensor([19999], device=d), float("-inf"))],
+                4, [20000], torch.float32), ValueError, _Q + "input has NaN or Inf values"),
+    # scale 1e6 / 15 is beyond float16's 65504 ([0, 1e5] would fit: scale ~6667)
+    (lambda d: ([torch.tensor([0.0, 1e6], device=d)], 4, [2], torch.float16),
+     ValueError, _Q + r"a group's range does not fit the metadata dtype Half \(float16 holds \|values\| up to 65504\)"),
+    (lambda d: ([torch.ones(4, device=d)], 0, [2], torch.float32), RuntimeError, _Q + r"bits must be in 1\.\.8, got 0"),
+    (lambda d: ([torch.ones(4, device=d)], 9, [2], torch.float32), RuntimeError, _Q + r"bits must be in 1\.\.8, got 9"),
+    (lambda d: ([torch.ones(4, device=d)], 4, [0], torch.float32),
+     RuntimeError, _Q + "group size of tensor 0 must be >= 1, got 0"),
+    (lambda d: ([torch.ones(4, device=d)], 4, [2, 2], torch.float32),
+     RuntimeError, _Q + "got 2 group sizes for 1 tensors"),
+    (lambda d: ([torch.ones(4, device=d)], 4, [2], torch.bfloat16),
+     RuntimeError, _Q + "meta_dtype must be float32 or float16, got BFloat16"),
+    (lambda d: ([torch.ones(4, device=d, dtype=torch.int32)], 4, [2], torch.float32), RuntimeError,
+     {"cpu": _Q + r"unsupported dtype Int \(expected float32, float16 or bfloat16\)",
+      "cuda": _Q + "tensor 0 must be float32, float16 or bfloat16, got Int"}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(QUANTIZE_ERRORS)))
+def test_quantize_errors_match_cpu(case):
+    make, exc, match = QUANTIZE_ERRORS[case]
+
+    def call(device):
         xs, bits, groups, meta = make(device)
-        with pytest.raises(RuntimeError):
-            ops.quantize_pack(xs, bits, groups, meta_dtype=meta)
+        return lambda: ops.quantize_pack(xs, bits, groups, meta_dtype=meta)
+
+    _raises_same(call("cpu"), call("cuda"), exc, match)
 
 
 def test_mixed_devices_raise():
@@ -264,18 +283,18 @@ def test_mixed_devices_raise():
 
 def test_unpack_size_errors_match_cpu():
     q = ops.quantize_pack([torch.randn(100)], 3, [10])
+    u = "flocora::unpack_dequantize: "
     cases = [
-        (q[0][:-1], q[1], q[2], 3, [100], [10]),
-        (q[0], q[1][:-1], q[2], 3, [100], [10]),
-        (q[0], q[1], q[2].half(), 3, [100], [10]),
-        (q[0], q[1], q[2], 4, [100], [10]),
-        (q[0], q[1], q[2], 3, [100, 0], [10]),
+        ((q[0][:-1], q[1], q[2], 3, [100], [10]), u + "packed has 37 bytes, the sizes need 38"),
+        ((q[0], q[1][:-1], q[2], 3, [100], [10]), u + "expected 10 scales and offsets, got 9 and 10"),
+        ((q[0], q[1], q[2].half(), 3, [100], [10]),
+         u + "scales and offsets must both be float32 or both float16, got Float and Half"),
+        ((q[0], q[1], q[2], 4, [100], [10]), u + "packed has 38 bytes, the sizes need 50"),
+        ((q[0], q[1], q[2], 3, [100, 0], [10]), u + "got 2 numels and 1 group sizes"),
     ]
-    for args in cases:
-        for device in ("cpu", "cuda"):
-            moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-            with pytest.raises(RuntimeError):
-                ops.unpack_dequantize(*moved)
+    for args, match in cases:
+        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        _raises_same(lambda: ops.unpack_dequantize(*args), lambda: ops.unpack_dequantize(*moved), RuntimeError, match)
 
 
 @pytest.mark.slow
@@ -288,6 +307,38 @@ def test_quantize_past_2_31_elements_matches_cpu():
         del cuda
         y = ops.unpack_dequantize(*[t.cuda() for t in cpu], bits, [n], [g], torch.float16)
         _same_bits(y[-5000:], ops.unpack_dequantize(*cpu, bits, [n], [g], torch.float16)[-5000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [64, "tensor"])  # the fused path and the range / pack passes
+def test_quantize_stochastic_draws_known_values_past_2_32(group):
+    # The generator's key changes every 2^32 elements: the draws in windows
+    # across 2^32 and 2^33 equal the generator's definition and its known
+    # answers (tests/stochastic_kat.py; the CPU kernel is checked there through
+    # a test hook). float32 zeros, 2^33 + 64 elements (32 GiB), bits = 1.
+    n, seed = 2**33 + 64, 7
+    g = 64 if group == 64 else n
+    windows = [2**32 - 24, 2**33 - 24]  # 48 elements each, starting on a byte
+    want = {first: [u24(seed, first + j) for j in range(48)] for first in windows}
+    for (s, i), u in KNOWN_U24.items():
+        for first in windows:
+            if s == seed and first <= i < first + 48:
+                assert want[first][i - first] == u
+    x = torch.zeros(n, device="cuda")
+    for k in range(2):  # probe_inputs: code 0 iff u24 >= U, then code 1 iff u24 <= U
+        for first in windows:
+            probe, code = probe_inputs(want[first])[k]
+            x[first : first + 48] = probe.cuda()
+            # Offset 0, scale 1 in every group of the window: the probe's 0 and
+            # 1 sit at its ends, zeros follow it, and a 1 precedes it (the first
+            # 64-group of the window would otherwise have max < 1).
+            x[first - 1] = 1.0
+        packed, scales, offsets = ops.quantize_pack([x], 1, [g], stochastic=True, seeds=[seed])
+        for first in windows:
+            byte = packed[first // 8 : first // 8 + 6].cpu().long()
+            got = ((byte.unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+            assert got[1:-1].tolist() == [code] * 46, (first, k)
+        del packed, scales, offsets
 
 
 # ---- top-k --------------------------------------------------------------------------
@@ -373,19 +424,25 @@ def test_topk_all_ties_take_lowest_indices():
 def test_topk_non_finite_raises_on_both(bad):
     x = torch.randn(10000)
     x[7777] = bad
-    for device in ("cpu", "cuda"):
-        with pytest.raises(RuntimeError, match="NaN or Inf"):
-            ops.topk_encode([x.to(device)], [10])
+    _raises_same(lambda: ops.topk_encode([x], [10]), lambda: ops.topk_encode([x.cuda()], [10]),
+                 ValueError, "flocora::topk_encode: input has NaN or Inf values")
 
 
-@pytest.mark.parametrize("args", [([5, 5], True, 2), ([5, 5], False, 1), ([11], False, 1), ([-1], False, 1),
-                                  ([21], True, 2)])
+_T = "flocora::topk_encode: "
+
+
+@pytest.mark.parametrize("args", [
+    ([5, 5], True, 2, _T + r"global_scope=True takes ks = \[k\] \(one k over all tensors\), got 2 values"),
+    ([5, 5], False, 1, _T + "got 2 values of k for 1 tensors"),
+    ([11], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got 11"),
+    ([-1], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got -1"),
+    ([21], True, 2, _T + r"k must be in \[0, total numel = 20\], got 21"),
+])
 def test_topk_argument_errors_match_cpu(args):
-    ks, global_scope, ntensors = args
-    for device in ("cpu", "cuda"):
-        xs = [torch.randn(10, device=device) for _ in range(ntensors)]
-        with pytest.raises(RuntimeError):
-            ops.topk_encode(xs, ks, global_scope=global_scope)
+    ks, global_scope, ntensors, match = args
+    xs = [torch.randn(10) for _ in range(ntensors)]
+    _raises_same(lambda: ops.topk_encode(xs, ks, global_scope=global_scope),
+                 lambda: ops.topk_encode([x.cuda() for x in xs], ks, global_scope=global_scope), RuntimeError, match)
 
 
 # ---- sparse decode --------------------------------------------------------------------
@@ -438,69 +495,200 @@ def _corruptions(index, counts, numels):
             yield bad
 
 
+def _first_line(exc):
+    return str(exc).splitlines()[0]
+
+
 @pytest.mark.parametrize("density", [0.002, 0.3])
 def test_sparse_decode_corrupt_codes_agree_with_cpu(density):
-    # Untrusted input: for every corruption both backends raise, or both
-    # decode to the same bytes; a failed decode_add_ leaves outputs untouched.
+    # Untrusted input: for every corruption both backends raise the same error
+    # (type and text: tensor, code and kind), or both decode to the same
+    # bytes, with sparse_decode and sparse_decode_add_; a failed decode_add_
+    # leaves the outputs untouched.
     xs, counts, values, index = _encoded(density, seed=11)
     numels = [x.numel() for x in xs]
+    decoded = 0
     for bad in _corruptions(index, counts, numels):
         try:
-            cpu = ops.sparse_decode(bad, values, numels, counts)
-        except RuntimeError:
-            cpu = None
-        outs = [torch.ones(n, device="cuda") for n in numels]
+            cpu, cpu_err = ops.sparse_decode(bad, values, numels, counts), None
+        except ValueError as exc:
+            cpu, cpu_err = None, exc
+        outs = [torch.full((n,), 0.5, device="cuda") for n in numels]
         if cpu is None:
-            with pytest.raises(RuntimeError, match="index code"):
+            with pytest.raises(ValueError) as info:
                 ops.sparse_decode(bad.cuda(), values.cuda(), numels, counts)
-            with pytest.raises(RuntimeError, match="index code"):
+            assert _first_line(info.value) == _first_line(cpu_err)
+            with pytest.raises(ValueError) as info:
                 ops.sparse_decode_add_(outs, bad.cuda(), values.cuda(), counts)
-            assert all(torch.equal(o, torch.ones_like(o)) for o in outs)
+            assert _first_line(info.value) == _first_line(cpu_err).replace("sparse_decode:", "sparse_decode_add_:")
+            assert all(bool((o == 0.5).all()) for o in outs)
         else:
+            decoded += 1
             _same_bits(ops.sparse_decode(bad.cuda(), values.cuda(), numels, counts), cpu)
+            outs_cpu = [torch.full((n,), 0.5) for n in numels]
+            ops.sparse_decode_add_(outs_cpu, bad, values, counts)
+            ops.sparse_decode_add_(outs, bad.cuda(), values.cuda(), counts)
+            for a, b in zip(outs, outs_cpu):
+                _same_bits(a, b)
+    if any(ops.choose_index_code(n, c) == ops.INDEX_ELIAS_FANO for n, c in zip(numels, counts)):
+        assert decoded > 0  # Elias-Fano low-bit flips that keep the order decode (to other indices)
+
+
+def _ef_1000_10():
+    """n = 1000, k = 10 kept at 0, 1, 100, ..., 800: Elias-Fano with l = 6, 8
+    bytes of low bits (index j's at bits 6j..6j+5), then 25 high bits (4 bytes,
+    index j's at bit (idx >> 6) + j)."""
+    x = torch.zeros(1000)
+    x[[0, 1, 100, 200, 300, 400, 500, 600, 700, 800]] = torch.arange(1.0, 11.0)
+    counts, values, index = ops.topk_encode([x], [10])
+    assert index.numel() == 12 and ops.choose_index_code(1000, 10) == ops.INDEX_ELIAS_FANO
+    assert index[0] == 1 << 6 and index[8] & 0b11 == 0b11  # low of index 1; high bits of 0 and 1
+    return index, values
+
+
+_SD = "flocora::sparse_decode: "
 
 
 def test_sparse_decode_specific_violations_raise():
-    x = torch.randn(1000)
-    counts, values, index = ops.topk_encode([x], [10])  # Elias-Fano
-    assert index.numel() < 125
-    k = counts.tolist()
-    # Wrong count: the code holds 10 indices.
-    for device in ("cpu", "cuda"):
-        with pytest.raises(RuntimeError):
-            ops.sparse_decode(index.to(device), values[:9].to(device), [1000], [9])
-    # Padding bits of the last (high-part) byte.
+    index, values = _ef_1000_10()
+    # Wrong count with the right sizes: the lowest high bit cleared, 9 indices left.
+    bad = index.clone()
+    high = int(bad[8]) | int(bad[9]) << 8 | int(bad[10]) << 16 | int(bad[11]) << 24
+    high &= high - 1
+    bad[8:12] = torch.tensor([(high >> (8 * j)) & 0xFF for j in range(4)], dtype=torch.uint8)
+    _raises_same(lambda: ops.sparse_decode(bad, values, [1000], [10]),
+                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]), ValueError,
+                 _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
+                       "the number of set bits differs from count")
+    # Padding bits of the last (high-part) byte: bits 25..31.
     bad = index.clone()
     bad[-1] |= 0x80
-    for device in ("cpu", "cuda"):
-        with pytest.raises(RuntimeError):
-            ops.sparse_decode(bad.to(device), values.to(device), [1000], k)
+    _raises_same(lambda: ops.sparse_decode(bad, values, [1000], [10]),
+                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]), ValueError,
+                 _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
+                       "padding bits past the end of the bit stream are not zero")
     # Bitmap padding: n = 9 with 8 kept is a 2-byte bitmap, bits 9..15 must be 0.
     counts, values, index = ops.topk_encode([torch.randn(9)], [8])
     assert index.numel() == 2
     bad = index.clone()
     bad[1] |= 0x02
-    for device in ("cpu", "cuda"):
-        with pytest.raises(RuntimeError):
-            ops.sparse_decode(bad.to(device), values.to(device), [9], [8])
+    _raises_same(lambda: ops.sparse_decode(bad, values, [9], [8]),
+                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [9], [8]), ValueError,
+                 _SD + r"index code of tensor 0 \(bitmap, numel 9, count 8\) is malformed: "
+                       "padding bits past the end of the bit stream are not zero")
+
+
+def test_sparse_decode_error_order_and_tensor_match_cpu():
+    # Several bad tensors in one call: the CPU checks padding (every tensor),
+    # then counts, then the decoded indices, and names the lowest failing
+    # tensor of that phase with its own kind. CUDA must name the same pair.
+    index, values = _ef_1000_10()
+    count_bad = index.clone()
+    count_bad[8] &= 0xFE  # index 0's high bit cleared: 9 indices
+    pad_bad = index.clone()
+    pad_bad[-1] |= 0x80  # high padding (bits 25..31)
+    order_bad = index.clone()
+    order_bad[0] &= ~0x40 & 0xFF  # index 1's low part 1 -> 0: indices 0, 0
+    ok = index
+    cases = [
+        # count error in tensor 0, padding error in tensor 2: padding first
+        ([count_bad, ok, pad_bad], 2, "padding bits past the end of the bit stream are not zero"),
+        # order error in tensor 0, padding error in tensor 1: tensor 1, not tensor 0 paired with padding
+        ([order_bad, pad_bad, ok], 1, "padding bits past the end of the bit stream are not zero"),
+        # order error in tensor 0, count error in tensor 3: the count
+        ([order_bad, ok, ok, count_bad], 3, "the number of set bits differs from count"),
+        ([ok, ok, order_bad], 2, "the indices are not strictly increasing"),
+    ]
+    for codes, tensor, text in cases:
+        ib = torch.cat(codes)
+        vals = values.repeat(len(codes))
+        numels, counts = [1000] * len(codes), [10] * len(codes)
+        match = (_SD + f"index code of tensor {tensor} " + r"\(Elias-Fano, numel 1000, count 10\) is malformed: "
+                 + re.escape(text))
+        _raises_same(lambda: ops.sparse_decode(ib, vals, numels, counts),
+                     lambda: ops.sparse_decode(ib.cuda(), vals.cuda(), numels, counts), ValueError, match)
 
 
 def test_sparse_size_errors_match_cpu():
     xs, counts, values, index = _encoded(0.05)
     numels = [x.numel() for x in xs]
+    nb, nv = index.numel(), values.numel()
     cases = [
-        (index[:-1], values, numels, counts),
-        (index, values[:-1], numels, counts),
-        (index, values, numels[:-1], counts),
-        (index, values, numels, [c + 1 if i == 2 else c for i, c in enumerate(counts)]),
-        (index, values, numels, [numels[0] + 1] + counts[1:]),
-        (index.int(), values, numels, counts),
-        (index, values.long(), numels, counts),
+        ((index[:-1], values, numels, counts), f"index_bytes has {nb - 1} bytes, numels and counts need {nb}"),
+        ((index, values[:-1], numels, counts), f"values has {nv - 1} elements, counts need {nv}"),
+        ((index, values, numels[:-1], counts), "got 3 numels and 4 counts"),
+        # one more count for tensor 2 (13 elements): the same index size, one value short
+        ((index, values, numels, [c + 1 if i == 2 else c for i, c in enumerate(counts)]),
+         f"values has {nv} elements, counts need {nv + 1}"),
+        ((index, values, numels, [numels[0] + 1] + counts[1:]),
+         re.escape(f"count of tensor 0 must be in [0, numel = {numels[0]}], got {numels[0] + 1}")),
+        ((index.int(), values, numels, counts), "index_bytes must be uint8, got Int"),
+        ((index, values.long(), numels, counts), "values must be float32, float16 or bfloat16, got Long"),
     ]
-    for ib, v, n, c in cases:
-        for device in ("cpu", "cuda"):
-            with pytest.raises(RuntimeError):
-                ops.sparse_decode(ib.to(device), v.to(device), n, c)
+    assert ops.index_nbytes(13, counts[2]) == ops.index_nbytes(13, counts[2] + 1)
+    for (ib, v, n, c), match in cases:
+        _raises_same(lambda: ops.sparse_decode(ib, v, n, c), lambda: ops.sparse_decode(ib.cuda(), v.cuda(), n, c),
+                     RuntimeError, _SD + match)
+
+
+def test_sparse_decode_many_tensors_match_cpu():
+    # More tensors than one descriptor pack (128): three packs; then a bad
+    # code in tensor 200 (the second pack) is named as tensor 200.
+    xs = [_data((i * 37 % 501 + 1,), torch.float32, seed=i) for i in range(300)]
+    ks = [max(1, x.numel() // (3 + i % 20)) for i, x in enumerate(xs)]
+    counts, values, index = ops.topk_encode(xs, ks)
+    numels, counts = [x.numel() for x in xs], counts.tolist()
+    for dtype in (torch.float32, torch.float64):
+        _same_bits(ops.sparse_decode(index.cuda(), values.cuda(), numels, counts, dtype),
+                   ops.sparse_decode(index, values, numels, counts, dtype))
+    outs_cpu = [torch.randn(n) for n in numels]
+    outs_cuda = [o.cuda() for o in outs_cpu]
+    ops.sparse_decode_add_(outs_cpu, index, values, counts)
+    ops.sparse_decode_add_(outs_cuda, index.cuda(), values.cuda(), counts)
+    for a, b in zip(outs_cuda, outs_cpu):
+        _same_bits(a, b)
+    start = sum(ops.index_nbytes(n, k) for n, k in zip(numels[:200], counts[:200]))
+    end = start + ops.index_nbytes(numels[200], counts[200])
+    bad = index.clone()
+    bad[end - 1] |= 0x80  # the top bit of the last byte: padding unless it ends on a byte
+    code = "bitmap" if ops.choose_index_code(numels[200], counts[200]) == ops.INDEX_BITMAP else "Elias-Fano"
+    nbits = numels[200] if code == "bitmap" else ((numels[200] - 1) >> ops.elias_fano_low_bits(numels[200], counts[200])) + counts[200]
+    assert nbits % 8, "pick sizes whose last byte has padding"
+    _raises_same(lambda: ops.sparse_decode(bad, values, numels, counts),
+                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), numels, counts), ValueError,
+                 _SD + f"index code of tensor 200 \\({code}, numel {numels[200]}, count {counts[200]}\\) is malformed: "
+                 "padding bits past the end of the bit stream are not zero")
+
+
+def test_ops_follow_a_non_default_current_stream():
+    # The kernels run on the caller's current stream: on a side stream whose
+    # input copy is delayed by a sleep, a kernel on another stream would read
+    # the stale input. Every op's result must equal the CPU's.
+    x_cpu = _data((70001,), torch.float32, seed=21)
+    counts, values, index = ops.topk_encode([x_cpu], [700])
+    side = torch.cuda.Stream()
+    x = torch.zeros_like(x_cpu, device="cuda")
+    ib, vals = torch.zeros_like(index, device="cuda"), torch.zeros_like(values, device="cuda")
+    src = [t.cuda() for t in (x_cpu, index, values)]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the inputs are written
+        x.copy_(src[0])
+        ib.copy_(src[1])
+        vals.copy_(src[2])
+        q = ops.quantize_pack([x], 3, [64], stochastic=True, seeds=[5])
+        t = ops.topk_encode([x], [700])
+        d = ops.sparse_decode(ib, vals, [70001], counts.tolist())
+        out = torch.zeros(70001, device="cuda")
+        ops.sparse_decode_add_([out], ib, vals, counts.tolist())
+    side.synchronize()
+    for a, b in zip(q, ops.quantize_pack([x_cpu], 3, [64], stochastic=True, seeds=[5])):
+        _same_bits(a, b)
+    for a, b in zip(t, (counts, values, index)):
+        _same_bits(a, b)
+    want = ops.sparse_decode(index, values, [70001], counts.tolist())
+    _same_bits(d, want)
+    _same_bits(out, want)
 
 
 def test_sparse_decode_add_overlapping_outputs_raise():

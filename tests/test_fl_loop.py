@@ -116,31 +116,89 @@ def test_frozen_tensor_in_a_message_is_refused(tmp_path, monkeypatch):
         loop.run(cfg, tmp_path, progress=False)
 
 
-def test_faulty_clients_are_dropped_and_round_completes(tmp_path, caplog):
-    cfg = tiny("method.name=flocora", "method.rank=2", "faults.raise_clients=[0]", "faults.corrupt_clients=[2]")
+class Captured:
+    """Wraps loop.setup to keep the run's method and a copy of its initial global model."""
+
+    def __init__(self, monkeypatch):
+        self.methods, self.initial = [], []
+        real = loop.setup
+
+        def setup(cfg):
+            method, device = real(cfg)
+            self.methods.append(method)
+            self.initial.append(_state(method))
+            return method, device
+        monkeypatch.setattr(loop, "setup", setup)
+
+
+def _state(method):
+    """Every parameter and buffer of the global model, copied."""
+    return {k: v.detach().clone() for k, v in method.global_model.state_dict().items()}
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_fedavg_learns_the_synthetic_task(tmp_path):
+    # Class prototypes plus noise, 4 classes: chance is 0.25. A loop that
+    # trains but does not apply the aggregate (or applies it wrongly) stays near it.
+    s = loop.run(tiny("method.name=fedavg", "data.num_samples=320", "train.rounds=4", "train.max_steps=5"),
+                 tmp_path, progress=False)
+    assert s["final_acc"] >= 0.6, s["final_acc"]
+
+
+def _expected_fedavg(cfg, survivors, rnd=1):
+    """The global model after one FedAvg round over ``survivors`` only, built
+    by hand: a fresh setup, each survivor trained from the downloaded model,
+    then the sample-weighted mean in float64 (not fl.aggregation)."""
+    method, _ = loop.setup(cfg)
+    down = method.download(rnd)
+    ups = [method.client_update(cid, {k: v.clone() for k, v in down.items()}, rnd) for cid in survivors]
+    total = sum(m["num_samples"] for _, m in ups)
+    return {k: (sum(t[k].double() * (m["num_samples"] / total) for t, m in ups)).to(down[k].dtype) for k in down}
+
+
+def test_faulty_clients_are_dropped_and_survivors_aggregated(tmp_path, caplog, monkeypatch):
+    cfg = tiny("method.name=fedavg", "faults.raise_clients=[0]", "faults.corrupt_clients=[2]", "train.rounds=1")
+    cap = Captured(monkeypatch)
     summary = loop.run(cfg, tmp_path, progress=False)
-    rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert summary["dropped_total"] == 4 and summary["rounds"] == 2
-    for r in rounds:
-        reasons = {d["cid"]: d["reason"] for d in r["dropped"]}
-        assert set(reasons) == {0, 2}
-        assert "injected" in reasons[0]
-        assert "Error" in reasons[2]  # the codec's decode error (checksum) of the corrupted upload
-        assert "acc" in r
+    (r,) = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert summary["dropped_total"] == 2 and r["clients"] == [0, 1, 2, 3]
+    reasons = {d["cid"]: d["reason"] for d in r["dropped"]}
+    assert reasons[0] == "InjectedFault: client 0: injected failure"
+    # the corrupted upload fails the codec's CRC32C check, nothing else
+    assert reasons[2].startswith("ChecksumError: "), reasons[2]
     assert "client 2 dropped" in caplog.text
+    got = _state(cap.methods[0])
+    want = _expected_fedavg(cfg, [1, 3])
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    # and it is not the fault-free model over all four clients
+    assert not all(torch.equal(got[k], v) for k, v in _expected_fedavg(cfg, [0, 1, 2, 3]).items())
 
 
-def test_all_clients_failing_keeps_global_state(tmp_path):
-    cfg = tiny("method.name=fedavg", "faults.raise_clients=[0,1,2,3]", "train.rounds=1")
+def test_all_clients_failing_keeps_global_state(tmp_path, monkeypatch):
+    # Both ways to fail: raising before training, and an upload that does not
+    # decode after the client trained (its work must not leak into the model).
+    cfg = tiny("method.name=fedavg", "faults.raise_clients=[0,1]", "faults.corrupt_clients=[2,3]", "train.rounds=2")
+    cap = Captured(monkeypatch)
     summary = loop.run(cfg, tmp_path, progress=False)
-    assert summary["dropped_total"] == 4 and summary["bytes_up_total"] == 0
+    assert summary["dropped_total"] == 8 and summary["participations"] == 0
+    # bit-identical, every parameter and buffer, after training attempts and evaluation
+    _assert_same_state(_state(cap.methods[0]), cap.initial[0])
 
 
-def test_runs_repeat_with_the_same_seed(tmp_path):
-    cfg = tiny("method.name=flocora", "method.rank=2", "method.bits=8")
-    a = loop.run(cfg, tmp_path / "a", progress=False)
-    b = loop.run(cfg, tmp_path / "b", progress=False)
-    assert a["final_acc"] == b["final_acc"] and a["bytes_up_total"] == b["bytes_up_total"]
+def test_runs_repeat_with_the_same_seed(tmp_path, monkeypatch):
+    cfg = tiny("method.name=flocora", "method.rank=2", "method.bits=8", "method.rounding=stochastic")
+    cap = Captured(monkeypatch)
+    loop.run(cfg, tmp_path / "a", progress=False)
+    loop.run(cfg, tmp_path / "b", progress=False)
+    a, b = (_state(m) for m in cap.methods)
+    _assert_same_state(a, b)
+    assert not all(torch.equal(a[k], v) for k, v in cap.initial[0].items())  # it trained
 
 
 def test_offline_default_config_end_to_end(tmp_path, capsys):

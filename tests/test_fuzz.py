@@ -5,7 +5,9 @@ rejected, as ChecksumError when magic and version are intact) and with the
 checksum recomputed after the mutation, which takes the parser's own checks
 and the kernels' index validation out of the CRC's shadow. A few thousand
 mutants in all; nothing else may escape (no IndexError, RuntimeError,
-MemoryError, struct.error, crash or hang).
+MemoryError, struct.error, crash or hang). The decoder turns only the
+kernels' ValueError (a malformed index code) into FormatError, so a kernel
+RuntimeError reaching the decoder would fail these tests, not be relabelled.
 """
 from __future__ import annotations
 

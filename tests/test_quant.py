@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from flocora_codec import ops
 from flocora_codec import reference as R
 from tests.conftest import DEVICES, FLOAT_DTYPES
+from tests.stochastic_kat import KNOWN_U24, probe_inputs, u24
 
 # (numel, group size): per tensor, per row of odd length, power-of-two groups,
 # a short last group, groups larger than one kernel task (16384).
@@ -163,13 +164,38 @@ def test_seed_changes_stochastic_codes():
     assert not torch.equal(a, b)
 
 
-def test_stochastic_generator_matches_reference_past_2_32():
-    # The kernel changes the generator key every 2^32 elements; check the key
-    # derivation there without a 4G-element tensor, through the reference.
-    idx = torch.tensor([2**32 - 1, 2**32, 2**33 + 5], dtype=torch.int64)
-    u = R.stochastic_uniform24(7, idx)
-    assert u.min() >= 0 and u.max() < 2**24
-    assert len(set(u.tolist())) == 3
+# ---- the stochastic-rounding generator past 2^32 ------------------------------------
+def test_stochastic_generator_known_answers():
+    for (seed, i), u in KNOWN_U24.items():
+        assert u24(seed, i) == u, (seed, i)
+        assert R.stochastic_uniform24(seed, torch.tensor([i])).item() == u, (seed, i)
+
+
+def _cpu_codes_at(x, seed, first):
+    return torch.ops.flocora._quantize_stochastic_at(x, 1, seed, first)
+
+
+@pytest.mark.parametrize("boundary", [2**32, 2**33])
+@pytest.mark.parametrize("seed", [7, 2**40 + 3])
+def test_stochastic_kernel_draws_known_values_across_2_32(cpu_isa, boundary, seed):
+    # The kernel's own quantize path (key-block split, scalar and AVX2 loops)
+    # from element boundary - 37 to boundary + 36, without a 2^33-element tensor.
+    first = boundary - 37
+    want = [u24(seed, first + j) for j in range(74)]
+    for (s, i), u in KNOWN_U24.items():
+        if s == seed and first <= i < first + 74:
+            assert want[i - first] == u
+    for x, code in probe_inputs(want):
+        assert _cpu_codes_at(x, seed, first)[1:-1].tolist() == [code] * 72
+
+
+def test_stochastic_kernel_matches_quantize_pack_at_zero():
+    # The test hook and quantize_pack share one path: equal codes at index 0.
+    x = torch.rand(1000)
+    x[0], x[1] = 0.0, 1.0
+    packed, _, _ = ops.quantize_pack([x], 1, [1000], stochastic=True, seeds=[7])
+    bits = ((packed.long().unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[:1000]
+    assert torch.equal(_cpu_codes_at(x, 7, 0).long(), bits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,7 +212,7 @@ def test_non_finite_input_raises(cpu_isa, bad):
     for n, group in [(100, 64), (40000, 40000)]:
         x = torch.randn(n)
         x[n // 2] = bad
-        with pytest.raises(RuntimeError, match="NaN or Inf"):
+        with pytest.raises(ValueError, match="flocora::quantize_pack: input has NaN or Inf values"):
             ops.quantize_pack([x], 4, [group])
 
 
@@ -202,7 +228,7 @@ def test_invalid_arguments_raise():
         ops.quantize_pack([torch.arange(10)], 4, [8])
     with pytest.raises(RuntimeError, match="meta_dtype"):
         ops.quantize_pack([x], 4, [8], meta_dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="float16"):
+    with pytest.raises(ValueError, match="range does not fit the metadata dtype Half"):
         ops.quantize_pack([torch.tensor([0.0, 1e6])], 4, [2], meta_dtype=torch.float16)
 
 

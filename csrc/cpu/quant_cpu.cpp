@@ -306,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       }
     });
   }
-  TORCH_CHECK(!nonfinite, op, ": input has NaN or Inf values");
-  TORCH_CHECK(!unfit, op, ": a group's range does not fit the metadata dtype ", meta_dtype,
+  // ValueError: the input cannot be encoded (not a kernel failure).
+  TORCH_CHECK_VALUE(!nonfinite, op, ": input has NaN or Inf values");
+  TORCH_CHECK_VALUE(!unfit, op, ": a group's range does not fit the metadata dtype ", meta_dtype,
               " (float16 holds |values| up to 65504)");
   return {packed, scales, offsets};
 }
@@ -400,6 +401,32 @@ int64_t set_cpu_isa_cpu(int64_t level) {
   return (level != 0 && cpu_has_avx2()) ? 1 : 0;
 }
 
+// Test hook: the stochastic codes (unpacked, one per byte) of x, float32 as
+// one group, as if x were elements first_index .. first_index + numel - 1 of a
+// tensor quantized with this seed. Reaches the generator's 2^32-element key
+// blocks through the kernel's own code path without a 2^32-element tensor.
+at::Tensor quantize_stochastic_at_cpu(const at::Tensor& x_in, int64_t bits, int64_t seed, int64_t first_index) {
+  const char* op = "flocora::_quantize_stochastic_at";
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, op, ": x must be a float32 CPU tensor");
+  TORCH_CHECK(first_index >= 0, op, ": first_index must be >= 0, got ", first_index);
+  at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
+  if (n == 0) return codes;
+  const QuantLoops& L = loops();
+  const float* xf = x.data_ptr<float>();
+  float lo = 0.0f, hi = 0.0f;
+  TORCH_CHECK_VALUE(L.minmax(xf, n, &lo, &hi), op, ": input has NaN or Inf values");
+  AffineParams p;
+  uint16_t oh = 0, sh = 0;
+  TORCH_CHECK_VALUE(affine_params(lo, hi, (int)bits, false, &p, &oh, &sh), op, ": range does not fit float32");
+  QuantTensor t{};
+  t.seed = (uint64_t)seed;
+  quantize_segment(L, t, xf, first_index, n, p, (float)((1 << bits) - 1), true, codes.data_ptr<uint8_t>());
+  return codes;
+}
+
 }  // namespace cpu
 }  // namespace flocora
 
@@ -410,4 +437,6 @@ TORCH_LIBRARY_IMPL(flocora, CPU, m) {
 
 TORCH_LIBRARY_FRAGMENT(flocora, m) {
   m.def("_set_cpu_isa(int level) -> int", &flocora::cpu::set_cpu_isa_cpu);
+  m.def("_quantize_stochastic_at(Tensor x, int bits, int seed, int first_index) -> Tensor",
+        &flocora::cpu::quantize_stochastic_at_cpu);
 }

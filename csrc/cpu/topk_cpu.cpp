@@ -673,7 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       }
     });
   }
-  TORCH_CHECK(!nonfinite, op, ": input has NaN or Inf values");
+  TORCH_CHECK_VALUE(!nonfinite, op, ": input has NaN or Inf values");
 
   // Top digit of each group's threshold, and room for its candidates.
   int64_t ncand = 0;
@@ -797,26 +797,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
 // ---- decode ------------------------------------------------------------------------
 namespace {
 
-enum DecError : int {
-  kDecOk = 0,
-  kDecBitCount,      // the unary stream / bitmap does not hold exactly `count` set bits
-  kDecPadding,       // padding bits past the stream are not zero
-  kDecLowPadding,    // padding bits past the Elias-Fano low stream are not zero
-  kDecNotIncreasing, // Elias-Fano indices not strictly increasing
-  kDecOutOfRange,    // an index >= numel
-};
-
-const char* dec_error_text(int e) {
-  switch (e) {
-    case kDecBitCount: return "the number of set bits differs from count";
-    case kDecPadding: return "padding bits past the end of the bit stream are not zero";
-    case kDecLowPadding: return "padding bits past the Elias-Fano low bits are not zero";
-    case kDecNotIncreasing: return "the indices are not strictly increasing";
-    case kDecOutOfRange: return "an index is >= numel";
-    default: return "malformed";
-  }
-}
-
 struct DecTensor {
   int64_t n, k;
   int64_t ibase;  // first byte in index_bytes
@@ -930,23 +910,24 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
 
   at::Tensor ib = index_bytes.contiguous();
   const uint8_t* src = ib.data_ptr<uint8_t>();
-  std::vector<int> errs(nt, kDecOk);
+  std::vector<int> errs(nt, kIdxOk);
 
   // Padding bits (serial: one or two bytes per tensor).
   for (int64_t i = 0; i < nt; ++i) {
     const DecTensor& t = plan.ts[i];
-    if (t.ubits % 8 && (src[t.ubase + t.unbytes - 1] >> (t.ubits % 8)) != 0) errs[i] = kDecPadding;
+    if (t.ubits % 8 && (src[t.ubase + t.unbytes - 1] >> (t.ubits % 8)) != 0) errs[i] = kIdxPadding;
     const int64_t lbits = t.k * t.l;
     if (t.code == kIndexEliasFano && lbits % 8 && (src[t.ibase + t.low_nbytes - 1] >> (lbits % 8)) != 0)
-      errs[i] = kDecLowPadding;
+      errs[i] = kIdxLowPadding;
   }
   auto raise_first = [&]() {
     for (int64_t i = 0; i < nt; ++i) {
-      if (errs[i] == kDecOk) continue;
+      if (errs[i] == kIdxOk) continue;
       const DecTensor& t = plan.ts[i];
-      TORCH_CHECK(false, op, ": index code of tensor ", i, " (",
+      // ValueError: a format violation of the message, not a kernel failure.
+      TORCH_CHECK_VALUE(false, op, ": index code of tensor ", i, " (",
                   t.code == kIndexBitmap ? "bitmap" : "Elias-Fano", ", numel ", t.n, ", count ", t.k,
-                  ") is malformed: ", dec_error_text(errs[i]));
+                  ") is malformed: ", index_code_error_text(errs[i]));
     }
   };
   raise_first();
@@ -976,7 +957,7 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
       seen[p.tensor] += p.pop;
     }
     for (int64_t i = 0; i < nt; ++i)
-      if (seen[i] != plan.ts[i].k) errs[i] = kDecBitCount;
+      if (seen[i] != plan.ts[i].k) errs[i] = kIdxBitCount;
     raise_first();
   }
 
@@ -1009,8 +990,8 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
         }
       }
       p.last = prev;
-      if (bad_range) set_error(errs, p.tensor, kDecOutOfRange);
-      else if (bad_order) set_error(errs, p.tensor, kDecNotIncreasing);
+      if (bad_range) set_error(errs, p.tensor, kIdxOutOfRange);
+      else if (bad_order) set_error(errs, p.tensor, kIdxNotIncreasing);
     }
   });
   // Order across piece boundaries.
@@ -1018,7 +999,7 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
     std::vector<int64_t> last(nt, -1);
     for (const DecPiece& p : pieces) {
       if (p.pop == 0) continue;
-      if (p.first <= last[p.tensor] && errs[p.tensor] == kDecOk) errs[p.tensor] = kDecNotIncreasing;
+      if (p.first <= last[p.tensor] && errs[p.tensor] == kIdxOk) errs[p.tensor] = kIdxNotIncreasing;
       last[p.tensor] = p.last;
     }
     raise_first();

@@ -158,7 +158,9 @@ enum ErrorBits : int {
   kErrRange = 2,         // group range does not fit the metadata dtype
   kErrCount = 4,         // index code holds a different number of entries than counts[i]
   kErrPadding = 8,       // nonzero padding bits in an index code
-  kErrOrder = 16,        // decoded indices not strictly increasing or out of range
+  kErrOrder = 16,        // decoded indices not strictly increasing
+  kErrLowPadding = 32,   // nonzero padding bits after the Elias-Fano low bits
+  kErrOutOfRange = 64,   // a decoded index >= numel
 };
 __device__ __forceinline__ void raise_error(int* flag, int bits) { atomicOr(flag, bits); }
 

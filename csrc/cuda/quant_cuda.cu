@@ -487,8 +487,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
     });
   }
   const int err = read_error_flag(flag);
-  TORCH_CHECK(!(err & kErrNonFinite), op, ": input has NaN or Inf values");
-  TORCH_CHECK(!(err & kErrRange), op, ": a group's range does not fit the metadata dtype ", meta_dtype,
+  // ValueError: the input cannot be encoded (not a kernel failure), as on the CPU.
+  TORCH_CHECK_VALUE(!(err & kErrNonFinite), op, ": input has NaN or Inf values");
+  TORCH_CHECK_VALUE(!(err & kErrRange), op, ": a group's range does not fit the metadata dtype ", meta_dtype,
               " (float16 holds |values| up to 65504)");
   return {packed, scales, offsets};
 }

@@ -269,9 +269,12 @@ struct SparseDesc {
   int32_t tensor;
 };
 
-__device__ __forceinline__ void record_error(int* flag, int bits, int tensor) {
-  atomicOr(flag, bits);
-  atomicMax(flag + 1, INT_MAX - tensor);  // the first offending tensor
+// flag[0]: the error bits; flag[ffs(bit)]: INT_MAX - the lowest tensor with
+// that error (0: none), so the host can name the tensor the CPU names.
+constexpr int kFlagSlots = 8;
+__device__ __forceinline__ void record_error(int* flag, int bit, int tensor) {
+  atomicOr(flag, bit);
+  atomicMax(flag + __ffs(bit), INT_MAX - tensor);
 }
 
 // The 8 region bytes of this thread, padding bits cleared; *pad: some were set.
@@ -308,7 +311,8 @@ __global__ __launch_bounds__(kThreads) void sparse_count_kernel(const __grid_con
   if (local == 0 && threadIdx.x == 0 && d.code == kIndexEliasFano) {
     // Padding of the low-bits stream (its last byte).
     const int64_t low_total = d.k * d.low_bits;
-    if (low_total % 8 && (ib[d.idx_off + low_total / 8] >> (low_total % 8))) pad = true;
+    if (low_total % 8 && (ib[d.idx_off + low_total / 8] >> (low_total % 8)))
+      record_error(flag, kErrLowPadding, d.tensor);
   }
   if (pad) record_error(flag, kErrPadding, d.tensor);
   int64_t tot;
@@ -376,7 +380,8 @@ __global__ __launch_bounds__(kThreads) void sparse_validate_kernel(const __grid_
   const int64_t r = (w - d.work_begin) * kPerBlock + threadIdx.x;
   if (r >= d.k) return;
   const int64_t i = idx[d.val_off + r];
-  if (i < 0 || i >= d.n || (r > 0 && idx[d.val_off + r - 1] >= i)) record_error(flag, kErrOrder, d.tensor);
+  if (i < 0 || i >= d.n) record_error(flag, kErrOutOfRange, d.tensor);
+  else if (r > 0 && idx[d.val_off + r - 1] >= i) record_error(flag, kErrOrder, d.tensor);
 }
 
 __global__ __launch_bounds__(kThreads) void sparse_scatter_kernel(const __grid_constant__ Pack<SparseDesc> pack,
@@ -436,9 +441,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = (int64_t)xs.size();
   if (global_scope) {
-    TORCH_CHECK(ks.size() == 1, op, ": global_scope takes one k, got ", ks.size());
+    TORCH_CHECK(ks.size() == 1, op, ": global_scope=True takes ks = [k] (one k over all tensors), got ", ks.size(),
+                " values");
   } else {
-    TORCH_CHECK((int64_t)ks.size() == T, op, ": got ", ks.size(), " ks for ", T, " tensors");
+    TORCH_CHECK((int64_t)ks.size() == T, op, ": got ", ks.size(), " values of k for ", T, " tensors");
   }
 
   std::vector<at::Tensor> keep;
@@ -457,8 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
     d.seg = global_scope ? 0 : (int32_t)i;
     d.tensor = (int32_t)i;
     if (!global_scope) {
-      TORCH_CHECK(ks[i] >= 0 && ks[i] <= d.numel, op, ": k of tensor ", i, " must be in 0..", d.numel, ", got ",
-                  ks[i]);
+      TORCH_CHECK(ks[i] >= 0 && ks[i] <= d.numel, op, ": k of tensor ", i, " must be in [0, numel = ", d.numel,
+                  "], got ", ks[i]);
       seg_first.push_back(nchunks);
       need0.push_back(ks[i]);
     }
@@ -467,7 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
     descs.push_back(d);
   }
   if (global_scope) {
-    TORCH_CHECK(ks[0] >= 0 && ks[0] <= total_numel, op, ": k must be in 0..", total_numel, " (all elements), got ",
+    TORCH_CHECK(ks[0] >= 0 && ks[0] <= total_numel, op, ": k must be in [0, total numel = ", total_numel, "], got ",
                 ks[0]);
     seg_first.push_back(0);
     need0.push_back(ks[0]);
@@ -526,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int err = read_error_flag(flag);
-  TORCH_CHECK(!(err & kErrNonFinite), op, ": input has NaN or Inf values");
+  TORCH_CHECK_VALUE(!(err & kErrNonFinite), op, ": input has NaN or Inf values");
 
   // Output sizes: static for the local scope (counts = ks), read back for the global one.
   std::vector<int64_t> cnt(T);
@@ -568,7 +574,7 @@ namespace {
 // before anything is read.
 std::vector<SparseDesc> sparse_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
                                     const std::vector<int64_t>& numels, at::IntArrayRef counts, int64_t* nchunks) {
-  TORCH_CHECK(numels.size() == counts.size(), op, ": got ", numels.size(), " tensors and ", counts.size(),
+  TORCH_CHECK(numels.size() == counts.size(), op, ": got ", numels.size(), " numels and ", counts.size(),
               " counts");
   TORCH_CHECK(index_bytes.scalar_type() == at::kByte, op, ": index_bytes must be uint8, got ",
               index_bytes.scalar_type());
@@ -579,7 +585,7 @@ std::vector<SparseDesc> sparse_plan(const char* op, const at::Tensor& index_byte
   for (size_t i = 0; i < numels.size(); ++i) {
     const int64_t n = numels[i], k = counts[i];
     TORCH_CHECK(n >= 0, op, ": numel of tensor ", i, " is negative (", n, ")");
-    TORCH_CHECK(k >= 0 && k <= n, op, ": count of tensor ", i, " must be in 0..", n, ", got ", k);
+    TORCH_CHECK(k >= 0 && k <= n, op, ": count of tensor ", i, " must be in [0, numel = ", n, "], got ", k);
     SparseDesc d{};
     d.n = n;
     d.k = k;
@@ -604,9 +610,8 @@ std::vector<SparseDesc> sparse_plan(const char* op, const at::Tensor& index_byte
     descs.push_back(d);
   }
   TORCH_CHECK(index_bytes.numel() == nbytes, op, ": index_bytes has ", index_bytes.numel(),
-              " bytes, the numels and counts need ", nbytes);
-  TORCH_CHECK(values.numel() == nvalues, op, ": values has ", values.numel(), " elements, the counts sum to ",
-              nvalues);
+              " bytes, numels and counts need ", nbytes);
+  TORCH_CHECK(values.numel() == nvalues, op, ": values has ", values.numel(), " elements, counts need ", nvalues);
   return descs;
 }
 
@@ -620,7 +625,7 @@ void sparse_run(const char* op, std::vector<SparseDesc>& descs, int64_t nchunks,
   for (const auto& d : descs) nvalues += d.k;
   at::Tensor counts = at::empty({nchunks}, lopts), before = at::empty({nchunks + 1}, lopts);
   at::Tensor idx = at::empty({nvalues}, lopts);
-  at::Tensor flag = at::zeros({2}, opts.dtype(at::kInt));
+  at::Tensor flag = at::zeros({kFlagSlots}, opts.dtype(at::kInt));
   int* flag_p = flag.data_ptr<int>();
   const uint8_t* ib_p = ib.data_ptr<uint8_t>();
   auto region_packs = make_packs(descs, [](const SparseDesc& d) {
@@ -644,17 +649,41 @@ void sparse_run(const char* op, std::vector<SparseDesc>& descs, int64_t nchunks,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The one sync of the call: nothing is written before the codes are known good.
-  int err = 0, first = 0;
+  int h[kFlagSlots] = {0};
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    at::Tensor h = flag.cpu();
-    err = h.data_ptr<int>()[0];
-    first = INT_MAX - h.data_ptr<int>()[1];
+    at::Tensor hf = flag.cpu();
+    std::copy(hf.data_ptr<int>(), hf.data_ptr<int>() + kFlagSlots, h);
   }
-  TORCH_CHECK(!(err & kErrCount), op, ": index code of tensor ", first,
-              " holds a different number of indices than its count (corrupt or mismatched message)");
-  TORCH_CHECK(!(err & kErrPadding), op, ": index code of tensor ", first, " has nonzero padding bits");
-  TORCH_CHECK(!(err & kErrOrder), op, ": index code of tensor ", first,
-              " decodes to indices out of range or not strictly increasing");
+  // The CPU's order: padding of any tensor, then the counts, then the decoded
+  // indices; within a phase the lowest failing tensor, with the kind the CPU
+  // reports for it (low padding over padding, out of range over order).
+  auto lowest = [&](int bit) -> int64_t {
+    const int v = h[__builtin_ffs(bit)];
+    return v ? (int64_t)INT_MAX - v : -1;
+  };
+  auto first_of = [&](int bit_a, int kind_a, int bit_b, int kind_b, int* kind) -> int64_t {
+    const int64_t a = lowest(bit_a), b = lowest(bit_b);
+    if (a >= 0 && (b < 0 || a <= b)) {
+      *kind = kind_a;
+      return a;
+    }
+    *kind = kind_b;
+    return b;
+  };
+  int kind = kIdxOk;
+  int64_t bad = first_of(kErrLowPadding, kIdxLowPadding, kErrPadding, kIdxPadding, &kind);
+  if (bad < 0) {
+    kind = kIdxBitCount;
+    bad = lowest(kErrCount);
+  }
+  if (bad < 0) bad = first_of(kErrOutOfRange, kIdxOutOfRange, kErrOrder, kIdxNotIncreasing, &kind);
+  if (bad >= 0) {
+    const SparseDesc& d = descs[bad];
+    // ValueError: a format violation of the message, not a kernel failure.
+    TORCH_CHECK_VALUE(false, op, ": index code of tensor ", bad, " (",
+                      d.code == kIndexBitmap ? "bitmap" : "Elias-Fano", ", numel ", d.n, ", count ", d.k,
+                      ") is malformed: ", index_code_error_text(kind));
+  }
   const int32_t vdt = dtype_code(values.scalar_type(), op, "values");
   for (const auto& p : entry_packs) {
     sparse_scatter_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, idx.data_ptr<int64_t>(), values.data_ptr(),

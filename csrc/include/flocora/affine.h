@@ -264,6 +264,27 @@ FLOCORA_HD int64_t index_nbytes(int64_t n, int64_t k) {
   return choose_index_code(n, k) == kIndexBitmap ? bitmap_nbytes(n) : elias_fano_nbytes(n, k);
 }
 
+// Validation failures of an untrusted index code. Both backends report the
+// same kind with the same text, so an error names one thing on either.
+enum IndexCodeError : int {
+  kIdxOk = 0,
+  kIdxBitCount,       // the unary stream / bitmap does not hold exactly `count` set bits
+  kIdxPadding,        // padding bits past the stream are not zero
+  kIdxLowPadding,     // padding bits past the Elias-Fano low stream are not zero
+  kIdxNotIncreasing,  // Elias-Fano indices not strictly increasing
+  kIdxOutOfRange,     // an index >= numel
+};
+inline const char* index_code_error_text(int e) {
+  switch (e) {
+    case kIdxBitCount: return "the number of set bits differs from count";
+    case kIdxPadding: return "padding bits past the end of the bit stream are not zero";
+    case kIdxLowPadding: return "padding bits past the Elias-Fano low bits are not zero";
+    case kIdxNotIncreasing: return "the indices are not strictly increasing";
+    case kIdxOutOfRange: return "an index is >= numel";
+    default: return "malformed";
+  }
+}
+
 // Order key for |x|: the IEEE bits without the sign are monotonic in |x|.
 FLOCORA_HD uint32_t magnitude_key(float x) { return float_bits(x) & 0x7fffffffu; }
 
