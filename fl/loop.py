@@ -395,13 +395,13 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
         up_msg = _bomb(next(iter(st.link.layout.expected() if method.transport == "delta" else expect_up)))
     acct["up"] = len(up_msg)
     st.up_sizes.append(len(up_msg))
-    st.last_up = up_msg
     # the server's side: the upload must hold exactly what it expects, or nothing is allocated
     if method.transport == "delta":
         tensors = st.link.receive(up_msg, timer, device)
     else:
         tensors = timer.decode(up_msg, device, expect=expect_up)
     check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
+    st.last_up = up_msg  # the summary's breakdown describes a message that decoded
     return tensors, metrics
 
 

@@ -234,18 +234,16 @@ def test_sparse_scatter_never_writes_outside_its_output():
     in-place ``sparse_decode_add_`` an accumulating server uses."""
     from flocora_codec import ops
 
-    n = 20
-    # bitmap for n = 20 with a set padding bit (index 23)
-    idx = torch.tensor([0b0000_0101, 0, 0b1000_0000], dtype=torch.uint8)
-    vals = torch.tensor([1.0, 2.0, 3.0])
+    n, k = 20, 8  # k = 8 of 20: the bitmap (3 bytes) beats Elias-Fano (4)
+    assert ops.choose_index_code(n, k) == 0
+    bad = torch.tensor([0b0111_1111, 0, 0b1000_0000], dtype=torch.uint8)  # indices 0..6 and 23 >= n
+    vals = torch.arange(1.0, 9.0)
     guard = torch.full((n + 16,), 7.0)
-    out = guard[:n]
-    with pytest.raises(RuntimeError):
-        ops.sparse_decode_add_([out], idx, vals, [3])
-    assert bool((guard[n:] == 7.0).all())
-    with pytest.raises(RuntimeError):
-        ops.sparse_decode(idx, vals, [n], [3], torch.float32)
-    assert np.all(guard[n:].numpy() == 7.0)
+    with pytest.raises(ValueError, match="padding bits past the end of the bit stream are not zero"):
+        ops.sparse_decode_add_([guard[:n]], bad, vals, [k])
+    assert bool((guard == 7.0).all())  # nothing written, in or out of bounds
+    with pytest.raises(ValueError, match="padding bits past the end of the bit stream are not zero"):
+        ops.sparse_decode(bad, vals, [n], [k], torch.float32)
 
 
 @pytest.mark.cuda
@@ -255,22 +253,22 @@ def test_cuda_sparse_scatter_is_bounded_even_under_graph_capture():
     before the scatter is launched: the kernel reads it and writes nothing."""
     from flocora_codec import ops
 
-    n, dev = 20, "cuda"
-    bad = torch.tensor([0b0000_0101, 0, 0b1000_0000], dtype=torch.uint8, device=dev)  # index 23 >= n
-    good = torch.tensor([0b0000_0101, 0, 0], dtype=torch.uint8, device=dev)  # indices 0 and 2
-    vals3 = torch.tensor([1.0, 2.0, 3.0], device=dev)
-    with pytest.raises(RuntimeError, match="padding"):
-        ops.sparse_decode_add_([torch.zeros(n, device=dev)], bad, vals3, [3])
+    n, k, dev = 20, 8, "cuda"
+    bad = torch.tensor([0b0111_1111, 0, 0b1000_0000], dtype=torch.uint8, device=dev)  # index 23 >= n
+    good = torch.tensor([0b1111_1111, 0, 0], dtype=torch.uint8, device=dev)  # indices 0..7
+    vals = torch.arange(1.0, 9.0, device=dev)
+    with pytest.raises(ValueError, match="padding bits past the end of the bit stream are not zero"):
+        ops.sparse_decode_add_([torch.zeros(n, device=dev)], bad, vals, [k])
     guard = torch.full((n + 16,), 7.0, device=dev)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.sparse_decode_add_([guard[:n]], bad, vals3, [3])
+        ops.sparse_decode_add_([guard[:n]], bad, vals, [k])
     graph.replay()
     torch.cuda.synchronize()
     assert bool((guard == 7.0).all())  # nothing written, in or out of bounds
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.sparse_decode_add_([guard[:n]], good, vals3[:2], [2])
+        ops.sparse_decode_add_([guard[:n]], good, vals, [k])
     graph.replay()
     torch.cuda.synchronize()
-    assert guard[0].item() == 8.0 and guard[2].item() == 9.0 and int((guard == 7.0).sum()) == n + 14
+    assert guard[:8].tolist() == [8.0 + i for i in range(8)] and bool((guard[8:] == 7.0).all())
