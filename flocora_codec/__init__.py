@@ -22,9 +22,11 @@ from flocora_codec.errors import (
     ExpectationError,
     FormatError,
     LimitError,
+    UnknownSchemaError,
     UnsupportedVersionError,
 )
 from flocora_codec.format import DecodeLimits
+from flocora_codec.schema import Schema, SchemaRegistry
 from flocora_codec.spec import CodecSpec, Rule
 
 __all__ = [
@@ -46,4 +48,7 @@ __all__ = [
     "UnsupportedVersionError",
     "LimitError",
     "ExpectationError",
+    "UnknownSchemaError",
+    "Schema",
+    "SchemaRegistry",
 ]

@@ -160,7 +160,16 @@ def _kernel_failed(op: str, names, xs, exc: Exception) -> ValueError:
 
 
 # ---- encode -----------------------------------------------------------------------
-def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -> bytes:
+def _resolve_record(spec: CodecSpec, name: str, dtype: torch.dtype, ndim: int, cache: dict):
+    """(effective spec, codec record) of one tensor; one record per (spec, dtype)."""
+    eff = spec.resolve(name, ndim)
+    rec = cache.get((id(eff), dtype))
+    if rec is None:
+        rec = cache[(id(eff), dtype)] = _record_for(eff, dtype)
+    return eff, rec
+
+
+def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *, schema=None) -> bytes:
     """Compress named tensors into one self-describing, checksummed message.
 
     Parameters
@@ -170,12 +179,17 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
     spec : CodecSpec, optional
         How to compress; default ``CodecSpec()`` (4-bit per-row affine,
         0-d/1-d tensors raw). Non-float tensors always travel raw.
+    schema : Schema, optional
+        Write a compact message (FORMAT.md 7) against this schema, which the
+        receiver must hold: a header of 24 bytes plus a few per top-k tensor
+        instead of the tables. ``tensors`` and ``spec`` must give exactly the
+        schema's tables (``Schema.build(tensors, spec)``).
 
     Returns
     -------
     bytes
-        The message (docs/FORMAT.md, version 1). Deterministic: the same
-        tensors and spec give the same bytes.
+        The message (docs/FORMAT.md, version 1; 2 with sign values; 3 when
+        compact). Deterministic: the same tensors and spec give the same bytes.
 
     Raises
     ------
@@ -217,10 +231,7 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
             raise ValueError(f"encode: {name!r} has layout {t.layout}; only dense (strided) tensors are supported")
         if t.dtype not in fmt.DTYPE_CODES:
             raise ValueError(f"encode: {name!r} has dtype {t.dtype}, which the format does not carry")
-        eff = spec.resolve(name, t.dim())
-        rec = rec_cache.get((id(eff), t.dtype))
-        if rec is None:  # a record per (spec, dtype), not per tensor
-            rec = rec_cache[(id(eff), t.dtype)] = _record_for(eff, t.dtype)
+        eff, rec = _resolve_record(spec, name, t.dtype, t.dim(), rec_cache)
         idx = records.setdefault(rec, len(records))
         i = len(entries)
         entries.append(fmt.TensorEntry(name, t.dtype, tuple(t.shape), idx))
@@ -241,6 +252,8 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
             sel = (eff.k, eff.density) if rec.topk_scope == fmt.SCOPE_GLOBAL else None
             topk_groups.setdefault((rec, x.device, sel), []).append(i)
 
+    if schema is not None:
+        schema.check_matches(list(records), entries)  # before any kernel runs
     for (rec, _), members in affine_groups.items():
         _encode_affine(rec, members, entries, flat, specs, parts)
     for (rec, _, sel), members in topk_groups.items():
@@ -253,10 +266,15 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None) -
             e.payload_len = flat[i].numel() * flat[i].element_size()
         else:
             e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(rec, e.dtype, e.shape, e.numel, e.count)
-    header = fmt.header_nbytes(record_list, entries, names_utf8)
+    compact = fmt.compact_header(schema.id, record_list, entries) if schema is not None else None
+    header = len(compact) if compact is not None else fmt.header_nbytes(record_list, entries, names_utf8)
     total = header + sum(e.metadata_len + e.index_len + e.payload_len for e in entries) + fmt.CHECKSUM_SIZE
     out, view = _alloc_message(total)
-    pos = fmt.write_header(view, record_list, entries, names_utf8)
+    if compact is not None:
+        view[:header] = compact
+        pos = header
+    else:
+        pos = fmt.write_header(view, record_list, entries, names_utf8)
     out_t = None
     for i, e in enumerate(entries):
         if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len:
@@ -570,8 +588,21 @@ def _as_view(data) -> memoryview:
         raise FormatError(f"message must be a bytes-like object, not {type(data).__name__}") from exc
 
 
+def _schema_lookup(schemas):
+    """``schema_id -> ParsedSchema or None`` from None, a Schema, an iterable
+    of them, or a mapping of ids to them (e.g. a ``SchemaRegistry``)."""
+    if schemas is None:
+        return None
+    if hasattr(schemas, "parsed"):  # one Schema
+        return lambda sid: schemas.parsed if sid == schemas.id else None
+    if isinstance(schemas, Mapping):
+        return lambda sid: getattr(schemas.get(sid), "parsed", None)
+    by_id = {s.id: s.parsed for s in schemas}
+    return by_id.get
+
+
 def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None,
-           partial: bool = False) -> dict[str, torch.Tensor]:
+           partial: bool = False, schemas=None) -> dict[str, torch.Tensor]:
     """Rebuild the named tensors of a message.
 
     The whole message is validated first (length, CRC32C, every header field
@@ -599,6 +630,9 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         None accepts any dtype.
     partial : bool
         The message may hold a subset of ``expect`` (default: exactly it).
+    schemas : Schema, iterable of Schema, or mapping of id to Schema, optional
+        The schemas this receiver holds, for compact messages (version 3).
+        A compact message naming another raises ``UnknownSchemaError``.
 
     Returns
     -------
@@ -620,7 +654,8 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         The message is well formed but not what ``expect`` says.
     """
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial)
+    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial,
+                   schemas=_schema_lookup(schemas))
     return _decode_parsed(pm, mv, device)
 
 
@@ -661,7 +696,7 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
 
 
 def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
-                 partial: bool = False) -> dict[str, np.ndarray]:
+                 partial: bool = False, schemas=None) -> dict[str, np.ndarray]:
     """:func:`decode` to numpy arrays.
 
     Parameters
@@ -672,7 +707,7 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
         As for :func:`decode`.
     expect : mapping, optional
         As for :func:`decode` (numpy arrays or ``(shape, dtype)`` pairs).
-    partial : bool
+    partial, schemas
         As for :func:`decode`.
 
     Returns
@@ -686,7 +721,7 @@ def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
         As for :func:`decode`.
     """
     out = {}
-    for name, t in decode(data, limits=limits, expect=expect, partial=partial).items():
+    for name, t in decode(data, limits=limits, expect=expect, partial=partial, schemas=schemas).items():
         if t.dtype == torch.bfloat16:
             t = t.float()
         out[name] = t.numpy()
@@ -743,9 +778,10 @@ class MessageInfo:
     checksum_bytes: int
     n_codecs: int
     tensors: tuple
+    schema_id: bytes | None = None  # compact messages: the schema holding their tables
 
 
-def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
+def message_info(data, *, limits: DecodeLimits | None = None, schemas=None) -> MessageInfo:
     """Describe a message without decoding its tensors (checksum verified).
 
     Parameters
@@ -754,6 +790,8 @@ def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
         The message.
     limits : DecodeLimits, optional
         As for :func:`decode`.
+    schemas : optional
+        As for :func:`decode`: a compact message is described from its schema.
 
     Returns
     -------
@@ -767,7 +805,7 @@ def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
         such as index codes, are only checked by :func:`decode`).
     """
     # Nothing is decoded here, so a would-be bomb is described, not refused.
-    pm = fmt.parse(_as_view(data), limits, bound_expansion=False)
+    pm = fmt.parse(_as_view(data), limits, bound_expansion=False, schemas=_schema_lookup(schemas))
     rows = []
     for e in pm.entries:
         r = pm.records[e.codec_index]
@@ -809,6 +847,7 @@ def message_info(data, *, limits: DecodeLimits | None = None) -> MessageInfo:
         checksum_bytes=fmt.CHECKSUM_SIZE,
         n_codecs=len(pm.records),
         tensors=tuple(rows),
+        schema_id=pm.schema_id,
     )
 
 
@@ -841,13 +880,15 @@ class ErrorFeedback:
         self.spec = spec
         self._residual: dict[str, torch.Tensor] = {}
 
-    def encode(self, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    def encode(self, tensors: Mapping[str, torch.Tensor], *, schema=None) -> bytes:
         """Encode ``tensors + residual`` and keep the new residual.
 
         Parameters
         ----------
         tensors : Mapping[str, torch.Tensor]
             As for :func:`encode`.
+        schema : Schema, optional
+            As for :func:`encode` (a compact message).
 
         Returns
         -------
@@ -873,10 +914,10 @@ class ErrorFeedback:
                 target[name] = x
                 t = x.to(t.dtype)
             corrected[name] = t
-        data = encode(corrected, self.spec)
+        data = encode(corrected, self.spec, schema=schema)
         # decode where the tensors live: on a GPU only the compressed bytes go back up
         device = next((x.device for x in target.values()), None)
-        decoded = decode(data, device=device)
+        decoded = decode(data, device=device, schemas=schema)
         for name, x in target.items():
             self._residual[name] = x - decoded[name].to(device=x.device, dtype=torch.float32)
         return data

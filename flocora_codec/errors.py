@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CodecError", "FormatError", "ChecksumError", "UnsupportedVersionError", "LimitError", "ExpectationError",
+    "UnknownSchemaError",
 ]
 
 
@@ -35,3 +36,14 @@ class LimitError(CodecError):
 class ExpectationError(CodecError):
     """The message is well formed, but its tensors are not the names, shapes and
     dtypes the receiver said it expects (``decode(..., expect=...)``)."""
+
+
+class UnknownSchemaError(CodecError):
+    """A compact message names a schema (by its id) that the receiver does not hold.
+
+    ``schema_id`` is the 16-byte id it names: ask the sender for that schema.
+    """
+
+    def __init__(self, message: str, schema_id: bytes = b""):
+        super().__init__(message)
+        self.schema_id = schema_id

@@ -8,6 +8,7 @@ checked against the bytes actually present and against :class:`DecodeLimits`
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Mapping
@@ -18,30 +19,47 @@ import numpy as np
 import torch
 
 from flocora_codec import ops
-from flocora_codec.errors import ChecksumError, ExpectationError, FormatError, LimitError, UnsupportedVersionError
+from flocora_codec.errors import (
+    ChecksumError,
+    ExpectationError,
+    FormatError,
+    LimitError,
+    UnknownSchemaError,
+    UnsupportedVersionError,
+)
 
 __all__ = ["DecodeLimits", "CodecRecord", "TensorEntry", "ParsedMessage", "parse", "crc32c", "expectation"]
 
 MAGIC = b"FLoC"
 # Version 2 is version 1 plus sign-and-mean top-k values (values = 5). The
 # encoder writes the lowest version a message needs, so every message without
-# sign values stays a version-1 message, byte for byte.
+# sign values stays a version-1 message, byte for byte. Version 3 is the
+# compact message: the tables live in a schema both sides agreed on once,
+# and the message names it by hash (FORMAT.md 7).
 VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+COMPACT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
+SCHEMA_MAGIC = b"FLoS"
+SCHEMA_VERSION = 1
+SCHEMA_ID_SIZE = 16  # bytes of SHA-256 that name a schema
+COMPACT_FIXED = 8 + SCHEMA_ID_SIZE  # magic, version, flags, schema id
 PREAMBLE = struct.Struct("<4sHHHI")  # magic, version, flags, n_codecs, n_tensors
 CODEC_RECORD = struct.Struct("<8B")
 CHECKSUM = struct.Struct("<I")
 PREAMBLE_SIZE = PREAMBLE.size  # 14
 CHECKSUM_SIZE = CHECKSUM.size  # 4
 MIN_MESSAGE = PREAMBLE_SIZE + CHECKSUM_SIZE
+_U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U8U8 = struct.Struct("<BB")
 _SECTIONS = struct.Struct("<QQQ")
 _COUNT = struct.Struct("<QB")
 # name_len + dtype + ndim + codec_index + three section lengths
 MIN_TENSOR_RECORD = 2 + 1 + 1 + 2 + _SECTIONS.size
+MIN_SCHEMA_RECORD = 2 + 1 + 1 + 2  # name_len + dtype + ndim + codec_index
 MAX_U16 = 0xFFFF
 MAX_U32 = 0xFFFFFFFF
+MAX_U64 = (1 << 64) - 1
 
 # codec ids, granularities, roundings, value encodings, top-k scopes
 CODEC_RAW, CODEC_AFFINE, CODEC_TOPK = 0, 1, 2
@@ -289,6 +307,7 @@ class ParsedMessage:
     entries: list
     header_bytes: int
     total_bytes: int
+    schema_id: bytes | None = None  # compact messages: the schema their tables come from
 
 
 # ---- writing ------------------------------------------------------------------
@@ -430,8 +449,108 @@ def _numpy_dtype_to_torch(dtype) -> torch.dtype:
         raise TypeError(f"expect: numpy dtype {dtype} has no torch equivalent") from exc
 
 
+class _Heads:
+    """Reads the part of a tensor record shared by messages and schemas (name,
+    dtype, shape, codec index), checking each field as it is read, in the
+    order of FORMAT.md 4 step 7.4, and the running totals against the limits."""
+
+    def __init__(self, limits: DecodeLimits, expect: dict | None, records: list, max_decoded: int | None,
+                 message_bytes: int):
+        self.limits, self.expect, self.records = limits, expect, records
+        self.max_decoded, self.message_bytes = max_decoded, message_bytes
+        self.names: set = set()
+        self.used = [False] * len(records)
+        self.total_elements = self.decoded_bytes = 0
+
+    def read(self, rd: "_Reader", t: int) -> tuple:
+        limits, expect = self.limits, self.expect
+        (name_len,) = rd.unpack(_U16, "name length")
+        if name_len > limits.max_name_bytes:
+            raise LimitError(f"tensor {t}: name of {name_len} bytes exceeds max_name_bytes={limits.max_name_bytes}")
+        raw_name = rd.take(name_len, "tensor name")
+        try:
+            name = str(raw_name, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"tensor {t}: name is not valid UTF-8 ({exc.reason})") from None
+        if name in self.names:
+            raise FormatError(f"duplicate tensor name {name!r}")
+        self.names.add(name)
+        if expect is not None and name not in expect:
+            raise ExpectationError(f"tensor {name!r} is not one the receiver expects "
+                                   f"(expected names such as {sorted(expect)[:3]})")  # fmt: skip
+        dtype_code, ndim = rd.unpack(_U8U8, "dtype and ndim")
+        if dtype_code not in CODE_DTYPES:
+            raise FormatError(f"tensor {name!r}: unknown dtype code {dtype_code}")
+        if ndim > limits.max_ndim:
+            raise LimitError(f"tensor {name!r}: {ndim} dimensions exceed max_ndim={limits.max_ndim}")
+        shape = struct.unpack_from(f"<{ndim}Q", rd.take(8 * ndim, "shape")) if ndim else ()
+        _check_expected(expect, name, shape, dtype_code)
+        numel = self.count_elements(name, shape, dtype_code)
+        (codec_index,) = rd.unpack(_U16, "codec index")
+        if codec_index >= len(self.records):
+            raise FormatError(f"tensor {name!r}: codec index {codec_index} out of range ({len(self.records)} records)")
+        self.used[codec_index] = True
+        rec = self.records[codec_index]
+        if rec.codec != CODEC_RAW and dtype_code not in FLOAT_CODES:
+            raise FormatError(f"tensor {name!r}: codec {CODEC_NAMES[rec.codec]} on non-float dtype {CODE_DTYPES[dtype_code]}")
+        return name, dtype_code, tuple(shape), numel, codec_index
+
+    def count_elements(self, name: str, shape: tuple, dtype_code: int) -> int:
+        limits = self.limits
+        numel = 1
+        for d in shape:
+            if d > limits.max_total_elements:
+                raise LimitError(f"tensor {name!r}: dimension {d} exceeds max_total_elements={limits.max_total_elements}")
+            numel *= d
+        self.total_elements += numel
+        if self.total_elements > limits.max_total_elements:
+            raise LimitError(
+                f"tensor {name!r} of shape {tuple(shape)} brings the message to {self.total_elements} elements, "
+                f"over max_total_elements={limits.max_total_elements}"
+            )
+        self.decoded_bytes += numel * CODE_DTYPES[dtype_code].itemsize
+        if self.max_decoded is not None and self.decoded_bytes > self.max_decoded:
+            raise LimitError(
+                f"tensor {name!r} of shape {tuple(shape)} brings a {self.message_bytes}-byte message to "
+                f"{self.decoded_bytes} decoded bytes, over max_expansion={limits.max_expansion} times its size "
+                "(a decompression bomb?): decode with expect= (the names, shapes and dtypes you expect) or raise "
+                "DecodeLimits.max_expansion"
+            )
+        return numel
+
+    def check_all_used(self) -> None:
+        if not all(self.used):
+            raise FormatError(f"codec record {self.used.index(False)} is not used by any tensor")
+
+
+def _check_expected(expect: dict | None, name: str, shape: tuple, dtype_code: int) -> None:
+    if expect is None:
+        return
+    want_shape, want_dtype = expect[name]
+    if tuple(shape) != want_shape or want_dtype not in (None, CODE_DTYPES[dtype_code]):
+        raise ExpectationError(f"tensor {name!r} is {CODE_DTYPES[dtype_code]} of shape {tuple(shape)}; "
+                               f"the receiver expects {want_dtype or 'any dtype'} of shape {want_shape}")  # fmt: skip
+
+
+def _check_expected_count(expect: dict | None, n_tensors: int, partial: bool) -> None:
+    if expect is not None and (n_tensors > len(expect) if partial else n_tensors != len(expect)):
+        raise ExpectationError(f"message holds {n_tensors} tensors; the receiver expects "
+                               f"{'at most ' if partial else ''}{len(expect)}")  # fmt: skip
+
+
+def _read_codec_table(rd: "_Reader", n_codecs: int, version: int) -> list:
+    records = []
+    for _ in range(n_codecs):
+        rec = CodecRecord(*rd.unpack(CODEC_RECORD, "codec record"))
+        rec.validate(version)
+        records.append(rec)
+    if len(set(records)) != len(records):
+        raise FormatError("duplicate codec records")
+    return records
+
+
 def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
-          bound_expansion: bool = True, partial: bool = False) -> ParsedMessage:
+          bound_expansion: bool = True, partial: bool = False, schemas=None) -> ParsedMessage:
     """Validate a whole message's envelope and header; return where everything lies.
 
     Parameters
@@ -450,6 +569,9 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
         does; ``message_info``, which allocates nothing, does not).
     partial : bool
         The message may hold a subset of ``expect``'s tensors.
+    schemas : callable, optional
+        ``schema_id -> ParsedSchema or None``: the schemas this receiver
+        knows, for compact (version 3) messages.
 
     Returns
     -------
@@ -469,77 +591,21 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
     body_end = len(mv) - CHECKSUM_SIZE
     rd = _Reader(mv, PREAMBLE_SIZE, body_end)
 
+    if version == COMPACT_VERSION:
+        return _parse_compact(mv, limits, schemas, expect, partial)
     if n_tensors > limits.max_tensors:
         raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
-    if expect is not None and (n_tensors > len(expect) if partial else n_tensors != len(expect)):
-        raise ExpectationError(f"message holds {n_tensors} tensors; the receiver expects "
-                               f"{'at most ' if partial else ''}{len(expect)}")  # fmt: skip
+    _check_expected_count(expect, n_tensors, partial)
     max_decoded = limits.max_expansion * len(mv) if expect is None and bound_expansion else None
     # Both tables must fit in what is left before anything is looped over.
     rd.need(n_codecs * CODEC_RECORD.size + n_tensors * MIN_TENSOR_RECORD, f"{n_codecs} codecs and {n_tensors} tensors")
-    records = []
-    for i in range(n_codecs):
-        rec = CodecRecord(*rd.unpack(CODEC_RECORD, "codec record"))
-        rec.validate(version)
-        records.append(rec)
-    if len(set(records)) != len(records):
-        raise FormatError("duplicate codec records")
+    records = _read_codec_table(rd, n_codecs, version)
 
     entries = []
-    names = set()
-    used = [False] * n_codecs
-    total_elements = decoded_bytes = 0
+    heads = _Heads(limits, expect, records, max_decoded, len(mv))
     for t in range(n_tensors):
-        (name_len,) = rd.unpack(_U16, "name length")
-        if name_len > limits.max_name_bytes:
-            raise LimitError(f"tensor {t}: name of {name_len} bytes exceeds max_name_bytes={limits.max_name_bytes}")
-        raw_name = rd.take(name_len, "tensor name")
-        try:
-            name = str(raw_name, "utf-8")
-        except UnicodeDecodeError as exc:
-            raise FormatError(f"tensor {t}: name is not valid UTF-8 ({exc.reason})") from None
-        if name in names:
-            raise FormatError(f"duplicate tensor name {name!r}")
-        names.add(name)
-        if expect is not None and name not in expect:
-            raise ExpectationError(f"tensor {name!r} is not one the receiver expects "
-                                   f"(expected names such as {sorted(expect)[:3]})")  # fmt: skip
-        dtype_code, ndim = rd.unpack(_U8U8, "dtype and ndim")
-        if dtype_code not in CODE_DTYPES:
-            raise FormatError(f"tensor {name!r}: unknown dtype code {dtype_code}")
-        if ndim > limits.max_ndim:
-            raise LimitError(f"tensor {name!r}: {ndim} dimensions exceed max_ndim={limits.max_ndim}")
-        shape = struct.unpack_from(f"<{ndim}Q", rd.take(8 * ndim, "shape")) if ndim else ()
-        if expect is not None and (tuple(shape) != expect[name][0] or
-                                   expect[name][1] not in (None, CODE_DTYPES[dtype_code])):  # fmt: skip
-            want_shape, want_dtype = expect[name]
-            raise ExpectationError(f"tensor {name!r} is {CODE_DTYPES[dtype_code]} of shape {tuple(shape)}; "
-                                   f"the receiver expects {want_dtype or 'any dtype'} of shape {want_shape}")  # fmt: skip
-        numel = 1
-        for d in shape:
-            if d > limits.max_total_elements:
-                raise LimitError(f"tensor {name!r}: dimension {d} exceeds max_total_elements={limits.max_total_elements}")
-            numel *= d
-        total_elements += numel
-        if total_elements > limits.max_total_elements:
-            raise LimitError(
-                f"tensor {name!r} of shape {tuple(shape)} brings the message to {total_elements} elements, "
-                f"over max_total_elements={limits.max_total_elements}"
-            )
-        decoded_bytes += numel * CODE_DTYPES[dtype_code].itemsize
-        if max_decoded is not None and decoded_bytes > max_decoded:
-            raise LimitError(
-                f"tensor {name!r} of shape {tuple(shape)} brings a {len(mv)}-byte message to {decoded_bytes} decoded "
-                f"bytes, over max_expansion={limits.max_expansion} times its size (a decompression bomb?): "
-                "decode with expect= (the names, shapes and dtypes you expect) or raise DecodeLimits.max_expansion"
-            )
-        (codec_index,) = rd.unpack(_U16, "codec index")
-        if codec_index >= n_codecs:
-            raise FormatError(f"tensor {name!r}: codec index {codec_index} out of range ({n_codecs} records)")
-        used[codec_index] = True
+        name, dtype_code, shape, numel, codec_index = heads.read(rd, t)
         rec = records[codec_index]
-        if rec.codec != CODEC_RAW and dtype_code not in FLOAT_CODES:
-            raise FormatError(f"tensor {name!r}: codec {CODEC_NAMES[rec.codec]} on non-float dtype {CODE_DTYPES[dtype_code]}")
         count = index_code = 0
         if rec.codec == CODEC_TOPK:
             count, index_code = rd.unpack(_COUNT, "top-k count")
@@ -554,15 +620,177 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
         if lens != implied:
             raise FormatError(f"tensor {name!r}: section lengths {lens} differ from the {implied} its parameters imply")
         entries.append(TensorEntry(name, dtype, tuple(shape), codec_index, count, index_code, *lens, 0, numel))
-    if not all(used):
-        raise FormatError(f"codec record {used.index(False)} is not used by any tensor")
+    heads.check_all_used()
+    _place_sections(entries, rd.pos, len(mv))
+    return ParsedMessage(version, flags, records, entries, rd.pos, len(mv))
 
-    header_bytes = rd.pos
+
+def _place_sections(entries: list, header_bytes: int, n: int, what_header: str = "header") -> None:
+    """Set each entry's offset; the sections must end exactly at the checksum."""
     pos = header_bytes
     for e in entries:
         e.offset = pos
         pos = e.end
+    body_end = n - CHECKSUM_SIZE
     if pos != body_end:
         what = "trailing bytes" if pos < body_end else "missing bytes"
-        raise FormatError(f"{what}: header and sections account for {pos + CHECKSUM_SIZE} bytes, message has {len(mv)}")
-    return ParsedMessage(version, flags, records, entries, header_bytes, len(mv))
+        raise FormatError(f"{what}: {what_header} and sections account for {pos + CHECKSUM_SIZE} bytes, "
+                          f"message has {n}")  # fmt: skip
+
+
+# ---- schemas and compact messages (FORMAT.md 7) ------------------------------------
+@dataclass
+class ParsedSchema:
+    """A validated schema: the tables a compact message refers to by ``schema_id``."""
+
+    schema_id: bytes
+    records: list
+    entries: list  # TensorEntry with name, dtype, shape, codec_index, numel (no sections)
+    total_bytes: int
+
+
+def schema_id_of(data) -> bytes:
+    """The id of serialized schema bytes: the first 16 bytes of their SHA-256."""
+    return hashlib.sha256(data).digest()[:SCHEMA_ID_SIZE]
+
+
+def write_schema(records, entries, names_utf8) -> bytes:
+    """Serialize a schema (FORMAT.md 7.1): the v1 tables without counts and sections."""
+    if len(records) > MAX_U16 or len(entries) > MAX_U32:
+        raise ValueError(f"schema: {len(records)} codecs / {len(entries)} tensors exceed the format's fields")
+    out = bytearray(PREAMBLE.pack(SCHEMA_MAGIC, SCHEMA_VERSION, 0, len(records), len(entries)))
+    for r in records:
+        out += r.pack()
+    for e, nb in zip(entries, names_utf8):
+        if len(nb) > _DEFAULT_LIMITS.max_name_bytes or len(e.shape) > _DEFAULT_LIMITS.max_ndim:
+            raise ValueError(f"schema: tensor {e.name!r} exceeds the default name or ndim limit")
+        out += _U16.pack(len(nb)) + nb + _U8U8.pack(DTYPE_CODES[e.dtype], len(e.shape))
+        out += struct.pack(f"<{len(e.shape)}Q", *e.shape) + _U16.pack(e.codec_index)
+    out += CHECKSUM.pack(crc32c(out))
+    return bytes(out)
+
+
+def parse_schema(data, limits: DecodeLimits | None = None, expect: dict | None = None,
+                 partial: bool = False) -> ParsedSchema:
+    """Validate serialized schema bytes (untrusted input, like a message).
+
+    The checks are those of FORMAT.md 4 steps 1-7 with the schema's magic and
+    version; a receiver bounds what every compact message against this schema
+    can allocate here, by its limits and ``expect``.
+    """
+    limits = limits or DecodeLimits()
+    try:
+        mv = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise FormatError(f"schema must be a bytes-like object, not {type(data).__name__}") from exc
+    n = len(mv)
+    if n < MIN_MESSAGE:
+        raise FormatError(f"schema of {n} bytes is shorter than the minimum {MIN_MESSAGE}")
+    if bytes(mv[:4]) != SCHEMA_MAGIC:
+        hint = " (this is a message, not a schema)" if bytes(mv[:4]) == MAGIC else ""
+        raise FormatError(f"not a flocora-codec schema (magic {bytes(mv[:4])!r}, expected {SCHEMA_MAGIC!r}){hint}")
+    _, version, flags, n_codecs, n_tensors = PREAMBLE.unpack_from(mv, 0)
+    if version != SCHEMA_VERSION:
+        raise UnsupportedVersionError(f"schema version {version} is not supported (this decoder reads {SCHEMA_VERSION})")
+    if n > limits.max_message_bytes:
+        raise LimitError(f"schema of {n} bytes exceeds max_message_bytes={limits.max_message_bytes}")
+    stored, actual = CHECKSUM.unpack_from(mv, n - CHECKSUM_SIZE)[0], crc32c(mv[: n - CHECKSUM_SIZE])
+    if stored != actual:
+        raise ChecksumError(f"schema CRC32C mismatch: stored {stored:#010x}, computed {actual:#010x}")
+    if flags:
+        raise FormatError(f"reserved schema flag bits set: {flags:#06x}")
+    if n_tensors > limits.max_tensors:
+        raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
+    _check_expected_count(expect, n_tensors, partial)
+    rd = _Reader(mv, PREAMBLE_SIZE, n - CHECKSUM_SIZE)
+    rd.need(n_codecs * CODEC_RECORD.size + n_tensors * MIN_SCHEMA_RECORD, f"{n_codecs} codecs and {n_tensors} tensors")
+    records = _read_codec_table(rd, n_codecs, VERSION)
+    heads = _Heads(limits, expect, records, None, n)
+    entries = []
+    for t in range(n_tensors):
+        name, dtype_code, shape, numel, codec_index = heads.read(rd, t)
+        entries.append(TensorEntry(name, CODE_DTYPES[dtype_code], shape, codec_index, numel=numel))
+    heads.check_all_used()
+    if rd.pos != n - CHECKSUM_SIZE:
+        raise FormatError(f"trailing bytes: the schema's tables end at {rd.pos}, before its checksum at "
+                          f"{n - CHECKSUM_SIZE}")  # fmt: skip
+    return ParsedSchema(schema_id_of(mv), records, entries, n)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(rd: "_Reader", what: str) -> int:
+    """LEB128, at most 10 bytes, minimal (one encoding per value)."""
+    value = shift = 0
+    for i in range(10):
+        (b,) = rd.unpack(_U8, what)
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if b == 0 and i > 0:
+                raise FormatError(f"{what}: non-minimal varint")
+            if value > MAX_U64:
+                raise FormatError(f"{what}: varint exceeds 64 bits")
+            return value
+        shift += 7
+    raise FormatError(f"{what}: varint longer than 10 bytes")
+
+
+def compact_header(schema_id: bytes, records, entries) -> bytes:
+    """Fixed part and varint top-k counts of a compact message (FORMAT.md 7.2)."""
+    head = MAGIC + struct.pack("<HH", COMPACT_VERSION, 0) + schema_id
+    return head + b"".join(_varint(e.count) for e in entries if records[e.codec_index].codec == CODEC_TOPK)
+
+
+def compact_schema_id(data) -> bytes | None:
+    """The schema id a compact message names (bytes 8..24), or None if ``data``
+    does not start like one. Nothing is validated: use it to pick the schema."""
+    mv = memoryview(data).cast("B")
+    if len(mv) >= COMPACT_FIXED and bytes(mv[:4]) == MAGIC and _U16.unpack_from(mv, 4)[0] == COMPACT_VERSION:
+        return bytes(mv[8:COMPACT_FIXED])
+    return None
+
+
+def _parse_compact(mv: memoryview, limits: DecodeLimits, schemas, expect, partial) -> ParsedMessage:
+    """Steps 7-8 of a compact message: its schema, its counts, its sections."""
+    rd = _Reader(mv, 8, len(mv) - CHECKSUM_SIZE)
+    sid = bytes(rd.take(SCHEMA_ID_SIZE, "schema id"))
+    schema = schemas(sid) if schemas is not None else None
+    if schema is None:
+        raise UnknownSchemaError(
+            f"compact message refers to schema {sid.hex()}, which this receiver does not know: receive that schema "
+            "first (fc.Schema.from_bytes) and pass it to decode(..., schemas=...)",
+            sid,
+        )
+    if len(schema.entries) > limits.max_tensors:
+        raise LimitError(f"{len(schema.entries)} tensors exceed max_tensors={limits.max_tensors}")
+    _check_expected_count(expect, len(schema.entries), partial)
+    heads = _Heads(limits, None, schema.records, None, len(mv))
+    entries = []
+    for se in schema.entries:
+        if expect is not None:
+            if se.name not in expect:
+                raise ExpectationError(f"tensor {se.name!r} is not one the receiver expects "
+                                       f"(expected names such as {sorted(expect)[:3]})")  # fmt: skip
+            _check_expected(expect, se.name, se.shape, DTYPE_CODES[se.dtype])
+        heads.count_elements(se.name, se.shape, DTYPE_CODES[se.dtype])
+        rec = schema.records[se.codec_index]
+        count = index_code = 0
+        if rec.codec == CODEC_TOPK:
+            count = _read_varint(rd, f"tensor {se.name!r}: top-k count")
+            if count > se.numel:
+                raise FormatError(f"tensor {se.name!r}: top-k count {count} exceeds its {se.numel} elements")
+            index_code = ops.choose_index_code(se.numel, count)
+        lens = section_sizes(rec, se.dtype, se.shape, se.numel, count)
+        entries.append(TensorEntry(se.name, se.dtype, se.shape, se.codec_index, count, index_code, *lens, 0, se.numel))
+    _place_sections(entries, rd.pos, len(mv), f"schema {sid.hex()}'s header")
+    return ParsedMessage(COMPACT_VERSION, 0, schema.records, entries, rd.pos, len(mv), sid)

@@ -157,8 +157,8 @@ def test_short_and_bad_magic():
 
 
 def test_unsupported_version_before_checksum():
-    data = raw_message(version=3, trailer=0)
-    with pytest.raises(fc.UnsupportedVersionError, match="version 3"):
+    data = raw_message(version=4, trailer=0)
+    with pytest.raises(fc.UnsupportedVersionError, match="version 4"):
         fc.decode(data)
 
 

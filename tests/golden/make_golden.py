@@ -1,4 +1,4 @@
-"""Generate the golden messages of wire formats v1 and v2 (run from the repo root).
+"""Generate the golden messages of wire formats v1, v2 and v3 (run from the repo root).
 
     .venv/bin/python tests/golden/make_golden.py            # every case
     .venv/bin/python tests/golden/make_golden.py q3_row_f32  # some cases
@@ -8,7 +8,10 @@ message) and ``<case>.npz`` (what it decodes to). ``tests/test_codec.py``
 re-encodes the inputs with ``CASES[case]`` and compares bytes exactly, and
 decodes each file to the stored values. Generate only the cases of a new
 format version: the bytes of earlier versions are pinned forever (``v2_*``
-cases are version 2, all others version 1).
+cases are version 2, ``v3_*`` version 3, all others version 1).
+
+Version 3 (compact) cases also write ``<case>.fls``, the schema the message
+refers to; ``tests/test_compact.py`` pins both.
 """
 from __future__ import annotations
 
@@ -84,14 +87,29 @@ CASES: dict[str, fc.CodecSpec] = {
 }
 
 
+# version 3: compact messages against a schema (FORMAT.md 7)
+COMPACT_CASES: dict[str, fc.CodecSpec] = {
+    "v3_q4_row_f32": S(bits=4, granularity="row"),
+    "v3_sign_tensor_f32": S(density=0.1, values="sign"),
+    "v3_topk_global_bf16": S(density=0.1, topk_scope="global", values="bfloat16"),
+}
+
+
 def main(names) -> None:
     arrays = make_inputs()
     np.savez(HERE / "inputs.npz", **arrays)
     tensors = to_tensors(arrays)
-    for name in names or CASES:
-        data = fc.encode(tensors, CASES[name])
+    for name in names or [*CASES, *COMPACT_CASES]:
+        if name in COMPACT_CASES:
+            schema = fc.Schema.build(tensors, COMPACT_CASES[name])
+            (HERE / f"{name}.fls").write_bytes(schema.to_bytes())
+            data = fc.encode(tensors, COMPACT_CASES[name], schema=schema)
+            decoded = fc.decode(data, schemas=[schema])
+        else:
+            data = fc.encode(tensors, CASES[name])
+            decoded = fc.decode(data)
         (HERE / f"{name}.flc").write_bytes(data)
-        np.savez(HERE / f"{name}.npz", **to_arrays(fc.decode(data)))
+        np.savez(HERE / f"{name}.npz", **to_arrays(decoded))
         print(f"{name}: {len(data)} bytes")
 
 
