@@ -67,24 +67,69 @@ def make_spec(cfg: dict, direction: str, density=_UNSET) -> "fc.CodecSpec":
     return fc.CodecSpec(**kw)
 
 
-class Timer:
-    """Accumulates encode/decode milliseconds for one round."""
+class SchemaBook:
+    """The schemas of a run's compact messages, and which receiver holds which.
+
+    Both sides of a link agree on a message's tables once (``fc.Schema``);
+    afterwards each message carries a 24-byte header instead. A receiver
+    that has not seen a message's schema is sent it first: :meth:`cost`
+    returns those bytes the first time, 0 afterwards, so the byte counts
+    include every schema that travelled, once per receiver (per client and
+    direction).
+    """
 
     def __init__(self):
+        self.registry = fc.SchemaRegistry()
+        self._by_layout: dict[tuple, fc.Schema] = {}
+        self.held: dict[str, set[bytes]] = {}
+
+    def schema_for(self, tensors: dict[str, torch.Tensor], spec: "fc.CodecSpec") -> "fc.Schema":
+        # densities that decay give new specs but the same schema (equal bytes, one id)
+        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in tensors.items()), spec)
+        schema = self._by_layout.get(key)
+        if schema is None:
+            schema = self._by_layout[key] = self.registry.add(fc.Schema.build(tensors, spec))
+        return schema
+
+    def cost(self, receiver: str, message: bytes) -> int:
+        """Bytes of the schema ``receiver`` must get before ``message`` (0 if it holds it)."""
+        sid = fc.format.compact_schema_id(message)
+        held = self.held.setdefault(receiver, set())
+        if sid is None or sid in held:
+            return 0
+        held.add(sid)
+        return len(self.registry[sid].to_bytes())
+
+
+class Timer:
+    """Encodes and decodes the round's messages, timing them (milliseconds).
+
+    With a :class:`SchemaBook` every message is compact (format version 3):
+    its schema comes from the book, which the decoding side shares.
+    """
+
+    def __init__(self, book: SchemaBook | None = None):
         self.encode_ms = 0.0
         self.decode_ms = 0.0
+        self.book = book
 
     def encode(self, tensors: dict[str, torch.Tensor], spec, error_feedback=None) -> bytes:
         # on the tensors' own device: on a GPU only the compressed bytes cross to the host
         t0 = time.perf_counter()
         tensors = {k: v.detach() for k, v in tensors.items()}
-        data = error_feedback.encode(tensors) if error_feedback is not None else fc.encode(tensors, spec)
+        if error_feedback is not None:
+            spec = error_feedback.spec
+        schema = self.book.schema_for(tensors, spec) if self.book is not None else None
+        if error_feedback is not None:
+            data = error_feedback.encode(tensors, schema=schema)
+        else:
+            data = fc.encode(tensors, spec, schema=schema)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
         return data
 
     def decode(self, data: bytes, device=None, expect=None) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        out = fc.decode(data, device=device, expect=expect)
+        out = fc.decode(data, device=device, expect=expect, schemas=self.book.registry if self.book else None)
         self.decode_ms += (time.perf_counter() - t0) * 1e3
         return out
 
@@ -104,9 +149,9 @@ def flocora_analytic_bits(tensors: dict[str, torch.Tensor], bits: int | None) ->
     return total
 
 
-def message_breakdown(data: bytes) -> dict:
+def message_breakdown(data: bytes, schemas=None) -> dict:
     """Where a message's bytes go (header, metadata, indices, payload)."""
-    info = fc.message_info(data)
+    info = fc.message_info(data, schemas=schemas)
     return {"total_bytes": info.total_bytes, "header_bytes": info.header_bytes,
             "metadata_bytes": info.metadata_bytes, "index_bytes": info.index_bytes,
             "payload_bytes": info.payload_bytes}

@@ -92,6 +92,8 @@ SCHEMA: dict = {
         "server_error_feedback": bool,
         "flatten": bool,
         "down_mode": Choice("broadcast", "per_client"),
+        # compact messages against schemas agreed once (default true)
+        "compact": bool,
     },
     "train": {
         "rounds": int,

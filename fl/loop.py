@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import flocora_codec as fc
-from fl.comm import Timer, check_names, message_breakdown
+from fl.comm import SchemaBook, Timer, check_names, message_breakdown
 from fl.config import load_config
 from fl.data import load_dataset, make_clients
 from fl.methods import METHODS, Update
@@ -129,6 +129,9 @@ class _State:
         self.participations = 0  # client-rounds that received the model and uploaded
         self.last_up = self.last_down = None
         self.link = None  # fl.transport.DeltaLink in delta transport
+        self.book = None  # fl.comm.SchemaBook when messages are compact
+        self.compact_decided = False  # a run keeps the message kind it started with
+        self.schema_up = self.schema_down = 0  # bytes of schemas sent, once per receiver
 
 
 def _save_checkpoint(out: Path, st: _State, method) -> None:
@@ -143,6 +146,9 @@ def _load_checkpoint(out: Path, st: _State, method) -> None:
     # our own file from an earlier run of this program: full unpickling is intended
     ck = torch.load(out / CHECKPOINT, weights_only=False)
     st.__dict__.update(ck["state"])
+    if "compact_decided" not in ck["state"]:
+        # a run from before compact messages: it goes on with full messages
+        st.book, st.compact_decided, st.schema_up, st.schema_down = None, True, 0, 0
     method.load_checkpoint_state(ck["method"])
     torch.set_rng_state(ck["torch_rng"])
 
@@ -186,13 +192,17 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
             f.writelines(json.dumps(r) + "\n" for r in st.records)
     if transport == "delta" and st.link is None:
         st.link = method.make_link()
+    if not st.compact_decided:
+        # messages against schemas agreed once (FORMAT.md 7)
+        st.book = SchemaBook() if bool(cfg["method"].get("compact", True)) else None
+        st.compact_decided = True
     bar = _progress(rounds, progress, cfg.get("name", "run"), st.rnd)
     scfg = cfg.get("server", {})
     timeout = float(scfg.get("client_timeout_s", 0.0) or 0.0)
     ratio = float(scfg.get("max_update_norm_ratio", 0.0) or 0.0)
     for rnd in range(st.rnd + 1, rounds + 1):
         t0 = time.perf_counter()
-        timer = Timer()
+        timer = Timer(st.book)
         selected = sorted(st.rng.choice(n_clients, per_round, replace=False).tolist())
         down_msg = down = None
         if method.communicates and transport == "weights":
@@ -201,6 +211,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
             down_msg = timer.encode(down, method.down_spec_at(rnd))
             st.last_down = down_msg
         updates, dropped, bytes_up, bytes_down, train_losses, sync = [], [], 0, 0, [], {}
+        schema_before = (st.schema_up, st.schema_down)
         # what a client's upload must hold (checked before the decoder allocates) and
         # the tensors its update is measured against
         expect_up = down if method.communicates and transport == "weights" else None
@@ -243,7 +254,9 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
         rec = {"round": rnd, "clients": selected, "dropped": dropped,
                "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
                "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": st.cum_up,
-               "cum_bytes_down": st.cum_down, "encode_ms": timer.encode_ms, "decode_ms": timer.decode_ms}
+               "cum_bytes_down": st.cum_down, "encode_ms": timer.encode_ms, "decode_ms": timer.decode_ms,
+               # schemas sent this round (first contact), included in bytes_up / bytes_down
+               "schema_bytes_up": st.schema_up - schema_before[0], "schema_bytes_down": st.schema_down - schema_before[1]}
         if sync:
             rec["sync"] = sync
         every = int(cfg.get("eval", {}).get("every", 1))
@@ -358,7 +371,7 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
     if method.transport == "delta":
         link = st.link
         state, received, how = link.sync(cid, rnd, timer, device)
-        acct["down"] = sum(len(m) for m in received)
+        acct["down"] = sum(len(m) for m in received) + _schema_cost(st, f"client {cid}", received, "down")
         st.down_sizes.extend(len(m) for m in received)
         if received:
             st.last_down = received[-1]
@@ -373,7 +386,7 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
     else:
         received = {}
         if down_msg is not None:
-            acct["down"] = len(down_msg)
+            acct["down"] = len(down_msg) + _schema_cost(st, f"client {cid}", [down_msg], "down")
             st.down_sizes.append(len(down_msg))
             received = timer.decode(down_msg, device, expect=expect_up)  # the client's side
             check_names(received, allowed, frozen, f"client {cid} received")
@@ -393,7 +406,7 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
         up_msg = _corrupt(up_msg)
     if cid in faults.get("bomb_clients", []):
         up_msg = _bomb(next(iter(st.link.layout.expected() if method.transport == "delta" else expect_up)))
-    acct["up"] = len(up_msg)
+    acct["up"] = len(up_msg) + _schema_cost(st, f"server from client {cid}", [up_msg], "up")
     st.up_sizes.append(len(up_msg))
     # the server's side: the upload must hold exactly what it expects, or nothing is allocated
     if method.transport == "delta":
@@ -403,6 +416,15 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
     check_names(tensors, allowed, frozen, f"client {cid} upload (decoded)")
     st.last_up = up_msg  # the summary's breakdown describes a message that decoded
     return tensors, metrics
+
+
+def _schema_cost(st: _State, receiver: str, messages, direction: str) -> int:
+    """Bytes of the schemas ``receiver`` gets with ``messages`` (each once)."""
+    if st.book is None:
+        return 0
+    n = sum(st.book.cost(receiver, m) for m in messages)
+    setattr(st, f"schema_{direction}", getattr(st, f"schema_{direction}") + n)
+    return n
 
 
 def _screen_update(cid: int, tensors: dict, base: dict | None) -> float:
@@ -450,7 +472,8 @@ def _summary(cfg, method, st: _State, device, wall):
     accs = [r["acc"] for r in records if "acc" in r]
     ref = method.reference_model_bytes()
     n_up, n_down = len(up_sizes), len(down_sizes)
-    total_up, total_down = sum(up_sizes), sum(down_sizes)
+    # every message, plus each schema once per receiver that needed it
+    total_up, total_down = sum(up_sizes) + st.schema_up, sum(down_sizes) + st.schema_down
     # FedAvg's traffic for the same participations: one raw model down and one up each
     fedavg_equiv = 2 * ref * st.participations if method.communicates else 0
     s = {
@@ -460,7 +483,9 @@ def _summary(cfg, method, st: _State, device, wall):
         "acc_last3_mean": float(np.mean(accs[-3:])) if accs else None,
         "bytes_up_total": total_up, "bytes_down_total": total_down,
         "mb_up_per_round": total_up / 1e6 / len(records), "mb_down_per_round": total_down / 1e6 / len(records),
-        "up_message_bytes": total_up / n_up if n_up else 0, "down_message_bytes": total_down / n_down if n_down else 0,
+        "up_message_bytes": sum(up_sizes) / n_up if n_up else 0,
+        "down_message_bytes": sum(down_sizes) / n_down if n_down else 0,
+        "compact": st.book is not None, "schema_bytes_up": st.schema_up, "schema_bytes_down": st.schema_down,
         "fedavg_message_bytes": ref,
         # what FedAvg would have sent for the same messages: one full model each
         "participations": st.participations, "fedavg_equivalent_bytes": fedavg_equiv,
@@ -478,9 +503,9 @@ def _summary(cfg, method, st: _State, device, wall):
         s.update(final_acc_personal=pers[-1], best_acc_personal=max(pers),
                  personal_last10_mean=conv["acc_last10_mean"], personal_flat=conv["flat"])
     if last_up is not None:
-        s["last_up_breakdown"] = message_breakdown(last_up)
+        s["last_up_breakdown"] = message_breakdown(last_up, st.book and st.book.registry)
     if last_down is not None:
-        s["last_down_breakdown"] = message_breakdown(last_down)
+        s["last_down_breakdown"] = message_breakdown(last_down, st.book and st.book.registry)
     return s
 
 

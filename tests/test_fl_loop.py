@@ -47,6 +47,7 @@ class Recorder:
         def decode(timer, data, device=None, expect=None):
             out = orig(timer, data, device, expect)
             self.decoded.append((data, set(out)))
+            self.schemas = timer.book.registry if timer.book is not None else None
             return out
         monkeypatch.setattr(comm.Timer, "decode", decode)
 
@@ -66,8 +67,13 @@ def test_each_method_runs_two_rounds_with_real_messages(variant, tmp_path, monke
         return
     # every client decodes the download, the server every upload: 2 per client-round
     assert len(rec.decoded) == 2 * 2 * 4
-    assert sum(len(d) for d, _ in rec.decoded) == summary["bytes_up_total"] + summary["bytes_down_total"]
-    assert all(isinstance(d, bytes) and fc.message_info(d).total_bytes == len(d) for d, _ in rec.decoded)
+    # compact messages (the default): each client's schemas travel once, counted too
+    schema_bytes = summary["schema_bytes_up"] + summary["schema_bytes_down"]
+    assert summary["compact"] and schema_bytes > 0
+    assert sum(len(d) for d, _ in rec.decoded) + schema_bytes == summary["bytes_up_total"] + summary["bytes_down_total"]
+    assert all(isinstance(d, bytes) and fc.message_info(d, schemas=rec.schemas).total_bytes == len(d)
+               for d, _ in rec.decoded)  # fmt: skip
+    assert all(fc.message_info(d, schemas=rec.schemas).version == 3 for d, _ in rec.decoded)
     # only the trainable (shared) tensors travel, never a frozen/private one
     method, _ = loop.setup(cfg)
     allowed, frozen = method.allowed_names(), method.frozen_names()
@@ -84,9 +90,22 @@ def test_byte_counts_per_round_match_message_lengths(tmp_path, monkeypatch):
     per_round = [rec.decoded[i * 8:(i + 1) * 8] for i in range(2)]
     for r, msgs in zip(rounds, per_round):
         # order in a round: per client, its download decode then the server's upload decode
-        assert r["bytes_down"] == sum(len(d) for d, _ in msgs[0::2])
-        assert r["bytes_up"] == sum(len(d) for d, _ in msgs[1::2])
+        assert r["bytes_down"] == sum(len(d) for d, _ in msgs[0::2]) + r["schema_bytes_down"]
+        assert r["bytes_up"] == sum(len(d) for d, _ in msgs[1::2]) + r["schema_bytes_up"]
     assert rounds[1]["cum_bytes_up"] == rounds[0]["bytes_up"] + rounds[1]["bytes_up"]
+    # all 4 clients take part in both rounds: each gets and sends its schemas once, in round 1
+    one = len(rec.schemas[fc.format.compact_schema_id(per_round[0][1][0])].to_bytes())
+    assert rounds[0]["schema_bytes_up"] == 4 * one and rounds[1]["schema_bytes_up"] == 0
+    assert rounds[0]["schema_bytes_down"] > 0 and rounds[1]["schema_bytes_down"] == 0
+
+
+def test_full_messages_when_compact_is_off(tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    summary = loop.run(tiny("method.name=flocora", "method.rank=2", "method.bits=4", "method.compact=false",
+                            "train.rounds=1"), tmp_path, progress=False)  # fmt: skip
+    assert not summary["compact"] and summary["schema_bytes_up"] == summary["schema_bytes_down"] == 0
+    assert all(fc.message_info(d).version == 1 for d, _ in rec.decoded)
+    assert sum(len(d) for d, _ in rec.decoded) == summary["bytes_up_total"] + summary["bytes_down_total"]
 
 
 def test_quantized_upload_is_smaller_and_close():

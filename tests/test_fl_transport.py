@@ -156,17 +156,20 @@ def test_stc_sends_ternary_top_k_per_tensor(tmp_path, monkeypatch):
 
     def encode(timer, tensors, spec, ef=None):
         data = orig(timer, tensors, spec, ef)
-        msgs.append(data)
+        msgs.append((data, timer.book.registry if timer.book else None))
         return data
     monkeypatch.setattr(Timer, "encode", encode)
-    loop.run(tiny("method.name=stc", "method.ul_density=0.05", "method.dl_density=0.05", "train.rounds=2"),
-             tmp_path, progress=False)
-    for data in msgs:
-        info = fc.message_info(data)
-        assert info.version == 2
-        assert {t.values for t in info.tensors} == {"sign"} and {t.topk_scope for t in info.tensors} == {"tensor"}
-        for name, t in fc.decode(data).items():
-            assert t[t != 0].abs().unique().numel() <= 1, name
+    for compact, version in ((True, 3), (False, 2)):
+        msgs.clear()
+        loop.run(tiny("method.name=stc", "method.ul_density=0.05", "method.dl_density=0.05", "train.rounds=2",
+                      f"method.compact={str(compact).lower()}"), tmp_path / str(compact), progress=False)  # fmt: skip
+        assert msgs
+        for data, schemas in msgs:
+            info = fc.message_info(data, schemas=schemas)
+            assert info.version == version  # sign values need v2; a compact message is v3
+            assert {t.values for t in info.tensors} == {"sign"} and {t.topk_scope for t in info.tensors} == {"tensor"}
+            for name, t in fc.decode(data, schemas=schemas).items():
+                assert t[t != 0].abs().unique().numel() <= 1, name
 
 
 def test_density_tiers_and_decay():
@@ -187,7 +190,7 @@ def test_clients_that_miss_rounds_hold_the_same_model_as_the_server_sent(tmp_pat
     loop.run(cfg, tmp_path, progress=False)
     ck = torch.load(tmp_path / loop.CHECKPOINT, weights_only=False)
     link_ = ck["state"]["link"]
-    timer = Timer()
+    timer = Timer(ck["state"]["book"])  # the run's schemas, which its clients hold
     for cid in range(5):  # every client, however long it slept, ends exactly at `public`
         state, _, _ = link_.sync(cid, 7, timer, None)
         assert all(torch.equal(state[k], link_.public[k]) for k in state), cid
