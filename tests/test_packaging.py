@@ -7,6 +7,7 @@ and, from a directory outside the repository, imports it and round-trips
 messages. Also checks the metadata the wheel declares.
 """
 import os
+import subprocess
 import sys
 import tarfile
 import textwrap
@@ -83,3 +84,49 @@ def test_sdist_builds_a_wheel_that_works_away_from_the_checkout(built_dist, tmp_
     assert r.stdout.strip() == flocora_codec.__version__
     r = _run([sys.executable, "-m", "flocora_codec", "--version"], cwd=away, env=env)
     assert r.stdout.startswith(f"flocora-codec {flocora_codec.__version__} ") and "compiled ops" in r.stdout
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_pure_python_wheel_works(built_dist, tmp_path):
+    """FLOCORA_NO_EXT=1: no compiler used; the wheel is py3-none-any, accepts
+    any torch >= 2.4, and writes the same messages through the reference ops."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLOCORA_FORCE_REFERENCE")}
+    env["FLOCORA_NO_EXT"] = "1"
+    env["CXX"] = env["CC"] = "/nonexistent/no-compiler"  # a compile attempt would fail
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir",
+          "--disable-pip-version-check", "-q", "-w", str(wheels), str(built_dist["sdist"])], cwd=tmp_path,
+         env=env)  # fmt: skip
+    (wheel,) = wheels.glob("flocora_codec-*-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so")]
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Requires-Dist: torch>=2.4\n" in meta
+    site = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+          "-q", "--target", str(site), str(wheel)], cwd=tmp_path)  # fmt: skip
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    script = textwrap.dedent(f"""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            import flocora_codec as fc
+        assert fc.__file__.startswith({str(site)!r}) and fc.ops.BACKEND == "reference"
+        (w,) = [w for w in caught if w.category.__name__ == "ReferenceFallbackWarning"]
+        assert "FLOCORA_NO_EXT" in str(w.message), str(w.message)
+        g = torch.Generator().manual_seed(0)
+        x = {{"w": torch.randn(32, 48, generator=g), "a": torch.randn(8, 64, generator=g).bfloat16()}}
+        import sys
+        sys.stdout.buffer.write(fc.encode(x, fc.CodecSpec(bits=4)) + fc.encode(x, fc.CodecSpec(density=0.1)))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLOCORA_FORCE_REFERENCE")}
+    env["PYTHONPATH"] = str(site)
+    r = subprocess.run([sys.executable, "-c", script], cwd=away, env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    import flocora_codec as fc
+
+    g = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(32, 48, generator=g), "a": torch.randn(8, 64, generator=g).bfloat16()}
+    assert r.stdout == fc.encode(x, fc.CodecSpec(bits=4)) + fc.encode(x, fc.CodecSpec(density=0.1))
