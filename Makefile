@@ -29,7 +29,15 @@ demo: build
 cuda-check:
 	bash .ci/cuda_compile_check.sh
 
-test: cuda-check build
+# flwr 1.41 beside the venv's 1.42 (flwr alone; the rest of .venv serves
+# both): tests/test_flower_versions.py runs the Flower tests on it.
+FLWR_OLD := .flwr-1.41
+$(FLWR_OLD)/.stamp: .venv/.stamp
+	rm -rf $(FLWR_OLD)
+	$(PIP) install -q --disable-pip-version-check --no-deps --target $(FLWR_OLD) flwr==1.41.0
+	touch $@
+
+test: cuda-check build $(FLWR_OLD)/.stamp
 	$(PY) -m pytest -q tests
 
 # Coverage-guided fuzzing of decode/message_info (atheris), seeded with the

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from .config import CONFIG_DIR
 
 # The offline comparison of ``python -m fl demo`` (and ``make demo``): one
 # base config, one override list per method.
@@ -20,7 +20,7 @@ DEMO_VARIANTS = [
 
 
 def _run(args) -> int:
-    from fl.loop import resume_dir, run_file
+    from .loop import resume_dir, run_file
     if args.resume:
         # `run --resume DIR [train.rounds=N]`: a config argument is read as an override
         over = ([args.config] if args.config else []) + args.overrides
@@ -35,7 +35,7 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-    from fl.report import compare_table, load_run, seeds_table
+    from .report import compare_table, load_run, seeds_table
     summaries = [load_run(d)[0] for d in args.runs]
     table = seeds_table(summaries) if args.seeds else compare_table(summaries)
     print(table)
@@ -45,15 +45,15 @@ def _compare(args) -> int:
 
 
 def _plot(args) -> int:
-    from fl.report import load_run, plot_runs
+    from .report import load_run, plot_runs
     for p in plot_runs([load_run(d) for d in args.runs], args.output):
         print(p)
     return 0
 
 
 def _demo(args) -> int:
-    from fl.loop import run_file
-    from fl.report import compare_table
+    from .loop import run_file
+    from .report import compare_table
     summaries = []
     for name, over in DEMO_VARIANTS:
         over = over + [f"name=demo-{name}"] + args.overrides
@@ -71,9 +71,9 @@ def _sweep(args) -> int:
     skipped, interrupted ones continue from their last completed round."""
     import json
 
-    from fl.loop import CHECKPOINT, resume_dir, run
-    from fl.config import load_config, load_sweep
-    from fl.report import compare_table, frontier_report, load_run, plot_runs
+    from .loop import CHECKPOINT, resume_dir, run
+    from .config import load_config, load_sweep
+    from .report import compare_table, frontier_report, load_run, plot_runs
     sweep_path = Path(args.sweep)
     # every run's config is validated here, before the first run starts
     sweep, base, all_jobs = load_sweep(sweep_path, args.overrides)
@@ -116,19 +116,19 @@ def _sweep(args) -> int:
 
 
 def _run_fresh(base, over, args):
-    from fl.loop import run_file
+    from .loop import run_file
     return run_file(base, over, args.out, progress=not args.quiet)
 
 
 def _frontier(args) -> int:
-    from fl.report import frontier_report
+    from .report import frontier_report
     for p in frontier_report(Path(args.results), reference=args.reference):
         print(p)
     return 0
 
 
 def _sizes(args) -> int:
-    from fl.sizes import sizes_table
+    from .sizes import sizes_table
     print(sizes_table(args.arch, args.ranks, args.bits, args.classes))
     return 0
 

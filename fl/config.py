@@ -20,6 +20,12 @@ import tomllib
 from pathlib import Path
 
 
+_HERE = Path(__file__).resolve().parent
+# The experiment configs: configs/ of the checkout, or the copy installed with
+# the package (flocora_fl/configs, see pyproject.toml).
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
+
+
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 import flocora_codec as fc
-from fl.comm import SchemaBook, Timer, check_names, message_breakdown
-from fl.config import load_config
-from fl.data import load_dataset, make_clients
-from fl.methods import METHODS, Update
+from .comm import SchemaBook, Timer, check_names, message_breakdown
+from .config import load_config
+from .data import load_dataset, make_clients
+from .methods import METHODS, Update
 
 log = logging.getLogger("fl")
 

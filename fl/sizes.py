@@ -8,9 +8,9 @@ is enough: sizes do not depend on the values (except for top-k, not used).
 from __future__ import annotations
 
 import flocora_codec as fc
-from fl.comm import flocora_analytic_bits
-from fl.lora import apply_flocora, get_tensors, trainable_names
-from fl.models import build_model, num_params
+from .comm import flocora_analytic_bits
+from .lora import apply_flocora, get_tensors, trainable_names
+from .models import build_model, num_params
 
 
 def message_sizes(arch: str, ranks, bits_list, num_classes: int = 10, width: int = 64) -> list[dict]:

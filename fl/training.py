@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl.data import ClientData, Dataset, augment_batch
+from .data import ClientData, Dataset, augment_batch
 
 
 @dataclass

@@ -4,7 +4,8 @@
 keeps every dtype, bfloat16 and float16 included, so a file survives
 ``encode`` -> message -> ``decode`` with its names, shapes and dtypes. ``.npz``
 has no bfloat16: it is written as float32 (exact). Reading ``.safetensors``
-needs the ``safetensors`` package (``pip install 'flocora-codec[safetensors]'``).
+needs the ``safetensors`` package (``pip install safetensors``, or the
+``safetensors`` extra of flocora-codec).
 
 Example: a LoRA adapter on disk to a message and back::
 
@@ -40,7 +41,7 @@ def _safetensors_torch():
     except ImportError as exc:
         raise MissingDependencyError(
             "reading or writing .safetensors needs the safetensors package: "
-            "pip install 'flocora-codec[safetensors]' (or pip install safetensors)"
+            "pip install safetensors (or install flocora-codec with its extra, flocora-codec[safetensors])"
         ) from exc
     return safetensors.torch
 

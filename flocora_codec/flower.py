@@ -57,8 +57,9 @@ try:
     from flwr.serverapp.strategy import Strategy
 except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError(
-        "flocora_codec.flower needs Flower (flwr>=1.41,<2), which is not installed. "
-        "Install the extra: pip install 'flocora-codec[flower]'"
+        "flocora_codec.flower needs Flower (flwr>=1.41,<2; tested with 1.41 and 1.42), which is not installed. "
+        "pip install 'flwr>=1.41,<2', or install flocora-codec with its extra, flocora-codec[flower] "
+        "(README, \"Installing\")"
     ) from exc
 
 import flocora_codec as fc

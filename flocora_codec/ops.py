@@ -37,9 +37,12 @@ def _load_extension() -> tuple[str, str | None]:
     if os.environ.get(FORCE_REFERENCE_ENV, "") not in ("", "0"):
         return "reference", f"{FORCE_REFERENCE_ENV} is set"
     try:
-        from flocora_codec._build_info import TORCH_VERSION as built
+        from flocora_codec import _build_info
     except ImportError:  # an in-place build older than _build_info: trust it
-        built = None
+        _build_info = None
+    if _build_info is not None and not getattr(_build_info, "EXTENSION", True):
+        return "reference", "flocora-codec was installed without its compiled extension (FLOCORA_NO_EXT=1)"
+    built = getattr(_build_info, "TORCH_VERSION", None)
     # libtorch's C++ ABI changes between minor releases; a mismatched _C may
     # load and then crash, so it is not loaded at all.
     if built is not None and _minor(built) != _minor(torch.__version__):

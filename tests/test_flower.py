@@ -856,9 +856,14 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_flower_app_deployment_two_supernodes(tmp_path):
+def test_flower_app_deployment_two_supernodes(tmp_path, built_dist):
     """``flwr run`` of fl/flower_app against a SuperLink and two SuperNodes
-    (127.0.0.1 only), two rounds with 4-bit uplink and 8-bit downlink."""
+    (127.0.0.1 only), two rounds with 4-bit uplink and 8-bit downlink.
+
+    flocora-codec comes from the wheel built from the sdist (tests/conftest.py),
+    installed into a directory of its own: the Flower processes see that
+    directory and the venv's packages, not the repository (no `fl` on the path;
+    the app imports the installed `flocora_fl`)."""
     import json
     import os
     import subprocess
@@ -878,12 +883,21 @@ def test_flower_app_deployment_two_supernodes(tmp_path):
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(home),
-        "PYTHONPATH": os.pathsep.join([str(repo)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        # the installed wheel, plus whatever else PYTHONPATH held except the
+        # repository (e.g. flwr 1.41 for tests/test_flower_versions.py)
+        "PYTHONPATH": os.pathsep.join([str(built_dist["site"])] + [
+            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != repo]),
         "PATH": os.pathsep.join([str(binaries), env.get("PATH", "")]),
         # nothing may be pip-installed at run time, nor any update checked
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     })
+    env.pop("FLOCORA_FORCE_REFERENCE", None)
+    check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, flwr; "
+                            "assert u.find_spec('fl') is None; print(flocora_fl.__file__, flocora_codec.__file__, "
+                            "flwr.__version__)"], env=env, cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0 and check.stdout.count(str(built_dist["site"])) == 2, check.stdout + check.stderr
+    assert check.stdout.split()[-1] == flwr.__version__  # the Flower processes run the Flower under test
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []

@@ -1,10 +1,10 @@
 """The FL methods, by config name."""
-from fl.methods.base import Method, Update
-from fl.methods.fedavg import FedAvg
-from fl.methods.fedlora import FedLoRA
-from fl.methods.flasc import FLASC
-from fl.methods.flocora import FLoCoRA
-from fl.methods.stc import STC
+from .base import Method, Update
+from .fedavg import FedAvg
+from .fedlora import FedLoRA
+from .flasc import FLASC
+from .flocora import FLoCoRA
+from .stc import STC
 
 METHODS = {"fedavg": FedAvg, "flocora": FLoCoRA, "flasc": FLASC, "fedlora": FedLoRA, "stc": STC}
 

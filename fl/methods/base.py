@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import flocora_codec as fc
-from fl.comm import make_spec
-from fl.data import ClientData, Dataset
-from fl.models import build_model
-from fl.training import TrainConfig
+from ..comm import make_spec
+from ..data import ClientData, Dataset
+from ..models import build_model
+from ..training import TrainConfig
 
 
 TRANSPORTS = ("weights", "delta")

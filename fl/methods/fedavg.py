@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 
-from fl.aggregation import ServerOptimizer, weighted_average
-from fl.comm import make_spec
-from fl.lora import frozen_names, get_tensors, set_tensors, trainable_names
-from fl.methods.base import Method, Update
-from fl.models import num_params
-from fl.training import evaluate, train_client
-from fl.transport import DeltaLink
+from ..aggregation import ServerOptimizer, weighted_average
+from ..comm import make_spec
+from ..lora import frozen_names, get_tensors, set_tensors, trainable_names
+from .base import Method, Update
+from ..models import num_params
+from ..training import evaluate, train_client
+from ..transport import DeltaLink
 
 
 class FedAvg(Method):

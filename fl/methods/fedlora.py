@@ -15,10 +15,10 @@ models on the common test set beside it.
 from __future__ import annotations
 
 import flocora_codec as fc
-from fl.aggregation import weighted_average
-from fl.lora import add_linear_adapter, adapter_names, get_tensors, set_tensors, set_trainable
-from fl.methods.base import Method
-from fl.training import evaluate, train_client
+from ..aggregation import weighted_average
+from ..lora import add_linear_adapter, adapter_names, get_tensors, set_tensors, set_trainable
+from .base import Method
+from ..training import evaluate, train_client
 
 ADAPTER_LAYER = "fc3"
 

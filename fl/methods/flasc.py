@@ -13,10 +13,10 @@ next time that client uploads; FLASC itself drops unsent entries.
 from __future__ import annotations
 
 import flocora_codec as fc
-from fl.aggregation import ServerOptimizer, weighted_average
-from fl.lora import get_tensors, set_tensors
-from fl.methods.flocora import FLoCoRA
-from fl.training import train_client
+from ..aggregation import ServerOptimizer, weighted_average
+from ..lora import get_tensors, set_tensors
+from .flocora import FLoCoRA
+from ..training import train_client
 
 
 class FLASC(FLoCoRA):

@@ -8,9 +8,9 @@ message against the frozen names.
 """
 from __future__ import annotations
 
-from fl.comm import flocora_analytic_bits
-from fl.lora import apply_flocora, get_tensors, is_lora_name
-from fl.methods.fedavg import FedAvg
+from ..comm import flocora_analytic_bits
+from ..lora import apply_flocora, get_tensors, is_lora_name
+from .fedavg import FedAvg
 
 
 class FLoCoRA(FedAvg):

@@ -10,7 +10,7 @@ broadcasts: exactly ``method.transport = "delta"`` with these defaults.
 """
 from __future__ import annotations
 
-from fl.methods.fedavg import FedAvg
+from .fedavg import FedAvg
 
 STC_DEFAULTS = {"transport": "delta", "sparse_values": "sign", "topk_scope": "tensor", "ul_density": 0.01,
                 "dl_density": 0.01, "error_feedback": True, "server_error_feedback": True}

@@ -12,8 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from flocora_codec.flower import CompressedStrategy
-from fl.lora import set_tensors
-from flocora_flower.task import app_config, codec_specs, fl_config, from_record, method_for, to_record
+from flocora_flower.task import app_config, codec_specs, fl_config, from_record, method_for, set_tensors, to_record
 
 log = logging.getLogger("flocora_flower")
 

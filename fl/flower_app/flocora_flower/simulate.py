@@ -4,8 +4,11 @@
 scripted experiments and tests, because it returns the server's summary
 directly and takes run-config overrides in Python::
 
-    PYTHONPATH=/path/to/repo:/path/to/repo/fl/flower_app \\
-        python -m flocora_flower.simulate --nodes 4 --set codec-bits=0 --out plain.json
+    cd fl/flower_app && python -m flocora_flower.simulate --nodes 4 --set codec-bits=0 --out plain.json
+
+with flocora-codec installed with its ``experiments`` extra (README, "The
+bundled Flower app"); from a checkout that is not installed, put the
+repository root on PYTHONPATH as well.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 
 def _export_pythonpath() -> None:
-    # Ray workers are fresh interpreters: they find `fl`, `flocora_codec` and
-    # this package only through PYTHONPATH.
-    import fl  # noqa: F401  (resolves the repository root)
+    # Ray workers are fresh interpreters: they find this package (and, in a
+    # checkout that is not installed, `fl`) only through PYTHONPATH.
+    from flocora_flower import task
 
-    repo = str(Path(sys.modules["fl"].__file__).resolve().parents[1])
+    paths = [str(APP_DIR)]
+    if task.load_config.__module__ == "fl.config":  # the checkout's fl, not an installed flocora_fl
+        paths.append(str(Path(sys.modules["fl"].__file__).resolve().parents[1]))
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    for p in (str(APP_DIR), repo):
+    for p in paths:
         if p not in parts:
             parts.insert(0, p)
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)

@@ -17,17 +17,25 @@ from flwr.app import ArrayRecord
 
 import flocora_codec as fc
 
+# The experiment code: `flocora_fl` when flocora-codec is installed (a wheel
+# or `pip install -e .` of the checkout), else the checkout's `fl` on
+# PYTHONPATH. One of the two, never both, so every module comes from one place.
 try:
-    import fl
-    from fl.config import ConfigError, Choice, load_config, validate
-    from fl.loop import setup as fl_setup
-except ImportError as exc:  # pragma: no cover - environment problem, not logic
-    raise ImportError(
-        "flocora_flower needs the repository's `fl` package: put the flocora-codec repository root on "
-        "PYTHONPATH for every Flower process (flwr, flower-superlink, flower-supernode)"
-    ) from exc
+    from flocora_fl.config import CONFIG_DIR, Choice, ConfigError, load_config, validate
+    from flocora_fl.loop import setup as fl_setup
+    from flocora_fl.lora import set_tensors
+except ImportError:
+    try:
+        from fl.config import CONFIG_DIR, Choice, ConfigError, load_config, validate
+        from fl.loop import setup as fl_setup
+        from fl.lora import set_tensors
+    except ImportError as exc:  # pragma: no cover - environment problem, not logic
+        raise ImportError(
+            "flocora_flower needs the FL experiment code: pip install 'flocora-codec[flower,experiments]' "
+            "(from a checkout: pip install --no-build-isolation -e '.[flower,experiments]'), or put the "
+            "repository root on PYTHONPATH for every Flower process"
+        ) from exc
 
-REPO_ROOT = Path(fl.__file__).resolve().parents[1]
 SUPPORTED_METHODS = ("fedavg", "flocora")
 _APP_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -78,8 +86,8 @@ def app_config(run_config, overrides: dict | None = None) -> dict:
 def fl_config(appcfg: dict) -> dict:
     """The ``fl`` experiment config named by ``fl-config`` plus ``fl-overrides``."""
     path = Path(str(appcfg["fl-config"]))
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    if not path.is_absolute():  # "configs/x.toml": the checkout's, or the installed copy
+        path = CONFIG_DIR.parent / path
     cfg = load_config(path, str(appcfg.get("fl-overrides", "")).split())
     name = cfg["method"].get("name", "fedavg")
     if name not in SUPPORTED_METHODS:
