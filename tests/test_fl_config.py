@@ -96,7 +96,8 @@ def test_fl_run_exits_2_before_training():
 def test_flower_app_run_config_is_checked(monkeypatch):
     pytest.importorskip("flwr")
     monkeypatch.syspath_prepend(str(ROOT / "fl" / "flower_app"))
-    from flocora_flower.task import app_config, fl_config
+    # the app imports the installed flocora_fl (or, without it, this checkout's fl): its own ConfigError
+    from flocora_flower.task import ConfigError, app_config, fl_config  # noqa: F811
 
     cfg = app_config({"codec-bits": 2, "fraction-train": 1})  # an integer is a valid number
     assert cfg["codec-bits"] == 2
