@@ -193,7 +193,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
     if transport == "delta" and st.link is None:
         st.link = method.make_link()
     if not st.compact_decided:
-        # messages against schemas agreed once (FORMAT.md 7)
+        # messages against schemas agreed once (FORMAT.md 6)
         st.book = SchemaBook() if bool(cfg["method"].get("compact", True)) else None
         st.compact_decided = True
     bar = _progress(rounds, progress, cfg.get("name", "run"), st.rnd)

@@ -180,7 +180,7 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
         How to compress; default ``CodecSpec()`` (4-bit per-row affine,
         0-d/1-d tensors raw). Non-float tensors always travel raw.
     schema : Schema, optional
-        Write a compact message (FORMAT.md 7) against this schema, which the
+        Write a compact message (FORMAT.md 6) against this schema, which the
         receiver must hold: a header of 24 bytes plus a few per top-k tensor
         instead of the tables. ``tensors`` and ``spec`` must give exactly the
         schema's tables (``Schema.build(tensors, spec)``).

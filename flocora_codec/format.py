@@ -35,7 +35,7 @@ MAGIC = b"FLoC"
 # encoder writes the lowest version a message needs, so every message without
 # sign values stays a version-1 message, byte for byte. Version 3 is the
 # compact message: the tables live in a schema both sides agreed on once,
-# and the message names it by hash (FORMAT.md 7).
+# and the message names it by hash (FORMAT.md 6).
 VERSION = 2
 COMPACT_VERSION = 3
 SUPPORTED_VERSIONS = (1, 2, 3)
@@ -638,7 +638,7 @@ def _place_sections(entries: list, header_bytes: int, n: int, what_header: str =
                           f"message has {n}")  # fmt: skip
 
 
-# ---- schemas and compact messages (FORMAT.md 7) ------------------------------------
+# ---- schemas and compact messages (FORMAT.md 6) ------------------------------------
 @dataclass
 class ParsedSchema:
     """A validated schema: the tables a compact message refers to by ``schema_id``."""
@@ -655,7 +655,7 @@ def schema_id_of(data) -> bytes:
 
 
 def write_schema(records, entries, names_utf8) -> bytes:
-    """Serialize a schema (FORMAT.md 7.1): the v1 tables without counts and sections."""
+    """Serialize a schema (FORMAT.md 6.1): the v1 tables without counts and sections."""
     if len(records) > MAX_U16 or len(entries) > MAX_U32:
         raise ValueError(f"schema: {len(records)} codecs / {len(entries)} tensors exceed the format's fields")
     out = bytearray(PREAMBLE.pack(SCHEMA_MAGIC, SCHEMA_VERSION, 0, len(records), len(entries)))
@@ -746,7 +746,7 @@ def _read_varint(rd: "_Reader", what: str) -> int:
 
 
 def compact_header(schema_id: bytes, records, entries) -> bytes:
-    """Fixed part and varint top-k counts of a compact message (FORMAT.md 7.2)."""
+    """Fixed part and varint top-k counts of a compact message (FORMAT.md 6.2)."""
     head = MAGIC + struct.pack("<HH", COMPACT_VERSION, 0) + schema_id
     return head + b"".join(_varint(e.count) for e in entries if records[e.codec_index].codec == CODEC_TOPK)
 

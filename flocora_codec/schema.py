@@ -4,7 +4,7 @@ In an FL session the names, shapes, dtypes and codec records of what one side
 sends never change between rounds. A :class:`Schema` holds them; both sides
 keep it, and each message refers to it by a 16-byte id (the start of the
 SHA-256 of the schema's bytes) and carries only what changes: top-k counts,
-metadata, indices, payloads and the checksum (docs/FORMAT.md section 7).
+metadata, indices, payloads and the checksum (docs/FORMAT.md section 6).
 
 >>> schema = Schema.build(model_update, spec)        # sender
 >>> peer_gets(schema.to_bytes())                      # once
@@ -72,7 +72,7 @@ class Schema:
         return cls(fmt.parse_schema(data, limits, exp, partial), data)
 
     def to_bytes(self) -> bytes:
-        """The serialized schema (FORMAT.md 7.1), to send to the receiver."""
+        """The serialized schema (FORMAT.md 6.1), to send to the receiver."""
         return self._data
 
     @property

@@ -1,4 +1,4 @@
-"""Compact messages (format version 3) and schemas (FORMAT.md 7).
+"""Compact messages (format version 3) and schemas (FORMAT.md 6).
 
 The sections of a compact message are those of the full message, byte for
 byte; only the header changes: 24 bytes and one varint per top-k tensor
@@ -216,3 +216,20 @@ def test_golden_compact_messages(case):
     assert list(out) == list(inputs)
     for k, v in expected.items():
         assert torch.equal(out[k], v), k
+
+
+def test_version_3_worked_example_of_format_md():
+    # FORMAT.md 6.2: schema and compact message typed in from the document
+    schema_doc = """46 4c 6f 53 01 00 00 00 01 00 01 00 00 00 02 01 00 00 00 01 05 00
+                    01 00 78 01 01 08 00 00 00 00 00 00 00 00 00 69 bb 73 a7"""
+    message_doc = """46 4c 6f 43 03 00 00 00 41 52 c6 5b 1c bb 0c cb b3 56 ba 1d f2 21 33 56
+                     04 00 00 20 40 6a 06 a5 70 0c b4"""
+    schema = fc.Schema.from_bytes(bytes.fromhex(schema_doc))
+    data = bytes.fromhex(message_doc)
+    assert schema.id.hex() == "4152c65b1cbb0ccbb356ba1df2213356"
+    assert fc.decode(data, schemas=[schema])["x"].tolist() == [0.0, -2.5, 0.0, 2.5, 0.0, 2.5, -2.5, 0.0]
+    x = torch.tensor([0.5, -4.0, 0.1, 3.0, -0.0, 2.0, -1.0, 0.0])
+    spec = fc.CodecSpec(k=4, values="sign", rules=())
+    assert fc.Schema.build({"x": x}, spec) == schema
+    assert fc.encode({"x": x}, spec, schema=schema) == data
+    assert len(data) == 35 and len(fc.encode({"x": x}, spec)) == 80

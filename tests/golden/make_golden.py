@@ -87,7 +87,7 @@ CASES: dict[str, fc.CodecSpec] = {
 }
 
 
-# version 3: compact messages against a schema (FORMAT.md 7)
+# version 3: compact messages against a schema (FORMAT.md 6)
 COMPACT_CASES: dict[str, fc.CodecSpec] = {
     "v3_q4_row_f32": S(bits=4, granularity="row"),
     "v3_sign_tensor_f32": S(density=0.1, values="sign"),
