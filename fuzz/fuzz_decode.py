@@ -2,13 +2,16 @@
 
     make fuzz FUZZ_SECONDS=600          # or: python fuzz/fuzz_decode.py -max_total_time=600 CORPUS SEEDS...
 
-The target holds the decoder to docs/FORMAT.md section 4: only the codec's
-own errors (``CodecError``), never another exception, a crash or a hang;
-``message_info`` and ``decode`` agree on what is valid; every affine or top-k
-tensor that decodes is finite. The first input byte picks a mode: odd, the
-rest of the input gets a valid CRC32C appended, so the fuzzer explores what
-lies behind the checksum (a hostile sender re-seals its messages too); even,
-the rest is taken as it is. Seeds: the golden messages (each in both modes).
+The target holds the decoder to docs/FORMAT.md sections 4 and 6: only the
+codec's own errors (``CodecError``), never another exception, a crash or a
+hang; ``message_info`` and ``decode`` agree on what is valid; every affine or
+top-k tensor that decodes is finite; a schema that parses serializes back to
+the same bytes. The first input byte picks a mode: bit 0 set, the rest of the
+input gets a valid CRC32C appended, so the fuzzer explores what lies behind
+the checksum (a hostile sender re-seals its messages too), else the rest is
+taken as it is; bit 1 set, the rest is a schema (``Schema.from_bytes``), else
+a message, decoded with the golden schemas at hand (compact messages).
+Seeds: the golden messages and schemas (each in both CRC modes).
 A crash input found is saved under ``fuzz/crashes/``; copy it to
 ``tests/fuzz_regressions/`` and it becomes a test (tests/test_fuzz_regressions.py).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from pathlib import Path
 
 import crc32c
 import numpy  # noqa: F401  (imported uninstrumented, like torch: only our code is traced)
@@ -37,6 +41,8 @@ else:
 # Small limits: each input must run in well under a millisecond, and a header
 # that claims more must be refused, not allocated.
 LIMITS = fc.DecodeLimits(max_total_elements=1 << 16, max_message_bytes=1 << 20)
+GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
+SCHEMAS = [fc.Schema.from_bytes(p.read_bytes()) for p in sorted(GOLDEN.glob("*.fls"))]
 
 
 def message_of(data: bytes) -> bytes:
@@ -47,15 +53,27 @@ def message_of(data: bytes) -> bytes:
     return body + struct.pack("<I", crc32c.crc32c(body)) if data[0] & 1 else body
 
 
+def check_schema(data: bytes) -> None:
+    try:
+        schema = fc.Schema.from_bytes(data, limits=LIMITS)
+    except fc.CodecError:
+        return
+    assert schema.to_bytes() == bytes(data)
+    assert fc.Schema.from_bytes(schema.to_bytes()) == schema
+
+
 def check_input(data: bytes) -> None:
     """Run one input; raise AssertionError (or the foreign exception) on a finding."""
     msg = message_of(data)
+    if data and data[0] & 2:
+        check_schema(msg)
+        return
     try:
-        info = fc.message_info(msg, limits=LIMITS)
+        info = fc.message_info(msg, limits=LIMITS, schemas=SCHEMAS)
     except fc.CodecError:
         info = None
     try:
-        out = fc.decode(msg, limits=LIMITS)
+        out = fc.decode(msg, limits=LIMITS, schemas=SCHEMAS)
     except fc.CodecError:
         return
     assert info is not None, "decode accepted a message message_info refused"
