@@ -41,6 +41,16 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xcompiler=-g0"
 BUILD=build/cuda-check
 t0=$(date +%s)
+# setup.py records in flocora_codec/_build_info.py which torch the extension
+# was built against; this build is for the CUDA torch of $VENV, and must not
+# leave that record behind for the CPU build the tests load (which would then
+# refuse to load and fall back to the Python reference).
+info=flocora_codec/_build_info.py
+saved=$(mktemp)
+had_info=0
+if [ -f "$info" ]; then cp "$info" "$saved"; had_info=1; fi
+restore_info() { if [ "$had_info" -eq 1 ]; then cp "$saved" "$info"; else rm -f "$info"; fi; rm -f "$saved"; }
+trap restore_info EXIT
 # Own lock (not `make build`'s .build.lock, which this long compile would
 # hold for minutes): two cuda-checks never share ninja state in $BUILD.
 mkdir -p "$BUILD"

@@ -75,15 +75,18 @@ def _register_fake(name):
 
 
 def _reference_call(op: str, fn, *args):
-    """Run a reference op; malformed input raises RuntimeError, as the kernels do
-    (the codec turns RuntimeError into FormatError)."""
+    """Run a reference op with the kernels' error classes: malformed data or
+    unencodable input raises ValueError (the codec turns it into FormatError
+    when decoding), anything else RuntimeError."""
     from flocora_codec import reference as ref
 
     try:
         return fn(ref, *args)
     except RuntimeError:
         raise
-    except (IndexError, ValueError, TypeError) as exc:
+    except ValueError as exc:
+        raise ValueError(f"flocora::{op} (reference): {exc}") from exc
+    except (IndexError, TypeError) as exc:
         raise RuntimeError(f"flocora::{op} (reference): {exc}") from exc
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
