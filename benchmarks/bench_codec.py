@@ -1,5 +1,5 @@
 """CPU throughput of the codec ops, against the machine's copy bandwidth and
-against what users would pick instead (../shared/docs/peers.md).
+against what users would pick instead (docs/peers.md).
 
     .venv/bin/python benchmarks/bench_codec.py [--quick] [--skip-huge]
 

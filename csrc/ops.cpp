@@ -1,6 +1,9 @@
-// Every op schema of the flocora_codec extension, declared once. Each backend
-// file (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu) registers its kernels with
-// TORCH_LIBRARY_IMPL(flocora, CPU|CUDA, m); the dispatcher picks by device.
+// Every op schema of the flocora_codec extension, declared once. Each op has
+// one kernel file per backend, named after it (csrc/cpu/<op>_cpu.cpp,
+// csrc/cuda/<op>_cuda.cu; sparse_decode_add_ lives with sparse_decode), which
+// registers its kernel with TORCH_LIBRARY_IMPL(flocora, CPU|CUDA, m); the
+// dispatcher picks by device. Argument checks shared by both backends:
+// csrc/include/flocora/host_checks.h.
 //
 // All ops take *lists* of tensors so that a whole state dict is one dispatch;
 // a single tensor is a list of one. Outputs are concatenated flat buffers in
@@ -44,4 +47,12 @@ TORCH_LIBRARY(flocora, m) {
   // outs[i].view(-1)[idx] += values, in place.
   m.def(
       "sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
+
+  // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
+  // Forces the CPU quant loops: level 0 scalar, 1 AVX2, -1 the best this CPU
+  // supports. Returns the instruction set now in use (0 or 1).
+  m.def("_set_cpu_isa(int level) -> int");
+  // The stochastic codes (one per byte) of float32 x as one group, as if x
+  // were elements first_index.. of a tensor quantized with this seed.
+  m.def("_quantize_stochastic_at(Tensor x, int bits, int seed, int first_index) -> Tensor");
 }

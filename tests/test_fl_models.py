@@ -1,4 +1,4 @@
-"""Models and LoRA: parameter counts of papers.md, no-op adapters, modes."""
+"""Models and LoRA: parameter counts of docs/papers.md, no-op adapters, modes."""
 import pytest
 import torch
 from torch import nn

@@ -13,7 +13,7 @@ from flocora_codec import ops
 from flocora_codec import reference as R
 from tests.conftest import DEVICES, FLOAT_DTYPES
 
-CHUNK = 65536  # kChunk in csrc/cpu/topk_cpu.cpp
+CHUNK = 65536  # kChunk in csrc/cpu/topk_encode_cpu.cpp
 
 
 def _bits(t):

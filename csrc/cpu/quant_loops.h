@@ -1,4 +1,4 @@
-// Hot loops of the CPU quantize/pack and unpack/dequantize kernels, in two
+// Hot loops of the CPU quantize_pack and unpack_dequantize kernels, in two
 // builds: `scalar` (portable x86-64 / any CPU) and `avx2` (AVX2 + F16C,
 // compiled for that target only and picked at run time), so the extension
 // never needs -march=native and still uses the vector units it finds.
@@ -7,6 +7,8 @@
 #pragma once
 #include <stdint.h>
 #include <string.h>
+
+#include <atomic>
 
 #include <flocora/affine.h>
 
@@ -427,6 +429,39 @@ inline QuantLoops loops() {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
+
+// ---- instruction-set dispatch ----------------------------------------------------
+// One state for the whole extension (inline: shared by every file that
+// includes this header). -1: pick the best this CPU supports; 0: scalar;
+// 1: AVX2. Tests force both (flocora::_set_cpu_isa).
+inline std::atomic<int> g_isa_override{-1};
+
+inline bool cpu_has_avx2() {
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The loops of the instruction set in use.
+inline const QuantLoops& loops() {
+  static const QuantLoops scalar_loops = scalar::loops();
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  static const QuantLoops avx2_loops = avx2::loops();
+  int isa = g_isa_override.load(std::memory_order_relaxed);
+  if (isa != 0 && cpu_has_avx2()) return avx2_loops;
+#endif
+  return scalar_loops;
+}
+
+// Work split of both quant kernels: tasks of about kQuantChunk elements over
+// all tensors of a call. A task is ~10 us of work; waking a second thread for
+// fewer than kTasksPerThreadMin tasks costs more than it saves (much more
+// when the cores are busy with training).
+constexpr int64_t kQuantChunk = 16384;
+constexpr int64_t kTasksPerThreadMin = 4;
 
 }  // namespace cpu
 }  // namespace flocora

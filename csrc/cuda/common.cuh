@@ -1,7 +1,9 @@
 // Helpers shared by the CUDA kernels: light ATen/c10 includes (no
-// <torch/extension.h>, which costs a minute of compile per file), argument
-// checks, multi-tensor descriptor packs, element loads, byte stores, block
-// scans and the device error flag.
+// <torch/extension.h>, which costs a minute of compile per file), the device
+// check, multi-tensor descriptor packs, element loads, block scans, the
+// single-block exclusive scan and the device error flag. Bit-stream loads and
+// stores: bitstream.cuh; argument checks shared with the CPU kernels:
+// csrc/include/flocora/host_checks.h.
 #pragma once
 #include <stdint.h>
 
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include <flocora/affine.h>
+#include <flocora/host_checks.h>
 
 #include <algorithm>
 #include <string>
@@ -25,20 +28,8 @@ namespace cuda {
 
 constexpr int kThreads = 256;  // every kernel but the single-block scans
 
-// ---- element dtypes ------------------------------------------------------
-enum DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-inline int32_t dtype_code(at::ScalarType t, const char* op, const char* what) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default:
-      TORCH_CHECK(false, op, ": ", what, " must be float32, float16 or bfloat16, got ", t);
-  }
-  return kF32;
-}
-inline int elem_size(int32_t code) { return code == kF32 ? 4 : 2; }
+// ---- element loads and stores ---------------------------------------------
+// Element dtypes are flocora::Dt codes (host_checks.h), passed as int32_t.
 
 // Exact widening of one element to float32 (affine.h conversions, so the
 // CPU and the GPU read the same value).
@@ -92,64 +83,6 @@ __device__ __forceinline__ void load_n(const void* p, int64_t i, int32_t dt, boo
 }
 
 __device__ __forceinline__ bool is_finite(float v) { return (float_bits(v) & 0x7f800000u) != 0x7f800000u; }
-
-// nb (<= 8) little-endian bytes of w at dst, with the widest aligned stores.
-__device__ __forceinline__ void store_bytes(uint8_t* dst, uint64_t w, int nb) {
-  uintptr_t a = reinterpret_cast<uintptr_t>(dst);
-  if (nb == 8 && (a & 7u) == 0) {
-    *reinterpret_cast<uint64_t*>(dst) = w;
-    return;
-  }
-  int i = 0;
-  while (i < nb) {
-    uintptr_t ai = a + i;
-    if ((ai & 3u) == 0 && nb - i >= 4) {
-      *reinterpret_cast<uint32_t*>(dst + i) = (uint32_t)(w >> (8 * i));
-      i += 4;
-    } else if ((ai & 1u) == 0 && nb - i >= 2) {
-      *reinterpret_cast<uint16_t*>(dst + i) = (uint16_t)(w >> (8 * i));
-      i += 2;
-    } else {
-      dst[i] = (uint8_t)(w >> (8 * i));
-      i += 1;
-    }
-  }
-}
-// nb (<= 8) bytes at src as a little-endian word (upper bytes 0).
-__device__ __forceinline__ uint64_t load_bytes(const uint8_t* src, int nb) {
-  uintptr_t a = reinterpret_cast<uintptr_t>(src);
-  if (nb == 8 && (a & 7u) == 0) return *reinterpret_cast<const uint64_t*>(src);
-  uint64_t w = 0;
-  int i = 0;
-  while (i < nb) {
-    uintptr_t ai = a + i;
-    if ((ai & 3u) == 0 && nb - i >= 4) {
-      w |= (uint64_t)*reinterpret_cast<const uint32_t*>(src + i) << (8 * i);
-      i += 4;
-    } else if ((ai & 1u) == 0 && nb - i >= 2) {
-      w |= (uint64_t)*reinterpret_cast<const uint16_t*>(src + i) << (8 * i);
-      i += 2;
-    } else {
-      w |= (uint64_t)src[i] << (8 * i);
-      i += 1;
-    }
-  }
-  return w;
-}
-
-// OR the low nbits (<= 64) of value into a bitstream of 32-bit words at bit
-// position pos. Used where several threads share output bytes (index codes).
-__device__ __forceinline__ void atomic_or_bits(uint32_t* words, uint64_t pos, uint64_t value, int nbits) {
-  while (nbits > 0) {
-    int off = (int)(pos & 31u);
-    int take = min(32 - off, nbits);
-    uint32_t part = (uint32_t)(value & ((1ull << take) - 1)) << off;
-    if (part) atomicOr(words + (pos >> 5), part);
-    value >>= take;
-    pos += take;
-    nbits -= take;
-  }
-}
 
 // ---- device error flag ----------------------------------------------------
 // Kernels OR error bits into one int; the host reads it back once per call.
@@ -268,6 +201,37 @@ __device__ __forceinline__ T block_exclusive_sum(T v, T* smem, T* total) {
   __syncthreads();  // smem is reused by the caller's next scan
   return r;
 }
+
+// ---- single-block exclusive scan ---------------------------------------------
+// out[0..n] = exclusive prefix sums of in[0..n), out[n] = total. n is a
+// number of chunks (tens of thousands at most), so one block is enough.
+constexpr int kScanThreads = 1024;
+template <int NT = kScanThreads>
+__global__ __launch_bounds__(NT) void exclusive_scan_kernel(const int64_t* __restrict__ in, int64_t* __restrict__ out,
+                                                            int64_t n) {
+  __shared__ int64_t sm[NT / 32 + 1];
+  int64_t carry = 0;
+  for (int64_t base = 0; base < n; base += NT) {
+    const int64_t i = base + threadIdx.x;
+    int64_t tot;
+    const int64_t ex = block_exclusive_sum<NT>(i < n ? in[i] : (int64_t)0, sm, &tot);
+    if (i < n) out[i] = carry + ex;
+    carry += tot;
+  }
+  if (threadIdx.x == 0) out[n] = carry;
+}
+
+inline void exclusive_scan(const at::Tensor& in, const at::Tensor& out, cudaStream_t stream) {
+  exclusive_scan_kernel<kScanThreads><<<1, kScanThreads, 0, stream>>>(in.data_ptr<int64_t>(),
+                                                                      out.data_ptr<int64_t>(), in.numel());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- packed codes: 8-element units -------------------------------------------
+// One thread of quantize_pack / unpack_dequantize handles whole units: 8
+// codes = BITS bytes of the stream, so no two threads share an output byte.
+constexpr int kUnitsPerThread = 4;  // units per thread in the pack/unpack passes
+constexpr int64_t kUnitsPerBlock = (int64_t)kThreads * kUnitsPerThread;
 
 // ---- host checks ------------------------------------------------------
 inline void check_cuda_tensor(const at::Tensor& t, const c10::Device& dev, const char* op, const std::string& what) {

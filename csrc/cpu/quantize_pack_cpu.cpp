@@ -1,8 +1,10 @@
-// CPU kernels of quantize_pack and unpack_dequantize (schemas: csrc/ops.cpp).
+// CPU kernel of quantize_pack, and the test hooks _set_cpu_isa and
+// _quantize_stochastic_at (schemas: csrc/ops.cpp; argument checks:
+// csrc/include/flocora/host_checks.h; loops: quant_loops.h).
 //
-// Work is cut into tasks of about kChunk elements over *all* tensors of the
-// call, then run with one at::parallel_for, so a state dict of many small
-// tensors is one dispatch and one parallel region. Groups up to kChunk
+// Work is cut into tasks of about kQuantChunk elements over *all* tensors of
+// the call, then run with one at::parallel_for, so a state dict of many small
+// tensors is one dispatch and one parallel region. Groups up to kQuantChunk
 // elements are "fused": a task computes the range of its groups and packs
 // them while the data is still in L1/L2 (one trip through memory). Larger
 // groups (per-tensor, long rows) need their range before any code, so they
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include <flocora/affine.h>
+#include <flocora/host_checks.h>
 
 #include "huge_pages.h"
 #include "quant_loops.h"
@@ -29,58 +32,20 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kChunk = 16384;
-// A task is ~10 us of work; waking a second thread for fewer tasks than this
-// costs more than it saves (much more when the cores are busy with training).
-constexpr int64_t kTasksPerThreadMin = 4;
 constexpr uint64_t kIndexBlock = 1ull << 32;  // the generator's key changes every 2^32 elements
-
-// ---- instruction-set dispatch ----------------------------------------------------
-// -1: pick the best this CPU supports; 0: scalar; 1: AVX2. Tests force both.
-std::atomic<int> g_isa_override{-1};
-
-bool cpu_has_avx2() {
-#if defined(FLOCORA_X86) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
-const QuantLoops& loops() {
-  static const QuantLoops scalar_loops = scalar::loops();
-#if defined(FLOCORA_X86) && defined(__GNUC__)
-  static const QuantLoops avx2_loops = avx2::loops();
-  int isa = g_isa_override.load(std::memory_order_relaxed);
-  if (isa != 0 && cpu_has_avx2()) return avx2_loops;
-#endif
-  return scalar_loops;
-}
-
-enum class Dt { F32, F16, BF16 };
-
-Dt float_kind(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dt::F32;
-    case at::kHalf: return Dt::F16;
-    case at::kBFloat16: return Dt::BF16;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", t.scalar_type(), " (expected float32, float16 or bfloat16)");
-  }
-}
 
 // Returns a pointer to n floats of x starting at element `begin`: x itself for
 // float32, else the converted values in buf.
 const float* as_float(const void* x, Dt dt, int64_t begin, int64_t n, float* buf, const QuantLoops& L) {
   switch (dt) {
-    case Dt::F32: return static_cast<const float*>(x) + begin;
-    case Dt::F16: L.half_to_float(static_cast<const uint16_t*>(x) + begin, n, buf); return buf;
-    case Dt::BF16: {
+    case kF32: return static_cast<const float*>(x) + begin;
+    case kF16: L.half_to_float(static_cast<const uint16_t*>(x) + begin, n, buf); return buf;
+    case kBF16: {
       const uint16_t* s = static_cast<const uint16_t*>(x) + begin;
       for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(s[i]);
       return buf;
     }
+    default: break;
   }
   return buf;
 }
@@ -143,12 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
                                                                  at::IntArrayRef group_sizes, bool stochastic,
                                                                  at::IntArrayRef seeds, at::ScalarType meta_dtype) {
   const char* op = "flocora::quantize_pack";
-  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK(group_sizes.size() == xs.size(), op, ": got ", group_sizes.size(), " group sizes for ", xs.size(),
-              " tensors");
-  TORCH_CHECK(seeds.size() == xs.size(), op, ": got ", seeds.size(), " seeds for ", xs.size(), " tensors");
-  TORCH_CHECK(meta_dtype == at::kFloat || meta_dtype == at::kHalf, op,
-              ": meta_dtype must be float32 or float16, got ", meta_dtype);
+  const QuantizeLayout lay =
+      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
+        TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
+                    "; all tensors of one call must be on the CPU");
+      });
   const bool meta_half = meta_dtype == at::kHalf;
   const float levels = (float)((1 << bits) - 1);
 
@@ -156,26 +120,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   std::vector<QuantTensor> tensors;
   keep.reserve(xs.size());
   tensors.reserve(xs.size());
-  int64_t total_bytes = 0, total_groups = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK(xs[i].device().is_cpu(), op, ": tensor ", i, " is on ", xs[i].device(),
-                "; all tensors of one call must be on the CPU");
-    Dt dt = float_kind(xs[i], op);
-    TORCH_CHECK(group_sizes[i] >= 1, op, ": group size of tensor ", i, " must be >= 1, got ", group_sizes[i]);
+    const QuantizeTensor& l = lay.ts[i];
     keep.push_back(xs[i].contiguous());
     QuantTensor t;
     t.x = keep.back().data_ptr();
-    t.dt = dt;
-    t.n = keep.back().numel();
-    t.group = group_sizes[i];
-    t.ngroups = num_groups(t.n, t.group);
-    t.byte_base = total_bytes;
-    t.group_base = total_groups;
+    t.dt = l.dt;
+    t.n = l.numel;
+    t.group = l.group;
+    t.ngroups = l.ngroups;
+    t.byte_base = l.byte_base;
+    t.group_base = l.group_base;
     t.seed = (uint64_t)seeds[i];
-    total_bytes += packed_nbytes(t.n, (int)bits);
-    total_groups += t.ngroups;
     tensors.push_back(t);
   }
+  const int64_t total_bytes = lay.total_bytes, total_groups = lay.total_groups;
 
   auto device = xs.empty() ? at::Device(at::kCPU) : xs[0].device();
   at::Tensor packed = at::empty({total_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
@@ -201,9 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
     const QuantTensor& t = tensors[ti];
     if (t.n == 0) continue;
-    if (t.group <= kChunk) {
+    if (t.group <= kQuantChunk) {
       int64_t unit = 8 / std::gcd<int64_t>(t.group, 8);
-      int64_t per_task = std::max<int64_t>(unit, (kChunk / t.group) / unit * unit);
+      int64_t per_task = std::max<int64_t>(unit, (kQuantChunk / t.group) / unit * unit);
       for (int64_t g = 0; g < t.ngroups; g += per_task) {
         int64_t e = std::min(t.n, (g + per_task) * t.group);
         phase1.push_back({(int32_t)ti, true, g * t.group, e});
@@ -213,14 +172,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       for (int64_t g = 0; g < t.ngroups; ++g) {
         int64_t gb = g * t.group, ge = std::min(t.n, gb + t.group);
         Range r{(int32_t)ti, g, (int64_t)phase1.size(), 0};
-        for (int64_t b = gb; b < ge; b += kChunk) {
-          phase1.push_back({(int32_t)ti, false, b, std::min(ge, b + kChunk)});
+        for (int64_t b = gb; b < ge; b += kQuantChunk) {
+          phase1.push_back({(int32_t)ti, false, b, std::min(ge, b + kQuantChunk)});
           ++r.pieces;
         }
         ranges.push_back(r);
       }
-      for (int64_t b = 0; b < t.n; b += kChunk) phase2.push_back({(int32_t)ti, false, b, std::min(t.n, b + kChunk)});
-      max_task = std::max(max_task, kChunk);
+      for (int64_t b = 0; b < t.n; b += kQuantChunk) phase2.push_back({(int32_t)ti, false, b, std::min(t.n, b + kQuantChunk)});
+      max_task = std::max(max_task, kQuantChunk);
     }
   }
 
@@ -280,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     // Reduce the range pieces of large groups, then pack them.
     std::vector<std::vector<AffineParams>> params(tensors.size());
     for (size_t ti = 0; ti < tensors.size(); ++ti)
-      if (tensors[ti].group > kChunk) params[ti].resize(tensors[ti].ngroups);
+      if (tensors[ti].group > kQuantChunk) params[ti].resize(tensors[ti].ngroups);
     for (const Range& r : ranges) {
       float mn = piece_lo[r.first_piece], mx = piece_hi[r.first_piece];
       for (int64_t p = r.first_piece + 1; p < r.first_piece + r.pieces; ++p) {
@@ -296,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       meta.store(tensors[r.tensor].group_base + r.group, p.scale, p.offset, sh, oh);
     }
     at::parallel_for(0, (int64_t)phase2.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
-      std::vector<float> fbuf(kChunk);
-      std::vector<uint8_t> codes(kChunk);
+      std::vector<float> fbuf(kQuantChunk);
+      std::vector<uint8_t> codes(kQuantChunk);
       for (int64_t k = lo; k < hi; ++k) {
         const QuantTask& task = phase2[k];
         const QuantTensor& t = tensors[task.tensor];
@@ -306,91 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       }
     });
   }
-  // ValueError: the input cannot be encoded (not a kernel failure).
-  TORCH_CHECK_VALUE(!nonfinite, op, ": input has NaN or Inf values");
-  TORCH_CHECK_VALUE(!unfit, op, ": a group's range does not fit the metadata dtype ", meta_dtype,
-              " (float16 holds |values| up to 65504)");
+  check_quantize_result(op, nonfinite, unfit, meta_dtype);
   return {packed, scales, offsets};
-}
-
-at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
-                                 const at::Tensor& offsets_in, int64_t bits, at::IntArrayRef numels,
-                                 at::IntArrayRef group_sizes, at::ScalarType dtype) {
-  const char* op = "flocora::unpack_dequantize";
-  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK(numels.size() == group_sizes.size(), op, ": got ", numels.size(), " numels and ",
-              group_sizes.size(), " group sizes");
-  TORCH_CHECK(packed_in.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed_in.scalar_type());
-  TORCH_CHECK(scales_in.scalar_type() == offsets_in.scalar_type() &&
-                  (scales_in.scalar_type() == at::kFloat || scales_in.scalar_type() == at::kHalf),
-              op, ": scales and offsets must both be float32 or both float16, got ", scales_in.scalar_type(),
-              " and ", offsets_in.scalar_type());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": output dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(packed_in.device().is_cpu() && scales_in.device().is_cpu() && offsets_in.device().is_cpu(), op,
-              ": all tensors must be on the CPU");
-  int64_t total_bytes = 0, total_groups = 0, total = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    TORCH_CHECK(numels[i] >= 0, op, ": numel of tensor ", i, " is negative (", numels[i], ")");
-    TORCH_CHECK(group_sizes[i] >= 1, op, ": group size of tensor ", i, " must be >= 1, got ", group_sizes[i]);
-    total_bytes += packed_nbytes(numels[i], (int)bits);
-    total_groups += num_groups(numels[i], group_sizes[i]);
-    total += numels[i];
-  }
-  TORCH_CHECK(packed_in.numel() == total_bytes, op, ": packed has ", packed_in.numel(), " bytes, the sizes need ",
-              total_bytes);
-  TORCH_CHECK(scales_in.numel() == total_groups && offsets_in.numel() == total_groups, op, ": expected ",
-              total_groups, " scales and offsets, got ", scales_in.numel(), " and ", offsets_in.numel());
-
-  at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
-  at::Tensor result = at::empty({total}, at::TensorOptions().dtype(dtype).device(packed.device()));
-  advise_huge_pages(result.data_ptr(), (size_t)result.nbytes());
-  const bool meta_half = scales.scalar_type() == at::kHalf;
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  const void* sc = scales.data_ptr();
-  const void* of = offsets.data_ptr();
-  auto meta_at = [&](const void* base, int64_t g) {
-    return meta_half ? flocora::half_to_float(static_cast<const uint16_t*>(base)[g]) : static_cast<const float*>(base)[g];
-  };
-
-  struct Piece { int32_t tensor; int64_t begin, end, elem_base, byte_base, group_base; };
-  std::vector<Piece> pieces;
-  int64_t elem_base = 0, byte_base = 0, group_base = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    for (int64_t b = 0; b < numels[i]; b += kChunk)
-      pieces.push_back({(int32_t)i, b, std::min(numels[i], b + kChunk), elem_base, byte_base, group_base});
-    elem_base += numels[i];
-    byte_base += packed_nbytes(numels[i], (int)bits);
-    group_base += num_groups(numels[i], group_sizes[i]);
-  }
-  const QuantLoops& L = loops();
-  char* dst_base = static_cast<char*>(result.data_ptr());
-  const int64_t out_size = result.element_size();
-  at::parallel_for(0, (int64_t)pieces.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
-    std::vector<uint8_t> codes(kChunk);
-    std::vector<float> fbuf(dtype == at::kFloat ? 0 : kChunk);
-    for (int64_t k = lo; k < hi; ++k) {
-      const Piece& pc = pieces[k];
-      const int64_t G = group_sizes[pc.tensor], n = pc.end - pc.begin;
-      L.unpack[bits](src + pc.byte_base + pc.begin * bits / 8, n, codes.data());
-      float* outf = dtype == at::kFloat
-                        ? reinterpret_cast<float*>(dst_base) + pc.elem_base + pc.begin
-                        : fbuf.data();
-      for (int64_t s = pc.begin; s < pc.end;) {
-        int64_t g = s / G, se = std::min(pc.end, (g + 1) * G);
-        L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, pc.group_base + g),
-                     meta_at(sc, pc.group_base + g), outf + (s - pc.begin));
-        s = se;
-      }
-      if (dtype == at::kHalf) {
-        L.float_to_half(outf, n, reinterpret_cast<uint16_t*>(dst_base + out_size * (pc.elem_base + pc.begin)));
-      } else if (dtype == at::kBFloat16) {
-        uint16_t* d = reinterpret_cast<uint16_t*>(dst_base + out_size * (pc.elem_base + pc.begin));
-        for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_rn(outf[i]);
-      }
-    }
-  });
-  return result;
 }
 
 // Test hook: force the scalar (0) or AVX2 (1) loops, or auto (-1). Returns
@@ -407,7 +283,7 @@ int64_t set_cpu_isa_cpu(int64_t level) {
 // blocks through the kernel's own code path without a 2^32-element tensor.
 at::Tensor quantize_stochastic_at_cpu(const at::Tensor& x_in, int64_t bits, int64_t seed, int64_t first_index) {
   const char* op = "flocora::_quantize_stochastic_at";
-  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  check_bits(bits, op);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, op, ": x must be a float32 CPU tensor");
   TORCH_CHECK(first_index >= 0, op, ": first_index must be >= 0, got ", first_index);
   at::Tensor x = x_in.contiguous();
@@ -432,11 +308,11 @@ at::Tensor quantize_stochastic_at_cpu(const at::Tensor& x_in, int64_t bits, int6
 
 TORCH_LIBRARY_IMPL(flocora, CPU, m) {
   m.impl("quantize_pack", &flocora::cpu::quantize_pack_cpu);
-  m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu);
 }
 
-TORCH_LIBRARY_FRAGMENT(flocora, m) {
-  m.def("_set_cpu_isa(int level) -> int", &flocora::cpu::set_cpu_isa_cpu);
-  m.def("_quantize_stochastic_at(Tensor x, int bits, int seed, int first_index) -> Tensor",
-        &flocora::cpu::quantize_stochastic_at_cpu);
+// The test hooks run whatever the arguments' device (one has no tensor to
+// dispatch on): the same catch-all kernels an m.def(schema, fn) registers.
+TORCH_LIBRARY_IMPL(flocora, CompositeImplicitAutograd, m) {
+  m.impl("_set_cpu_isa", &flocora::cpu::set_cpu_isa_cpu);
+  m.impl("_quantize_stochastic_at", &flocora::cpu::quantize_stochastic_at_cpu);
 }

@@ -1,5 +1,6 @@
-// CUDA kernels of quantize_pack and unpack_dequantize (schemas: csrc/ops.cpp,
-// semantics: flocora_codec/ops.py). Byte-identical to the CPU kernels: every
+// CUDA kernels of quantize_pack (schema: csrc/ops.cpp, semantics:
+// flocora_codec/ops.py, argument checks: csrc/include/flocora/host_checks.h).
+// Byte-identical to the CPU kernel: every
 // float operation is an affine.h function (__f*_rn on the device), and the
 // extension is compiled with --fmad=false.
 //
@@ -12,6 +13,7 @@
 // through DRAM. Larger groups (per-tensor, long rows) need their range before
 // any code: a chunked min/max pass, a per-group finalize, then a pack pass.
 // Every kernel covers a whole list of tensors (descriptor packs, common.cuh).
+#include "bitstream.cuh"
 #include "common.cuh"
 
 namespace flocora {
@@ -21,8 +23,6 @@ namespace {
 constexpr int kTileMax = 8192;        // elements of a fused tile (32 KiB as float)
 constexpr int kTileGroupsMax = 1024;  // groups of a fused tile
 constexpr int64_t kRangeChunk = 16384;  // elements per block of the min/max pass
-constexpr int kUnitsPerThread = 4;      // units (8 elements) per thread in pack/unpack passes
-constexpr int64_t kUnitsPerBlock = (int64_t)kThreads * kUnitsPerThread;
 
 // Min/max under a total order with -0 < +0, so the result (and the stored
 // offset's sign) does not depend on the reduction order. Inputs are finite
@@ -32,6 +32,21 @@ __device__ __forceinline__ float min_ord(float a, float b) {
 }
 __device__ __forceinline__ float max_ord(float a, float b) {
   return (b > a || (b == a && !(float_bits(b) >> 31))) ? b : a;
+}
+
+// (min, max) of every thread's (mn, mx) over the block (kThreads threads,
+// all must call); the result is valid in thread 0. red: kThreads/32 entries.
+__device__ __forceinline__ float2 block_minmax(float mn, float mx, float2* red) {
+  for (int o = 16; o > 0; o >>= 1) {
+    mn = min_ord(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    mx = max_ord(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = make_float2(mn, mx);
+  __syncthreads();
+  float2 r = red[0];
+  if (threadIdx.x == 0)
+    for (int i = 1; i < kThreads / 32; ++i) r = make_float2(min_ord(r.x, red[i].x), max_ord(r.y, red[i].y));
+  return r;
 }
 
 struct QuantDesc {
@@ -209,17 +224,8 @@ __global__ __launch_bounds__(kThreads) void quantize_range_kernel(const __grid_c
     }
   }
   if (bad) raise_error(flag, kErrNonFinite);
-  for (int o = 16; o > 0; o >>= 1) {
-    mn = min_ord(mn, __shfl_xor_sync(0xffffffffu, mn, o));
-    mx = max_ord(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  }
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = make_float2(mn, mx);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float2 r = red[0];
-    for (int i = 1; i < kThreads / 32; ++i) r = make_float2(min_ord(r.x, red[i].x), max_ord(r.y, red[i].y));
-    partial[d.aux_base + local] = r;
-  }
+  const float2 r = block_minmax(mn, mx, red);
+  if (threadIdx.x == 0) partial[d.aux_base + local] = r;
 }
 
 // Work item = one group: a block reduces its partials (up to 16384 for a
@@ -241,17 +247,8 @@ __global__ __launch_bounds__(kThreads) void quantize_finalize_kernel(const __gri
     mn = min_ord(mn, v.x);
     mx = max_ord(mx, v.y);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    mn = min_ord(mn, __shfl_xor_sync(0xffffffffu, mn, o));
-    mx = max_ord(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  }
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = make_float2(mn, mx);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float2 r = red[0];
-    for (int i = 1; i < kThreads / 32; ++i) r = make_float2(min_ord(r.x, red[i].x), max_ord(r.y, red[i].y));
-    params[d.group_base + grp] = finish_group(r.x, r.y, bits, meta, d.group_base + grp, flag);
-  }
+  const float2 r = block_minmax(mn, mx, red);
+  if (threadIdx.x == 0) params[d.group_base + grp] = finish_group(r.x, r.y, bits, meta, d.group_base + grp, flag);
 }
 
 // Work item = kUnitsPerBlock units of one tensor.
@@ -287,94 +284,7 @@ __global__ __launch_bounds__(kThreads) void quantize_pack_big_kernel(const __gri
   }
 }
 
-// ---- unpack + dequantize -------------------------------------------------
-struct UnpackDesc {
-  int64_t numel;
-  int64_t group;
-  int64_t work_begin;
-  int64_t byte_base;
-  int64_t group_base;
-  int64_t elem_base;  // first element of this tensor in the output
-  int32_t vec;        // output of this tensor is 16-byte aligned
-};
-
-template <int BITS>
-__global__ __launch_bounds__(kThreads) void unpack_dequantize_kernel(const __grid_constant__ Pack<UnpackDesc> pack,
-                                                                     const uint8_t* __restrict__ packed,
-                                                                     const void* __restrict__ scales,
-                                                                     const void* __restrict__ offsets, bool meta_half,
-                                                                     void* __restrict__ out, int32_t out_dtype) {
-  const int64_t w = block_id();
-  if (w >= pack.total) return;
-  const UnpackDesc& d = pack.d[find_desc(pack, w)];
-  const int64_t u0 = (w - d.work_begin) * kUnitsPerBlock;
-  const int64_t nunits = (d.numel + 7) / 8;
-  auto meta = [&](const void* base, int64_t g) {
-    return meta_half ? half_to_float(static_cast<const uint16_t*>(base)[g]) : static_cast<const float*>(base)[g];
-  };
-  constexpr uint64_t mask = (1u << BITS) - 1;
-#pragma unroll
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    const int64_t u = u0 + k * kThreads + threadIdx.x;
-    if (u >= nunits) break;
-    const int64_t i0 = 8 * u;
-    const int cnt = (int)min((int64_t)8, d.numel - i0);
-    const uint64_t word = load_bytes(packed + d.byte_base + u * BITS, cnt == 8 ? BITS : (cnt * BITS + 7) / 8);
-    int64_t gi = i0 / d.group, gend = (gi + 1) * d.group;
-    float off = meta(offsets, d.group_base + gi), sc = meta(scales, d.group_base + gi);
-    float v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (j < cnt) {
-        if (i0 + j >= gend) {
-          ++gi;
-          gend += d.group;
-          off = meta(offsets, d.group_base + gi);
-          sc = meta(scales, d.group_base + gi);
-        }
-        v[j] = dequantize((uint32_t)((word >> (j * BITS)) & mask), off, sc);
-      }
-    }
-    const int64_t o = d.elem_base + i0;
-    if (d.vec && cnt == 8) {
-      if (out_dtype == kF32) {
-        float4* dst = reinterpret_cast<float4*>(static_cast<float*>(out) + o);
-        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-      } else {
-        uint32_t h[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint16_t lo = out_dtype == kF16 ? float_to_half_rn(v[2 * j]) : float_to_bf16_rn(v[2 * j]);
-          uint16_t hi = out_dtype == kF16 ? float_to_half_rn(v[2 * j + 1]) : float_to_bf16_rn(v[2 * j + 1]);
-          h[j] = (uint32_t)lo | ((uint32_t)hi << 16);
-        }
-        *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + o) = make_uint4(h[0], h[1], h[2], h[3]);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (j < cnt) store_float(out, o + j, out_dtype, v[j]);
-    }
-  }
-}
-
 // ---- host side -------------------------------------------------------------
-template <typename F>
-void dispatch_bits(int64_t bits, F f) {
-  switch (bits) {
-    case 1: f(std::integral_constant<int, 1>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 6: f(std::integral_constant<int, 6>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    case 8: f(std::integral_constant<int, 8>()); break;
-    default: TORCH_CHECK(false, "flocora: bits must be in 1..8, got ", bits);
-  }
-}
-
 int64_t gcd64(int64_t a, int64_t b) {
   while (b) {
     int64_t t = a % b;
@@ -385,7 +295,6 @@ int64_t gcd64(int64_t a, int64_t b) {
 }
 
 static_assert(sizeof(Pack<QuantDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
-static_assert(sizeof(Pack<UnpackDesc>) + 256 <= 32764, "kernel arguments over the 32 KiB limit");
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList xs, int64_t bits,
@@ -393,35 +302,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
                                                                   at::IntArrayRef seeds, at::ScalarType meta_dtype) {
   const char* op = "flocora::quantize_pack";
   TORCH_CHECK(!xs.empty(), op, ": empty tensor list");
-  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK(group_sizes.size() == xs.size(), op, ": got ", group_sizes.size(), " group sizes for ", xs.size(),
-              " tensors");
-  TORCH_CHECK(seeds.size() == xs.size(), op, ": got ", seeds.size(), " seeds for ", xs.size(), " tensors");
-  TORCH_CHECK(meta_dtype == at::kFloat || meta_dtype == at::kHalf, op,
-              ": meta_dtype must be float32 or float16, got ", meta_dtype);
   const c10::Device dev = xs[0].device();
-  for (size_t i = 0; i < xs.size(); ++i) check_cuda_tensor(xs[i], dev, op, "tensor " + std::to_string(i));
+  const QuantizeLayout lay =
+      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
+        check_cuda_tensor(x, dev, op, "tensor " + std::to_string(i));
+      });
   c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   std::vector<at::Tensor> keep;  // contiguous inputs, alive until the kernels are queued
   std::vector<QuantDesc> fused, big;
-  int64_t total_bytes = 0, total_groups = 0, total_pieces = 0;
+  const int64_t total_bytes = lay.total_bytes, total_groups = lay.total_groups;
+  int64_t total_pieces = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
-    const int32_t dt = dtype_code(xs[i].scalar_type(), op, ("tensor " + std::to_string(i)).c_str());
-    TORCH_CHECK(group_sizes[i] >= 1, op, ": group size of tensor ", i, " must be >= 1, got ", group_sizes[i]);
+    const QuantizeTensor& l = lay.ts[i];
     keep.push_back(xs[i].contiguous());
     QuantDesc d{};
     d.x = keep.back().data_ptr();
-    d.numel = keep.back().numel();
-    d.group = std::min<int64_t>(group_sizes[i], std::max<int64_t>(d.numel, 1));
-    d.byte_base = total_bytes;
-    d.group_base = total_groups;
+    d.numel = l.numel;
+    d.group = std::min<int64_t>(l.group, std::max<int64_t>(d.numel, 1));
+    d.byte_base = l.byte_base;
+    d.group_base = l.group_base;
     d.seed = (uint64_t)seeds[i];
-    d.dtype = dt;
+    d.dtype = l.dt;
     d.vec = aligned16(d.x);
-    total_bytes += packed_nbytes(d.numel, (int)bits);
-    total_groups += num_groups(d.numel, d.group);
     if (d.numel == 0) continue;
     // Fused tiles hold whole groups and start on unit (8-element) boundaries.
     const int64_t max_elems = std::min<int64_t>(kTileMax, (int64_t)kTileGroupsMax * d.group);
@@ -487,71 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
     });
   }
   const int err = read_error_flag(flag);
-  // ValueError: the input cannot be encoded (not a kernel failure), as on the CPU.
-  TORCH_CHECK_VALUE(!(err & kErrNonFinite), op, ": input has NaN or Inf values");
-  TORCH_CHECK_VALUE(!(err & kErrRange), op, ": a group's range does not fit the metadata dtype ", meta_dtype,
-              " (float16 holds |values| up to 65504)");
+  check_quantize_result(op, (err & kErrNonFinite) != 0, (err & kErrRange) != 0, meta_dtype);
   return {packed, scales, offsets};
-}
-
-at::Tensor unpack_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor& scales_in,
-                                  const at::Tensor& offsets_in, int64_t bits, at::IntArrayRef numels,
-                                  at::IntArrayRef group_sizes, at::ScalarType dtype) {
-  const char* op = "flocora::unpack_dequantize";
-  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
-  TORCH_CHECK(numels.size() == group_sizes.size(), op, ": got ", numels.size(), " numels and ",
-              group_sizes.size(), " group sizes");
-  TORCH_CHECK(packed_in.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed_in.scalar_type());
-  TORCH_CHECK(scales_in.scalar_type() == offsets_in.scalar_type() &&
-                  (scales_in.scalar_type() == at::kFloat || scales_in.scalar_type() == at::kHalf),
-              op, ": scales and offsets must both be float32 or both float16, got ", scales_in.scalar_type(),
-              " and ", offsets_in.scalar_type());
-  const int32_t out_dt = dtype_code(dtype, op, "output dtype");
-  const c10::Device dev = packed_in.device();
-  check_cuda_tensor(packed_in, dev, op, "packed");
-  check_cuda_tensor(scales_in, dev, op, "scales");
-  check_cuda_tensor(offsets_in, dev, op, "offsets");
-  c10::cuda::CUDAGuard guard(dev);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  std::vector<UnpackDesc> descs;
-  int64_t total_bytes = 0, total_groups = 0, total = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    TORCH_CHECK(numels[i] >= 0, op, ": numel of tensor ", i, " is negative (", numels[i], ")");
-    TORCH_CHECK(group_sizes[i] >= 1, op, ": group size of tensor ", i, " must be >= 1, got ", group_sizes[i]);
-    UnpackDesc d{};
-    d.numel = numels[i];
-    d.group = group_sizes[i];
-    d.byte_base = total_bytes;
-    d.group_base = total_groups;
-    d.elem_base = total;
-    descs.push_back(d);
-    total_bytes += packed_nbytes(numels[i], (int)bits);
-    total_groups += num_groups(numels[i], group_sizes[i]);
-    total += numels[i];
-  }
-  TORCH_CHECK(packed_in.numel() == total_bytes, op, ": packed has ", packed_in.numel(), " bytes, the sizes need ",
-              total_bytes);
-  TORCH_CHECK(scales_in.numel() == total_groups && offsets_in.numel() == total_groups, op, ": expected ",
-              total_groups, " scales and offsets, got ", scales_in.numel(), " and ", offsets_in.numel());
-
-  at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
-  at::Tensor result = at::empty({total}, packed.options().dtype(dtype));
-  const int esz = elem_size(out_dt);
-  for (auto& d : descs)
-    d.vec = aligned16(static_cast<const char*>(result.data_ptr()) + d.elem_base * esz);
-  dispatch_bits(bits, [&](auto B) {
-    constexpr int BITS = decltype(B)::value;
-    for_each_pack(
-        descs, [](const UnpackDesc& d) { return num_groups((d.numel + 7) / 8, kUnitsPerBlock); },
-        [&](const Pack<UnpackDesc>& p) {
-          unpack_dequantize_kernel<BITS><<<grid_for(p.total), kThreads, 0, stream>>>(
-              p, packed.data_ptr<uint8_t>(), scales.data_ptr(), offsets.data_ptr(), scales.scalar_type() == at::kHalf,
-              result.data_ptr(), out_dt);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-  });
-  return result;
 }
 
 }  // namespace cuda
@@ -559,5 +400,4 @@ at::Tensor unpack_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(flocora, CUDA, m) {
   m.impl("quantize_pack", &flocora::cuda::quantize_pack_cuda);
-  m.impl("unpack_dequantize", &flocora::cuda::unpack_dequantize_cuda);
 }

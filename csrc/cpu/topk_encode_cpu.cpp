@@ -1,5 +1,6 @@
-// CPU kernels of topk_encode, sparse_decode and sparse_decode_add_ (schemas:
-// csrc/ops.cpp; index codes: csrc/include/flocora/affine.h).
+// CPU kernel of topk_encode (schema: csrc/ops.cpp; argument checks and
+// output layout: csrc/include/flocora/host_checks.h; index codes:
+// csrc/include/flocora/affine.h; bit streams: bitstream.h).
 //
 // Selection is a radix select over the magnitude keys (IEEE bits without the
 // sign, monotonic in |x|), never a sort. The threshold T and the number of
@@ -36,6 +37,10 @@
 #include <vector>
 
 #include <flocora/affine.h>
+#include <flocora/host_checks.h>
+
+#include "bitstream.h"
+#include "topk_common.h"
 
 namespace flocora {
 namespace cpu {
@@ -44,62 +49,20 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;     // elements per selection task (multiple of kBlock)
 constexpr int kBlock = 16;              // elements per compare mask
-constexpr int64_t kInlineWork = 32768;  // below this many elements (or bits, values), no threads
 constexpr int64_t kFlagWords = kChunk / kBlock / 64;  // block flags per chunk
 constexpr int kTopShift = 20;           // top digit: key bits 20..30 (bit 31 is the sign, cleared)
 constexpr int kTopBins = 2048;
 constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
 constexpr int64_t kSmallSelect = 256;   // candidates few enough for nth_element
-constexpr int64_t kPieceBytes = 1 << 13;  // decode: unary-stream bytes per task
-constexpr int64_t kScatterChunk = 1 << 16;
-
-enum class Dt { F32, F16, BF16 };
-
-#if defined(__GNUC__)
-#define FLOCORA_INLINE inline __attribute__((always_inline))
-#else
-#define FLOCORA_INLINE inline
-#endif
-
-// Portable popcount (the x86-64 baseline has no POPCNT; the builtin would
-// call into libgcc).
-FLOCORA_INLINE int popcount64(uint64_t v) {
-  v = v - ((v >> 1) & 0x5555555555555555ull);
-  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
-  v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0full;
-  return (int)((v * 0x0101010101010101ull) >> 56);
-}
-
-Dt input_kind(const at::Tensor& t, const char* op, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dt::F32;
-    case at::kHalf: return Dt::F16;
-    case at::kBFloat16: return Dt::BF16;
-    default:
-      TORCH_CHECK(false, op, ": tensor ", i, " has dtype ", t.scalar_type(),
-                  " (expected float32, float16 or bfloat16)");
-  }
-}
-
-// float32 bits of a float16 (exact widening; branch-free so loops vectorize).
-inline uint32_t half_as_float_bits(uint16_t h) {
-  uint32_t a = h & 0x7fffu;
-  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-  uint32_t normal = (a << 13) + (112u << 23);
-  uint32_t sub = float_bits(mul_rn((float)a, 5.9604644775390625e-8f));  // a * 2^-24, exact
-  uint32_t special = (a << 13) | 0x7f800000u;
-  uint32_t m = a < 0x400u ? sub : (a >= 0x7c00u ? special : normal);
-  return m | sign;
-}
 
 // Loads N elements starting at i as float32 bits.
 template <Dt D, int N>
 FLOCORA_INLINE void load_bits_n(const void* x, int64_t i, int n, uint32_t* out) {
   const int m = N == kBlock ? kBlock : n;  // constant trip count for full blocks: vectorizes
-  if (D == Dt::F32) {
+  if (D == kF32) {
     const float* p = static_cast<const float*>(x) + i;
     for (int j = 0; j < m; ++j) out[j] = float_bits(p[j]);
-  } else if (D == Dt::F16) {
+  } else if (D == kF16) {
     const uint16_t* p = static_cast<const uint16_t*>(x) + i;
     for (int j = 0; j < m; ++j) out[j] = half_as_float_bits(p[j]);
   } else {
@@ -133,8 +96,8 @@ FLOCORA_INLINE void load_keys(const void* x, int64_t i, int n, uint32_t* keys) {
 // Magnitude key of element i.
 template <Dt D>
 FLOCORA_INLINE uint32_t key_at(const void* x, int64_t i) {
-  if (D == Dt::F32) return float_bits(static_cast<const float*>(x)[i]) & 0x7fffffffu;
-  if (D == Dt::F16) return half_as_float_bits(static_cast<const uint16_t*>(x)[i]) & 0x7fffffffu;
+  if (D == kF32) return float_bits(static_cast<const float*>(x)[i]) & 0x7fffffffu;
+  if (D == kF16) return half_as_float_bits(static_cast<const uint16_t*>(x)[i]) & 0x7fffffffu;
   return (uint32_t)(static_cast<const uint16_t*>(x)[i] & 0x7fffu) << 16;
 }
 
@@ -204,79 +167,6 @@ FLOCORA_INLINE uint32_t gt_mask(const uint32_t* keys, int32_t t) {
 }
 
 inline uint32_t valid_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
-
-inline void atomic_or_byte(uint8_t* p, uint8_t v) {
-  if (v) __atomic_fetch_or(p, v, __ATOMIC_RELAXED);
-}
-
-// Appends fixed-width fields to an LSB-first bit stream, from bit `pos` on.
-// Several tasks write adjacent ranges of one stream at once: the first and
-// the last byte of a range may hold a neighbour's bits, so they are OR-ed
-// atomically into the zeroed stream; the bytes in between are this task's alone.
-struct FieldWriter {
-  uint8_t* base;
-  int64_t byte;
-  uint64_t acc;
-  int nacc;
-  bool first;
-  FieldWriter(uint8_t* b, int64_t pos) : base(b), byte(pos >> 3), acc(0), nacc((int)(pos & 7)), first(true) {}
-  void flush_full() {
-    while (nacc >= 8) {
-      uint8_t v = (uint8_t)acc;
-      if (first) {
-        atomic_or_byte(base + byte, v);
-        first = false;
-      } else {
-        base[byte] = v;
-      }
-      ++byte;
-      acc >>= 8;
-      nacc -= 8;
-    }
-  }
-  void put(uint64_t v, int nb) {  // v < 2^nb, nb <= 62
-    if (nb > 32) {
-      put(v & 0xffffffffu, 32);
-      put(v >> 32, nb - 32);
-      return;
-    }
-    acc |= v << nacc;
-    nacc += nb;
-    flush_full();
-  }
-  void finish() {
-    if (nacc > 0) atomic_or_byte(base + byte, (uint8_t)acc);
-  }
-};
-
-// Sets bits at increasing positions of a zeroed bit stream (the Elias-Fano
-// unary part); shared first/last byte as in FieldWriter.
-struct UnaryWriter {
-  uint8_t* base;
-  int64_t cur = -1;
-  uint8_t v = 0;
-  bool first = true;
-  explicit UnaryWriter(uint8_t* b) : base(b) {}
-  void set(int64_t q) {
-    int64_t b = q >> 3;
-    if (b != cur) {
-      if (cur >= 0) {
-        if (first) {
-          atomic_or_byte(base + cur, v);
-          first = false;
-        } else {
-          base[cur] = v;
-        }
-      }
-      cur = b;
-      v = 0;
-    }
-    v |= (uint8_t)(1u << (q & 7));
-  }
-  void finish() {
-    if (cur >= 0) atomic_or_byte(base + cur, v);
-  }
-};
 
 // ---- radix select -------------------------------------------------------------
 // Digit d of a key: d = 0 bits 20..30, d = 1 bits 10..19, d = 2 bits 0..9.
@@ -363,16 +253,10 @@ uint32_t select_from(const uint32_t* src, int64_t m, int64_t need, int d, int64_
 }
 
 // ---- encode plan ---------------------------------------------------------------
-struct EncTensor {
+struct EncTensor : TopkOutput {  // + where its values and index code go
   const void* x;
   Dt dt;
   int64_t n;
-  int64_t count;  // elements kept
-  int64_t voff;   // first value in `values`
-  int64_t ioff;   // first byte in `index_bytes`
-  int code;
-  int low_bits;
-  int64_t low_nbytes;
 };
 
 struct Group {  // one selection: a tensor (per-tensor scope) or all tensors
@@ -393,42 +277,6 @@ struct Chunk {
   int64_t above, eq;  // keys > T and == T
   int64_t rank0, share, out_cnt;
 };
-
-// Splits tasks 0..n-1 into contiguous runs of about equal cost, one per
-// thread (at::parallel_for splits by count, not by work), and calls
-// fn(first, last) once per run, so that a run can set up its scratch once.
-template <typename Fn>
-void run_balanced(const std::vector<int64_t>& cost, const Fn& fn) {
-  const int64_t ntasks = (int64_t)cost.size();
-  if (ntasks == 0) return;
-  int64_t total = 0;
-  for (int64_t c : cost) total += c;
-  if (total < kInlineWork || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    fn(0, ntasks);  // too little work to pay for waking threads
-    return;
-  }
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
-  std::vector<int64_t> bound(parts + 1, ntasks);
-  bound[0] = 0;
-  int64_t acc = 0, p = 1;
-  for (int64_t t = 0; t < ntasks && p < parts; ++t) {
-    acc += cost[t];
-    while (p < parts && acc * parts >= total * p) bound[p++] = t + 1;
-  }
-  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q)
-      if (bound[q] < bound[q + 1]) fn(bound[q], bound[q + 1]);
-  });
-}
-
-template <typename Fn>
-void with_dt(Dt dt, const Fn& fn) {
-  switch (dt) {
-    case Dt::F32: fn(std::integral_constant<Dt, Dt::F32>()); break;
-    case Dt::F16: fn(std::integral_constant<Dt, Dt::F16>()); break;
-    case Dt::BF16: fn(std::integral_constant<Dt, Dt::BF16>()); break;
-  }
-}
 
 // Top-digit histogram of elements [begin, end) (at most kChunk); false if
 // any is NaN or Inf.
@@ -517,7 +365,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
   };
   if (flags) {
     const int64_t nwords = (end - begin + kBlock * 64 - 1) / (kBlock * 64);
-    const int esize = D == Dt::F32 ? 4 : 2;
+    const int esize = D == kF32 ? 4 : 2;
     for (int64_t w = 0; w < nwords; ++w) {
       // Skipping blocks defeats the hardware prefetcher: fetch the next word's blocks now.
       if (w + 1 < nwords)
@@ -539,31 +387,18 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs, at::IntArrayRef ks, bool global_scope) {
   const char* op = "flocora::topk_encode";
   const int64_t nt = (int64_t)xs.size();
-  if (global_scope) {
-    TORCH_CHECK(ks.size() == 1, op, ": global_scope=True takes ks = [k] (one k over all tensors), got ", ks.size(),
-                " values");
-  } else {
-    TORCH_CHECK((int64_t)ks.size() == nt, op, ": got ", ks.size(), " values of k for ", nt, " tensors");
-  }
+  const TopkInput in = topk_encode_input(op, xs, ks, global_scope, [&](const at::Tensor& x, size_t i) {
+    TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
+                "; all tensors of one call must be on the CPU");
+  });
   std::vector<at::Tensor> keep;
   std::vector<EncTensor> ts(nt);
   keep.reserve(nt);
-  int64_t total = 0;
   for (int64_t i = 0; i < nt; ++i) {
-    TORCH_CHECK(xs[i].device().is_cpu(), op, ": tensor ", i, " is on ", xs[i].device(),
-                "; all tensors of one call must be on the CPU");
-    ts[i].dt = input_kind(xs[i], op, i);
+    ts[i].dt = in.dt[i];
     keep.push_back(xs[i].contiguous());  // row-major logical order
     ts[i].x = keep.back().data_ptr();
-    ts[i].n = keep.back().numel();
-    total += ts[i].n;
-    if (!global_scope) {
-      TORCH_CHECK(ks[i] >= 0 && ks[i] <= ts[i].n, op, ": k of tensor ", i, " must be in [0, numel = ", ts[i].n,
-                  "], got ", ks[i]);
-    }
-  }
-  if (global_scope) {
-    TORCH_CHECK(ks[0] >= 0 && ks[0] <= total, op, ": k must be in [0, total numel = ", total, "], got ", ks[0]);
+    ts[i].n = in.numel[i];
   }
 
   // Groups and chunks. Per-tensor scope: a tensor of at most kChunk elements
@@ -604,20 +439,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   at::Tensor values, index;
   // Offsets, codes and outputs, once every count is known.
   auto layout = [&]() {
-    int64_t voff = 0, ioff = 0;
+    std::vector<int64_t> cnt(nt);
+    for (int64_t i = 0; i < nt; ++i) cnt[i] = ts[i].count;
+    std::vector<TopkOutput> out;
+    int64_t nvalues = 0, nbytes = 0;
+    topk_output_layout(in.numel, cnt, &out, &nvalues, &nbytes);
     for (int64_t i = 0; i < nt; ++i) {
-      EncTensor& t = ts[i];
-      t.voff = voff;
-      t.ioff = ioff;
-      t.code = choose_index_code(t.n, t.count);
-      t.low_bits = elias_fano_low_bits(t.n, t.count);
-      t.low_nbytes = elias_fano_low_nbytes(t.n, t.count);
-      voff += t.count;
-      ioff += index_nbytes(t.n, t.count);
-      counts_p[i] = t.count;
+      static_cast<TopkOutput&>(ts[i]) = out[i];
+      counts_p[i] = ts[i].count;
     }
-    values = at::empty({voff}, at::TensorOptions().dtype(at::kFloat));
-    index = at::zeros({ioff}, at::TensorOptions().dtype(at::kByte));  // the bit writers OR into zeros
+    values = at::empty({nvalues}, at::TensorOptions().dtype(at::kFloat));
+    index = at::zeros({nbytes}, at::TensorOptions().dtype(at::kByte));  // the bit writers OR into zeros
   };
   if (!global_scope) {
     for (int64_t i = 0; i < nt; ++i) ts[i].count = ks[i];
@@ -646,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
           const Chunk& c = chunks[task - nsingle];
           const EncTensor& t = ts[c.tensor];
           bool ok = true;
-          with_dt(t.dt, [&](auto d) { ok = top_histogram<decltype(d)::value>(t.x, c.begin, c.end, hist); });
+          dispatch_dt(t.dt, [&](auto d) { ok = top_histogram<decltype(d)::value>(t.x, c.begin, c.end, hist); });
           if (!ok) __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           int64_t* gh = ghist.data() + (int64_t)c.group * kTopBins;
           for (int b = 0; b < kTopBins; ++b)
@@ -657,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
         std::fill(h64, h64 + kTopBins, 0);
         uint32_t mx = 0;
-        with_dt(t.dt, [&](auto d) {
+        dispatch_dt(t.dt, [&](auto d) {
           mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data());
         });
         if ((mx >> kTopShift) >= kNonFiniteTop) {
@@ -667,13 +499,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if (t.count == 0) continue;
         int64_t ties = 0;
         uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
-        with_dt(t.dt, [&](auto d) {
+        dispatch_dt(t.dt, [&](auto d) {
           emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
       }
     });
   }
-  TORCH_CHECK_VALUE(!nonfinite, op, ": input has NaN or Inf values");
+  check_finite_input(op, nonfinite);
 
   // Top digit of each group's threshold, and room for its candidates.
   int64_t ncand = 0;
@@ -703,7 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if (g.k == 0) continue;
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
-        with_dt(t.dt, [&](auto d) {
+        dispatch_dt(t.dt, [&](auto d) {
           cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top,
                                                   flags.data() + ci * kFlagWords);
         });
@@ -784,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if (c.out_cnt == 0) continue;
         const Group& g = groups[c.group];
         const EncTensor& t = ts[c.tensor];
-        with_dt(t.dt, [&](auto d) {
+        dispatch_dt(t.dt, [&](auto d) {
           emit_range<decltype(d)::value>(t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
                                          idx_base + t.ioff, flags.data() + ci * kFlagWords);
         });
@@ -794,382 +626,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   return {counts, values, index};
 }
 
-// ---- decode ------------------------------------------------------------------------
-namespace {
-
-struct DecTensor {
-  int64_t n, k;
-  int64_t ibase;  // first byte in index_bytes
-  int64_t vbase;  // first value
-  int code, l;
-  int64_t low_nbytes;
-  int64_t ubase;   // first byte of the unary stream (bitmap, or Elias-Fano high part)
-  int64_t ubits;   // bits of the unary stream that carry data
-  int64_t unbytes;
-};
-
-struct DecPiece {
-  int32_t tensor;
-  int64_t b0, b1;  // byte range within the tensor's unary stream
-  int64_t pop, rank0;
-  int64_t first, last;  // first and last decoded index
-};
-
-inline uint64_t load_word(const uint8_t* p, int64_t nbytes) {  // nbytes <= 8, LSB-first
-  uint64_t w = 0;
-  for (int64_t i = 0; i < nbytes; ++i) w |= (uint64_t)p[i] << (8 * i);
-  return w;
-}
-inline uint64_t load_word8(const uint8_t* p) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  uint64_t w;
-  std::memcpy(&w, p, 8);
-  return w;
-#else
-  return load_word(p, 8);
-#endif
-}
-
-// Sequential reader of fixed-width fields of an LSB-first stream.
-struct FieldReader {
-  const uint8_t* p;
-  int64_t nbytes, byte;
-  uint64_t acc = 0;
-  int nacc = 0;
-  FieldReader(const uint8_t* base, int64_t nb, int64_t pos) : p(base), nbytes(nb), byte(pos >> 3) {
-    int skip = (int)(pos & 7);
-    if (skip) get(skip);
-  }
-  uint64_t get(int nb) {  // nb <= 62
-    if (nb == 0) return 0;
-    if (nb > 32) {
-      uint64_t lo = get(32);
-      return lo | (get(nb - 32) << 32);
-    }
-    while (nacc < nb) {
-      acc |= (uint64_t)(byte < nbytes ? p[byte] : 0) << nacc;
-      ++byte;
-      nacc += 8;
-    }
-    uint64_t v = acc & (~0ull >> (64 - nb));
-    acc >>= nb;
-    nacc -= nb;
-    return v;
-  }
-};
-
-struct DecodePlan {
-  std::vector<DecTensor> ts;
-  std::vector<int64_t> idx;  // tensor-local index of every value
-  int64_t total_numel = 0;
-};
-
-void set_error(std::vector<int>& errs, int32_t t, int e) { __atomic_store_n(&errs[t], e, __ATOMIC_RELAXED); }
-
-// Checks sizes, then decodes and validates every index code (nothing is
-// written to any output before all of it passed).
-DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
-                       at::IntArrayRef numels, at::IntArrayRef counts) {
-  TORCH_CHECK(numels.size() == counts.size(), op, ": got ", numels.size(), " numels and ", counts.size(), " counts");
-  TORCH_CHECK(index_bytes.scalar_type() == at::kByte, op, ": index_bytes must be uint8, got ",
-              index_bytes.scalar_type());
-  TORCH_CHECK(index_bytes.device().is_cpu() && values.device().is_cpu(), op,
-              ": index_bytes and values must be on the CPU");
-  const int64_t nt = (int64_t)numels.size();
-  DecodePlan plan;
-  plan.ts.resize(nt);
-  int64_t nbytes = 0, nvalues = 0;
-  for (int64_t i = 0; i < nt; ++i) {
-    TORCH_CHECK(numels[i] >= 0, op, ": numel of tensor ", i, " is negative (", numels[i], ")");
-    TORCH_CHECK(counts[i] >= 0 && counts[i] <= numels[i], op, ": count of tensor ", i, " must be in [0, numel = ",
-                numels[i], "], got ", counts[i]);
-    DecTensor& t = plan.ts[i];
-    t.n = numels[i];
-    t.k = counts[i];
-    t.ibase = nbytes;
-    t.vbase = nvalues;
-    t.code = choose_index_code(t.n, t.k);
-    t.l = elias_fano_low_bits(t.n, t.k);
-    if (t.code == kIndexBitmap) {
-      t.low_nbytes = 0;
-      t.ubits = t.n;
-      t.unbytes = bitmap_nbytes(t.n);
-    } else {
-      t.low_nbytes = elias_fano_low_nbytes(t.n, t.k);
-      t.ubits = t.k ? ((t.n - 1) >> t.l) + t.k : 0;
-      t.unbytes = elias_fano_high_nbytes(t.n, t.k);
-    }
-    t.ubase = t.ibase + t.low_nbytes;
-    nbytes += index_nbytes(t.n, t.k);
-    nvalues += t.k;
-    plan.total_numel += t.n;
-  }
-  TORCH_CHECK(index_bytes.numel() == nbytes, op, ": index_bytes has ", index_bytes.numel(),
-              " bytes, numels and counts need ", nbytes);
-  TORCH_CHECK(values.numel() == nvalues, op, ": values has ", values.numel(), " elements, counts need ", nvalues);
-
-  at::Tensor ib = index_bytes.contiguous();
-  const uint8_t* src = ib.data_ptr<uint8_t>();
-  std::vector<int> errs(nt, kIdxOk);
-
-  // Padding bits (serial: one or two bytes per tensor).
-  for (int64_t i = 0; i < nt; ++i) {
-    const DecTensor& t = plan.ts[i];
-    if (t.ubits % 8 && (src[t.ubase + t.unbytes - 1] >> (t.ubits % 8)) != 0) errs[i] = kIdxPadding;
-    const int64_t lbits = t.k * t.l;
-    if (t.code == kIndexEliasFano && lbits % 8 && (src[t.ibase + t.low_nbytes - 1] >> (lbits % 8)) != 0)
-      errs[i] = kIdxLowPadding;
-  }
-  auto raise_first = [&]() {
-    for (int64_t i = 0; i < nt; ++i) {
-      if (errs[i] == kIdxOk) continue;
-      const DecTensor& t = plan.ts[i];
-      // ValueError: a format violation of the message, not a kernel failure.
-      TORCH_CHECK_VALUE(false, op, ": index code of tensor ", i, " (",
-                  t.code == kIndexBitmap ? "bitmap" : "Elias-Fano", ", numel ", t.n, ", count ", t.k,
-                  ") is malformed: ", index_code_error_text(errs[i]));
-    }
-  };
-  raise_first();
-
-  std::vector<DecPiece> pieces;
-  for (int64_t i = 0; i < nt; ++i) {
-    const DecTensor& t = plan.ts[i];
-    for (int64_t b = 0; b < t.unbytes; b += kPieceBytes)
-      pieces.push_back(DecPiece{(int32_t)i, b, std::min(t.unbytes, b + kPieceBytes), 0, 0, -1, -1});
-  }
-  std::vector<int64_t> pcost(pieces.size());
-  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0);
-  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
-    for (int64_t pi = lo; pi < hi; ++pi) {
-      DecPiece& p = pieces[pi];
-      const uint8_t* s = src + plan.ts[p.tensor].ubase;
-      int64_t pop = 0, b = p.b0;
-      for (; b + 8 <= p.b1; b += 8) pop += popcount64(load_word8(s + b));
-      pop += popcount64(load_word(s + b, p.b1 - b));
-      p.pop = pop;
-    }
-  });
-  {
-    std::vector<int64_t> seen(nt, 0);
-    for (DecPiece& p : pieces) {
-      p.rank0 = seen[p.tensor];
-      seen[p.tensor] += p.pop;
-    }
-    for (int64_t i = 0; i < nt; ++i)
-      if (seen[i] != plan.ts[i].k) errs[i] = kIdxBitCount;
-    raise_first();
-  }
-
-  plan.idx.resize(nvalues);
-  int64_t* out_idx = plan.idx.data();
-  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0) + 4 * pieces[pi].pop;
-  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
-    for (int64_t pi = lo; pi < hi; ++pi) {
-      DecPiece& p = pieces[pi];
-      const DecTensor& t = plan.ts[p.tensor];
-      const uint8_t* s = src + t.ubase;
-      const bool ef = t.code == kIndexEliasFano;
-      FieldReader low(src + t.ibase, t.low_nbytes, p.rank0 * (int64_t)t.l);
-      int64_t r = p.rank0, prev = -1;
-      bool bad_order = false, bad_range = false;
-      for (int64_t b = p.b0; b < p.b1; b += 8) {
-        int64_t nb = std::min<int64_t>(8, p.b1 - b);
-        uint64_t w = nb == 8 ? load_word8(s + b) : load_word(s + b, nb);
-        while (w) {
-          int64_t q = b * 8 + __builtin_ctzll(w);
-          w &= w - 1;
-          int64_t e = q;
-          if (ef) e = ((q - r) << t.l) | (int64_t)low.get(t.l);
-          bad_range |= e >= t.n;
-          bad_order |= e <= prev;
-          prev = e;
-          if (p.first < 0) p.first = e;
-          out_idx[t.vbase + r] = e;
-          ++r;
-        }
-      }
-      p.last = prev;
-      if (bad_range) set_error(errs, p.tensor, kIdxOutOfRange);
-      else if (bad_order) set_error(errs, p.tensor, kIdxNotIncreasing);
-    }
-  });
-  // Order across piece boundaries.
-  {
-    std::vector<int64_t> last(nt, -1);
-    for (const DecPiece& p : pieces) {
-      if (p.pop == 0) continue;
-      if (p.first <= last[p.tensor] && errs[p.tensor] == kIdxOk) errs[p.tensor] = kIdxNotIncreasing;
-      last[p.tensor] = p.last;
-    }
-    raise_first();
-  }
-  return plan;
-}
-
-enum class Vt { F32, F16, BF16 };
-
-Vt value_kind(const at::Tensor& v, const char* op) {
-  switch (v.scalar_type()) {
-    case at::kFloat: return Vt::F32;
-    case at::kHalf: return Vt::F16;
-    case at::kBFloat16: return Vt::BF16;
-    default:
-      TORCH_CHECK(false, op, ": values must be float32, float16 or bfloat16, got ", v.scalar_type());
-  }
-}
-
-inline float value_at(const void* v, Vt vt, int64_t i) {
-  switch (vt) {
-    case Vt::F32: return static_cast<const float*>(v)[i];
-    case Vt::F16: return bits_float(half_as_float_bits(static_cast<const uint16_t*>(v)[i]));
-    default: return bf16_to_float(static_cast<const uint16_t*>(v)[i]);
-  }
-}
-
-void check_out_dtype(at::ScalarType st, const char* op, const char* what) {
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": ", what,
-              " must be float32, float16, bfloat16 or float64, got ", st);
-}
-
-// out[idx[j]] = v[j] (or +=, computed in float32, float64 for float64 outputs,
-// then rounded to nearest even once), for j in [a, b).
-template <bool Add>
-void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Vt vt, int64_t a, int64_t b) {
-  switch (st) {
-    case at::kFloat: {
-      float* o = static_cast<float*>(out);
-      for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
-        o[idx[j]] = Add ? add_rn(o[idx[j]], x) : x;
-      }
-      break;
-    }
-    case at::kDouble: {
-      double* o = static_cast<double*>(out);
-      for (int64_t j = a; j < b; ++j) {
-        double x = (double)value_at(v, vt, j);
-        o[idx[j]] = Add ? o[idx[j]] + x : x;
-      }
-      break;
-    }
-    case at::kHalf: {
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
-        o[idx[j]] = float_to_half_rn(Add ? add_rn(half_to_float(o[idx[j]]), x) : x);
-      }
-      break;
-    }
-    default: {
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
-        o[idx[j]] = float_to_bf16_rn(Add ? add_rn(bf16_to_float(o[idx[j]]), x) : x);
-      }
-      break;
-    }
-  }
-}
-
-struct ScatterTask {
-  int32_t tensor;
-  int64_t a, b;
-};
-
-std::vector<ScatterTask> scatter_tasks(const DecodePlan& plan) {
-  std::vector<ScatterTask> tasks;
-  for (size_t i = 0; i < plan.ts.size(); ++i) {
-    const DecTensor& t = plan.ts[i];
-    for (int64_t a = 0; a < t.k; a += kScatterChunk)
-      tasks.push_back({(int32_t)i, t.vbase + a, t.vbase + std::min(t.k, a + kScatterChunk)});
-  }
-  return tasks;
-}
-
-std::vector<int64_t> scatter_cost(const std::vector<ScatterTask>& tasks) {
-  std::vector<int64_t> cost(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) cost[i] = tasks[i].b - tasks[i].a;
-  return cost;
-}
-
-}  // namespace
-
-at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& values_in, at::IntArrayRef numels,
-                             at::IntArrayRef counts, at::ScalarType dtype) {
-  const char* op = "flocora::sparse_decode";
-  check_out_dtype(dtype, op, "dtype");
-  const Vt vt = value_kind(values_in, op);
-  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
-  at::Tensor values = values_in.contiguous();
-  at::Tensor out = at::zeros({plan.total_numel}, at::TensorOptions().dtype(dtype));
-  char* base = static_cast<char*>(out.data_ptr());
-  const int64_t es = out.element_size();
-  std::vector<int64_t> obase(plan.ts.size());
-  int64_t o = 0;
-  for (size_t i = 0; i < plan.ts.size(); ++i) {
-    obase[i] = o;
-    o += plan.ts[i].n;
-  }
-  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
-  const void* v = values.data_ptr();
-  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
-    for (int64_t ti = lo; ti < hi; ++ti) {
-      const ScatterTask& t = tasks[ti];
-      scatter<false>(base + es * obase[t.tensor], dtype, plan.idx.data(), v, vt, t.a, t.b);
-    }
-  });
-  return out;
-}
-
-void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
-                            at::IntArrayRef counts) {
-  const char* op = "flocora::sparse_decode_add_";
-  TORCH_CHECK(outs.size() == counts.size(), op, ": got ", outs.size(), " output tensors and ", counts.size(),
-              " counts");
-  const Vt vt = value_kind(values_in, op);
-  std::vector<int64_t> numels(outs.size());
-  // Memory spans of the outputs: an element written twice would race.
-  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
-  for (size_t i = 0; i < outs.size(); ++i) {
-    TORCH_CHECK(outs[i].device().is_cpu(), op, ": output ", i, " is on ", outs[i].device(),
-                "; all tensors must be on the CPU");
-    check_out_dtype(outs[i].scalar_type(), op, "every output");
-    numels[i] = outs[i].numel();
-    if (numels[i] == 0) continue;
-    int64_t extent = 1;
-    for (int64_t d = 0; d < outs[i].dim(); ++d) extent += (outs[i].size(d) - 1) * outs[i].stride(d);
-    uintptr_t p = reinterpret_cast<uintptr_t>(outs[i].data_ptr());
-    spans.push_back({p, p + (uintptr_t)(extent * outs[i].element_size())});
-  }
-  std::sort(spans.begin(), spans.end());
-  for (size_t i = 1; i < spans.size(); ++i)
-    TORCH_CHECK(spans[i].first >= spans[i - 1].second, op, ": output tensors overlap in memory");
-
-  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
-  at::Tensor values = values_in.contiguous();
-  // Non-contiguous outputs are updated through a contiguous copy.
-  std::vector<at::Tensor> work(outs.size());
-  for (size_t i = 0; i < outs.size(); ++i) work[i] = outs[i].is_contiguous() ? outs[i] : outs[i].contiguous();
-  std::vector<void*> ptr(outs.size());
-  for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
-  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
-  const void* v = values.data_ptr();
-  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
-    for (int64_t ti = lo; ti < hi; ++ti) {
-      const ScatterTask& t = tasks[ti];
-      scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
-    }
-  });
-  for (size_t i = 0; i < outs.size(); ++i)
-    if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
-}
-
 }  // namespace cpu
 }  // namespace flocora
 
 TORCH_LIBRARY_IMPL(flocora, CPU, m) {
   m.impl("topk_encode", &flocora::cpu::topk_encode_cpu);
-  m.impl("sparse_decode", &flocora::cpu::sparse_decode_cpu);
-  m.impl("sparse_decode_add_", &flocora::cpu::sparse_decode_add__cpu);
 }

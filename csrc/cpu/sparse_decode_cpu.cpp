@@ -1,0 +1,282 @@
+// CPU kernels of sparse_decode and sparse_decode_add_ (schemas: csrc/ops.cpp;
+// argument checks and sizes: csrc/include/flocora/host_checks.h; index codes:
+// csrc/include/flocora/affine.h; bit streams: bitstream.h).
+//
+// The index codes are untrusted bytes. Every size is checked first; then the
+// unary stream (bitmap, or Elias-Fano high part) is cut into pieces of
+// kPieceBytes: a pass counts the set bits of each piece (the ranks), a second
+// expands every set bit to its index and checks range and order. Errors are
+// raised in the order padding, bit count, decoded indices, for the lowest
+// failing tensor; only then are the values scattered into the outputs.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include <flocora/affine.h>
+#include <flocora/host_checks.h>
+
+#include "bitstream.h"
+#include "topk_common.h"
+
+namespace flocora {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kPieceBytes = 1 << 13;  // unary-stream bytes per task
+constexpr int64_t kScatterChunk = 1 << 16;
+
+struct DecPiece {
+  int32_t tensor;
+  int64_t b0, b1;  // byte range within the tensor's unary stream
+  int64_t pop, rank0;
+  int64_t first, last;  // first and last decoded index
+};
+
+struct DecodePlan {
+  SparseLayout lay;
+  std::vector<int64_t> idx;  // tensor-local index of every value
+};
+
+void set_error(std::vector<int>& errs, int32_t t, int e) { __atomic_store_n(&errs[t], e, __ATOMIC_RELAXED); }
+
+// Checks sizes, then decodes and validates every index code (nothing is
+// written to any output before all of it passed).
+DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
+                       at::IntArrayRef numels, at::IntArrayRef counts) {
+  DecodePlan plan;
+  plan.lay = sparse_decode_layout(op, index_bytes, values, numels, counts, [&]() {
+    TORCH_CHECK(index_bytes.device().is_cpu() && values.device().is_cpu(), op,
+                ": index_bytes and values must be on the CPU");
+  });
+  const std::vector<SparseTensor>& ts = plan.lay.ts;
+  const int64_t nt = (int64_t)ts.size();
+
+  at::Tensor ib = index_bytes.contiguous();
+  const uint8_t* src = ib.data_ptr<uint8_t>();
+  std::vector<int> errs(nt, kIdxOk);
+
+  // Padding bits (serial: one or two bytes per tensor).
+  for (int64_t i = 0; i < nt; ++i) {
+    const SparseTensor& t = ts[i];
+    if (t.ubits % 8 && (src[t.ubase + t.unbytes - 1] >> (t.ubits % 8)) != 0) errs[i] = kIdxPadding;
+    const int64_t lbits = t.k * t.low_bits;
+    if (t.code == kIndexEliasFano && lbits % 8 && (src[t.ibase + t.low_nbytes - 1] >> (lbits % 8)) != 0)
+      errs[i] = kIdxLowPadding;
+  }
+  auto raise_first = [&]() {
+    for (int64_t i = 0; i < nt; ++i) {
+      if (errs[i] == kIdxOk) continue;
+      const SparseTensor& t = ts[i];
+      raise_malformed_index_code(op, i, t, errs[i]);
+    }
+  };
+  raise_first();
+
+  std::vector<DecPiece> pieces;
+  for (int64_t i = 0; i < nt; ++i) {
+    const SparseTensor& t = ts[i];
+    for (int64_t b = 0; b < t.unbytes; b += kPieceBytes)
+      pieces.push_back(DecPiece{(int32_t)i, b, std::min(t.unbytes, b + kPieceBytes), 0, 0, -1, -1});
+  }
+  std::vector<int64_t> pcost(pieces.size());
+  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0);
+  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
+    for (int64_t pi = lo; pi < hi; ++pi) {
+      DecPiece& p = pieces[pi];
+      const uint8_t* s = src + ts[p.tensor].ubase;
+      int64_t pop = 0, b = p.b0;
+      for (; b + 8 <= p.b1; b += 8) pop += popcount64(load_word8(s + b));
+      pop += popcount64(load_word(s + b, p.b1 - b));
+      p.pop = pop;
+    }
+  });
+  {
+    std::vector<int64_t> seen(nt, 0);
+    for (DecPiece& p : pieces) {
+      p.rank0 = seen[p.tensor];
+      seen[p.tensor] += p.pop;
+    }
+    for (int64_t i = 0; i < nt; ++i)
+      if (seen[i] != ts[i].k) errs[i] = kIdxBitCount;
+    raise_first();
+  }
+
+  plan.idx.resize(plan.lay.nvalues);
+  int64_t* out_idx = plan.idx.data();
+  for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0) + 4 * pieces[pi].pop;
+  run_balanced(pcost, [&](int64_t lo, int64_t hi) {
+    for (int64_t pi = lo; pi < hi; ++pi) {
+      DecPiece& p = pieces[pi];
+      const SparseTensor& t = ts[p.tensor];
+      const uint8_t* s = src + t.ubase;
+      const bool ef = t.code == kIndexEliasFano;
+      FieldReader low(src + t.ibase, t.low_nbytes, p.rank0 * (int64_t)t.low_bits);
+      int64_t r = p.rank0, prev = -1;
+      bool bad_order = false, bad_range = false;
+      for (int64_t b = p.b0; b < p.b1; b += 8) {
+        int64_t nb = std::min<int64_t>(8, p.b1 - b);
+        uint64_t w = nb == 8 ? load_word8(s + b) : load_word(s + b, nb);
+        while (w) {
+          int64_t q = b * 8 + __builtin_ctzll(w);
+          w &= w - 1;
+          int64_t e = q;
+          if (ef) e = ((q - r) << t.low_bits) | (int64_t)low.get(t.low_bits);
+          bad_range |= e >= t.n;
+          bad_order |= e <= prev;
+          prev = e;
+          if (p.first < 0) p.first = e;
+          out_idx[t.vbase + r] = e;
+          ++r;
+        }
+      }
+      p.last = prev;
+      if (bad_range) set_error(errs, p.tensor, kIdxOutOfRange);
+      else if (bad_order) set_error(errs, p.tensor, kIdxNotIncreasing);
+    }
+  });
+  // Order across piece boundaries.
+  {
+    std::vector<int64_t> last(nt, -1);
+    for (const DecPiece& p : pieces) {
+      if (p.pop == 0) continue;
+      if (p.first <= last[p.tensor] && errs[p.tensor] == kIdxOk) errs[p.tensor] = kIdxNotIncreasing;
+      last[p.tensor] = p.last;
+    }
+    raise_first();
+  }
+  return plan;
+}
+
+inline float value_at(const void* v, Dt vt, int64_t i) {
+  switch (vt) {
+    case kF32: return static_cast<const float*>(v)[i];
+    case kF16: return bits_float(half_as_float_bits(static_cast<const uint16_t*>(v)[i]));
+    default: return bf16_to_float(static_cast<const uint16_t*>(v)[i]);
+  }
+}
+
+// out[idx[j]] = v[j] (or +=, computed in float32, float64 for float64 outputs,
+// then rounded to nearest even once), for j in [a, b).
+template <bool Add>
+void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt vt, int64_t a, int64_t b) {
+  switch (st) {
+    case at::kFloat: {
+      float* o = static_cast<float*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = Add ? add_rn(o[idx[j]], x) : x;
+      }
+      break;
+    }
+    case at::kDouble: {
+      double* o = static_cast<double*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        double x = (double)value_at(v, vt, j);
+        o[idx[j]] = Add ? o[idx[j]] + x : x;
+      }
+      break;
+    }
+    case at::kHalf: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = float_to_half_rn(Add ? add_rn(half_to_float(o[idx[j]]), x) : x);
+      }
+      break;
+    }
+    default: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t j = a; j < b; ++j) {
+        float x = value_at(v, vt, j);
+        o[idx[j]] = float_to_bf16_rn(Add ? add_rn(bf16_to_float(o[idx[j]]), x) : x);
+      }
+      break;
+    }
+  }
+}
+
+struct ScatterTask {
+  int32_t tensor;
+  int64_t a, b;
+};
+
+std::vector<ScatterTask> scatter_tasks(const DecodePlan& plan) {
+  std::vector<ScatterTask> tasks;
+  for (size_t i = 0; i < plan.lay.ts.size(); ++i) {
+    const SparseTensor& t = plan.lay.ts[i];
+    for (int64_t a = 0; a < t.k; a += kScatterChunk)
+      tasks.push_back({(int32_t)i, t.vbase + a, t.vbase + std::min(t.k, a + kScatterChunk)});
+  }
+  return tasks;
+}
+
+std::vector<int64_t> scatter_cost(const std::vector<ScatterTask>& tasks) {
+  std::vector<int64_t> cost(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) cost[i] = tasks[i].b - tasks[i].a;
+  return cost;
+}
+
+}  // namespace
+
+at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& values_in, at::IntArrayRef numels,
+                             at::IntArrayRef counts, at::ScalarType dtype) {
+  const char* op = "flocora::sparse_decode";
+  const Dt vt = sparse_decode_dtypes(op, dtype, values_in);
+  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
+  at::Tensor values = values_in.contiguous();
+  at::Tensor out = at::zeros({plan.lay.total_numel}, at::TensorOptions().dtype(dtype));
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t es = out.element_size();
+  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
+  const void* v = values.data_ptr();
+  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      const ScatterTask& t = tasks[ti];
+      scatter<false>(base + es * plan.lay.ts[t.tensor].obase, dtype, plan.idx.data(), v, vt, t.a, t.b);
+    }
+  });
+  return out;
+}
+
+void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
+                            at::IntArrayRef counts) {
+  const char* op = "flocora::sparse_decode_add_";
+  const Dt vt = sparse_decode_add_outputs(op, outs, counts, values_in, [&](const at::Tensor& out, size_t i) {
+    TORCH_CHECK(out.device().is_cpu(), op, ": output ", i, " is on ", out.device(),
+                "; all tensors must be on the CPU");
+  });
+  std::vector<int64_t> numels(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) numels[i] = outs[i].numel();
+
+  DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
+  at::Tensor values = values_in.contiguous();
+  // Non-contiguous outputs are updated through a contiguous copy.
+  std::vector<at::Tensor> work(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) work[i] = outs[i].is_contiguous() ? outs[i] : outs[i].contiguous();
+  std::vector<void*> ptr(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
+  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
+  const void* v = values.data_ptr();
+  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      const ScatterTask& t = tasks[ti];
+      scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
+    }
+  });
+  for (size_t i = 0; i < outs.size(); ++i)
+    if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
+}
+
+}  // namespace cpu
+}  // namespace flocora
+
+TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("sparse_decode", &flocora::cpu::sparse_decode_cpu);
+  m.impl("sparse_decode_add_", &flocora::cpu::sparse_decode_add__cpu);
+}
