@@ -855,86 +855,155 @@ def _wait_http(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.slow
-def test_flower_app_deployment_two_supernodes(tmp_path, built_dist):
-    """``flwr run`` of fl/flower_app against a SuperLink and two SuperNodes
-    (127.0.0.1 only), two rounds with 4-bit uplink and 8-bit downlink.
+class _Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1 running fl/flower_app.
 
     flocora-codec comes from the wheel built from the sdist (tests/conftest.py),
     installed into a directory of its own: the Flower processes see that
     directory and the venv's packages, not the repository (no `fl` on the path;
-    the app imports the installed `flocora_fl`)."""
-    import json
-    import os
-    import subprocess
-    import time
-    from pathlib import Path
+    the app imports the installed `flocora_fl`). Every process is stopped by
+    PID on exit, the processes they spawned included.
+    """
 
-    repo = Path(__file__).resolve().parents[1]
-    app_dir = repo / "fl" / "flower_app"
-    binaries = Path(sys.executable).parent
-    if not (binaries / "flower-superlink").exists():
-        pytest.skip("flower-superlink is not installed next to this Python")
-    link_port, node_port_a, node_port_b = _free_ports(3)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(home),
-        # the installed wheel, plus whatever else PYTHONPATH held except the
-        # repository (e.g. flwr 1.41 for tests/test_flower_versions.py)
-        "PYTHONPATH": os.pathsep.join([str(built_dist["site"])] + [
-            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != repo]),
-        "PATH": os.pathsep.join([str(binaries), env.get("PATH", "")]),
-        # nothing may be pip-installed at run time, nor any update checked
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    })
-    env.pop("FLOCORA_FORCE_REFERENCE", None)
-    check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, flwr; "
-                            "assert u.find_spec('fl') is None; print(flocora_fl.__file__, flocora_codec.__file__, "
-                            "flwr.__version__)"], env=env, cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert check.returncode == 0 and check.stdout.count(str(built_dist["site"])) == 2, check.stdout + check.stderr
-    assert check.stdout.split()[-1] == flwr.__version__  # the Flower processes run the Flower under test
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
+    def __init__(self, tmp_path, built_dist, n_nodes: int = 2):
+        import os
+        from pathlib import Path
 
-    def start(name, *args):
-        with open(logs / f"{name}.log", "w") as out:
-            procs.append(subprocess.Popen([str(binaries / args[0]), *args[1:]], env=env, cwd=tmp_path, stdout=out,
-                                          stderr=subprocess.STDOUT))
+        self.tmp, self.repo = tmp_path, Path(__file__).resolve().parents[1]
+        self.app_dir = self.repo / "fl" / "flower_app"
+        self.binaries = Path(sys.executable).parent
+        if not (self.binaries / "flower-superlink").exists():
+            pytest.skip("flower-superlink is not installed next to this Python")
+        self.link_port, *self.node_ports = _free_ports(1 + n_nodes)
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{self.link_port}"\n'
+            "insecure = true\n")  # fmt: skip
+        env = dict(os.environ)
+        env.update({
+            "FLWR_HOME": str(home),
+            # the installed wheel, plus whatever else PYTHONPATH held except the
+            # repository (e.g. flwr 1.41 for tests/test_flower_versions.py)
+            "PYTHONPATH": os.pathsep.join([str(built_dist["site"])] + [
+                p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != self.repo]),
+            "PATH": os.pathsep.join([str(self.binaries), env.get("PATH", "")]),
+            # nothing may be pip-installed at run time, nor any update checked
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        })  # fmt: skip
+        env.pop("FLOCORA_FORCE_REFERENCE", None)
+        self.env, self.site = env, built_dist["site"]
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: dict = {}
 
-    try:
-        start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-              "--port", str(link_port), "--disable-runtime-dependency-installation")
-        _wait_http(f"http://127.0.0.1:{link_port}/health", 60)
-        for i, port in enumerate((node_port_a, node_port_b)):
-            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--host", "127.0.0.1", "--port", str(port), "--max-retries", "20",
-                  "--node-config", f"partition-id={i} num-partitions=2")
+    def check_environment(self) -> None:
+        import subprocess
+
+        check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, flwr; "
+                                "assert u.find_spec('fl') is None; print(flocora_fl.__file__, flocora_codec.__file__, "
+                                "flwr.__version__)"], env=self.env, cwd=self.tmp, capture_output=True, text=True)  # fmt: skip
+        assert check.returncode == 0 and check.stdout.count(str(self.site)) == 2, check.stdout + check.stderr
+        assert check.stdout.split()[-1] == flwr.__version__  # the Flower processes run the Flower under test
+
+    def start(self, name, *args):
+        import subprocess
+
+        with open(self.logs / f"{name}.log", "w") as out:
+            self.procs[name] = subprocess.Popen([str(self.binaries / args[0]), *args[1:]], env=self.env, cwd=self.tmp,
+                                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def __enter__(self):
+        self.start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+                   "--port", str(self.link_port), "--disable-runtime-dependency-installation")
+        _wait_http(f"http://127.0.0.1:{self.link_port}/health", 60)
+        for i, port in enumerate(self.node_ports):
+            self.start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                       "--host", "127.0.0.1", "--port", str(port), "--max-retries", "20",
+                       "--node-config", f"partition-id={i} num-partitions={len(self.node_ports)}")
+        return self
+
+    def __exit__(self, *exc):
+        procs = list(self.procs.values())
+        _stop(procs)
+        assert all(p.poll() is not None for p in procs)
+
+    def submit(self, run_config: str, summary_path, wait: float = 420):
+        """``flwr run`` in the background; returns the process (its output in logs/flwr-run.log)."""
+        import subprocess
+
+        out = open(self.logs / "flwr-run.log", "w")
+        return subprocess.Popen([str(self.binaries / "flwr"), "run", str(self.app_dir), "deploy", "--stream",
+                                 "--run-config", run_config], env=self.env, cwd=self.tmp, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+    def summary(self, summary_path, run, timeout: float) -> dict:
+        import json
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not summary_path.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        run.wait(timeout=max(1.0, deadline - time.monotonic()))
+        assert summary_path.exists(), ((self.logs / "flwr-run.log").read_text()[-3000:],
+                                       (self.logs / "superlink.log").read_text()[-3000:])  # fmt: skip
+        return json.loads(summary_path.read_text())
+
+
+@pytest.mark.slow
+def test_flower_app_deployment_two_supernodes(tmp_path, built_dist):
+    """``flwr run`` of fl/flower_app against a SuperLink and two SuperNodes
+    (127.0.0.1 only), two rounds with 4-bit uplink and 8-bit downlink, from
+    a plain install of the wheel (see _Deployment)."""
+    with _Deployment(tmp_path, built_dist) as dep:
+        dep.check_environment()
         summary_path = tmp_path / "summary.json"
         run_config = (f'num-server-rounds=2 codec-bits=4 downlink-bits=8 min-nodes=2 fraction-train=1.0 '
                       f'summary-path="{summary_path}" '
                       f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"')
-        submit = subprocess.run([str(binaries / "flwr"), "run", str(app_dir), "deploy", "--stream",
-                                 "--run-config", run_config], env=env, cwd=tmp_path, capture_output=True,
-                                text=True, timeout=420)
-        deadline = time.monotonic() + 60  # --stream may return as the run ends
-        while not summary_path.exists() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert summary_path.exists(), (submit.stdout[-3000:], submit.stderr[-3000:],
-                                       (logs / "superlink.log").read_text()[-3000:])
-        res = json.loads(summary_path.read_text())
-    finally:
-        _stop(procs)
-        assert all(p.poll() is not None for p in procs)
+        res = dep.summary(summary_path, dep.submit(run_config, summary_path), timeout=480)
     assert res["method"] == "flocora" and res["rounds"] == 2
     assert len(res["acc"]) == 3 and all(0.0 <= a <= 1.0 for a in res["acc"])
     for rnd in ("1", "2"):
         h = res["bytes"][rnd]
-        assert h["dropped"] == 0
+        assert h["dropped"] == 0 and h["instructions"] == 2 and h["missing_replies"] == 0
         assert 0 < h["uplink_bytes"] < h["uplink_raw_bytes"] / 4  # 4-bit deltas, 1-D tensors raw
         assert 0 < h["downlink_bytes"] < h["downlink_raw_bytes"] / 2  # 8-bit downlink
+
+
+@pytest.mark.slow
+def test_flower_app_deployment_survives_a_supernode_killed_mid_round(tmp_path, built_dist):
+    """SuperNode 1 is killed (SIGKILL, with its ClientApp) as soon as it starts
+    training in round 2: the round ends at its timeout with the other node's
+    reply, the run completes, and the summary shows the missing reply."""
+    import os
+    import signal
+    import time
+
+    with _Deployment(tmp_path, built_dist) as dep:
+        summary_path = tmp_path / "summary.json"
+        run_config = (f'num-server-rounds=2 codec-bits=4 min-nodes=2 fraction-train=1.0 round-timeout=45.0 '
+                      f'summary-path="{summary_path}" '
+                      f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"')
+        run = dep.submit(run_config, summary_path)
+        log1 = dep.logs / "supernode1.log"
+        deadline = time.monotonic() + 300
+        while log1.read_text().count("Start `flwr-clientapp` process") < 2:  # its round-2 ClientApp
+            assert time.monotonic() < deadline and run.poll() is None, log1.read_text()[-3000:]
+            time.sleep(0.05)
+        node = dep.procs["supernode1"]
+        for pid in _descendants(node.pid) + [node.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.wait(timeout=10)
+        sent_before_kill = log1.read_text().count("Sending: train message")
+        res = dep.summary(summary_path, run, timeout=300)
+    assert sent_before_kill == 1, "node 1 answered round 2 before it was killed: the test did not test anything"
+    assert res["rounds"] == 2 and len(res["acc"]) == 3
+    h1, h2 = res["bytes"]["1"], res["bytes"]["2"]
+    assert (h1["instructions"], h1["missing_replies"]) == (2, 0)
+    assert (h2["instructions"], h2["missing_replies"], h2["dropped"]) == (2, 1, 0)
+    assert 0 < h2["uplink_bytes"] < h1["uplink_bytes"]  # one reply aggregated instead of two
