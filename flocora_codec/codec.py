@@ -660,7 +660,7 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
 
 
 # ---- numpy ------------------------------------------------------------------------
-def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None) -> bytes:
+def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None, *, schema=None) -> bytes:
     """:func:`encode` for numpy arrays (no copy of the arrays on the way in).
 
     Parameters
@@ -670,6 +670,8 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
         complex).
     spec : CodecSpec, optional
         As for :func:`encode`.
+    schema : Schema, optional
+        As for :func:`encode` (a compact message).
 
     Returns
     -------
@@ -692,7 +694,7 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
             tensors[name] = torch.from_numpy(a)
         except TypeError as exc:
             raise ValueError(f"encode_numpy: {name!r} has dtype {a.dtype}, which the codec does not carry") from exc
-    return encode(tensors, spec)
+    return encode(tensors, spec, schema=schema)
 
 
 def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,

@@ -70,6 +70,8 @@ __all__ = [
     "FULL_KEY",
     "BYTES_METRIC",
     "RAW_BYTES_METRIC",
+    "SCHEMA_STYPE",
+    "SCHEMAS_CONFIG_KEY",
     "EncodedRecordError",
     "is_encoded",
     "encode_array_record",
@@ -90,6 +92,13 @@ BYTES_METRIC = "flocora-bytes"
 """Reply metric: bytes of the encoded ``ArrayRecord`` (``ArrayRecord.count_bytes``)."""
 RAW_BYTES_METRIC = "flocora-raw-bytes"
 """Reply metric: bytes the same arrays take as plain Flower arrays."""
+SCHEMA_STYPE = "flocora/schema-v1"
+"""``Array.stype`` of an array whose ``data`` is one schema (FORMAT.md 6.1)."""
+SCHEMA_KEY_PREFIX = "flocora/schema/"
+"""Key prefix of a schema sent with a reply: ``flocora/schema/<id in hex>``."""
+SCHEMAS_CONFIG_KEY = "flocora-schemas"
+"""Train-instruction config key: the ids (16 bytes each, concatenated) of the
+schemas the server holds. Its presence tells the mod to send compact messages."""
 CLIPPING_NORM_KEY = "clipping_norm"
 """Config key of the clipping norm that Flower's DP strategy wrappers send with
 train instructions (flwr's ``KEY_CLIPPING_NORM``, read by ``fixedclipping_mod``)."""
@@ -170,6 +179,8 @@ def encode_array_record(
     record: ArrayRecord | Mapping[str, np.ndarray],
     spec: fc.CodecSpec,
     base: ArrayRecord | Mapping[str, np.ndarray] | None = None,
+    *,
+    server_schemas: set | None = None,
 ) -> ArrayRecord:
     """Encode an ``ArrayRecord`` (or a dict of numpy arrays) into flocora messages.
 
@@ -183,6 +194,10 @@ def encode_array_record(
         Arrays the receiver already holds (the global model). Float arrays with
         the same name, shape and dtype travel as ``x - base``; ``None`` sends
         everything as it is.
+    server_schemas : set of bytes, optional
+        The ids of the schemas the receiver holds: write compact messages
+        (FORMAT.md 6) and add the schemas it lacks to the record. ``None``
+        (the default) writes full messages.
 
     Returns
     -------
@@ -195,10 +210,12 @@ def encode_array_record(
         base = _to_numpy(base)
     delta, full = _split_delta(arrays, base)
     out = ArrayRecord()
+    compact = _Compactor(server_schemas)
     if delta:
-        out[DELTA_KEY] = _message_array(fc.encode_numpy(delta, spec))
+        out[DELTA_KEY] = _message_array(fc.encode_numpy(delta, spec, schema=compact.schema(delta, spec)))
     if full or not delta:  # an empty record still becomes one (empty) message
-        out[FULL_KEY] = _message_array(fc.encode_numpy(full, spec))
+        out[FULL_KEY] = _message_array(fc.encode_numpy(full, spec, schema=compact.schema(full, spec)))
+    compact.add_to(out)
     return out
 
 
@@ -208,6 +225,7 @@ def decode_array_record(
     *,
     limits: Any = None,
     expect_base: bool = False,
+    schemas: "fc.SchemaRegistry | None" = None,
 ) -> ArrayRecord:
     """Decode a record made by :func:`encode_array_record` back to plain arrays.
 
@@ -224,7 +242,12 @@ def decode_array_record(
     expect_base : bool
         Every tensor of either message must be one of ``base``'s names with
         its shape (any dtype), checked before anything is allocated: a reply
-        cannot make the server allocate more than the global model.
+        cannot make the server allocate more than the global model. Schemas
+        in the record are held to the same.
+    schemas : SchemaRegistry, optional
+        The schemas the receiver holds, for compact messages. Schemas that
+        come with the record (``flocora/schema/<id>`` entries) are validated
+        and, once the record has decoded, added to it.
 
     Returns
     -------
@@ -240,7 +263,13 @@ def decode_array_record(
     CodecError
         A message that fails to decode (checksum, format, limits).
     """
+    arrived = []
     for key, arr in record.items():
+        if key.startswith(SCHEMA_KEY_PREFIX):
+            if arr.stype != SCHEMA_STYPE:
+                raise EncodedRecordError(f"entry {key!r} has stype {arr.stype!r}, expected {SCHEMA_STYPE!r}")
+            arrived.append((key, arr))
+            continue
         if key not in (DELTA_KEY, FULL_KEY):
             raise EncodedRecordError(
                 f"encoded ArrayRecord has unexpected key {key!r} (expected {DELTA_KEY!r} and/or {FULL_KEY!r})"
@@ -254,6 +283,18 @@ def decode_array_record(
         if base is None:
             raise EncodedRecordError("cannot check the reply: no global arrays are known for its node")
         kwargs.update(expect={n: (b.shape, None) for n, b in base.items()}, partial=True)
+    held = fc.SchemaRegistry(schemas or {})
+    new_schemas = []
+    named = {fc.format.compact_schema_id(record[k].data) for k in (DELTA_KEY, FULL_KEY) if k in record}
+    for key, arr in arrived:
+        if key[len(SCHEMA_KEY_PREFIX):] not in {sid.hex() for sid in named if sid is not None}:
+            # only the schemas of its own messages: a reply cannot make the server validate or keep more
+            raise EncodedRecordError(f"entry {key!r} is not the schema of a message in the record")
+        schema = fc.Schema.from_bytes(arr.data, **kwargs)
+        if key != SCHEMA_KEY_PREFIX + schema.id.hex():
+            raise EncodedRecordError(f"entry {key!r} holds schema {schema.id.hex()}")
+        new_schemas.append(held.add(schema))
+    kwargs["schemas"] = held
     out: dict[str, np.ndarray] = {}
     if DELTA_KEY in record:
         if base is None:
@@ -276,6 +317,9 @@ def decode_array_record(
             if name in out:
                 raise EncodedRecordError(f"tensor {name!r} sent both as delta and in full")
             out[name] = x
+    if schemas is not None:
+        for schema in new_schemas:
+            schemas.add(schema)
     return ArrayRecord({k: Array(_c_array(v)) for k, v in out.items()})
 
 
@@ -306,8 +350,42 @@ def _l2(arrays: Mapping[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values())))
 
 
+class _Compactor:
+    """Writes compact messages (FORMAT.md 6) when the server holds schemas:
+    each message against its schema, and the schemas the server lacks go
+    along in the reply, once."""
+
+    def __init__(self, server_ids: set | None):
+        self.server_ids = server_ids
+        self.to_send: dict[bytes, fc.Schema] = {}
+
+    def schema(self, arrays: Mapping[str, np.ndarray], spec: fc.CodecSpec) -> "fc.Schema | None":
+        if self.server_ids is None:
+            return None  # a server that announced nothing: full (version 1/2) messages
+        schema = fc.Schema.build(arrays, spec)
+        if schema.id not in self.server_ids:
+            self.to_send[schema.id] = schema
+        return schema
+
+    def add_to(self, record: ArrayRecord) -> None:
+        for sid, schema in self.to_send.items():
+            data = schema.to_bytes()
+            record[SCHEMA_KEY_PREFIX + sid.hex()] = Array(dtype="uint8", shape=(len(data),), stype=SCHEMA_STYPE,
+                                                          data=data)  # fmt: skip
+
+
+def _server_schema_ids(msg: Message) -> set | None:
+    """The schema ids a train instruction says the server holds (None: not announced)."""
+    for rec in msg.content.config_records.values():
+        value = rec.get(SCHEMAS_CONFIG_KEY)
+        if isinstance(value, bytes) and len(value) % fc.format.SCHEMA_ID_SIZE == 0:
+            n = fc.format.SCHEMA_ID_SIZE
+            return {value[i:i + n] for i in range(0, len(value), n)}
+    return None
+
+
 def _encode_within(
-    delta: dict[str, np.ndarray], spec: fc.CodecSpec, bound: float | None
+    delta: dict[str, np.ndarray], spec: fc.CodecSpec, bound: float | None, schema: "fc.Schema | None" = None
 ) -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Encode ``delta`` so that the *decoded* update has L2 norm <= ``bound``.
 
@@ -319,8 +397,8 @@ def _encode_within(
     one rescale lands within the bound up to float rounding, which the margin
     of the following tries absorbs.
     """
-    data = fc.encode_numpy(delta, spec)
-    sent = fc.decode_numpy(data)
+    data = fc.encode_numpy(delta, spec, schema=schema)
+    sent = fc.decode_numpy(data, schemas=schema)
     if bound is None:
         return data, sent, delta
     for attempt in range(8):
@@ -329,20 +407,22 @@ def _encode_within(
             return data, sent, delta
         factor = bound / norm * (1.0 - 1e-6 * 4**attempt)
         delta = {k: (v * factor).astype(v.dtype, copy=False) for k, v in delta.items()}
-        data = fc.encode_numpy(delta, spec)
-        sent = fc.decode_numpy(data)
+        data = fc.encode_numpy(delta, spec, schema=schema)
+        sent = fc.decode_numpy(data, schemas=schema)
     if _l2(sent) <= bound:
         return data, sent, delta
     log.warning("compression_mod: could not fit the update within the clipping norm %g; sending zeros", bound)
     delta = {k: np.zeros_like(v) for k, v in delta.items()}
-    data = fc.encode_numpy(delta, spec)
-    return data, fc.decode_numpy(data), delta
+    data = fc.encode_numpy(delta, spec, schema=schema)
+    return data, fc.decode_numpy(data, schemas=schema), delta
 
 
 def _copy_content(content: RecordDict, replace: Mapping[str, Any]) -> RecordDict:
     """A new RecordDict with some records swapped; the old one is left as is
     (Flower strategies share one RecordDict between all messages of a round)."""
-    return RecordDict({k: replace.get(k, rec) for k, rec in content.items()})
+    out = {k: replace.get(k, rec) for k, rec in content.items()}
+    out.update({k: rec for k, rec in replace.items() if k not in out})
+    return RecordDict(out)
 
 
 def _is_train(msg: Message) -> bool:
@@ -420,6 +500,12 @@ def compression_mod(
       warning the first time that happens for those tensors.
     - The clipping bound needs ``mode="delta"``; in ``"arrays"`` mode it is
       not enforced after quantization (a warning says so).
+    - Compact messages (FORMAT.md 6): when the train instruction lists the
+      schemas the server holds (:data:`SCHEMAS_CONFIG_KEY`, which
+      ``CompressedStrategy`` sends), each message refers to its schema by id
+      instead of carrying its tables, and a schema the server lacks travels
+      once, in the reply (``flocora/schema/<id>``). Otherwise the mod writes
+      full messages, which every decoder reads.
     """
     if spec is not None and not isinstance(spec, fc.CodecSpec):
         raise TypeError(f"compression_mod: spec must be a flocora_codec.CodecSpec or None; got {type(spec).__name__}")
@@ -455,6 +541,8 @@ def compression_mod(
             value = next(iter(msg.content.config_records.values())).get(CLIPPING_NORM_KEY)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 clip = float(value)
+
+        server_ids = _server_schema_ids(msg) if spec is not None and train and msg.has_content() else None
 
         reply = call_next(msg, context)
 
@@ -494,8 +582,9 @@ def compression_mod(
                     if r is not None and r.shape == d.shape and r.dtype == d.dtype:
                         delta[name] = d + r
             out = ArrayRecord()
+            compact = _Compactor(server_ids)
             if delta:
-                data, sent, delta = _encode_within(delta, round_spec, clip)
+                data, sent, delta = _encode_within(delta, round_spec, clip, compact.schema(delta, round_spec))
                 out[DELTA_KEY] = _message_array(data)
                 if error_feedback:
                     # residual of the (clipped) vector that was encoded: error
@@ -507,13 +596,14 @@ def compression_mod(
                             new_residual[name] = _c_array(r)
                     context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
             if full or not delta:
-                out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec))
+                out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec)))
+            compact.add_to(out)
         else:
             if clip is not None:
                 _warn_once(warned, ("clip-arrays",),
                            "compression_mod: mode='arrays' cannot keep the update within the clipping norm %g "
                            "after quantization; use mode='delta'", clip)  # fmt: skip
-            out = encode_array_record(arrays, round_spec, None)
+            out = encode_array_record(arrays, round_spec, None, server_schemas=server_ids)
 
         metrics = dict(reply.content.metric_records)
         mkey, mrec = next(iter(metrics.items())) if metrics else ("metrics", MetricRecord())
@@ -567,6 +657,15 @@ class CompressedStrategy(Strategy):
         Decode each reply against the global arrays its node was sent
         (names and shapes, before anything is allocated; default on). A
         reply holding anything else is dropped.
+    compact : bool
+        Announce the schemas this server holds in every train instruction, so
+        that clients running ``compression_mod`` send compact messages
+        (FORMAT.md 6): a 24-byte header instead of the tables, each schema
+        sent once (default on). Schemas are checked against the node's global
+        arrays like the messages; at most ``max_schemas`` are kept (oldest
+        first out; a client whose schema was dropped sends it again).
+    max_schemas : int
+        See ``compact``.
     max_update_norm_ratio : float
         Drop a reply whose update (its arrays minus the global arrays) has an
         L2 norm above this multiple of the round's lower median update norm;
@@ -608,7 +707,8 @@ class CompressedStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None,
-                 expect_replies: bool = True, max_update_norm_ratio: float = 0.0):
+                 expect_replies: bool = True, max_update_norm_ratio: float = 0.0, compact: bool = True,
+                 max_schemas: int = 64):
         if not isinstance(strategy, Strategy):
             raise TypeError(
                 f"CompressedStrategy wraps a flwr.serverapp.strategy.Strategy; got {type(strategy).__name__}"
@@ -622,6 +722,9 @@ class CompressedStrategy(Strategy):
         if not max_update_norm_ratio >= 0:
             raise ValueError(f"CompressedStrategy: max_update_norm_ratio must be >= 0; got {max_update_norm_ratio!r}")
         self.max_update_norm_ratio = float(max_update_norm_ratio)
+        self.compact = bool(compact)
+        self.max_schemas = int(max_schemas)
+        self.schemas = fc.SchemaRegistry()  # uplink schemas, from the clients' first replies
         self.history: dict[int, dict[str, int]] = {}
         self._bases: dict[int, dict[str, np.ndarray]] = {}
 
@@ -666,6 +769,10 @@ class CompressedStrategy(Strategy):
         stats = self._round_stats(server_round) if record_bases else None
         if record_bases:
             self._bases = {}
+            # oldest schemas out, between rounds only: every schema announced
+            # for a round stays until its replies are decoded
+            while len(self.schemas) > self.max_schemas:
+                del self.schemas[next(iter(self.schemas))]
         for msg in messages:
             if not msg.has_content():
                 continue
@@ -686,6 +793,13 @@ class CompressedStrategy(Strategy):
                     if id(plain) not in numpy_cache:
                         numpy_cache[id(plain)] = _to_numpy(plain)
                     self._bases[msg.metadata.dst_node_id] = numpy_cache[id(plain)]
+            if record_bases and self.compact and _is_train(msg):
+                # the schemas this server holds (and keeps until the round's replies are in)
+                ids = b"".join(self.schemas)
+                for key, cfg in msg.content.config_records.items():
+                    swap[key] = ConfigRecord({**dict(cfg), SCHEMAS_CONFIG_KEY: ids})
+                if not msg.content.config_records:
+                    swap["config"] = ConfigRecord({SCHEMAS_CONFIG_KEY: ids})
             if swap:
                 msg.content = _copy_content(msg.content, swap)
             if stats is not None:
@@ -707,8 +821,8 @@ class CompressedStrategy(Strategy):
             return reply
         node = reply.metadata.src_node_id
         base = self._bases.get(node)
-        decoded = {k: decode_array_record(r, base, limits=self.decode_limits, expect_base=self.expect_replies)
-                   for k, r in encoded.items()}  # fmt: skip
+        decoded = {k: decode_array_record(r, base, limits=self.decode_limits, expect_base=self.expect_replies,
+                                          schemas=self.schemas) for k, r in encoded.items()}  # fmt: skip
         reply.content = _copy_content(reply.content, decoded)
         return reply
 

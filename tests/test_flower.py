@@ -140,6 +140,19 @@ def row_scales(x: np.ndarray, bits: int) -> np.ndarray:
 SPEC4 = fc.CodecSpec(bits=4, granularity="row")
 
 
+def wire_schemas(record, strategy=None) -> list:
+    """The schemas a reply's compact messages can refer to: those it carried
+    (first exchange) and those the strategy already held."""
+    carried = [fc.Schema.from_bytes(a.data) for a in record.values() if a.stype == ff.SCHEMA_STYPE]
+    return carried + (list(strategy.schemas.values()) if strategy is not None else [])
+
+
+def wire_decode(record, key, strategy=None, numpy=False):
+    """Decode one message of a reply as it travelled (compact or full)."""
+    decode = fc.decode_numpy if numpy else fc.decode
+    return decode(record[key].data, schemas=wire_schemas(record, strategy))
+
+
 # ---------------------------------------------------------------------------
 # mod -> wrapper -> FedAvg against plain FedAvg
 # ---------------------------------------------------------------------------
@@ -153,8 +166,10 @@ def test_fedavg_matches_plain_within_quantization_error():
     # every reply travelled encoded, with our stype, and reports its bytes
     for w in wire:
         (rec,) = w.content.array_records.values()
-        assert set(rec.keys()) == {ff.DELTA_KEY, ff.FULL_KEY}
-        assert all(a.stype == ff.STYPE for a in rec.values())
+        # compact messages (the default), each with its schema in this first exchange
+        schemas = {k for k in rec.keys() if k.startswith("flocora/schema/")}
+        assert set(rec.keys()) - schemas == {ff.DELTA_KEY, ff.FULL_KEY} and len(schemas) == 2
+        assert all(a.stype == (ff.SCHEMA_STYPE if k in schemas else ff.STYPE) for k, a in rec.items())
         (m,) = w.content.metric_records.values()
         assert 0 < m[ff.BYTES_METRIC] < m[ff.RAW_BYTES_METRIC] / 3
         assert m["num-examples"] == WEIGHTS[w.node]
@@ -199,7 +214,8 @@ def test_arrays_mode_sends_no_deltas():
     mod = ff.compression_mod(fc.CodecSpec(bits=8), mode="arrays")
     (arrays, _), wire = run_round(ff.CompressedStrategy(FedAvg()), mod, make_contexts(), 1, g)
     for w in wire:
-        assert set(w.content["arrays"].keys()) == {ff.FULL_KEY}
+        keys = set(w.content["arrays"].keys())
+        assert {k for k in keys if not k.startswith("flocora/schema/")} == {ff.FULL_KEY}
     total = sum(WEIGHTS.values())
     name = "fc.weight"
     bound = sum(WEIGHTS[n] / total * row_scales(client_update(n, 1, g)[name], 8) / 2 for n in NODES)
@@ -504,7 +520,8 @@ def test_fedadam_float64_globals_still_travel_as_deltas(caplog):
             for w in wire:
                 # every float tensor travelled as a delta: nothing in full
                 assert ff.FULL_KEY not in w.content["arrays"], rnd
-                assert {t.dtype for t in fc.decode(w.content["arrays"][ff.DELTA_KEY].data).values()} == {torch.float32}
+                delta = wire_decode(w.content["arrays"], ff.DELTA_KEY, strategy)
+                assert {t.dtype for t in delta.values()} == {torch.float32}
             plain_arrays, arrays = as_numpy(plain_rec), as_numpy(rec)
     assert not [r for r in caplog.records if "sent in full" in r.getMessage()]
     diff = np.abs(arrays["fc.weight"] - plain_arrays["fc.weight"])
@@ -525,7 +542,8 @@ def test_full_fallback_warns_once(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         for _ in range(2):
             (_, _), wire = run_round(ff.CompressedStrategy(FedAvg()), mod, make_contexts(), 1, g, app=reshaping_app)
-    names = fc.message_info(wire[0].content["arrays"][ff.FULL_KEY].data).tensors
+    rec = wire[0].content["arrays"]
+    names = fc.message_info(rec[ff.FULL_KEY].data, schemas=wire_schemas(rec)).tensors
     assert "fc.weight" in [t.name for t in names]
     warnings = [r.getMessage() for r in caplog.records if "sent in full" in r.getMessage()]
     assert len(warnings) == 1 and "fc.weight" in warnings[0] and "differ in shape" in warnings[0]
@@ -555,7 +573,7 @@ def _dp_round_trip(mods, rounds, norm):
         (rec, _), wire = run_round(strategy, None, contexts, rnd, arrays, app=make_ffn(make_app(rnd), mods))
         for w in wire:
             assert not w.msg.has_error(), w.msg.error
-            delta = fc.decode_numpy(w.content["arrays"][ff.DELTA_KEY].data)
+            delta = wire_decode(w.content["arrays"], ff.DELTA_KEY, strategy, numpy=True)
             sent_norms.append(float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values()))))
         arrays = as_numpy(rec)
     return sent_norms, contexts

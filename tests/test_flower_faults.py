@@ -15,13 +15,20 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 import flocora_codec as fc  # noqa: E402
 from flocora_codec import flower as ff  # noqa: E402
 from fl.loop import _bomb  # noqa: E402
-from tests.test_flower import SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity  # noqa: E402,F401
+from tests.test_flower import (  # noqa: E402,F401
+    SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity, wire_decode,
+)
 
 
 def replace_array(reply, key, fn):
+    """Swap one message of a reply; the schema that came along for the old
+    (compact) message goes too, as a client sending the new one would do."""
     rec = reply.content["arrays"]
     a = rec[key]
     rec[key] = fn(a)
+    sid = fc.format.compact_schema_id(a.data)
+    if sid is not None:
+        rec.pop(ff.SCHEMA_KEY_PREFIX + sid.hex(), None)
 
 
 def run(tamper, **kw):
@@ -45,11 +52,11 @@ def test_reply_holding_nan_is_dropped(caplog):
     def nan_first(replies):
         # the 1-D bias travels raw inside the full message... make it NaN
         def poison(a):
-            arrays = fc.decode_numpy(a.data)
+            arrays = wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True)
             arrays["fc.bias"] = arrays["fc.bias"].copy()
             arrays["fc.bias"][3] = np.nan
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
-        replace_array(replies[0], ff.DELTA_KEY, poison)
+        replace_array(replies[0], ff.DELTA_KEY, poison)  # a full message: the decoder needs no schema
 
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         h, arrays, wire, g = run(nan_first)
@@ -62,7 +69,7 @@ def test_reply_holding_nan_is_dropped(caplog):
 def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
     def scale_first(replies):
         def scale(a):
-            arrays = {k: v * 1000 for k, v in fc.decode_numpy(a.data).items()}
+            arrays = {k: v * 1000 for k, v in wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True).items()}
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
         replace_array(replies[0], ff.DELTA_KEY, scale)
 
