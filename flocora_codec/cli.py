@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_OK, EXIT_BAD_MESSAGE, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
@@ -90,8 +91,10 @@ def _build_parser() -> argparse.ArgumentParser:
         + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ins.add_argument("message", metavar="MSG", help='message file ("-": standard input)')
+    ins.add_argument("message", metavar="MSG", help='message or schema file ("-": standard input)')
     ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    ins.add_argument("--schema", metavar="FILE", action="append", default=[],
+                     help="schema file of a compact message (repeatable)")
 
     enc = sub.add_parser(
         "encode",
@@ -108,6 +111,9 @@ def _build_parser() -> argparse.ArgumentParser:
     enc.add_argument("input", metavar="IN", help='.safetensors or .npz file of named tensors ("-": standard input)')
     enc.add_argument("-o", "--output", metavar="MSG", required=True,
                      help='message file to write ("-": standard output)')
+    enc.add_argument("--schema", metavar="FILE", default=None,
+                     help="write a compact message (format v3) against this schema file; it is created "
+                          "from the tensors and the codec parameters if it does not exist")
     g = enc.add_argument_group("codec parameters (see CodecSpec)")
     g.add_argument("--raw", action="store_true", help="no compression at all (overrides everything below)")
     g.add_argument("--bits", type=_bits, default=4, metavar="B",
@@ -148,6 +154,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help='.safetensors or .npz file to write ("-": standard output, needs --format)')
     dec.add_argument("--format", choices=("safetensors", "npz"), default=None,
                      help="format of OUT (default: from its suffix)")
+    dec.add_argument("--schema", metavar="FILE", action="append", default=[],
+                     help="schema file of a compact message (repeatable)")
     return p
 
 
@@ -211,18 +219,59 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:,}"
 
 
-def _inspect(args) -> int:
+def _schemas(paths) -> list:
     import flocora_codec as fc
 
+    return [fc.Schema.from_bytes(_read(p)) for p in paths]
+
+
+def _inspect_schema(args, data: bytes) -> int:
+    import flocora_codec as fc
+    from flocora_codec import format as fmt
+
+    schema = fc.Schema.from_bytes(data)
+    records, entries = schema.parsed.records, schema.parsed.entries
+    if args.json:
+        print(json.dumps({"file": _name(args.message), "kind": "schema", "schema_id": schema.id.hex(),
+                          "bytes": len(data), "tensors": [
+                              {"name": e.name, "dtype": str(e.dtype)[6:], "shape": list(e.shape),
+                               "codec": fmt.CODEC_NAMES[records[e.codec_index].codec],
+                               "params": records[e.codec_index].describe()} for e in entries]}, indent=2))  # fmt: skip
+        return EXIT_OK
+    print(f"{_name(args.message)}: flocora-codec schema {schema.id.hex()}, {_fmt_bytes(len(data))} bytes, "
+          f"{len(entries)} tensors, {len(records)} codec records, CRC32C ok")  # fmt: skip
+    table = [("name", "dtype", "shape", "codec")]
+    for e in entries:
+        table.append((e.name, str(e.dtype)[6:], "x".join(map(str, e.shape)) or "()",
+                      records[e.codec_index].describe()))  # fmt: skip
+    widths = [max(len(r[c]) for r in table) for c in range(4)]
+    for r in table:
+        print("  " + "  ".join(r[c].ljust(widths[c]) for c in range(4)).rstrip())
+    return EXIT_OK
+
+
+def _inspect(args) -> int:
+    import flocora_codec as fc
+    from flocora_codec import format as fmt
+
     data = _read(args.message)
-    info = fc.message_info(data)
+    if data[:4] == fmt.SCHEMA_MAGIC:
+        return _inspect_schema(args, data)
+    schemas = _schemas(args.schema)
+    sid = fmt.compact_schema_id(data)
+    if sid is not None and sid not in {s.id for s in schemas}:
+        print(f"{_name(args.message)}: compact flocora-codec message (format v3), {_fmt_bytes(len(data))} bytes, "
+              f"schema {sid.hex()}: pass its schema file with --schema to see and verify its tensors",
+              file=sys.stderr)  # fmt: skip
+    info = fc.message_info(data, schemas=schemas)
     args.message = _name(args.message)
-    fc.decode(data)  # section contents (index codes, padding, metadata) are checked here
+    fc.decode(data, schemas=schemas)  # section contents (index codes, padding, metadata) are checked here
     rows = info.tensors
     if args.json:
         doc = {
             "file": args.message,
             "version": info.version,
+            "schema_id": info.schema_id.hex() if info.schema_id else None,
             "valid": True,
             "bytes": {
                 "total": info.total_bytes, "header": info.header_bytes, "metadata": info.metadata_bytes,
@@ -243,7 +292,8 @@ def _inspect(args) -> int:
         print(json.dumps(doc, indent=2))
         return EXIT_OK
     raw = sum(t.numel * t.dtype.itemsize for t in rows)
-    print(f"{args.message}: flocora-codec message, format v{info.version}, {_fmt_bytes(info.total_bytes)} bytes, "
+    kind = f"compact message against schema {info.schema_id.hex()}" if info.schema_id else "message"
+    print(f"{args.message}: flocora-codec {kind}, format v{info.version}, {_fmt_bytes(info.total_bytes)} bytes, "
           f"{len(rows)} tensors, {info.n_codecs} codec records, CRC32C ok")  # fmt: skip
     ratio = f"{raw / info.total_bytes:.2f}x" if info.total_bytes else "-"
     print(f"  header {_fmt_bytes(info.header_bytes)} | metadata {_fmt_bytes(info.metadata_bytes)} | "
@@ -283,8 +333,15 @@ def _encode(args) -> int:
         else:
             print(f"flocora-codec encode: cannot read {_name(args.input)} as .{fmt}: {exc}", file=sys.stderr)
         return EXIT_IO
+    schema = None
     try:
-        data = fc.encode(tensors, spec)
+        if args.schema is not None:
+            if os.path.exists(args.schema):
+                schema = fc.Schema.from_bytes(_read(args.schema))
+            else:
+                schema = fc.Schema.build(tensors, spec)
+                _write(args.schema, schema.to_bytes())
+        data = fc.encode(tensors, spec, schema=schema)
     except (TypeError, ValueError) as exc:
         print(f"flocora-codec encode: {exc}", file=sys.stderr)
         return EXIT_IO
@@ -305,7 +362,7 @@ def _decode(args) -> int:
         print(f"flocora-codec decode: cannot tell the format of {args.output!r}: name it .safetensors or .npz, "
               "or pass --format", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    tensors = fc.decode(_read(args.message))
+    tensors = fc.decode(_read(args.message), schemas=_schemas(args.schema))
     try:
         data = files.tensors_to_bytes(tensors, fmt)
     except files.MissingDependencyError as exc:

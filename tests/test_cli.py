@@ -228,3 +228,33 @@ def test_version(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"flocora-codec {fc.__version__} (torch {torch.__version__}, ")
     assert f"{fc.ops.BACKEND} ops" in out
+
+
+def test_compact_messages_and_schemas(tmp_path, capsys):
+    from flocora_codec.cli import main as cli_main
+
+    src = tmp_path / "u.npz"
+    np.savez(src, a=np.linspace(-1, 1, 512, dtype=np.float32).reshape(16, 32), b=np.ones(32, np.float32))
+    msg, schema = tmp_path / "u.flc", tmp_path / "u.fls"
+    assert cli_main(["encode", str(src), "-o", str(msg), "--bits", "2", "--schema", str(schema)]) == 0
+    assert schema.exists() and msg.read_bytes()[4] == 3  # a compact message, and its schema written alongside
+    capsys.readouterr()
+    # without its schema a compact message cannot be verified: exit 1, saying which schema to pass
+    assert cli_main(["inspect", str(msg)]) == 1
+    err = capsys.readouterr().err
+    assert "pass its schema file with --schema" in err and fc.Schema.from_bytes(schema.read_bytes()).id.hex() in err
+    assert cli_main(["inspect", str(msg), "--schema", str(schema)]) == 0
+    out = capsys.readouterr().out
+    assert "compact message against schema" in out and "header 24 |" in out
+    assert cli_main(["inspect", str(schema)]) == 0
+    assert "flocora-codec schema" in capsys.readouterr().out
+    assert cli_main(["inspect", "--json", str(schema)]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "schema"
+    out_npz = tmp_path / "back.npz"
+    assert cli_main(["decode", str(msg), "--schema", str(schema), "-o", str(out_npz)]) == 0
+    with np.load(out_npz) as f:
+        assert f["a"].shape == (16, 32) and np.array_equal(f["b"], np.ones(32, np.float32))
+    # an existing schema file is used as it is: the second message matches it
+    assert cli_main(["encode", str(src), "-o", str(tmp_path / "v.flc"), "--bits", "2", "--schema", str(schema)]) == 0
+    assert (tmp_path / "v.flc").read_bytes() == msg.read_bytes()
+    assert cli_main(["encode", str(src), "-o", str(tmp_path / "w.flc"), "--bits", "4", "--schema", str(schema)]) == 3
