@@ -259,3 +259,17 @@ def test_mutated_compact_messages_and_schemas_give_only_codec_errors(data):
         check_input(bytes([mode | 1]) + bytes(body))  # re-sealed: a hostile sender
     else:
         check_input(bytes([mode]) + bytes(body) + seed[-4:])  # corrupted in transit
+
+
+def test_fl_sizes_show_compact_headers_under_the_goal():
+    # the goal: a compact header under 32 bytes plus 4 per tensor, whatever the names
+    from fl.sizes import message_sizes
+
+    rows = message_sizes("resnet8", [8], [2], width=16)
+    for row in rows:
+        n_topk = row.get("n_tensors", 0) if row["bits"] == "1% sign" else 0
+        assert row["compact_header_bytes"] <= 24 + 4 * n_topk
+        assert row["compact_bytes"] == row["bytes"] - row["header_bytes"] + row["compact_header_bytes"]
+        if row["analytic_bytes"] is not None and row["rank"]:
+            # the formula counts payload and metadata only: compact is within 32 bytes of it
+            assert 0 <= row["compact_bytes"] - row["analytic_bytes"] <= 32
