@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 try:
     from flwr.app import (
@@ -139,6 +140,11 @@ def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def _c_array(x) -> np.ndarray:
     # not np.ascontiguousarray: it turns 0-d arrays into shape (1,)
     return np.require(np.asarray(x), requirements="C")
+
+
+def _as_tensors(arrays: Mapping[str, np.ndarray]) -> dict:
+    # writable C arrays: torch.from_numpy shares their memory and warns on read-only ones
+    return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in arrays.items()}
 
 
 def _is_float(a: np.ndarray) -> bool:
@@ -471,9 +477,11 @@ def compression_mod(
         ``"arrays"``: send the reply arrays themselves.
     error_feedback : bool, optional
         Add the previous round's compression error of each delta before
-        encoding it (residuals live in ``context.state``, so they persist
-        across rounds on the node and never leave it). Default: on in
-        ``"delta"`` mode. Not available in ``"arrays"`` mode.
+        encoding it (:class:`flocora_codec.ErrorFeedback`, whose residuals
+        live in ``context.state``, so they persist across rounds on the node,
+        survive restarts of the ClientApp process and never leave it; a
+        residual of the wrong shape is dropped with a warning, as there).
+        Default: on in ``"delta"`` mode. Not available in ``"arrays"`` mode.
     state_key : str
         Prefix of the records this mod keeps in ``context.state``.
 
@@ -574,27 +582,28 @@ def compression_mod(
                 _warn_once(warned, ("full", tuple(fallback)),
                            "compression_mod: %d float tensor(s) sent in full, quantized without error feedback, "
                            "instead of as deltas: %s (%s)", len(fallback), fallback[:5], why)  # fmt: skip
-            if error_feedback:
-                old = context.state.array_records.get(residual_key)
-                residual = {} if old is None else _to_numpy(old)
-                for name, d in delta.items():
-                    r = residual.get(name)
-                    if r is not None and r.shape == d.shape and r.dtype == d.dtype:
-                        delta[name] = d + r
             out = ArrayRecord()
             compact = _Compactor(server_ids)
             if delta:
+                ef = targets = None
+                if error_feedback:
+                    # fc.ErrorFeedback's residuals, kept in context.state between messages
+                    # (a deployment starts a new ClientApp process per message)
+                    ef = fc.ErrorFeedback(round_spec)
+                    old = context.state.array_records.get(residual_key)
+                    if old is not None:
+                        ef.set_state(_to_numpy(old))
+                    to_send, targets = ef.compensate(_as_tensors(delta))
+                    delta = {k: v.numpy() for k, v in to_send.items()}
+                encoded = delta
                 data, sent, delta = _encode_within(delta, round_spec, clip, compact.schema(delta, round_spec))
                 out[DELTA_KEY] = _message_array(data)
-                if error_feedback:
+                if ef is not None:
                     # residual of the (clipped) vector that was encoded: error
                     # feedback re-sends quantization error, never what clipping cut
-                    new_residual = {}
-                    for name, d in delta.items():
-                        r = d - sent[name].astype(d.dtype, copy=False)
-                        if np.any(r):  # raw-rule tensors have none
-                            new_residual[name] = _c_array(r)
-                    context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
+                    ef.settle(targets if delta is encoded else _as_tensors(delta), _as_tensors(sent))
+                    context.state[residual_key] = ArrayRecord(
+                        {k: Array(_c_array(v.numpy())) for k, v in ef.get_state().items()})
             if full or not delta:
                 out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec)))
             compact.add_to(out)

@@ -632,10 +632,47 @@ def test_error_feedback_state():
     assert ef.encode({"x": x}) == ef2.encode({"x": x})
     ef.reset()
     assert ef.get_state() == {}
-    with pytest.raises(ValueError, match="shape"):
-        ef2.encode({"x": sample((4, 3))})
     with pytest.raises(TypeError):
         fc.ErrorFeedback("raw")
+    with pytest.raises(ValueError, match="float"):
+        ef2.set_state({"x": torch.arange(3)})
+
+
+def test_error_feedback_drops_a_residual_of_another_shape_with_a_warning(caplog):
+    # the documented behaviour (ErrorFeedback, "Mismatched residuals"), the Flower mod's as well
+    spec = fc.CodecSpec(k=2, rules=())
+    ef = fc.ErrorFeedback(spec)
+    ef.encode({"x": sample((3, 4))})
+    y = sample((4, 3), seed=3)
+    with caplog.at_level("WARNING", logger="flocora_codec"):
+        data = ef.encode({"x": y})
+    assert "dropped the residual of 'x'" in caplog.text
+    assert data == fc.encode({"x": y}, spec)  # encoded as if there were no residual
+    assert ef.get_state()["x"].shape == (4, 3)
+
+
+def test_error_feedback_residual_dtypes_and_steps():
+    spec = fc.CodecSpec(bits=2, rules=(fc.Rule("raw.*", "raw"),))
+    x = {"h": sample((4, 8)).half(), "d": sample((4, 8), seed=2).double(), "raw.w": sample((2, 3))}
+    ef = fc.ErrorFeedback(spec)
+    for _ in range(2):
+        data = ef.encode(x)
+    state = ef.get_state()
+    assert state["h"].dtype == torch.float32 and state["d"].dtype == torch.float64
+    assert "raw.w" not in state  # travelled exactly: no residual kept
+    # encode() is compensate -> encode -> decode -> settle
+    ef2 = fc.ErrorFeedback(spec)
+    ef2.set_state({k: v.numpy() for k, v in fc.ErrorFeedback(spec).get_state().items()})
+    for _ in range(2):
+        to_send, targets = ef2.compensate(x)
+        assert {k: v.dtype for k, v in to_send.items()} == {k: v.dtype for k, v in x.items()}
+        data2 = fc.encode(to_send, spec)
+        ef2.settle(targets, fc.decode(data2))
+    assert data2 == data
+    assert all(torch.equal(ef2.get_state()[k], v) for k, v in state.items())
+    # a residual kept in another float dtype is converted
+    ef2.set_state({"h": state["h"].half()})
+    assert ef2.get_state()["h"].dtype == torch.float32
 
 
 # ---- golden files -------------------------------------------------------------------------------

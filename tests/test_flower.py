@@ -243,6 +243,35 @@ def test_error_feedback_residual_telescopes():
     assert ctx.state["flocora.counter"]["rounds"] == 3
 
 
+def test_error_feedback_of_the_mod_is_fc_error_feedback(caplog):
+    """The mod's residuals are fc.ErrorFeedback's on the same deltas (one
+    implementation), kept in context.state; a stale residual of another
+    shape is dropped with a warning, as ErrorFeedback documents."""
+    spec = fc.CodecSpec(bits=2, granularity="row")
+    mod = ff.compression_mod(spec)
+    ctx = make_contexts()[11]
+    g = global_arrays()
+    ef = fc.ErrorFeedback(spec)
+
+    def instruction():
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+                       dst_node_id=11, message_type=MessageType.TRAIN)
+
+    for rnd in (1, 2, 3):
+        reply = mod(instruction(), ctx, make_app(rnd))
+        deltas = {k: torch.from_numpy(v - g[k]) for k, v in client_update(11, rnd, g).items() if v.ndim}
+        assert ef.encode(deltas) == reply.content["arrays"][ff.DELTA_KEY].data
+    kept = ctx.state["flocora.residual"]
+    assert set(kept) == set(ef.get_state()) == {"conv.weight", "fc.weight"}
+    assert all(np.array_equal(kept[k].numpy(), v.numpy()) for k, v in ef.get_state().items())
+    # a residual left by another model (a node restarted with a new one): dropped, with a warning
+    ctx.state["flocora.residual"] = ArrayRecord({"fc.weight": Array(np.ones((3, 3), np.float32))})
+    with caplog.at_level("WARNING", logger="flocora_codec"):
+        mod(instruction(), ctx, make_app(4))
+    assert "dropped the residual of 'fc.weight'" in caplog.text
+    assert ctx.state["flocora.residual"]["fc.weight"].numpy().shape == (10, 37)
+
+
 def test_stochastic_rounding_draws_fresh_noise_each_round():
     mod = ff.compression_mod(fc.CodecSpec(bits=2, rounding="stochastic"), error_feedback=False)
     ctx = make_contexts()[11]
