@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import flocora_codec as fc
-from .comm import SchemaBook, Timer, check_names, message_breakdown
+from .comm import Plain, SchemaBook, Timer, check_names, encoder, message_breakdown
 from .config import load_config
 from .data import load_dataset, make_clients
 from .methods import METHODS, Update
@@ -208,7 +208,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
         if method.communicates and transport == "weights":
             down = method.download(rnd)
             check_names(down, allowed, frozen, "download")
-            down_msg = timer.encode(down, method.down_spec_at(rnd))
+            down_msg = timer.encode(down, Plain(method.down_spec_at(rnd)))
             st.last_down = down_msg
         updates, dropped, bytes_up, bytes_down, train_losses, sync = [], [], 0, 0, [], {}
         schema_before = (st.schema_up, st.schema_down)
@@ -398,10 +398,7 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
         check_names(tensors, allowed, frozen, f"client {cid} upload")
         tensors = _inject(cid, tensors, faults, cancelled)
         _check_cancelled(cancelled, cid)
-        spec, ef = method.up_spec_at(cid, rnd), method.error_feedback(cid)
-        if ef is not None:
-            ef.spec = spec  # density tiers and decay change the spec, not the residual
-        up_msg = timer.encode(tensors, spec, ef)
+        up_msg = timer.encode(tensors, encoder(method.up_spec_at(cid, rnd), method.error_feedback(cid)))
     if cid in faults.get("corrupt_clients", []):
         up_msg = _corrupt(up_msg)
     if cid in faults.get("bomb_clients", []):

@@ -175,24 +175,10 @@ class _VersionAction(argparse.Action):
 
 
 def _spec_from(args):
-    from flocora_codec.spec import CodecSpec, Rule
+    from flocora_codec.spec import CONFIG_KEYS, CodecSpec
 
-    if args.raw:
-        return CodecSpec.raw()
-    rules = (Rule("*", "raw", max_ndim=1),) if args.keep_1d_raw else ()
-    return CodecSpec(
-        bits=args.bits,
-        granularity=args.granularity,
-        group_size=args.group_size,
-        rounding=args.rounding,
-        seed=args.seed,
-        meta_dtype=args.meta_dtype,
-        density=args.density,
-        k=args.k,
-        topk_scope=args.topk_scope,
-        values=args.values,
-        rules=rules,
-    )
+    # the options are named after CONFIG_KEYS (--group-size -> group_size)
+    return CodecSpec.from_dict({k: getattr(args, k) for k in CONFIG_KEYS})
 
 
 def _read(path: str) -> bytes:

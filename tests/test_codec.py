@@ -605,6 +605,19 @@ def test_numpy_variants():
         fc.encode_numpy({"o": np.array(["a", "b"])})
 
 
+# ---- specs from configuration ------------------------------------------------------------
+def test_codec_spec_from_dict():
+    assert fc.CodecSpec.from_dict({}) == fc.CodecSpec()
+    assert fc.CodecSpec.from_dict({"raw": True, "bits": 99}) == fc.CodecSpec.raw()  # raw wins, unchecked
+    assert fc.CodecSpec.from_dict({"bits": None, "k": 3, "keep_1d_raw": False}) == \
+        fc.CodecSpec(bits=None, k=3, rules=())
+    assert fc.CodecSpec.from_dict({"keep_1d_raw": True}).rules == fc.CodecSpec().rules
+    with pytest.raises(ValueError, match="unknown key 'bitz'"):
+        fc.CodecSpec.from_dict({"bitz": 4})
+    with pytest.raises(ValueError, match="bits"):
+        fc.CodecSpec.from_dict({"bits": 9})
+
+
 # ---- error feedback ------------------------------------------------------------------------
 def test_error_feedback_telescopes():
     x = sample((8, 32), seed=5)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import flocora_codec as fc
+
 from fl.config import SCHEMA, ConfigError, load_config, load_sweep, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +111,16 @@ def test_flower_app_run_config_is_checked(monkeypatch):
         app_config({"codec-mode": "delt"})
     with pytest.raises(ConfigError, match="did you mean 'train.rounds'"):  # fl-overrides go through fl.config
         fl_config(app_config({"fl-overrides": "method.name=flocora train.roundz=2"}))
+
+
+def test_flower_app_codec_specs_keep_their_defaults(monkeypatch):
+    # built by CodecSpec.from_dict; the values pin what the app sent before it did
+    pytest.importorskip("flwr")
+    monkeypatch.syspath_prepend(str(ROOT / "fl" / "flower_app"))
+    from flocora_flower.task import app_config, codec_specs
+
+    assert codec_specs(app_config({})) == (fc.CodecSpec(bits=4, granularity="row", group_size=64), None)
+    up, down = codec_specs(app_config({"codec-bits": 2, "codec-granularity": "group", "codec-group-size": 16,
+                                       "codec-rounding": "stochastic", "downlink-bits": 8}))
+    assert up == fc.CodecSpec(bits=2, granularity="group", group_size=16, rounding="stochastic")
+    assert down == fc.CodecSpec(bits=8, granularity="group", group_size=16, rounding="stochastic")

@@ -118,6 +118,34 @@ def test_quantized_upload_is_smaller_and_close():
     torch.testing.assert_close(out["a.lora_A.weight"], tensors["a.lora_A.weight"], atol=0.6, rtol=0)
 
 
+def test_make_spec_keeps_its_defaults():
+    # built by CodecSpec.from_dict; the specs pin what make_spec gave before it did
+    assert comm.make_spec({}, "up") == fc.CodecSpec.raw()
+    assert comm.make_spec({"bits": 4}, "up") == fc.CodecSpec(bits=4)
+    assert comm.make_spec({"bits": 2, "granularity": "group", "group_size": 16, "rounding": "stochastic",
+                           "codec_seed": 3, "meta_dtype": "float16"}, "up") == \
+        fc.CodecSpec(bits=2, granularity="group", group_size=16, rounding="stochastic", seed=3, meta_dtype="float16")
+    assert comm.make_spec({"ul_density": 0.1, "dl_density": 1.0}, "up") == \
+        fc.CodecSpec(bits=None, density=0.1, topk_scope="global")
+    assert comm.make_spec({"ul_density": 0.1, "dl_density": 1.0}, "down") == fc.CodecSpec.raw()
+    assert comm.make_spec({"bits": 4, "ul_density": 0.1, "transport": "delta"}, "up") == \
+        fc.CodecSpec(bits=4, density=0.1, topk_scope="global", values="quantized", rules=())
+    assert comm.make_spec({"bits": 4, "transport": "delta", "keep_1d_raw": True}, "down") == fc.CodecSpec(bits=4)
+    assert comm.make_spec({"sparse_values": "sign", "bits": 4, "ul_density": 0.01}, "up") == \
+        fc.CodecSpec(bits=None, density=0.01, topk_scope="global", values="sign")
+
+
+@pytest.mark.parametrize("over, fields", [
+    (["method.name=flocora", "method.bits=4"], {"analytic_up_bytes", "analytic_down_bytes", "analytic_fedavg_bytes"}),
+    (["method.name=flocora", "method.ul_density=0.1"], {"analytic_down_bytes", "analytic_fedavg_bytes"}),
+    (["method.name=flocora", "method.transport=delta"], {"analytic_fedavg_bytes"}),
+    (["method.name=flasc", "method.ul_density=0.1", "method.dl_density=0.5"], set()),
+])  # fmt: skip
+def test_each_method_reports_only_its_own_analytic_sizes(over, fields):
+    method, _ = loop.setup(tiny("method.rank=2", *over))
+    assert {k for k in method.describe() if k.startswith("analytic_")} == fields
+
+
 def test_frozen_tensor_in_a_message_is_refused(tmp_path, monkeypatch):
     with pytest.raises(MessageNameError, match="frozen"):
         check_names({"conv1.base.weight"}, {"conv1.lora_A.weight"}, {"conv1.base.weight"}, "test")

@@ -154,8 +154,8 @@ def test_stc_sends_ternary_top_k_per_tensor(tmp_path, monkeypatch):
     msgs = []
     orig = Timer.encode
 
-    def encode(timer, tensors, spec, ef=None):
-        data = orig(timer, tensors, spec, ef)
+    def encode(timer, tensors, how):
+        data = orig(timer, tensors, how)
         msgs.append((data, timer.book.registry if timer.book else None))
         return data
     monkeypatch.setattr(Timer, "encode", encode)

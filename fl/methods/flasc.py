@@ -53,6 +53,10 @@ class FLASC(FLoCoRA):
         self.server_opt.step(mean_delta)
         set_tensors(self.global_model, self.server_opt.tensors())
 
+    def analytic_sizes(self, tensors, params_fedavg):
+        # FLoCoRA's formula describes FLoCoRA's messages, not FLASC's top-k deltas
+        return {}
+
     def describe(self):
         d = super().describe()
         d.update({k: self.mcfg.get(k) for k in ("ul_density", "dl_density", "topk_scope", "server_opt",

@@ -107,8 +107,9 @@ def codec_specs(appcfg: dict) -> tuple[fc.CodecSpec | None, fc.CodecSpec | None]
     def spec(bits: int) -> fc.CodecSpec | None:
         if int(bits) <= 0:
             return None
-        return fc.CodecSpec(bits=int(bits), granularity=str(appcfg["codec-granularity"]),
-                            group_size=int(appcfg["codec-group-size"]), rounding=str(appcfg["codec-rounding"]))
+        return fc.CodecSpec.from_dict({"bits": int(bits), "granularity": str(appcfg["codec-granularity"]),
+                                       "group_size": int(appcfg["codec-group-size"]),
+                                       "rounding": str(appcfg["codec-rounding"])})
 
     return spec(appcfg["codec-bits"]), spec(appcfg["downlink-bits"])
 
