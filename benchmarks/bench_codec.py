@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import ops  # noqa: E402
-from flocora_codec.demo import resnet18_lora_state_dict  # noqa: E402
+import flocora_codec as fc
+from flocora_codec import ops
+from flocora_codec.demo import resnet18_lora_state_dict
 
 GROUP = 64
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         n = nbytes // 4
         x = torch.randn(n)
         dst = torch.empty_like(x)
-        copy_s = median_seconds(lambda: dst.copy_(x), repeats)
+        copy_s = median_seconds(lambda: dst.copy_(x), repeats)  # noqa: F821  called before the `del` below
         copy_gbs = 8 * n / copy_s / 1e9
         for bits in (1, 2, 4, 8):
             moved_enc = 4 * n + n * bits // 8 + 8 * n // GROUP

@@ -36,7 +36,7 @@ L2_ROTATE_BYTES = 256 << 20  # rotate buffers up to this total footprint (> 4x t
 def require_cuda():
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine")
-    from flocora_codec import ops  # noqa: F401  (loads the extension)
+    from flocora_codec import ops
 
     x = torch.zeros(8, device="cuda")
     try:
@@ -113,7 +113,7 @@ def bench_quant(timer, sizes_mib, repeats, copy_bw):
                 p, s, o = ops.quantize_pack([nxt()], bits, [group])
                 meta = s.numel() * 8
                 q_bytes = 4 * n + p.numel() + meta
-                dms = timer(lambda: ops.unpack_dequantize(p, s, o, bits, [n], [group]), repeats, flush=True)
+                dms = timer(lambda: ops.unpack_dequantize(p, s, o, bits, [n], [group]), repeats, flush=True)  # noqa: F821  called before the `del` below
                 d_bytes = p.numel() + meta + 4 * n
                 lines.append(
                     f"| {mib} MiB fp32 | {bits} | {gname} | {qms:.3f} | {gbps(q_bytes, qms):.0f} | "

@@ -71,8 +71,8 @@ def _sweep(args) -> int:
     skipped, interrupted ones continue from their last completed round."""
     import json
 
-    from .loop import CHECKPOINT, resume_dir, run
     from .config import load_config, load_sweep
+    from .loop import CHECKPOINT, resume_dir, run
     from .report import compare_table, frontier_report, load_run, plot_runs
     sweep_path = Path(args.sweep)
     # every run's config is validated here, before the first run starts

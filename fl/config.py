@@ -19,7 +19,6 @@ import difflib
 import tomllib
 from pathlib import Path
 
-
 _HERE = Path(__file__).resolve().parent
 # The experiment configs: configs/ of the checkout, or the copy installed with
 # the package (flocora_fl/configs, see pyproject.toml).

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import flocora_codec as fc
+
 from .comm import Plain, SchemaBook, Timer, check_names, encoder, message_breakdown
 from .config import load_config
 from .data import load_dataset, make_clients

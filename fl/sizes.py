@@ -10,6 +10,7 @@ not depend on the values (top-k rows keep ``density * n`` of each tensor).
 from __future__ import annotations
 
 import flocora_codec as fc
+
 from .comm import flocora_analytic_bits
 from .lora import apply_flocora, get_tensors, trainable_names
 from .models import build_model, num_params

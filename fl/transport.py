@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 import flocora_codec as fc
+
 from .comm import Plain, encoder
 
 FLAT_NAME = "params"

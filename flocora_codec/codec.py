@@ -115,14 +115,14 @@ if platform.python_implementation() == "CPython":
         addr = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
         return out, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
 
-    _finish = lambda out, view: out  # noqa: E731
+    _finish = lambda out, view: out
 else:  # pragma: no cover - other interpreters: one extra copy
 
     def _alloc_message(n: int):
         buf = bytearray(n)
         return buf, memoryview(buf)
 
-    _finish = lambda out, view: bytes(out)  # noqa: E731
+    _finish = lambda out, view: bytes(out)
 
 
 def _host_bytes(t: torch.Tensor) -> memoryview:

@@ -60,7 +60,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def stochastic_uniform24(seed: int, index: torch.Tensor) -> torch.Tensor:
     """uniform24(stochastic_key(seed, i), i mod 2^32) for int64 indices i."""
     seed &= (1 << 64) - 1
-    t = lambda v: torch.as_tensor(v, dtype=torch.int64)  # noqa: E731
+    t = lambda v: torch.as_tensor(v, dtype=torch.int64)
     k = mix32(t((seed >> 32) ^ 0x9E3779B9))
     k = mix32(t(seed & _U32) ^ k)
     key = mix32(k ^ (index >> 32) ^ 0x85EBCA6B)
@@ -145,7 +145,7 @@ def unpack_dequantize(
 # Selection, index codes (bitmap / Elias-Fano, csrc/include/flocora/affine.h)
 # and sparse decode. The oracle may sort; it applies the kernels' tie rule:
 # equal |x| go to the lower index (the lower tensor first, for a global scope).
-from flocora_codec.ops import (  # noqa: E402
+from flocora_codec.ops import (  # noqa: E402  beside the section that uses them
     INDEX_BITMAP,
     bitmap_nbytes,
     choose_index_code,

@@ -58,7 +58,7 @@ def test_import_without_extension_warns_once():
             warnings.simplefilter("always")
             import torch
             import flocora_codec as fc
-            import flocora_codec.ops, flocora_codec.codec, flocora_codec.cli  # noqa: F401
+            import flocora_codec.ops, flocora_codec.codec, flocora_codec.cli  # noqa: F401  the imports under test
             x = {"w": torch.randn(8, 16).bfloat16(), "b": torch.randn(16)}
             out = fc.decode(fc.encode(x, fc.CodecSpec(bits=4)))
             out2 = fc.decode(fc.encode(x, fc.CodecSpec(density=0.25)))

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import flocora_codec as fc
-
 from fl.config import SCHEMA, ConfigError, load_config, load_sweep, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +98,7 @@ def test_flower_app_run_config_is_checked(monkeypatch):
     pytest.importorskip("flwr")
     monkeypatch.syspath_prepend(str(ROOT / "fl" / "flower_app"))
     # the app imports the installed flocora_fl (or, without it, this checkout's fl): its own ConfigError
-    from flocora_flower.task import ConfigError, app_config, fl_config  # noqa: F811
+    from flocora_flower.task import ConfigError, app_config, fl_config
 
     cfg = app_config({"codec-bits": 2, "fraction-train": 1})  # an integer is a valid number
     assert cfg["codec-bits"] == 2

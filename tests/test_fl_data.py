@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fl.config import load_config
-from fl.data import (augment_batch, dirichlet_split, fit_images, load_cifar, load_dataset, make_clients,
-                     make_datasets)
+from fl.data import augment_batch, dirichlet_split, fit_images, load_cifar, load_dataset, make_clients, make_datasets
 
 
 def _write_fake_cifar(root, n=6):
@@ -70,7 +69,7 @@ def test_dirichlet_split_partitions_and_repeats():
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     skewed = dirichlet_split(labels, 5, alpha=0.05, seed=0)
     iid = dirichlet_split(labels, 5, alpha=1000.0, seed=0)
-    n_classes = lambda ps: np.mean([len(np.unique(labels[p])) for p in ps])  # noqa: E731
+    n_classes = lambda ps: np.mean([len(np.unique(labels[p])) for p in ps])
     assert n_classes(skewed) < n_classes(iid)
     with pytest.raises(ValueError):
         dirichlet_split(labels, 500, alpha=0.5)

@@ -9,8 +9,8 @@ import torch
 import flocora_codec as fc
 from fl import comm, loop
 from fl.cli import main
-from fl.config import load_config
 from fl.comm import MessageNameError, check_names
+from fl.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

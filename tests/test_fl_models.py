@@ -4,8 +4,16 @@ import torch
 from torch import nn
 
 from fl.comm import flocora_analytic_bits
-from fl.lora import (LoRAConv2d, LoRALinear, add_linear_adapter, apply_flocora, frozen_names, get_tensors,
-                     is_lora_name, trainable_names)
+from fl.lora import (
+    LoRAConv2d,
+    LoRALinear,
+    add_linear_adapter,
+    apply_flocora,
+    frozen_names,
+    get_tensors,
+    is_lora_name,
+    trainable_names,
+)
 from fl.models import CNN_FAMILY, build_model, num_params
 
 

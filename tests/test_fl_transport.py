@@ -3,7 +3,6 @@ STC, density tiers and decay, resumable runs and seeded sweeps."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

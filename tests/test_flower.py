@@ -11,12 +11,12 @@ import logging
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 flwr = pytest.importorskip("flwr", reason="Flower is not installed (pip install 'flocora-codec[flower]')")
 
-from flwr.app import (  # noqa: E402
+from flwr.app import (  # noqa: E402  after importorskip
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -27,11 +27,11 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg  # noqa: E402  after importorskip
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402  after importorskip
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
+import flocora_codec as fc  # noqa: E402  after importorskip
+from flocora_codec import flower as ff  # noqa: E402  after importorskip
 
 NODES = (11, 22)
 WEIGHTS = {11: 30, 22: 10}
@@ -462,7 +462,7 @@ def test_dp_server_side_wrapper_sees_plain_arrays():
     # updates, up to the 8-bit quantization of the deltas.
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     norm = 0.5
-    mk = lambda: DifferentialPrivacyServerSideFixedClipping(  # noqa: E731
+    mk = lambda: DifferentialPrivacyServerSideFixedClipping(
         FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2)
     want = _clipped_fedavg(g, norm)
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g)
@@ -485,7 +485,7 @@ def test_client_side_dp_clipping_mod_runs_inside_the_compression_mod():
 
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     norm = 0.5  # the raw updates have norm ~1.6: clipping bites
-    mk = lambda: DifferentialPrivacyClientSideFixedClipping(  # noqa: E731
+    mk = lambda: DifferentialPrivacyClientSideFixedClipping(
         FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2)
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g, app=make_ffn(make_app(1), [fixedclipping_mod]))
     mods = [ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), fixedclipping_mod]
@@ -505,7 +505,7 @@ def test_fedadam_through_the_wrapper():
     # and a wrongly scaled delta barely shows. tau = 0.1 >> 0.1 |d| (|d| <~ 0.1)
     # makes the step nearly linear in d, so the delta's size must be right.
     g = {k: v for k, v in global_arrays().items() if k != "steps"}  # FedAdam: float arrays only
-    mk = lambda: FedAdam(eta=0.1, tau=0.1)  # noqa: E731
+    mk = lambda: FedAdam(eta=0.1, tau=0.1)
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g)
     (arrays, _), _ = run_round(ff.CompressedStrategy(mk()),
                                ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), make_contexts(), 1, g)
@@ -631,8 +631,8 @@ def test_compression_mod_inside_the_clipping_mod_fails_loudly():
     """The wrong order, mods=[fixedclipping_mod, compression_mod]: the clipping
     mod would see encoded arrays; it answers with an error reply instead of
     clipping codec bytes."""
-    from flwr.clientapp.mod import fixedclipping_mod
     from flwr.client.mod.utils import make_ffn
+    from flwr.clientapp.mod import fixedclipping_mod
 
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -665,8 +665,8 @@ def test_decode_array_record_rejects_bad_records():
         ff.decode_array_record(ArrayRecord({ff.DELTA_KEY: Array(a.dtype, a.shape, a.stype, b"x" * 40)}), g)
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402  the property tests' own imports
+from hypothesis import strategies as st  # noqa: E402  the property tests' own imports
 
 _shapes = st.sampled_from([(), (0,), (1,), (7,), (3, 5), (0, 4), (4, 1), (2, 3, 4), (16, 65)])
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_])

@@ -7,19 +7,24 @@ import logging
 import struct
 
 import crc32c
-
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed")
 
-from flwr.app import Array  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.app import Array
+from flwr.serverapp.strategy import FedAvg
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
-from tests.test_flower import (  # noqa: E402,F401
-    SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity, wire_schemas,
+import flocora_codec as fc
+from flocora_codec import flower as ff
+from tests.test_flower import (  # noqa: F401  task_identity: an autouse fixture
+    SPEC4,
+    as_numpy,
+    global_arrays,
+    make_contexts,
+    run_round,
+    task_identity,
+    wire_schemas,
 )
 
 
@@ -55,7 +60,7 @@ def test_schemas_travel_once_then_messages_are_compact():
         assert schema_keys(rec) == []
         assert fc.message_info(rec[ff.DELTA_KEY].data, schemas=strategy.schemas).version == 3
     assert len(strategy.schemas) == 2
-    h, hf = strategy.history, None
+    h = strategy.history
     # the same updates: the aggregates are bit-identical to full messages
     (full_a1, full_w1), (full_a2, full_w2) = full_rounds
     for (a, _), fa in zip(rounds, (full_a1, full_a2)):

@@ -9,14 +9,20 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed")
 
-from flwr.app import Array  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.app import Array
+from flwr.serverapp.strategy import FedAvg
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
-from fl.loop import _bomb  # noqa: E402
-from tests.test_flower import (  # noqa: E402,F401
-    SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity, wire_decode,
+import flocora_codec as fc
+from fl.loop import _bomb
+from flocora_codec import flower as ff
+from tests.test_flower import (  # noqa: F401  task_identity: an autouse fixture
+    SPEC4,
+    as_numpy,
+    global_arrays,
+    make_contexts,
+    run_round,
+    task_identity,
+    wire_decode,
 )
 
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import flocora_codec as fc
 from flocora_codec import format as fmt
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Tens of thousands of tiny decodes: intra-op threads only add barrier
@@ -39,7 +40,7 @@ LIMITS = fc.DecodeLimits(max_total_elements=1 << 20, max_message_bytes=1 << 20)
 
 def _seed_messages() -> list[bytes]:
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(s, generator=g)
     tensors = {"a.lora_A": r(4, 6), "a.lora_B": r(6, 4), "n.weight": r(6), "i": torch.arange(5), "h": r(3, 5).half()}
     specs = [
         fc.CodecSpec.raw(),

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fuzz"))
-from fuzz_decode import check_input  # noqa: E402
+from fuzz_decode import check_input  # noqa: E402  after the sys.path entry above
 
 CASES = sorted((ROOT / "tests" / "fuzz_regressions").glob("*.bin"))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

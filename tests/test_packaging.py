@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 from tests.conftest import run_ok as _run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 import flocora_codec as fc
+
 from ..comm import make_spec
 from ..data import ClientData, Dataset
 from ..models import build_model
 from ..training import TrainConfig
-
 
 TRANSPORTS = ("weights", "delta")
 # what a checkpoint leaves out: rebuilt from the config on resume

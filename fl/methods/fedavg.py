@@ -10,10 +10,10 @@ import math
 from ..aggregation import ServerOptimizer, weighted_average
 from ..comm import make_spec
 from ..lora import frozen_names, get_tensors, set_tensors, trainable_names
-from .base import Method, Update
 from ..models import num_params
 from ..training import evaluate, train_client
 from ..transport import DeltaLink
+from .base import Method, Update
 
 
 class FedAvg(Method):

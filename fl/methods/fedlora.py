@@ -15,10 +15,11 @@ models on the common test set beside it.
 from __future__ import annotations
 
 import flocora_codec as fc
+
 from ..aggregation import weighted_average
-from ..lora import add_linear_adapter, adapter_names, get_tensors, set_tensors, set_trainable
-from .base import Method
+from ..lora import adapter_names, add_linear_adapter, get_tensors, set_tensors, set_trainable
 from ..training import evaluate, train_client
+from .base import Method
 
 ADAPTER_LAYER = "fc3"
 

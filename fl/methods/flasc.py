@@ -13,10 +13,11 @@ next time that client uploads; FLASC itself drops unsent entries.
 from __future__ import annotations
 
 import flocora_codec as fc
+
 from ..aggregation import ServerOptimizer, weighted_average
 from ..lora import get_tensors, set_tensors
-from .flocora import FLoCoRA
 from ..training import train_client
+from .flocora import FLoCoRA
 
 
 class FLASC(FLoCoRA):

@@ -28,7 +28,7 @@ except ImportError:
     try:
         from fl.config import CONFIG_DIR, Choice, ConfigError, load_config, validate
         from fl.loop import setup as fl_setup
-        from fl.lora import set_tensors
+        from fl.lora import set_tensors  # noqa: F401  for server_app
     except ImportError as exc:  # pragma: no cover - environment problem, not logic
         raise ImportError(
             "flocora_flower needs the FL experiment code: pip install 'flocora-codec[flower,experiments]' "
