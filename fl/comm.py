@@ -5,6 +5,7 @@ Every message in either direction is ``flocora_codec.encode`` output (bytes)
 and is decoded with ``flocora_codec.decode`` on the other side; byte counts
 are ``len()`` of those messages, never estimates.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,15 +55,22 @@ def make_spec(cfg: dict, direction: str, density=_UNSET) -> "fc.CodecSpec":
     if bits is None and density is None:
         return fc.CodecSpec.from_dict({"raw": True})
     values = cfg.get("sparse_values", "float32")
-    kw = dict(bits=bits if values != "sign" else None, granularity=cfg.get("granularity", "row"),
-              rounding=cfg.get("rounding", "nearest"), seed=cfg.get("codec_seed", 0),
-              meta_dtype=cfg.get("meta_dtype", "float32"),
-              keep_1d_raw=cfg.get("transport") != "delta" or cfg.get("keep_1d_raw", False))
+    kw = dict(
+        bits=bits if values != "sign" else None,
+        granularity=cfg.get("granularity", "row"),
+        rounding=cfg.get("rounding", "nearest"),
+        seed=cfg.get("codec_seed", 0),
+        meta_dtype=cfg.get("meta_dtype", "float32"),
+        keep_1d_raw=cfg.get("transport") != "delta" or cfg.get("keep_1d_raw", False),
+    )
     if kw["granularity"] == "group":
         kw["group_size"] = cfg.get("group_size", 64)
     if density is not None:
-        kw.update(density=density, topk_scope=cfg.get("topk_scope", "global"),
-                  values="quantized" if bits is not None and values != "sign" else values)
+        kw.update(
+            density=density,
+            topk_scope=cfg.get("topk_scope", "global"),
+            values="quantized" if bits is not None and values != "sign" else values,
+        )
     return fc.CodecSpec.from_dict(kw)
 
 
@@ -167,6 +175,10 @@ def flocora_analytic_bits(tensors: dict[str, torch.Tensor], bits: int | None) ->
 def message_breakdown(data: bytes, schemas=None) -> dict:
     """Where a message's bytes go (header, metadata, indices, payload)."""
     info = fc.message_info(data, schemas=schemas)
-    return {"total_bytes": info.total_bytes, "header_bytes": info.header_bytes,
-            "metadata_bytes": info.metadata_bytes, "index_bytes": info.index_bytes,
-            "payload_bytes": info.payload_bytes}
+    return {
+        "total_bytes": info.total_bytes,
+        "header_bytes": info.header_bytes,
+        "metadata_bytes": info.metadata_bytes,
+        "index_bytes": info.index_bytes,
+        "payload_bytes": info.payload_bytes,
+    }

@@ -35,6 +35,7 @@ With ``flatten``, every message carries one 1-D tensor, the trainable
 tensors concatenated in a fixed order that both sides derive from the model
 definition: a header of a few dozen bytes instead of ~75 bytes per tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -76,8 +77,10 @@ class Layout:
         if not self.flatten:
             return message
         if set(message) != {FLAT_NAME} or message[FLAT_NAME].shape != (sum(self.numels),):
-            raise ValueError(f"flat message must hold one tensor {FLAT_NAME!r} of {sum(self.numels)} elements, "
-                             f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in message.items())}}}")
+            raise ValueError(
+                f"flat message must hold one tensor {FLAT_NAME!r} of {sum(self.numels)} elements, "
+                f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in message.items())}}}"
+            )
         parts = torch.split(message[FLAT_NAME], self.numels)
         return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
 
@@ -109,9 +112,16 @@ class DeltaLink:
     down_mode = "broadcast"
     global_: dict | None = None
 
-    def __init__(self, init: dict[str, torch.Tensor], down_spec: Callable, up_spec: Callable,
-                 server_ef: bool = True, client_ef: bool = True, flatten: bool = False,
-                 down_mode: str = "broadcast"):
+    def __init__(
+        self,
+        init: dict[str, torch.Tensor],
+        down_spec: Callable,
+        up_spec: Callable,
+        server_ef: bool = True,
+        client_ef: bool = True,
+        flatten: bool = False,
+        down_mode: str = "broadcast",
+    ):
         if down_mode not in ("broadcast", "per_client"):
             raise ValueError(f"down_mode must be 'broadcast' or 'per_client', got {down_mode!r}")
         self.down_mode = down_mode

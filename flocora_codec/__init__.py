@@ -1,4 +1,5 @@
 """flocora_codec: compact, checksummed wire messages for federated learning."""
+
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 __version__ = "0.1.0"

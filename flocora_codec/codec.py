@@ -6,6 +6,7 @@ encoder writes every section straight into the final ``bytes`` object (one
 copy of the compressed data); the decoder validates the whole header before it
 allocates anything the message claims.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -376,7 +377,9 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
             # float16 tops out at 65504: refuse rather than send inf
             bad = torch.split(bad, counts)
             name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
-            raise ValueError(f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values")
+            raise ValueError(
+                f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values"
+            )
         vals = _Slicer(converted)
         for i, c in zip(members, counts):
             parts[i].append(vals.take(c * vdtype.itemsize))
@@ -574,7 +577,9 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
             try:
                 dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
             except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
-                raise FormatError(f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}") from exc
+                raise FormatError(
+                    f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}"
+                ) from exc
         if dtype != kdtype:
             dense = dense.to(dtype)
         for e, t in zip(members, torch.split(dense, numels)):
@@ -602,8 +607,9 @@ def _schema_lookup(schemas):
     return by_id.get
 
 
-def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None,
-           partial: bool = False, schemas=None) -> dict[str, torch.Tensor]:
+def decode(
+    data, *, device=None, limits: DecodeLimits | None = None, expect=None, partial: bool = False, schemas=None
+) -> dict[str, torch.Tensor]:
     """Rebuild the named tensors of a message.
 
     The whole message is validated first (length, CRC32C, every header field
@@ -655,8 +661,13 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         The message is well formed but not what ``expect`` says.
     """
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial,
-                   schemas=_schema_lookup(schemas))
+    pm = fmt.parse(
+        mv,
+        limits,
+        None if expect is None else fmt.expectation(expect),
+        partial=partial,
+        schemas=_schema_lookup(schemas),
+    )
     return _decode_parsed(pm, mv, device)
 
 
@@ -698,8 +709,9 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
     return encode(tensors, spec, schema=schema)
 
 
-def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
-                 partial: bool = False, schemas=None) -> dict[str, np.ndarray]:
+def decode_numpy(
+    data, *, limits: DecodeLimits | None = None, expect=None, partial: bool = False, schemas=None
+) -> dict[str, np.ndarray]:
     """:func:`decode` to numpy arrays.
 
     Parameters

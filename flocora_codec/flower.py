@@ -31,6 +31,7 @@ so Flower moves it like any other array, and a strategy that forgets the
 wrapper fails loudly (``Array.numpy()`` refuses a foreign ``stype``) instead of
 averaging codec bytes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError(
         "flocora_codec.flower needs Flower (flwr>=1.41,<2; tested with 1.41 and 1.42), which is not installed. "
         "pip install 'flwr>=1.41,<2', or install flocora-codec with its extra, flocora-codec[flower] "
-        "(README, \"Installing\")"
+        '(README, "Installing")'
     ) from exc
 
 import flocora_codec as fc
@@ -173,9 +174,7 @@ def _split_delta(
     return delta, full
 
 
-def _full_fallbacks(
-    full: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None
-) -> list[str]:
+def _full_fallbacks(full: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None) -> list[str]:
     """Float tensors sent in full in delta mode although a delta was expected:
     no global arrays at all, or a global array of another shape or kind."""
     return [n for n, x in full.items() if _is_float(x) and (base is None or n in base)]
@@ -293,7 +292,7 @@ def decode_array_record(
     new_schemas = []
     named = {fc.format.compact_schema_id(record[k].data) for k in (DELTA_KEY, FULL_KEY) if k in record}
     for key, arr in arrived:
-        if key[len(SCHEMA_KEY_PREFIX):] not in {sid.hex() for sid in named if sid is not None}:
+        if key[len(SCHEMA_KEY_PREFIX) :] not in {sid.hex() for sid in named if sid is not None}:
             # only the schemas of its own messages: a reply cannot make the server validate or keep more
             raise EncodedRecordError(f"entry {key!r} is not the schema of a message in the record")
         schema = fc.Schema.from_bytes(arr.data, **kwargs)
@@ -386,7 +385,7 @@ def _server_schema_ids(msg: Message) -> set | None:
         value = rec.get(SCHEMAS_CONFIG_KEY)
         if isinstance(value, bytes) and len(value) % fc.format.SCHEMA_ID_SIZE == 0:
             n = fc.format.SCHEMA_ID_SIZE
-            return {value[i:i + n] for i in range(0, len(value), n)}
+            return {value[i : i + n] for i in range(0, len(value), n)}
     return None
 
 
@@ -558,7 +557,9 @@ def compression_mod(
             return reply
         records = reply.content.array_records
         if len(records) != 1:
-            log.warning("compression_mod: train reply has %d ArrayRecords (expected 1); sent uncompressed", len(records))
+            log.warning(
+                "compression_mod: train reply has %d ArrayRecords (expected 1); sent uncompressed", len(records)
+            )
             return reply
         rkey, record = next(iter(records.items()))
         if is_encoded(record):  # already compressed (a second compression mod)
@@ -603,9 +604,12 @@ def compression_mod(
                     # feedback re-sends quantization error, never what clipping cut
                     ef.settle(targets if delta is encoded else _as_tensors(delta), _as_tensors(sent))
                     context.state[residual_key] = ArrayRecord(
-                        {k: Array(_c_array(v.numpy())) for k, v in ef.get_state().items()})
+                        {k: Array(_c_array(v.numpy())) for k, v in ef.get_state().items()}
+                    )
             if full or not delta:
-                out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec)))
+                out[FULL_KEY] = _message_array(
+                    fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec))
+                )
             compact.add_to(out)
         else:
             if clip is not None:
@@ -715,9 +719,17 @@ class CompressedStrategy(Strategy):
     >>> strategy.history[1]["uplink_bytes"]
     """
 
-    def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None,
-                 expect_replies: bool = True, max_update_norm_ratio: float = 0.0, compact: bool = True,
-                 max_schemas: int = 64):
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        downlink: fc.CodecSpec | None = None,
+        decode_limits: Any = None,
+        expect_replies: bool = True,
+        max_update_norm_ratio: float = 0.0,
+        compact: bool = True,
+        max_schemas: int = 64,
+    ):
         if not isinstance(strategy, Strategy):
             raise TypeError(
                 f"CompressedStrategy wraps a flwr.serverapp.strategy.Strategy; got {type(strategy).__name__}"
@@ -767,7 +779,11 @@ class CompressedStrategy(Strategy):
         return decode_array_record(encoded), encoded
 
     def _encode_instructions(
-        self, messages: Iterable[Message], sent: ArrayRecord, encoded: ArrayRecord | None, server_round: int,
+        self,
+        messages: Iterable[Message],
+        sent: ArrayRecord,
+        encoded: ArrayRecord | None,
+        server_round: int,
         record_bases: bool,
     ) -> list[Message]:
         messages = list(messages)

@@ -4,6 +4,7 @@ These are the oracle for the tests (the kernels must match them byte for
 byte) and the eager baseline of the benchmarks. They favour clarity over
 speed; every formula mirrors ``csrc/include/flocora/affine.h``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     stream = ((codes[:, None] >> shifts) & 1).reshape(-1)
     nbytes = packed_nbytes(n, bits)
     stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
-    weights = (1 << torch.arange(8, dtype=torch.int64))
+    weights = 1 << torch.arange(8, dtype=torch.int64)
     return (stream.reshape(nbytes, 8) * weights).sum(1).to(torch.uint8)
 
 

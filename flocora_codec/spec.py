@@ -3,6 +3,7 @@
 A spec is validated once, at construction, so that a typo fails where it is
 written and not in the middle of a training round.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -180,7 +181,9 @@ class CodecSpec:
         """
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
-            raise ValueError(f"CodecSpec.from_dict: unknown key {unknown[0]!r}; expected any of {', '.join(CONFIG_KEYS)}")
+            raise ValueError(
+                f"CodecSpec.from_dict: unknown key {unknown[0]!r}; expected any of {', '.join(CONFIG_KEYS)}"
+            )
         if config.get("raw", False):
             return cls.raw()
         kw = {k: v for k, v in config.items() if k not in ("raw", "keep_1d_raw")}

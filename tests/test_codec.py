@@ -1,4 +1,5 @@
 """The Python codec API: round trips, error bounds, rules, grouping, golden bytes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -398,8 +399,17 @@ def test_topk_keeps_the_largest_and_codes_every_value_encoding(values, scope, k)
         "b": torch.randn(7, 9, generator=g).half(),
         "c": torch.randint(-3, 4, (5, 8), generator=g).bfloat16(),
     }
-    spec = fc.CodecSpec(k=k, topk_scope=scope, values=values, bits=3, granularity="group", group_size=8,
-                        rounding="stochastic" if k == 23 else "nearest", meta_dtype="float16", rules=())
+    spec = fc.CodecSpec(
+        k=k,
+        topk_scope=scope,
+        values=values,
+        bits=3,
+        granularity="group",
+        group_size=8,
+        rounding="stochastic" if k == 23 else "nearest",
+        meta_dtype="float16",
+        rules=(),
+    )
     data = fc.encode(tensors, spec)
     assert [t.codec for t in fc.message_info(data).tensors] == ["topk"] * 3
     assert_topk_as_specified(data, tensors, fc.decode(data), spec)
@@ -419,11 +429,14 @@ _ENCODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make_exc", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
-    lambda: RuntimeError("flocora::sparse_decode: internal error (simulated)"),
-    lambda: MemoryError(),
-])
+@pytest.mark.parametrize(
+    "make_exc",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+        lambda: RuntimeError("flocora::sparse_decode: internal error (simulated)"),
+        lambda: MemoryError(),
+    ],
+)
 def test_kernel_failures_surface_as_they_are(monkeypatch, make_exc):
     # Only the kernels' ValueError (a malformed index code; input that cannot
     # be encoded) is about the message. Anything else must reach the caller
@@ -609,8 +622,9 @@ def test_numpy_variants():
 def test_codec_spec_from_dict():
     assert fc.CodecSpec.from_dict({}) == fc.CodecSpec()
     assert fc.CodecSpec.from_dict({"raw": True, "bits": 99}) == fc.CodecSpec.raw()  # raw wins, unchecked
-    assert fc.CodecSpec.from_dict({"bits": None, "k": 3, "keep_1d_raw": False}) == \
-        fc.CodecSpec(bits=None, k=3, rules=())
+    assert fc.CodecSpec.from_dict({"bits": None, "k": 3, "keep_1d_raw": False}) == fc.CodecSpec(
+        bits=None, k=3, rules=()
+    )
     assert fc.CodecSpec.from_dict({"keep_1d_raw": True}).rules == fc.CodecSpec().rules
     with pytest.raises(ValueError, match="unknown key 'bitz'"):
         fc.CodecSpec.from_dict({"bitz": 4})

@@ -1,5 +1,6 @@
 """Config validation: every key the fl/ code reads is in fl.config.SCHEMA, and
 typos fail before training with the closest valid key."""
+
 import json
 import subprocess
 import sys
@@ -119,7 +120,16 @@ def test_flower_app_codec_specs_keep_their_defaults(monkeypatch):
     from flocora_flower.task import app_config, codec_specs
 
     assert codec_specs(app_config({})) == (fc.CodecSpec(bits=4, granularity="row", group_size=64), None)
-    up, down = codec_specs(app_config({"codec-bits": 2, "codec-granularity": "group", "codec-group-size": 16,
-                                       "codec-rounding": "stochastic", "downlink-bits": 8}))
+    up, down = codec_specs(
+        app_config(
+            {
+                "codec-bits": 2,
+                "codec-granularity": "group",
+                "codec-group-size": 16,
+                "codec-rounding": "stochastic",
+                "downlink-bits": 8,
+            }
+        )
+    )
     assert up == fc.CodecSpec(bits=2, granularity="group", group_size=16, rounding="stochastic")
     assert down == fc.CodecSpec(bits=8, granularity="group", group_size=16, rounding="stochastic")

@@ -1,4 +1,5 @@
 """Data: loaders, the Dirichlet split, augmentation, configs."""
+
 import pickle
 
 import numpy as np
@@ -35,8 +36,12 @@ def test_cifar_missing_names_the_path(tmp_path):
 
 def test_npz_and_user_arrays(tmp_path):
     rng = np.random.default_rng(1)
-    arrays = dict(x_train=rng.random((20, 12, 12, 3)), y_train=rng.integers(0, 3, 20),
-                  x_test=rng.random((5, 12, 12, 3)), y_test=rng.integers(0, 3, 5))
+    arrays = dict(
+        x_train=rng.random((20, 12, 12, 3)),
+        y_train=rng.integers(0, 3, 20),
+        x_test=rng.random((5, 12, 12, 3)),
+        y_test=rng.integers(0, 3, 5),
+    )
     np.savez(tmp_path / "d.npz", **arrays)
     train, test = load_dataset({"dataset": "npz", "path": str(tmp_path / "d.npz"), "image_size": 16})
     assert train.x.shape == (20, 3, 16, 16) and test.x.shape == (5, 3, 16, 16)
@@ -91,7 +96,7 @@ def test_augment_crop_flip():
     # every crop is a shifted window of the zero-padded image
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(2):
-        assert any(torch.equal(out[i, 0], padded[i, 0, a:a + 6, b:b + 6]) for a in range(9) for b in range(9))
+        assert any(torch.equal(out[i, 0], padded[i, 0, a : a + 6, b : b + 6]) for a in range(9) for b in range(9))
     flips = augment_batch(x.repeat(64, 1, 1, 1), "crop_flip", torch.Generator().manual_seed(1))
     assert flips.shape == (128, 1, 6, 6)
     assert torch.equal(augment_batch(x, "none", g), x)

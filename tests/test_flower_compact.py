@@ -1,6 +1,7 @@
 """Compact messages through Flower: the strategy announces the schemas it
 holds in each train instruction, the mod sends compact messages and, once,
 the schemas the server lacks (FORMAT.md 6)."""
+
 from __future__ import annotations
 
 import logging
@@ -99,6 +100,7 @@ def _tamper_schema(fn):
         rec = replies[0].content["arrays"]
         (key,) = [k for k in schema_keys(rec) if fc.Schema.from_bytes(rec[k].data).names[0] in ("conv.weight",)]
         fn(rec, key)
+
     return tamper
 
 
@@ -117,8 +119,10 @@ def test_hostile_schemas_are_refused(caplog):
         rec["flocora/schema/" + huge.id.hex()] = Array(dtype="uint8", shape=(len(huge.to_bytes()),),
                                                        stype=ff.SCHEMA_STYPE, data=huge.to_bytes())  # fmt: skip
 
-    for tamper, why in ((wrong_key, "is not the schema of a message in the record"),
-                        (bomb, "ExpectationError: tensor 'conv.weight' is torch.float32 of shape (32768, 32768)")):
+    for tamper, why in (
+        (wrong_key, "is not the schema of a message in the record"),
+        (bomb, "ExpectationError: tensor 'conv.weight' is torch.float32 of shape (32768, 32768)"),
+    ):
         g = global_arrays()
         strategy = ff.CompressedStrategy(FedAvg(min_train_nodes=1))
         with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):

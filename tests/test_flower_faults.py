@@ -1,5 +1,6 @@
 """Faulty and hostile replies through CompressedStrategy: each is dropped, by
 cause, and FedAvg aggregates exactly the others."""
+
 from __future__ import annotations
 
 import logging
@@ -62,6 +63,7 @@ def test_reply_holding_nan_is_dropped(caplog):
             arrays["fc.bias"] = arrays["fc.bias"].copy()
             arrays["fc.bias"][3] = np.nan
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+
         replace_array(replies[0], ff.DELTA_KEY, poison)  # a full message: the decoder needs no schema
 
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
@@ -75,8 +77,11 @@ def test_reply_holding_nan_is_dropped(caplog):
 def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
     def scale_first(replies):
         def scale(a):
-            arrays = {k: v * 1000 for k, v in wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True).items()}
+            arrays = {
+                k: v * 1000 for k, v in wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True).items()
+            }
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+
         replace_array(replies[0], ff.DELTA_KEY, scale)
 
     h, arrays, wire, g = run(scale_first, max_update_norm_ratio=bound)
@@ -90,8 +95,9 @@ def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
 
 def test_bomb_reply_is_refused_before_allocation(caplog):
     def bomb_first(replies):
-        replace_array(replies[0], ff.DELTA_KEY,
-                      lambda a: Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=_bomb("fc.weight")))
+        replace_array(
+            replies[0], ff.DELTA_KEY, lambda a: Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=_bomb("fc.weight"))
+        )
 
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         h, arrays, wire, g = run(bomb_first)

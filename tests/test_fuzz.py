@@ -9,6 +9,7 @@ MemoryError, struct.error, crash or hang). The decoder turns only the
 kernels' ValueError (a malformed index code) into FormatError, so a kernel
 RuntimeError reaching the decoder would fail these tests, not be relabelled.
 """
+
 from __future__ import annotations
 
 import struct

@@ -6,6 +6,7 @@ Every file in tests/fuzz_regressions/ is one input in the target's format
 hand back NaN/Inf from an affine tensor, or is a bomb; ``check_input`` fails
 on exactly that, so these pin the fixes (FORMAT.md 3.2, 3.3, 4).
 """
+
 from __future__ import annotations
 
 import importlib.util

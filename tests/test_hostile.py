@@ -6,6 +6,7 @@ test_format.py) and check that the decoder refuses every one that no encoder
 could have written, and that a small message cannot make a receiver allocate
 what its header merely claims.
 """
+
 from __future__ import annotations
 
 import struct

@@ -10,6 +10,7 @@ docs/experiments.md). The server averages the decoded sparse deltas
 keeps each client's residual (``fc.ErrorFeedback``) and adds it back the
 next time that client uploads; FLASC itself drops unsent entries.
 """
+
 from __future__ import annotations
 
 import flocora_codec as fc
@@ -28,9 +29,12 @@ class FLASC(FLoCoRA):
     def __init__(self, *args):
         super().__init__(*args)
         m = self.mcfg
-        self.server_opt = ServerOptimizer(get_tensors(self.global_model, self._trainable),
-                                          kind=m.get("server_opt", "sgd"), lr=float(m.get("server_lr", 1.0)),
-                                          momentum=float(m.get("server_momentum", 0.0)))
+        self.server_opt = ServerOptimizer(
+            get_tensors(self.global_model, self._trainable),
+            kind=m.get("server_opt", "sgd"),
+            lr=float(m.get("server_lr", 1.0)),
+            momentum=float(m.get("server_momentum", 0.0)),
+        )
         self._ef = {}
 
     def download(self, rnd):
@@ -60,6 +64,10 @@ class FLASC(FLoCoRA):
 
     def describe(self):
         d = super().describe()
-        d.update({k: self.mcfg.get(k) for k in ("ul_density", "dl_density", "topk_scope", "server_opt",
-                                                "server_lr", "error_feedback")})
+        d.update(
+            {
+                k: self.mcfg.get(k)
+                for k in ("ul_density", "dl_density", "topk_scope", "server_opt", "server_lr", "error_feedback")
+            }
+        )
         return d

@@ -6,6 +6,7 @@ Unlike the paper's simulation (which ships and averages the whole state
 dict), only the trainable tensors are ever encoded: the loop checks every
 message against the frozen names.
 """
+
 from __future__ import annotations
 
 from ..comm import flocora_analytic_bits
@@ -29,8 +30,11 @@ class FLoCoRA(FedAvg):
         rank = int(self.mcfg.get("rank", 16))
         lora = sum(t.numel() for k, t in tensors.items() if is_lora_name(k))
         d.update(
-            rank=rank, alpha=float(self.mcfg.get("alpha", 2 * rank)), mode=int(self.mcfg.get("mode", 2)),
-            params_lora=lora, params_base=d["params_total"] - lora,
+            rank=rank,
+            alpha=float(self.mcfg.get("alpha", 2 * rank)),
+            mode=int(self.mcfg.get("mode", 2)),
+            params_lora=lora,
+            params_base=d["params_total"] - lora,
             params_non_lora_trainable=sum(t.numel() for k, t in tensors.items() if not is_lora_name(k)),
         )
         d.update(self.analytic_sizes(tensors, d["params_total"] - lora))
@@ -49,6 +53,7 @@ class FLoCoRA(FedAvg):
         if not self.up_spec.sparse and not m.get("ul_density_tiers"):
             out["analytic_up_bytes"] = flocora_analytic_bits(tensors, m.get("bits")) / 8
         if not self.down_spec.sparse:
-            out["analytic_down_bytes"] = flocora_analytic_bits(tensors, m.get("bits") if m.get("quantize_download")
-                                                               else None) / 8
+            out["analytic_down_bytes"] = (
+                flocora_analytic_bits(tensors, m.get("bits") if m.get("quantize_download") else None) / 8
+            )
         return out

@@ -13,6 +13,7 @@ cases are version 2, ``v3_*`` version 3, all others version 1).
 Version 3 (compact) cases also write ``<case>.fls``, the schema the message
 refers to; ``tests/test_compact.py`` pins both.
 """
+
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,7 @@ object the ``fl`` round loop uses). This module only turns the app's run
 config into an ``fl`` config and codec specs, and moves tensors in and out of
 Flower ``ArrayRecord`` s.
 """
+
 from __future__ import annotations
 
 import json
@@ -107,9 +108,14 @@ def codec_specs(appcfg: dict) -> tuple[fc.CodecSpec | None, fc.CodecSpec | None]
     def spec(bits: int) -> fc.CodecSpec | None:
         if int(bits) <= 0:
             return None
-        return fc.CodecSpec.from_dict({"bits": int(bits), "granularity": str(appcfg["codec-granularity"]),
-                                       "group_size": int(appcfg["codec-group-size"]),
-                                       "rounding": str(appcfg["codec-rounding"])})
+        return fc.CodecSpec.from_dict(
+            {
+                "bits": int(bits),
+                "granularity": str(appcfg["codec-granularity"]),
+                "group_size": int(appcfg["codec-group-size"]),
+                "rounding": str(appcfg["codec-rounding"]),
+            }
+        )
 
     return spec(appcfg["codec-bits"]), spec(appcfg["downlink-bits"])
 
