@@ -91,8 +91,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Verify a message (CRC32C, every header field, every section) and print its\n"
         "tensor table: name, dtype, shape, codec and parameters, kept elements and\n"
         "index code of sparse tensors, and bytes by part.",
-        epilog="examples:\n  flocora-codec inspect update.flc\n  flocora-codec inspect --json update.flc | jq .bytes\n\n"
-        + _EXIT_STATUS,
+        epilog="examples:\n  flocora-codec inspect update.flc\n"
+        "  flocora-codec inspect --json update.flc | jq .bytes\n\n" + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ins.add_argument("message", metavar="MSG", help='message or schema file ("-": standard input)')

@@ -994,9 +994,10 @@ class _Deployment:
     def check_environment(self) -> None:
         import subprocess
 
-        check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, flwr; "
-                                "assert u.find_spec('fl') is None; print(flocora_fl.__file__, flocora_codec.__file__, "
-                                "flwr.__version__)"], env=self.env, cwd=self.tmp, capture_output=True, text=True)  # fmt: skip
+        check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, "
+                                "flwr; assert u.find_spec('fl') is None; print(flocora_fl.__file__, "
+                                "flocora_codec.__file__, flwr.__version__)"],
+                               env=self.env, cwd=self.tmp, capture_output=True, text=True)  # fmt: skip
         assert check.returncode == 0 and check.stdout.count(str(self.site)) == 2, check.stdout + check.stderr
         assert check.stdout.split()[-1] == flwr.__version__  # the Flower processes run the Flower under test
 
