@@ -2,9 +2,12 @@
 # .venv on first use and are quick once it exists.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+RUFF    := .venv/bin/ruff
+CLANG_FORMAT := .venv/bin/clang-format
+CSRC    := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+SOURCES := $(CSRC) setup.py pyproject.toml
 
-.PHONY: demo test build venv bench clean cuda-check fuzz
+.PHONY: demo test build venv bench clean cuda-check fuzz lint
 
 venv: .venv/.stamp
 .venv/.stamp: requirements-dev.txt
@@ -24,6 +27,13 @@ demo: build
 	$(PY) -m flocora_codec.demo
 	$(PY) -m fl demo
 
+# Lint and formatting, checked only (pyproject.toml's [tool.ruff], .clang-format);
+# `ruff format .` and `clang-format -i` apply the formatting. First in `make test`.
+lint: .venv/.stamp
+	$(RUFF) check .
+	$(RUFF) format --check .
+	$(CLANG_FORMAT) --dry-run --Werror $(CSRC)
+
 # Compile-only check of csrc/cuda/*.cu against a CUDA build of torch in
 # .venv-cuda (no GPU needed; skips if nvcc is absent). Runs before the tests.
 cuda-check:
@@ -37,7 +47,7 @@ $(FLWR_OLD)/.stamp: .venv/.stamp
 	$(PIP) install -q --disable-pip-version-check --no-deps --target $(FLWR_OLD) flwr==1.41.0
 	touch $@
 
-test: cuda-check build $(FLWR_OLD)/.stamp
+test: lint cuda-check build $(FLWR_OLD)/.stamp
 	$(PY) -m pytest -q tests
 
 # Coverage-guided fuzzing of decode/message_info (atheris), seeded with the

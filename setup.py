@@ -5,6 +5,7 @@ and nvcc is found (FLOCORA_NO_CUDA=1 forces a CPU-only build).
 FLOCORA_NO_EXT=1 builds no extension at all (no compiler needed): a
 pure-Python package whose ops run the reference implementation.
 """
+
 import glob
 import os
 

@@ -8,6 +8,7 @@ same run. Bandwidth counts bytes read plus bytes written, for the copy and for
 every op alike (quantize: 4n read + n*bits/8 + metadata written). The results
 go to stdout and to benchmarks/results/cpu-<cpu>.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import ops  # noqa: E402
-from flocora_codec.demo import resnet18_lora_state_dict  # noqa: E402
+import flocora_codec as fc
+from flocora_codec import ops
+from flocora_codec.demo import resnet18_lora_state_dict
 
 GROUP = 64
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -156,39 +157,54 @@ def main(argv=None) -> int:
     # ---- dense quantize + pack / unpack + dequantize ---------------------------------
     emit("## Quantize + pack and unpack + dequantize (group 64, nearest, fp32 metadata)")
     emit()
-    emit("GB/s counts bytes read + written; `% copy` is against `dst.copy_(x)` on the same size in the same run; "
-         "x-factors are our speed over each baseline. Our ops allocate their outputs; the copy reuses its `dst`.")
+    emit(
+        "GB/s counts bytes read + written; `% copy` is against `dst.copy_(x)` on the same size in the same run; "
+        "x-factors are our speed over each baseline. Our ops allocate their outputs; the copy reuses its `dst`."
+    )
     emit()
-    emit("| size | bits | copy GB/s | encode GB/s | % copy | vs eager | vs compiled | decode GB/s | % copy | "
-         "vs eager | vs compiled |")
+    emit(
+        "| size | bits | copy GB/s | encode GB/s | % copy | vs eager | vs compiled | decode GB/s | % copy | "
+        "vs eager | vs compiled |"
+    )
     emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for nbytes in sizes:
         n = nbytes // 4
         x = torch.randn(n)
         dst = torch.empty_like(x)
-        copy_s = median_seconds(lambda: dst.copy_(x), repeats)
+        copy_s = median_seconds(lambda: dst.copy_(x), repeats)  # noqa: F821  called before the `del` below
         copy_gbs = 8 * n / copy_s / 1e9
         for bits in (1, 2, 4, 8):
             moved_enc = 4 * n + n * bits // 8 + 8 * n // GROUP
             ours_q = median_seconds(lambda: ops.quantize_pack([x], bits, [GROUP]), repeats)
             packed, scales, offsets = ops.quantize_pack([x], bits, [GROUP])
-            ours_dq = median_seconds(lambda: ops.unpack_dequantize(packed, scales, offsets, bits, [n], [GROUP]), repeats)
+            ours_dq = median_seconds(
+                lambda: ops.unpack_dequantize(packed, scales, offsets, bits, [n], [GROUP]), repeats
+            )
             # The baseline must compute the same thing: same bytes.
             bp, bs, bo = torch_quantize_pack(x, bits, GROUP)
             assert torch.equal(bp, packed) and torch.equal(bs, scales), "baseline disagrees with the codec"
             eager_q = median_seconds(lambda: torch_quantize_pack(x, bits, GROUP), max(3, repeats // 3))
             comp_q = median_seconds(lambda: compiled_q(x, bits, GROUP), repeats)
-            eager_dq = median_seconds(lambda: torch_unpack_dequantize(packed, scales, offsets, bits, GROUP),
-                                      max(3, repeats // 3))
+            eager_dq = median_seconds(
+                lambda: torch_unpack_dequantize(packed, scales, offsets, bits, GROUP), max(3, repeats // 3)
+            )
             comp_dq = median_seconds(lambda: compiled_dq(packed, scales, offsets, bits, GROUP), repeats)
             enc_gbs = moved_enc / ours_q / 1e9
             dec_gbs = moved_enc / ours_dq / 1e9
-            summary[(nbytes, bits)] = (enc_gbs / copy_gbs, dec_gbs / copy_gbs, eager_q / ours_q, comp_q / ours_q,
-                                       eager_dq / ours_dq, comp_dq / ours_dq)
-            emit(f"| {fmt_size(nbytes)} | {bits} | {copy_gbs:.1f} | {enc_gbs:.2f} | {100 * enc_gbs / copy_gbs:.0f}% | "
-                 f"{eager_q / ours_q:.1f}x | {comp_q / ours_q:.1f}x | {dec_gbs:.2f} | "
-                 f"{100 * dec_gbs / copy_gbs:.0f}% | {eager_dq / ours_dq:.1f}x | {comp_dq / ours_dq:.1f}x |")
+            summary[(nbytes, bits)] = (
+                enc_gbs / copy_gbs,
+                dec_gbs / copy_gbs,
+                eager_q / ours_q,
+                comp_q / ours_q,
+                eager_dq / ours_dq,
+                comp_dq / ours_dq,
+            )
+            emit(
+                f"| {fmt_size(nbytes)} | {bits} | {copy_gbs:.1f} | {enc_gbs:.2f} | {100 * enc_gbs / copy_gbs:.0f}% | "
+                f"{eager_q / ours_q:.1f}x | {comp_q / ours_q:.1f}x | {dec_gbs:.2f} | "
+                f"{100 * dec_gbs / copy_gbs:.0f}% | {eager_dq / ours_dq:.1f}x | {comp_dq / ours_dq:.1f}x |"
+            )
         del x, dst
     emit()
 
@@ -199,12 +215,14 @@ def main(argv=None) -> int:
     emit()
     emit("| what | ms | GB/s of fp32 input |")
     emit("|---|---:|---:|")
-    rows = [("flocora_codec quantize_pack (fused, packed)", lambda: ops.quantize_pack([x], 4, [GROUP])),
-            ("plain PyTorch eager (same bytes)", lambda: torch_quantize_pack(x, 4, GROUP)),
-            ("plain PyTorch under torch.compile (same bytes)", lambda: compiled_q(x, 4, GROUP))]
+    rows = [
+        ("flocora_codec quantize_pack (fused, packed)", lambda: ops.quantize_pack([x], 4, [GROUP])),
+        ("plain PyTorch eager (same bytes)", lambda: torch_quantize_pack(x, 4, GROUP)),
+        ("plain PyTorch under torch.compile (same bytes)", lambda: compiled_q(x, 4, GROUP)),
+    ]
     for name, factory in [
-        ("torchao choose_qparams_affine + quantize_affine + pack_uint4", lambda: (lambda: torchao_quantize(x, 4, GROUP))),
-        ("bitsandbytes quantize_4bit nf4 (CPU)", lambda: (lambda: bnb_quantize(x))),
+        ("torchao choose_qparams_affine + quantize_affine + pack_uint4", lambda: lambda: torchao_quantize(x, 4, GROUP)),
+        ("bitsandbytes quantize_4bit nf4 (CPU)", lambda: lambda: bnb_quantize(x)),
     ]:
         fn, why = optional_baseline(name, factory)
         if fn is None:
@@ -219,8 +237,10 @@ def main(argv=None) -> int:
     # ---- top-k -------------------------------------------------------------------------
     emit("## Top-k sparse encode vs `torch.topk(|x|)` + gather")
     emit()
-    emit("Ours selects by radix threshold search and writes the compact index code (bitmap or Elias-Fano); "
-         "`torch.topk` returns int64 indices.")
+    emit(
+        "Ours selects by radix threshold search and writes the compact index code (bitmap or Elias-Fano); "
+        "`torch.topk` returns int64 indices."
+    )
     emit()
     emit("| size | density | ours ms | torch.topk+gather ms | speed-up | index bytes (ours) | int64 index bytes |")
     emit("|---|---:|---:|---:|---:|---:|---:|")
@@ -230,13 +250,17 @@ def main(argv=None) -> int:
         for density in (0.01, 0.1):
             k = int(n * density)
             ours = median_seconds(lambda: ops.topk_encode([x], [k]), repeats)
+
             def torch_topk():
                 idx = torch.topk(x.abs(), k, sorted=False).indices
                 return idx, x[idx]
+
             theirs = median_seconds(torch_topk, max(3, repeats // 2))
             _, _, index_bytes = ops.topk_encode([x], [k])
-            emit(f"| {fmt_size(nbytes)} | {density} | {1e3 * ours:.2f} | {1e3 * theirs:.2f} | {theirs / ours:.1f}x | "
-                 f"{index_bytes.numel():,} | {8 * k:,} |")
+            emit(
+                f"| {fmt_size(nbytes)} | {density} | {1e3 * ours:.2f} | {1e3 * theirs:.2f} | {theirs / ours:.1f}x | "
+                f"{index_bytes.numel():,} | {8 * k:,} |"
+            )
         del x
     emit()
 
@@ -244,8 +268,10 @@ def main(argv=None) -> int:
     state = resnet18_lora_state_dict(16)
     mats = [t for t in state.values() if t.dim() > 1]
     rows_g = [t.numel() // t.shape[0] for t in mats]
-    emit(f"## A ResNet-18 r=16 LoRA state dict ({len(mats)} adapter tensors, "
-         f"{sum(t.numel() for t in mats):,} values): one multi-tensor call vs a per-tensor loop")
+    emit(
+        f"## A ResNet-18 r=16 LoRA state dict ({len(mats)} adapter tensors, "
+        f"{sum(t.numel() for t in mats):,} values): one multi-tensor call vs a per-tensor loop"
+    )
     emit()
     emit("| op | one call ms | per-tensor loop ms | speed-up |")
     emit("|---|---:|---:|---:|")
@@ -257,8 +283,10 @@ def main(argv=None) -> int:
     numels = [t.numel() for t in mats]
     singles = [ops.quantize_pack([t], 4, [g]) for t, g in zip(mats, rows_g)]
     multi = median_seconds(lambda: ops.unpack_dequantize(p, s, o, 4, numels, rows_g), repeats)
-    loop = median_seconds(lambda: [ops.unpack_dequantize(a, b, c, 4, [t.numel()], [g])
-                                   for (a, b, c), t, g in zip(singles, mats, rows_g)], repeats)
+    loop = median_seconds(
+        lambda: [ops.unpack_dequantize(a, b, c, 4, [t.numel()], [g]) for (a, b, c), t, g in zip(singles, mats, rows_g)],
+        repeats,
+    )
     emit(f"| unpack_dequantize 4-bit per row | {1e3 * multi:.3f} | {1e3 * loop:.3f} | {loop / multi:.1f}x |")
     ks = [max(1, t.numel() // 10) for t in mats]
     multi = median_seconds(lambda: ops.topk_encode(mats, ks), repeats)
@@ -271,9 +299,11 @@ def main(argv=None) -> int:
     emit()
     emit("| spec | bytes | encode ms | decode ms |")
     emit("|---|---:|---:|---:|")
-    for label, spec in [("raw fp32", fc.CodecSpec.raw()), ("4-bit per row", fc.CodecSpec(bits=4, granularity="row")),
-                        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global",
-                                                                      values="float16"))]:
+    for label, spec in [
+        ("raw fp32", fc.CodecSpec.raw()),
+        ("4-bit per row", fc.CodecSpec(bits=4, granularity="row")),
+        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
+    ]:
         data = fc.encode(state, spec)
         enc = median_seconds(lambda: fc.encode(state, spec), repeats)
         dec = median_seconds(lambda: fc.decode(data), repeats)
@@ -292,14 +322,21 @@ def main(argv=None) -> int:
         ok = bool(((y - x).abs() <= bound).all()) and packed.numel() * 8 > 2**31
         emit(f"## One tensor past 2^31 payload bits: {n:,} elements at 8 bits ({packed.numel() * 8:,} bits)")
         emit()
-        emit(f"encode {1e3 * enc:.0f} ms ({4 * n / enc / 1e9:.2f} GB/s of input), decode {1e3 * dec:.0f} ms; "
-             f"every element within scale/2: {'yes' if ok else 'NO'}")
+        emit(
+            f"encode {1e3 * enc:.0f} ms ({4 * n / enc / 1e9:.2f} GB/s of input), decode {1e3 * dec:.0f} ms; "
+            f"every element within scale/2: {'yes' if ok else 'NO'}"
+        )
         emit()
         del x, y, packed
     if notes:
         emit("Notes: " + "; ".join(notes))
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", machine_description().split(";")[0]).strip("-").lower() + ".md")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent
+        / "results"
+        / ("cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", machine_description().split(";")[0]).strip("-").lower() + ".md")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"\nwritten to {out}")

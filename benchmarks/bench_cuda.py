@@ -16,6 +16,7 @@ to the host per call (a sync), so their times include one round trip.
 
 Results go to stdout and to benchmarks/results/cuda-<device>.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,16 @@ L2_ROTATE_BYTES = 256 << 20  # rotate buffers up to this total footprint (> 4x t
 def require_cuda():
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine")
-    from flocora_codec import ops  # noqa: F401  (loads the extension)
+    from flocora_codec import ops
 
     x = torch.zeros(8, device="cuda")
     try:
         ops.quantize_pack([x], 4, [8])
     except (RuntimeError, NotImplementedError) as e:
-        sys.exit(f"bench_cuda.py: the extension has no CUDA kernels ({e.__class__.__name__}: {str(e)[:200]}); "
-                 "build it with a CUDA torch and CUDA_HOME set")
+        sys.exit(
+            f"bench_cuda.py: the extension has no CUDA kernels ({e.__class__.__name__}: {str(e)[:200]}); "
+            "build it with a CUDA torch and CUDA_HOME set"
+        )
 
 
 class Timer:
@@ -100,8 +103,10 @@ def bench_copy(timer, sizes_mib, repeats):
 def bench_quant(timer, sizes_mib, repeats, copy_bw):
     from flocora_codec import ops
 
-    lines = ["| input | bits | groups | quantize+pack ms | GB/s | % of copy | unpack+dequantize ms | GB/s | % of copy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| input | bits | groups | quantize+pack ms | GB/s | % of copy | unpack+dequantize ms | GB/s | % of copy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for mib in sizes_mib:
         n = (mib << 20) // 4
         nxt, rot = rotating(lambda: torch.randn(n, device="cuda"), 4 * n)
@@ -113,7 +118,7 @@ def bench_quant(timer, sizes_mib, repeats, copy_bw):
                 p, s, o = ops.quantize_pack([nxt()], bits, [group])
                 meta = s.numel() * 8
                 q_bytes = 4 * n + p.numel() + meta
-                dms = timer(lambda: ops.unpack_dequantize(p, s, o, bits, [n], [group]), repeats, flush=True)
+                dms = timer(lambda: ops.unpack_dequantize(p, s, o, bits, [n], [group]), repeats, flush=True)  # noqa: F821  called before the `del` below
                 d_bytes = p.numel() + meta + 4 * n
                 lines.append(
                     f"| {mib} MiB fp32 | {bits} | {gname} | {qms:.3f} | {gbps(q_bytes, qms):.0f} | "
@@ -129,8 +134,11 @@ def bench_topk(timer, n, repeats):
     from flocora_codec import ops
 
     x = torch.randn(n, device="cuda")
-    lines = ["| elements | density | flocora topk_encode ms | flocora global scope ms | torch.topk+gather ms | "
-             "index bytes (flocora) | index bytes (int64) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| elements | density | flocora topk_encode ms | flocora global scope ms | torch.topk+gather ms | "
+        "index bytes (flocora) | index bytes (int64) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for density in (0.01, 0.1):
         k = int(density * n)
         ours = timer(lambda: ops.topk_encode([x], [k]), repeats, flush=True)
@@ -177,23 +185,35 @@ def bench_state_dict(timer, repeats):
     groups = [GROUP] * len(xs)
     numels = [x.numel() for x in xs]
     total = sum(numels)
-    lines = [f"ResNet-18 r=16 adapter state dict: {len(xs)} tensors, {total} elements "
-             f"({4 * total / 1e6:.2f} MB fp32)", "",
-             "| op | one multi-tensor call ms | per-tensor loop ms | speed-up |", "|---|---|---|---|"]
+    lines = [
+        f"ResNet-18 r=16 adapter state dict: {len(xs)} tensors, {total} elements ({4 * total / 1e6:.2f} MB fp32)",
+        "",
+        "| op | one multi-tensor call ms | per-tensor loop ms | speed-up |",
+        "|---|---|---|---|",
+    ]
 
     def row(name, multi, loop):
         m, lp = timer(multi, repeats, flush=False), timer(loop, repeats, flush=False)
         lines.append(f"| {name} | {m:.3f} | {lp:.3f} | {lp / m:.1f}x |")
 
-    row("quantize_pack 4-bit g64", lambda: ops.quantize_pack(xs, 4, groups),
-        lambda: [ops.quantize_pack([x], 4, [GROUP]) for x in xs])
+    row(
+        "quantize_pack 4-bit g64",
+        lambda: ops.quantize_pack(xs, 4, groups),
+        lambda: [ops.quantize_pack([x], 4, [GROUP]) for x in xs],
+    )
     p, s, o = ops.quantize_pack(xs, 4, groups)
     singles = [ops.quantize_pack([x], 4, [GROUP]) for x in xs]
-    row("unpack_dequantize 4-bit g64", lambda: ops.unpack_dequantize(p, s, o, 4, numels, groups),
-        lambda: [ops.unpack_dequantize(a, b, c, 4, [x.numel()], [GROUP]) for (a, b, c), x in zip(singles, xs)])
+    row(
+        "unpack_dequantize 4-bit g64",
+        lambda: ops.unpack_dequantize(p, s, o, 4, numels, groups),
+        lambda: [ops.unpack_dequantize(a, b, c, 4, [x.numel()], [GROUP]) for (a, b, c), x in zip(singles, xs)],
+    )
     ks = [max(1, x.numel() // 10) for x in xs]
-    row("topk_encode 10% per tensor", lambda: ops.topk_encode(xs, ks),
-        lambda: [ops.topk_encode([x], [k]) for x, k in zip(xs, ks)])
+    row(
+        "topk_encode 10% per tensor",
+        lambda: ops.topk_encode(xs, ks),
+        lambda: [ops.topk_encode([x], [k]) for x, k in zip(xs, ks)],
+    )
     return lines
 
 
@@ -209,11 +229,18 @@ def main():
     timer = Timer()
     props = torch.cuda.get_device_properties(0)
     copy_bw = bench_copy(timer, sizes, repeats)
-    out = [f"# flocora_codec CUDA benchmark: {props.name}", "",
-           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-           f"CUDA {torch.version.cuda}, {props.multi_processor_count} SMs, "
-           f"{props.total_memory / 2**30:.0f} GiB. Median of {repeats} runs, CUDA events.", "",
-           "## Device-to-device copy (read + write)", "", "| size | GB/s |", "|---|---|"]
+    out = [
+        f"# flocora_codec CUDA benchmark: {props.name}",
+        "",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB. Median of {repeats} runs, CUDA events.",
+        "",
+        "## Device-to-device copy (read + write)",
+        "",
+        "| size | GB/s |",
+        "|---|---|",
+    ]
     out += [f"| {mib} MiB | {bw:.0f} |" for mib, bw in copy_bw.items()]
     out += ["", f"## Quantize + pack / unpack + dequantize (group {GROUP} or per tensor, nearest, fp32 meta)", ""]
     out += bench_quant(timer, sizes, repeats, copy_bw)

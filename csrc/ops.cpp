@@ -45,8 +45,7 @@ TORCH_LIBRARY(flocora, m) {
       "sparse_decode(Tensor index_bytes, Tensor values, int[] numels, int[] counts, "
       "ScalarType dtype) -> Tensor");
   // outs[i].view(-1)[idx] += values, in place.
-  m.def(
-      "sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
+  m.def("sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
 
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, -1 the best this CPU

@@ -5,6 +5,7 @@
 pseudo-gradient (FLASC: SGD with lr 1 is plain FedAvg of deltas; Adam is
 FedAdam-style).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,8 +42,16 @@ class ServerOptimizer:
     the result is ``global + mean_delta`` exactly.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], kind: str = "sgd", lr: float = 1.0,
-                 momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        kind: str = "sgd",
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.params = {k: torch.nn.Parameter(v.detach().clone(), requires_grad=False) for k, v in tensors.items()}
         plist = list(self.params.values())
         if kind == "sgd":

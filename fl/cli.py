@@ -1,4 +1,5 @@
 """``python -m fl run|compare|plot|demo``."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,16 @@ DEMO_VARIANTS = [
     ("fedavg", ["method.name=fedavg"]),
     ("flocora-r8", ["method.name=flocora", "method.rank=8", "method.alpha=16"]),
     ("flocora-r8-4bit", ["method.name=flocora", "method.rank=8", "method.alpha=16", "method.bits=4"]),
-    ("flasc-r8-d0.1", ["method.name=flasc", "method.rank=8", "method.alpha=16", "method.ul_density=0.1",
-                        "method.dl_density=0.1"]),
+    (
+        "flasc-r8-d0.1",
+        ["method.name=flasc", "method.rank=8", "method.alpha=16", "method.ul_density=0.1", "method.dl_density=0.1"],
+    ),
 ]
 
 
 def _run(args) -> int:
     from .loop import resume_dir, run_file
+
     if args.resume:
         # `run --resume DIR [train.rounds=N]`: a config argument is read as an override
         over = ([args.config] if args.config else []) + args.overrides
@@ -29,13 +33,16 @@ def _run(args) -> int:
         raise ValueError("run: give a config file (or --resume RUN_DIR)")
     else:
         summary, out = run_file(args.config, args.overrides, args.out, progress=not args.quiet)
-    print(f"{summary['name']}: final acc {summary['final_acc']:.4f}, "
-          f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.2f} MB -> {out}")
+    print(
+        f"{summary['name']}: final acc {summary['final_acc']:.4f}, "
+        f"{(summary['bytes_up_total'] + summary['bytes_down_total']) / 1e6:.2f} MB -> {out}"
+    )
     return 0
 
 
 def _compare(args) -> int:
     from .report import compare_table, load_run, seeds_table
+
     summaries = [load_run(d)[0] for d in args.runs]
     table = seeds_table(summaries) if args.seeds else compare_table(summaries)
     print(table)
@@ -46,6 +53,7 @@ def _compare(args) -> int:
 
 def _plot(args) -> int:
     from .report import load_run, plot_runs
+
     for p in plot_runs([load_run(d) for d in args.runs], args.output):
         print(p)
     return 0
@@ -54,6 +62,7 @@ def _plot(args) -> int:
 def _demo(args) -> int:
     from .loop import run_file
     from .report import compare_table
+
     summaries = []
     for name, over in DEMO_VARIANTS:
         over = over + [f"name=demo-{name}"] + args.overrides
@@ -71,9 +80,10 @@ def _sweep(args) -> int:
     skipped, interrupted ones continue from their last completed round."""
     import json
 
-    from .loop import CHECKPOINT, resume_dir, run
     from .config import load_config, load_sweep
+    from .loop import CHECKPOINT, resume_dir, run
     from .report import compare_table, frontier_report, load_run, plot_runs
+
     sweep_path = Path(args.sweep)
     # every run's config is validated here, before the first run starts
     sweep, base, all_jobs = load_sweep(sweep_path, args.overrides)
@@ -99,9 +109,11 @@ def _sweep(args) -> int:
             else:
                 summary = run(cfg, out, progress=not args.quiet)
         dirs.append(out)
-        print(f"{out.name}: final acc {summary['final_acc']:.4f}, last-10 mean "
-              f"{summary.get('acc_last10_mean') or float('nan'):.4f}, ratio {summary['ratio_vs_fedavg'] or 0:.1f}x",
-              flush=True)
+        print(
+            f"{out.name}: final acc {summary['final_acc']:.4f}, last-10 mean "
+            f"{summary.get('acc_last10_mean') or float('nan'):.4f}, ratio {summary['ratio_vs_fedavg'] or 0:.1f}x",
+            flush=True,
+        )
     if seeds is not None:
         if n_shards == 1:
             for p in frontier_report(results):
@@ -117,11 +129,13 @@ def _sweep(args) -> int:
 
 def _run_fresh(base, over, args):
     from .loop import run_file
+
     return run_file(base, over, args.out, progress=not args.quiet)
 
 
 def _frontier(args) -> int:
     from .report import frontier_report
+
     for p in frontier_report(Path(args.results), reference=args.reference):
         print(p)
     return 0
@@ -129,6 +143,7 @@ def _frontier(args) -> int:
 
 def _sizes(args) -> int:
     from .sizes import sizes_table
+
     print(sizes_table(args.arch, args.ranks, args.bits, args.classes))
     return 0
 
@@ -140,8 +155,11 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run one experiment from a TOML config")
     r.add_argument("config", nargs="?")
     r.add_argument("overrides", nargs="*", help="section.key=value")
-    r.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its last completed round (only train.rounds may change)")
+    r.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last completed round (only train.rounds may change)",
+    )
     r.add_argument("--out", default="runs", help="runs folder (default: runs)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)

@@ -5,6 +5,7 @@ Every message in either direction is ``flocora_codec.encode`` output (bytes)
 and is decoded with ``flocora_codec.decode`` on the other side; byte counts
 are ``len()`` of those messages, never estimates.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,19 +53,25 @@ def make_spec(cfg: dict, direction: str, density=_UNSET) -> "fc.CodecSpec":
     if density is not None and density >= 1.0:
         density = None
     if bits is None and density is None:
-        return fc.CodecSpec.raw()
+        return fc.CodecSpec.from_dict({"raw": True})
     values = cfg.get("sparse_values", "float32")
-    kw = dict(bits=bits if values != "sign" else None, granularity=cfg.get("granularity", "row"),
-              rounding=cfg.get("rounding", "nearest"), seed=cfg.get("codec_seed", 0),
-              meta_dtype=cfg.get("meta_dtype", "float32"))
+    kw = dict(
+        bits=bits if values != "sign" else None,
+        granularity=cfg.get("granularity", "row"),
+        rounding=cfg.get("rounding", "nearest"),
+        seed=cfg.get("codec_seed", 0),
+        meta_dtype=cfg.get("meta_dtype", "float32"),
+        keep_1d_raw=cfg.get("transport") != "delta" or cfg.get("keep_1d_raw", False),
+    )
     if kw["granularity"] == "group":
         kw["group_size"] = cfg.get("group_size", 64)
     if density is not None:
-        kw.update(density=density, topk_scope=cfg.get("topk_scope", "global"),
-                  values="quantized" if bits is not None and values != "sign" else values)
-    if cfg.get("transport") == "delta" and not cfg.get("keep_1d_raw", False):
-        kw["rules"] = ()
-    return fc.CodecSpec(**kw)
+        kw.update(
+            density=density,
+            topk_scope=cfg.get("topk_scope", "global"),
+            values="quantized" if bits is not None and values != "sign" else values,
+        )
+    return fc.CodecSpec.from_dict(kw)
 
 
 class SchemaBook:
@@ -101,6 +108,26 @@ class SchemaBook:
         return len(self.registry[sid].to_bytes())
 
 
+class Plain:
+    """``fc.encode`` with one spec, shaped like ``fc.ErrorFeedback`` (``spec``,
+    ``encode(tensors, schema=)``) so that :class:`Timer` takes either."""
+
+    def __init__(self, spec: "fc.CodecSpec"):
+        self.spec = spec
+
+    def encode(self, tensors: dict[str, torch.Tensor], *, schema=None) -> bytes:
+        return fc.encode(tensors, self.spec, schema=schema)
+
+
+def encoder(spec: "fc.CodecSpec", error_feedback: "fc.ErrorFeedback | None" = None):
+    """What encodes a message with ``spec``: ``error_feedback`` (its residuals
+    kept, its spec set to ``spec``) or :class:`Plain`."""
+    if error_feedback is None:
+        return Plain(spec)
+    error_feedback.spec = spec  # density tiers and decay change the spec, not the residual
+    return error_feedback
+
+
 class Timer:
     """Encodes and decodes the round's messages, timing them (milliseconds).
 
@@ -113,17 +140,13 @@ class Timer:
         self.decode_ms = 0.0
         self.book = book
 
-    def encode(self, tensors: dict[str, torch.Tensor], spec, error_feedback=None) -> bytes:
+    def encode(self, tensors: dict[str, torch.Tensor], how) -> bytes:
+        """``how``: an :func:`encoder` (``fc.ErrorFeedback`` or :class:`Plain`)."""
         # on the tensors' own device: on a GPU only the compressed bytes cross to the host
         t0 = time.perf_counter()
         tensors = {k: v.detach() for k, v in tensors.items()}
-        if error_feedback is not None:
-            spec = error_feedback.spec
-        schema = self.book.schema_for(tensors, spec) if self.book is not None else None
-        if error_feedback is not None:
-            data = error_feedback.encode(tensors, schema=schema)
-        else:
-            data = fc.encode(tensors, spec, schema=schema)
+        schema = self.book.schema_for(tensors, how.spec) if self.book is not None else None
+        data = how.encode(tensors, schema=schema)
         self.encode_ms += (time.perf_counter() - t0) * 1e3
         return data
 
@@ -152,6 +175,10 @@ def flocora_analytic_bits(tensors: dict[str, torch.Tensor], bits: int | None) ->
 def message_breakdown(data: bytes, schemas=None) -> dict:
     """Where a message's bytes go (header, metadata, indices, payload)."""
     info = fc.message_info(data, schemas=schemas)
-    return {"total_bytes": info.total_bytes, "header_bytes": info.header_bytes,
-            "metadata_bytes": info.metadata_bytes, "index_bytes": info.index_bytes,
-            "payload_bytes": info.payload_bytes}
+    return {
+        "total_bytes": info.total_bytes,
+        "header_bytes": info.header_bytes,
+        "metadata_bytes": info.metadata_bytes,
+        "index_bytes": info.index_bytes,
+        "payload_bytes": info.payload_bytes,
+    }

@@ -12,13 +12,13 @@ validation library (pydantic, jsonschema): the configs are small, flat
 TOML, and the table doubles as the list of every key the code reads, with
 no new dependency for the experiments or the Flower app.
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
 import tomllib
 from pathlib import Path
-
 
 _HERE = Path(__file__).resolve().parent
 # The experiment configs: configs/ of the checkout, or the copy installed with
@@ -56,13 +56,13 @@ SCHEMA: dict = {
         "holdout": float,
         "augment": Choice("none", "crop", "crop_flip"),
         "image_size": int,
-        "root": str,            # cifar10/100 directory
-        "path": str,            # dataset = "npz"
+        "root": str,  # cifar10/100 directory
+        "path": str,  # dataset = "npz"
         "test_fraction": float,  # mnist5k, digits
-        "num_samples": int,     # synthetic
-        "num_classes": int,     # synthetic
-        "source_size": int,     # synthetic
-        "channels": int,        # synthetic
+        "num_samples": int,  # synthetic
+        "num_classes": int,  # synthetic
+        "source_size": int,  # synthetic
+        "channels": int,  # synthetic
     },
     "model": {"arch": Choice("resnet8", "resnet18", "cnn"), "width": int, "seed": int},
     "method": {
@@ -114,9 +114,16 @@ SCHEMA: dict = {
     },
     "eval": {"every": int},
     "server": {"client_timeout_s": float, "max_update_norm_ratio": float},
-    "faults": {"raise_clients": ListOf(int), "corrupt_clients": ListOf(int), "bomb_clients": ListOf(int),
-               "nan_clients": ListOf(int), "scale_clients": ListOf(int), "scale_factor": float,
-               "hang_clients": ListOf(int), "hang_s": float},
+    "faults": {
+        "raise_clients": ListOf(int),
+        "corrupt_clients": ListOf(int),
+        "bomb_clients": ListOf(int),
+        "nan_clients": ListOf(int),
+        "scale_clients": ListOf(int),
+        "scale_factor": float,
+        "hang_clients": ListOf(int),
+        "hang_s": float,
+    },
 }
 
 
@@ -194,16 +201,32 @@ DEFAULTS = {
     "data": {"dataset": "mnist5k", "num_clients": 10, "dirichlet_alpha": 0.5, "holdout": 0.0, "augment": "none"},
     "model": {"arch": "resnet8", "width": 64},
     "method": {"name": "fedavg"},
-    "train": {"rounds": 10, "clients_per_round": 5, "epochs": 1, "batch_size": 32, "lr": 0.01,
-              "momentum": 0.9, "nesterov": True, "weight_decay": 0.0},
+    "train": {
+        "rounds": 10,
+        "clients_per_round": 5,
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 0.0,
+    },
     "eval": {"every": 1},
     # Fault tolerance of the server (docs/experiments.md): 0 switches a check off.
     "server": {"client_timeout_s": 0.0, "max_update_norm_ratio": 0.0},
     # Injected faults (tests, demos): clients that raise, send corrupt bytes or a
     # decompression bomb, put NaN in their update, scale it by scale_factor, or
     # hang for hang_s.
-    "faults": {"raise_clients": [], "corrupt_clients": [], "bomb_clients": [], "nan_clients": [], "scale_clients": [],
-               "scale_factor": 1000.0, "hang_clients": [], "hang_s": 3600.0},
+    "faults": {
+        "raise_clients": [],
+        "corrupt_clients": [],
+        "bomb_clients": [],
+        "nan_clients": [],
+        "scale_clients": [],
+        "scale_factor": 1000.0,
+        "hang_clients": [],
+        "hang_s": 3600.0,
+    },
 }
 
 

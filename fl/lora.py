@@ -16,6 +16,7 @@ mode  LoRA on                 norms         trained in full
 3     every conv but stem     trained       norms, ``fc``, stem
 ====  ======================  ============  ===================
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class LoRAConv2d(nn.Module):
         if base.groups != 1:
             raise ValueError("LoRAConv2d supports groups=1 convs only")
         self.base = base
-        self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                base.dilation, bias=False)
+        self.lora_A = nn.Conv2d(
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+        )
         self.lora_B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         self.scaling = alpha / rank
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -70,8 +72,7 @@ def is_lora_name(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B."))
 
 
-def apply_flocora(model: nn.Module, rank: int, alpha: float, mode: int = 2,
-                  seed: int | None = None) -> nn.Module:
+def apply_flocora(model: nn.Module, rank: int, alpha: float, mode: int = 2, seed: int | None = None) -> nn.Module:
     """Insert adapters in place per FLoCoRA ``mode`` and set ``requires_grad``.
 
     Afterwards exactly the tensors that FLoCoRA trains (and sends) require
@@ -110,8 +111,7 @@ def apply_flocora(model: nn.Module, rank: int, alpha: float, mode: int = 2,
     return model
 
 
-def add_linear_adapter(model: nn.Module, name: str, rank: int, alpha: float,
-                       seed: int | None = None) -> nn.Module:
+def add_linear_adapter(model: nn.Module, name: str, rank: int, alpha: float, seed: int | None = None) -> nn.Module:
     """Wrap the linear ``name`` in a LoRALinear (FedLoRA's shared adapter)."""
     base = model.get_submodule(name)
     if not isinstance(base, nn.Linear):

@@ -8,11 +8,12 @@
   conv5x5, max-pool, fc1 -> fc2 -> fc3). Every member ends in
   ``fc3: 500 -> classes``: that common layer carries the shared adapter.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -99,8 +100,16 @@ class SmallCNN(nn.Module):
         return self.fc3(x)
 
 
-def build_model(arch: str, *, num_classes: int, width: int = 64, in_channels: int = 3,
-                image_size: int = 32, member: int = 0, seed: int | None = None) -> nn.Module:
+def build_model(
+    arch: str,
+    *,
+    num_classes: int,
+    width: int = 64,
+    in_channels: int = 3,
+    image_size: int = 32,
+    member: int = 0,
+    seed: int | None = None,
+) -> nn.Module:
     """Build a model; with ``seed`` its initial weights depend on nothing else.
 
     FLoCoRA's frozen base is rebuilt from this seed on every party, so it

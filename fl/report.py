@@ -1,4 +1,5 @@
 """Comparison tables (markdown) and plots (PNG) from run directories."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
         raise FileNotFoundError(f"{run_dir} is not a finished run: no summary.json")
     summary = json.loads(summary_path.read_text())
     rounds_path = run_dir / "rounds.jsonl"
-    rounds = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()] \
-        if rounds_path.is_file() else []
+    rounds = (
+        [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()]
+        if rounds_path.is_file()
+        else []
+    )
     return summary, rounds
 
 
@@ -40,8 +44,13 @@ def compare_table(summaries: list[dict]) -> str:
         cells = [s["name"], s["method"], _pct(s["final_acc"]), _pct(s.get("acc_last3_mean")), _pct(s["best_acc"])]
         if personal:
             cells.append(_pct(s.get("final_acc_personal")))
-        cells += [f"{s['mb_up_per_round']:.3f}", f"{s['mb_down_per_round']:.3f}", f"{total:.2f}",
-                  f"{s['up_message_bytes']:,.0f}", "-" if ratio is None else f"{ratio:.2f}x"]
+        cells += [
+            f"{s['mb_up_per_round']:.3f}",
+            f"{s['mb_down_per_round']:.3f}",
+            f"{total:.2f}",
+            f"{s['up_message_bytes']:,.0f}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -53,24 +62,33 @@ def seeds_table(summaries: list[dict]) -> str:
     for s in summaries:
         groups.setdefault(s["name"], []).append(s)
     seeds = sorted({s["config"]["seed"] if "config" in s else s.get("seed") for s in summaries}, key=str)
-    head = ["run", "method"] + [f"last-3 acc % (seed {sd})" for sd in seeds] + \
-        ["mean %", "total MB", "ratio vs FedAvg"]
+    head = ["run", "method"] + [f"last-3 acc % (seed {sd})" for sd in seeds] + ["mean %", "total MB", "ratio vs FedAvg"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in groups.items():
         by_seed = {(r["config"]["seed"] if "config" in r else r.get("seed")): r for r in runs}
         accs = [by_seed[sd]["acc_last3_mean"] for sd in seeds if sd in by_seed]
         first = runs[0]
         ratio = first.get("ratio_vs_fedavg")
-        rows.append("| " + " | ".join(
-            [name, first["method"]] + [_pct(by_seed[sd]["acc_last3_mean"]) if sd in by_seed else "-" for sd in seeds]
-            + [_pct(sum(accs) / len(accs)), f"{(first['bytes_up_total'] + first['bytes_down_total']) / 1e6:.2f}",
-               "-" if ratio is None else f"{ratio:.2f}x"]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [name, first["method"]]
+                + [_pct(by_seed[sd]["acc_last3_mean"]) if sd in by_seed else "-" for sd in seeds]
+                + [
+                    _pct(sum(accs) / len(accs)),
+                    f"{(first['bytes_up_total'] + first['bytes_down_total']) / 1e6:.2f}",
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
 def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: str | Path) -> list[Path]:
     """accuracy_vs_round.png and accuracy_vs_mb.png (cumulative MB, up + down)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -79,7 +97,12 @@ def plot_runs(runs: list[tuple[dict, list[dict]]], out_dir: str | Path) -> list[
     paths = []
     for fname, xlabel, xfun, logx in (
         ("accuracy_vs_round.png", "round", lambda r: r["round"], False),
-        ("accuracy_vs_mb.png", "cumulative MB (up + down)", lambda r: (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, True),
+        (
+            "accuracy_vs_mb.png",
+            "cumulative MB (up + down)",
+            lambda r: (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6,
+            True,
+        ),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for summary, rounds in runs:
@@ -126,17 +149,26 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
         ratios = [s["ratio_vs_fedavg"] for s, _ in runs if s["ratio_vs_fedavg"]]
         s0 = runs[0][0]
         m = s0["config"]["method"]
-        rows.append({
-            "name": name, "method": s0["method"], "transport": s0.get("transport", m.get("transport", "delta" if s0["method"] == "stc" else "weights")),
-            "seeds": [s["config"]["seed"] for s, _ in runs], "rounds": [s["rounds"] for s, _ in runs],
-            "acc_mean": float(accs.mean()), "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-            "acc_min": float(accs.min()), "acc_max": float(accs.max()), "accs": accs.tolist(),
-            "flat": sum(bool(s["personal_flat" if key.startswith("personal") else "flat"]) for s, _ in runs),
-            "metric": "personal" if key.startswith("personal") else "global",
-            "mb_total": float(total.mean() / 1e6), "ratio": float(np.mean(ratios)) if ratios else float("inf"),
-            "up_msg_bytes": float(np.mean([s["up_message_bytes"] for s, _ in runs])),
-            "personal": [s.get("personal_last10_mean") for s, _ in runs] if "final_acc_personal" in s0 else None,
-        })
+        rows.append(
+            {
+                "name": name,
+                "method": s0["method"],
+                "transport": s0.get("transport", m.get("transport", "delta" if s0["method"] == "stc" else "weights")),
+                "seeds": [s["config"]["seed"] for s, _ in runs],
+                "rounds": [s["rounds"] for s, _ in runs],
+                "acc_mean": float(accs.mean()),
+                "acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                "acc_min": float(accs.min()),
+                "acc_max": float(accs.max()),
+                "accs": accs.tolist(),
+                "flat": sum(bool(s["personal_flat" if key.startswith("personal") else "flat"]) for s, _ in runs),
+                "metric": "personal" if key.startswith("personal") else "global",
+                "mb_total": float(total.mean() / 1e6),
+                "ratio": float(np.mean(ratios)) if ratios else float("inf"),
+                "up_msg_bytes": float(np.mean([s["up_message_bytes"] for s, _ in runs])),
+                "personal": [s.get("personal_last10_mean") for s, _ in runs] if "final_acc_personal" in s0 else None,
+            }
+        )
     ref = next((r for r in rows if r["name"] == reference), None)
     for r in rows:
         r["gap_points"] = 100 * (r["acc_mean"] - ref["acc_mean"]) if ref else None
@@ -145,16 +177,39 @@ def frontier_rows(results: Path, reference: str = "fedavg") -> list[dict]:
 
 def frontier_table(rows: list[dict], reference: str = "fedavg") -> str:
     metric = "personal acc" if rows and rows[0].get("metric") == "personal" else "acc"
-    head = ["run", "method", "transport", f"{metric} % (mean ± sd, last 10 rounds)", "per seed", f"vs {reference} (points)",
-            "flat", "rounds", "MB up+down", "ratio vs FedAvg"]
+    head = [
+        "run",
+        "method",
+        "transport",
+        f"{metric} % (mean ± sd, last 10 rounds)",
+        "per seed",
+        f"vs {reference} (points)",
+        "flat",
+        "rounds",
+        "MB up+down",
+        "ratio vs FedAvg",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         gap = "-" if r["gap_points"] is None else f"{r['gap_points']:+.2f}"
-        lines.append("| " + " | ".join([
-            r["name"], r["method"], r["transport"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
-            " / ".join(f"{100 * a:.1f}" for a in r["accs"]), gap, f"{r['flat']}/{len(r['accs'])}",
-            "/".join(str(n) for n in sorted(set(r["rounds"]))), f"{r['mb_total']:.3f}", f"{r['ratio']:.1f}x" if r["ratio"] != float("inf") else "nothing sent",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    r["method"],
+                    r["transport"],
+                    f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}",
+                    " / ".join(f"{100 * a:.1f}" for a in r["accs"]),
+                    gap,
+                    f"{r['flat']}/{len(r['accs'])}",
+                    "/".join(str(n) for n in sorted(set(r["rounds"]))),
+                    f"{r['mb_total']:.3f}",
+                    f"{r['ratio']:.1f}x" if r["ratio"] != float("inf") else "nothing sent",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -170,6 +225,7 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
     import json
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -181,8 +237,10 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
     best = best_within(rows)
     table = frontier_table(rows, reference)
     if best:
-        table += (f"\n\nMost compressed within 1 point of {reference}: **{best['name']}**, "
-                  f"{best['ratio']:.1f}x less traffic, {best['gap_points']:+.2f} points.")
+        table += (
+            f"\n\nMost compressed within 1 point of {reference}: **{best['name']}**, "
+            f"{best['ratio']:.1f}x less traffic, {best['gap_points']:+.2f} points."
+        )
     (results / "table.md").write_text(table + "\n")
     (results / "frontier.json").write_text(json.dumps(rows, indent=2))
     paths = [results / "table.md", results / "frontier.json"]
@@ -199,17 +257,19 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
         if floor is not None and y < floor:  # far below: a marker on the floor, its value in the legend
             ax.plot(r["mb_total"], floor + 0.15, marker="v", ms=9, ls="none", label=label + " (below)")
             continue
-        ax.errorbar(r["mb_total"], y, yerr=[[y - lo], [hi - y]], fmt=markers[i % len(markers)], capsize=3,
-                    ms=6, label=label)
+        ax.errorbar(
+            r["mb_total"], y, yerr=[[y - lo], [hi - y]], fmt=markers[i % len(markers)], capsize=3, ms=6, label=label
+        )
     if ref_row:
         ax.axhline(100 * ref_row["acc_mean"] - 1, color="grey", ls="--", lw=0.8)
-        ax.text(ax.get_xlim()[0], 100 * ref_row["acc_mean"] - 0.95, f" {reference} - 1 point", fontsize=7,
-                color="grey")
+        ax.text(ax.get_xlim()[0], 100 * ref_row["acc_mean"] - 0.95, f" {reference} - 1 point", fontsize=7, color="grey")
         ax.set_ylim(floor, 100 * ref_row["acc_mean"] + 1)
     ax.set_xscale("log")
     ax.set_xlabel("total traffic, MB (up + down, whole run, mean over seeds)")
-    ax.set_ylabel(f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy at convergence, % "
-                  "(mean of last 10 rounds)")
+    ax.set_ylabel(
+        f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy at convergence, % "
+        "(mean of last 10 rounds)"
+    )
     ax.set_title("accuracy vs traffic; bars: min-max over seeds")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -219,8 +279,10 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
     paths.append(results / "frontier.png")
 
     groups = _group_runs(results)
-    for fname, xlabel, key, logx in (("accuracy_vs_round.png", "round", "round", False),
-                                      ("accuracy_vs_mb.png", "cumulative MB (up + down)", "mb", True)):
+    for fname, xlabel, key, logx in (
+        ("accuracy_vs_round.png", "round", "round", False),
+        ("accuracy_vs_mb.png", "cumulative MB (up + down)", "mb", True),
+    ):
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for r in comm:
             runs = groups[r["name"]]
@@ -231,11 +293,13 @@ def frontier_report(results: Path, reference: str = "fedavg") -> list[Path]:
                 x = np.arange(1, n + 1)
             else:
                 x = np.mean([[(x["cum_bytes_up"] + x["cum_bytes_down"]) / 1e6 for x in rs[:n]] for _, rs in runs], 0)
-            line, = ax.plot(x, acc.mean(0), lw=1, label=r["name"])
+            (line,) = ax.plot(x, acc.mean(0), lw=1, label=r["name"])
             ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy, % "
-                      "(line: mean over seeds; band: min-max)")
+        ax.set_ylabel(
+            f"{'personal' if comm[0]['metric'] == 'personal' else 'test'} accuracy, % "
+            "(line: mean over seeds; band: min-max)"
+        )
         if logx:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)

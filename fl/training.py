@@ -4,6 +4,7 @@
 require grad, in place, and returns metrics. It knows nothing of rounds,
 messages or methods, so a Flower client can call it as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,13 @@ def train_client(model: nn.Module, data: ClientData, config: TrainConfig) -> dic
     n = data.num_samples
     if n == 0:
         raise ValueError("train_client: the client has no training samples")
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                          nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
     x_all, y_all = data.train.x, data.train.y
     gen = torch.Generator(device=x_all.device).manual_seed(config.seed)
     model.train()
@@ -51,7 +57,7 @@ def train_client(model: nn.Module, data: ClientData, config: TrainConfig) -> dic
     for _ in range(config.epochs):
         order = data.train_idx[torch.randperm(n, device=x_all.device, generator=gen)]
         for start in range(0, n, config.batch_size):
-            idx = order[start:start + config.batch_size]
+            idx = order[start : start + config.batch_size]
             xb = augment_batch(x_all[idx], data.augment, gen)
             yb = y_all[idx]
             logits = model(xb)
@@ -84,7 +90,7 @@ def evaluate(model: nn.Module, data: Dataset, idx: torch.Tensor | None = None, b
     total_loss = torch.zeros((), device=data.x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
     for start in range(0, n, batch_size):
-        sel = slice(start, start + batch_size) if idx is None else idx[start:start + batch_size]
+        sel = slice(start, start + batch_size) if idx is None else idx[start : start + batch_size]
         xb, yb = data.x[sel], data.y[sel]
         logits = model(xb)
         total_loss += F.cross_entropy(logits, yb, reduction="sum")

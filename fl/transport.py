@@ -35,6 +35,7 @@ With ``flatten``, every message carries one 1-D tensor, the trainable
 tensors concatenated in a fixed order that both sides derive from the model
 definition: a header of a few dozen bytes instead of ~75 bytes per tensor.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from collections.abc import Callable
 import torch
 
 import flocora_codec as fc
+
+from .comm import Plain, encoder
 
 FLAT_NAME = "params"
 
@@ -74,8 +77,10 @@ class Layout:
         if not self.flatten:
             return message
         if set(message) != {FLAT_NAME} or message[FLAT_NAME].shape != (sum(self.numels),):
-            raise ValueError(f"flat message must hold one tensor {FLAT_NAME!r} of {sum(self.numels)} elements, "
-                             f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in message.items())}}}")
+            raise ValueError(
+                f"flat message must hold one tensor {FLAT_NAME!r} of {sum(self.numels)} elements, "
+                f"got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in message.items())}}}"
+            )
         parts = torch.split(message[FLAT_NAME], self.numels)
         return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
 
@@ -99,17 +104,24 @@ class DeltaLink:
         Error feedback on the download (server residual) and the upload.
     flatten : bool
         One flat tensor per message (see :class:`Layout`).
-    codec : object with ``encode(tensors, spec, ef=None) -> bytes`` and ``decode(bytes, device)``
-        The timing wrapper the loop uses (``fl.comm.Timer``).
+    codec : object with ``encode(tensors, encoder) -> bytes`` and ``decode(bytes, device)``
+        The timing wrapper the loop uses (``fl.comm.Timer``; encoders from ``fl.comm.encoder``).
     """
 
     # defaults for links unpickled from checkpoints written before these attributes existed
     down_mode = "broadcast"
     global_: dict | None = None
 
-    def __init__(self, init: dict[str, torch.Tensor], down_spec: Callable, up_spec: Callable,
-                 server_ef: bool = True, client_ef: bool = True, flatten: bool = False,
-                 down_mode: str = "broadcast"):
+    def __init__(
+        self,
+        init: dict[str, torch.Tensor],
+        down_spec: Callable,
+        up_spec: Callable,
+        server_ef: bool = True,
+        client_ef: bool = True,
+        flatten: bool = False,
+        down_mode: str = "broadcast",
+    ):
         if down_mode not in ("broadcast", "per_client"):
             raise ValueError(f"down_mode must be 'broadcast' or 'per_client', got {down_mode!r}")
         self.down_mode = down_mode
@@ -133,7 +145,7 @@ class DeltaLink:
             self.global_ = global_tensors
             return None, global_tensors
         diff = {k: global_tensors[k] - self.public[k] for k in self.public}
-        msg = codec.encode(self.layout.pack(diff), self.down_spec(rnd))
+        msg = codec.encode(self.layout.pack(diff), Plain(self.down_spec(rnd)))
         self.public = _add(self.public, self.layout.unpack(codec.decode(msg, None)))
         self.log.append((rnd, msg))
         self._trim_log()
@@ -160,12 +172,12 @@ class DeltaLink:
             if rnd == 1:  # nothing has changed since the seed
                 how, received = "seed", []
             elif synced == 0:  # first contact after round 1: the exact model, raw
-                snap = codec.encode({k: v.cpu() for k, v in self.global_.items()}, fc.CodecSpec.raw())
+                snap = codec.encode({k: v.cpu() for k, v in self.global_.items()}, Plain(fc.CodecSpec.raw()))
                 state = {k: v.to(device) for k, v in codec.decode(snap, device, expect=self.init).items()}
                 how, received = "snapshot", [snap]
             else:
                 diff = {k: self.global_[k] - state[k] for k in state}
-                msg = codec.encode(self.layout.pack(diff), self.down_spec(rnd))
+                msg = codec.encode(self.layout.pack(diff), Plain(self.down_spec(rnd)))
                 state = _add(state, self.layout.unpack(codec.decode(msg, device, expect=self.layout.expected())))
                 how, received = "per-client", [msg]
             self.clients[cid] = (rnd, state)
@@ -180,7 +192,7 @@ class DeltaLink:
             for m in missed:  # in broadcast order: the same additions the server made
                 state = _add(state, self.layout.unpack(codec.decode(m, device, expect=self.layout.expected())))
         else:
-            snap = codec.encode({k: v.cpu() for k, v in self.public.items()}, fc.CodecSpec.raw())
+            snap = codec.encode({k: v.cpu() for k, v in self.public.items()}, Plain(fc.CodecSpec.raw()))
             how, received = "snapshot", [snap]
             state = {k: v.to(device) for k, v in codec.decode(snap, device, expect=self.init).items()}
         self.clients[cid] = (rnd, state)
@@ -189,11 +201,8 @@ class DeltaLink:
     def upload(self, cid: int, rnd: int, delta: dict[str, torch.Tensor], codec) -> bytes:
         """Client side: ``C(delta + e_cid)``, keeping the new residual."""
         spec = self.up_spec(cid, rnd)
-        ef = None
-        if self.client_ef:
-            ef = self.residuals.setdefault(cid, fc.ErrorFeedback(spec))
-            ef.spec = spec  # density tiers and decay change the spec, not the residual
-        return codec.encode(self.layout.pack(delta), spec, ef)
+        ef = self.residuals.setdefault(cid, fc.ErrorFeedback(spec)) if self.client_ef else None
+        return codec.encode(self.layout.pack(delta), encoder(spec, ef))
 
     def receive(self, msg: bytes, codec, device) -> dict[str, torch.Tensor]:
         """Server side: decode one upload into per-tensor deltas. The message

@@ -1,11 +1,12 @@
 """flocora_codec: compact, checksummed wire messages for federated learning."""
+
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
 __version__ = "0.1.0"
 
 # Loads the compiled kernels (torch.ops.flocora), or warns once and falls back
 # to the pure-PyTorch reference when they cannot be loaded (see ops.BACKEND).
-from flocora_codec import ops as _ops  # noqa: F401
+from flocora_codec import ops as _ops  # noqa: F401  imported for its side effect
 from flocora_codec.codec import (
     ErrorFeedback,
     MessageInfo,

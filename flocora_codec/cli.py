@@ -2,6 +2,7 @@
 
 Also runnable as ``python -m flocora_codec``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,8 @@ are binary; the format of a tensor file on standard output comes from
 Run "flocora-codec COMMAND --help" for the options of each command.
 """
 
-_EPILOG = """\
+_EPILOG = (
+    """\
 examples:
   flocora-codec encode update.npz -o update.flc --bits 4 --granularity row
   flocora-codec encode update.npz -o update.flc --bits 2 --granularity group \\
@@ -59,7 +61,9 @@ examples:
   flocora-codec decode adapter.flc -o adapter_restored.safetensors
   cat adapter_model.safetensors | flocora-codec encode - -o - | flocora-codec decode - -o out.safetensors
 
-""" + _EXIT_STATUS
+"""
+    + _EXIT_STATUS
+)
 
 
 def _bits(text: str):
@@ -87,14 +91,15 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Verify a message (CRC32C, every header field, every section) and print its\n"
         "tensor table: name, dtype, shape, codec and parameters, kept elements and\n"
         "index code of sparse tensors, and bytes by part.",
-        epilog="examples:\n  flocora-codec inspect update.flc\n  flocora-codec inspect --json update.flc | jq .bytes\n\n"
-        + _EXIT_STATUS,
+        epilog="examples:\n  flocora-codec inspect update.flc\n"
+        "  flocora-codec inspect --json update.flc | jq .bytes\n\n" + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ins.add_argument("message", metavar="MSG", help='message or schema file ("-": standard input)')
     ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-    ins.add_argument("--schema", metavar="FILE", action="append", default=[],
-                     help="schema file of a compact message (repeatable)")
+    ins.add_argument(
+        "--schema", metavar="FILE", action="append", default=[], help="schema file of a compact message (repeatable)"
+    )
 
     enc = sub.add_parser(
         "encode",
@@ -104,38 +109,73 @@ def _build_parser() -> argparse.ArgumentParser:
         "default 0-d and 1-d tensors (norms, biases) do too. Names, shapes and dtypes\n"
         "(bfloat16 and float16 included) are kept.",
         epilog="examples:\n  flocora-codec encode update.npz -o update.flc --bits 4 --granularity row\n"
-        "  flocora-codec encode update.npz -o update.flc --density 0.01 --values quantized --bits 8\n\n"
-        + _EXIT_STATUS,
+        "  flocora-codec encode update.npz -o update.flc --density 0.01 --values quantized --bits 8\n\n" + _EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     enc.add_argument("input", metavar="IN", help='.safetensors or .npz file of named tensors ("-": standard input)')
-    enc.add_argument("-o", "--output", metavar="MSG", required=True,
-                     help='message file to write ("-": standard output)')
-    enc.add_argument("--schema", metavar="FILE", default=None,
-                     help="write a compact message (format v3) against this schema file; it is created "
-                          "from the tensors and the codec parameters if it does not exist")
+    enc.add_argument(
+        "-o", "--output", metavar="MSG", required=True, help='message file to write ("-": standard output)'
+    )
+    enc.add_argument(
+        "--schema",
+        metavar="FILE",
+        default=None,
+        help="write a compact message (format v3) against this schema file; it is created "
+        "from the tensors and the codec parameters if it does not exist",
+    )
     g = enc.add_argument_group("codec parameters (see CodecSpec)")
     g.add_argument("--raw", action="store_true", help="no compression at all (overrides everything below)")
-    g.add_argument("--bits", type=_bits, default=4, metavar="B",
-                   help="affine quantization width 1..8, or 'none' (default: 4)")
-    g.add_argument("--granularity", choices=("tensor", "row", "group"), default="row",
-                   help="one scale/offset per tensor, per row (dim 0) or per group (default: row)")
-    g.add_argument("--group-size", type=int, default=64, metavar="N",
-                   help="group length for --granularity group, a power of two >= 8 (default: 64)")
-    g.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest",
-                   help="rounding of the codes (default: nearest)")
+    g.add_argument(
+        "--bits", type=_bits, default=4, metavar="B", help="affine quantization width 1..8, or 'none' (default: 4)"
+    )
+    g.add_argument(
+        "--granularity",
+        choices=("tensor", "row", "group"),
+        default="row",
+        help="one scale/offset per tensor, per row (dim 0) or per group (default: row)",
+    )
+    g.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="group length for --granularity group, a power of two >= 8 (default: 64)",
+    )
+    g.add_argument(
+        "--rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="rounding of the codes (default: nearest)",
+    )
     g.add_argument("--seed", type=int, default=0, help="stochastic rounding seed (default: 0)")
-    g.add_argument("--meta-dtype", choices=("float32", "float16"), default="float32",
-                   help="dtype of scales and offsets (default: float32)")
-    g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="top-k: keep this fraction (0, 1] of the elements")
+    g.add_argument(
+        "--meta-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of scales and offsets (default: float32)",
+    )
+    g.add_argument(
+        "--density", type=float, default=None, metavar="D", help="top-k: keep this fraction (0, 1] of the elements"
+    )
     g.add_argument("--k", type=int, default=None, metavar="K", help="top-k: keep this many elements")
-    g.add_argument("--topk-scope", choices=("tensor", "global"), default="tensor",
-                   help="select k per tensor or over all sparse tensors (default: tensor)")
-    g.add_argument("--values", choices=("float32", "float16", "bfloat16", "quantized"), default="float32",
-                   help="encoding of the kept top-k values (default: float32)")
-    g.add_argument("--keep-1d-raw", action=argparse.BooleanOptionalAction, default=True,
-                   help="send 0-d and 1-d arrays raw (default: yes)")
+    g.add_argument(
+        "--topk-scope",
+        choices=("tensor", "global"),
+        default="tensor",
+        help="select k per tensor or over all sparse tensors (default: tensor)",
+    )
+    g.add_argument(
+        "--values",
+        choices=("float32", "float16", "bfloat16", "quantized"),
+        default="float32",
+        help="encoding of the kept top-k values (default: float32)",
+    )
+    g.add_argument(
+        "--keep-1d-raw",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send 0-d and 1-d arrays raw (default: yes)",
+    )
 
     dec = sub.add_parser(
         "decode",
@@ -150,12 +190,19 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dec.add_argument("message", metavar="MSG", help='message file ("-": standard input)')
-    dec.add_argument("-o", "--output", metavar="OUT", required=True,
-                     help='.safetensors or .npz file to write ("-": standard output, needs --format)')
-    dec.add_argument("--format", choices=("safetensors", "npz"), default=None,
-                     help="format of OUT (default: from its suffix)")
-    dec.add_argument("--schema", metavar="FILE", action="append", default=[],
-                     help="schema file of a compact message (repeatable)")
+    dec.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        required=True,
+        help='.safetensors or .npz file to write ("-": standard output, needs --format)',
+    )
+    dec.add_argument(
+        "--format", choices=("safetensors", "npz"), default=None, help="format of OUT (default: from its suffix)"
+    )
+    dec.add_argument(
+        "--schema", metavar="FILE", action="append", default=[], help="schema file of a compact message (repeatable)"
+    )
     return p
 
 
@@ -175,24 +222,10 @@ class _VersionAction(argparse.Action):
 
 
 def _spec_from(args):
-    from flocora_codec.spec import CodecSpec, Rule
+    from flocora_codec.spec import CONFIG_KEYS, CodecSpec
 
-    if args.raw:
-        return CodecSpec.raw()
-    rules = (Rule("*", "raw", max_ndim=1),) if args.keep_1d_raw else ()
-    return CodecSpec(
-        bits=args.bits,
-        granularity=args.granularity,
-        group_size=args.group_size,
-        rounding=args.rounding,
-        seed=args.seed,
-        meta_dtype=args.meta_dtype,
-        density=args.density,
-        k=args.k,
-        topk_scope=args.topk_scope,
-        values=args.values,
-        rules=rules,
-    )
+    # the options are named after CONFIG_KEYS (--group-size -> group_size)
+    return CodecSpec.from_dict({k: getattr(args, k) for k in CONFIG_KEYS})
 
 
 def _read(path: str) -> bytes:

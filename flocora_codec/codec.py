@@ -6,9 +6,11 @@ encoder writes every section straight into the final ``bytes`` object (one
 copy of the compressed data); the decoder validates the whole header before it
 allocates anything the message claims.
 """
+
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import platform
 from collections.abc import Mapping
@@ -114,14 +116,14 @@ if platform.python_implementation() == "CPython":
         addr = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
         return out, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
 
-    _finish = lambda out, view: out  # noqa: E731
+    _finish = lambda out, view: out
 else:  # pragma: no cover - other interpreters: one extra copy
 
     def _alloc_message(n: int):
         buf = bytearray(n)
         return buf, memoryview(buf)
 
-    _finish = lambda out, view: bytes(out)  # noqa: E731
+    _finish = lambda out, view: bytes(out)
 
 
 def _host_bytes(t: torch.Tensor) -> memoryview:
@@ -375,7 +377,9 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
             # float16 tops out at 65504: refuse rather than send inf
             bad = torch.split(bad, counts)
             name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
-            raise ValueError(f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values")
+            raise ValueError(
+                f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values"
+            )
         vals = _Slicer(converted)
         for i, c in zip(members, counts):
             parts[i].append(vals.take(c * vdtype.itemsize))
@@ -573,7 +577,9 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
             try:
                 dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
             except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
-                raise FormatError(f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}") from exc
+                raise FormatError(
+                    f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}"
+                ) from exc
         if dtype != kdtype:
             dense = dense.to(dtype)
         for e, t in zip(members, torch.split(dense, numels)):
@@ -601,8 +607,9 @@ def _schema_lookup(schemas):
     return by_id.get
 
 
-def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None,
-           partial: bool = False, schemas=None) -> dict[str, torch.Tensor]:
+def decode(
+    data, *, device=None, limits: DecodeLimits | None = None, expect=None, partial: bool = False, schemas=None
+) -> dict[str, torch.Tensor]:
     """Rebuild the named tensors of a message.
 
     The whole message is validated first (length, CRC32C, every header field
@@ -654,8 +661,13 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
         The message is well formed but not what ``expect`` says.
     """
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial,
-                   schemas=_schema_lookup(schemas))
+    pm = fmt.parse(
+        mv,
+        limits,
+        None if expect is None else fmt.expectation(expect),
+        partial=partial,
+        schemas=_schema_lookup(schemas),
+    )
     return _decode_parsed(pm, mv, device)
 
 
@@ -697,8 +709,9 @@ def encode_numpy(arrays: Mapping[str, np.ndarray], spec: CodecSpec | None = None
     return encode(tensors, spec, schema=schema)
 
 
-def decode_numpy(data, *, limits: DecodeLimits | None = None, expect=None,
-                 partial: bool = False, schemas=None) -> dict[str, np.ndarray]:
+def decode_numpy(
+    data, *, limits: DecodeLimits | None = None, expect=None, partial: bool = False, schemas=None
+) -> dict[str, np.ndarray]:
     """:func:`decode` to numpy arrays.
 
     Parameters
@@ -854,13 +867,37 @@ def message_info(data, *, limits: DecodeLimits | None = None, schemas=None) -> M
 
 
 # ---- error feedback ---------------------------------------------------------------
+# a library logs; the application decides where its warnings go
+log = logging.getLogger("flocora_codec")
+
+
+def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 tensors keep float64 residuals; every other float dtype float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class ErrorFeedback:
     """Error feedback (EF14 / "memory"): what compression lost is sent later.
 
     Per key, the residual ``r = (x + r_prev) - decode(encode(x + r_prev))`` is
-    kept (float32, on the tensor's device) and added to the next tensor of that
-    key before it is encoded, so the compression error does not accumulate
-    over rounds.
+    kept and added to the next tensor of that key before it is encoded, so
+    the compression error does not accumulate over rounds. The FL loop
+    (``fl/``) and the Flower mod (:func:`flocora_codec.flower.compression_mod`)
+    both use this class.
+
+    Residuals
+        One per floating-point tensor key, on the tensor's device, in float32
+        (float64 for float64 tensors): ``x + r_prev`` is formed in that dtype
+        and cast to the tensor's dtype for encoding. An all-zero residual (the
+        tensor travelled exactly, e.g. raw under a rule) is not kept. Keys
+        absent from a message keep their residual for a later one.
+
+    Mismatched residuals
+        A residual whose shape differs from its tensor's (the model changed,
+        or a stale state was restored) is dropped with a logged warning
+        (logger ``"flocora_codec"``) and the tensor is encoded without it: a
+        long-running client must not fail every round over error it can no
+        longer owe. A residual of another float dtype is converted.
 
     Parameters
     ----------
@@ -874,6 +911,14 @@ class ErrorFeedback:
     --------
     >>> ef = ErrorFeedback(CodecSpec(bits=2))
     >>> data = ef.encode({"w": torch.randn(4, 8)})
+
+    :meth:`encode` is :meth:`compensate`, :func:`encode`, :func:`decode` and
+    :meth:`settle`; callers that must act between the steps (the Flower mod
+    scales the update to a clipping norm) call them themselves:
+
+    >>> to_send, targets = ef.compensate(tensors)
+    >>> data = encode(to_send, ef.spec)
+    >>> ef.settle(targets, decode(data))
     """
 
     def __init__(self, spec: CodecSpec):
@@ -881,6 +926,60 @@ class ErrorFeedback:
             raise TypeError(f"ErrorFeedback: spec must be a CodecSpec, not {type(spec).__name__}")
         self.spec = spec
         self._residual: dict[str, torch.Tensor] = {}
+
+    def compensate(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Add the residuals to ``tensors``.
+
+        Parameters
+        ----------
+        tensors : Mapping[str, torch.Tensor]
+            As for :func:`encode`.
+
+        Returns
+        -------
+        to_send : dict
+            ``tensors`` with each float tensor replaced by ``x + residual`` in
+            its own dtype; other values as they are.
+        targets : dict[str, torch.Tensor]
+            ``x + residual`` of the float tensors in the residual dtype: what
+            the message is meant to carry, for :meth:`settle`.
+        """
+        to_send, targets = {}, {}
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                x = t.detach().to(_residual_dtype(t.dtype))
+                r = self._residual.get(name)
+                if r is not None and r.shape != x.shape:
+                    log.warning("ErrorFeedback: dropped the residual of %r: shape %s, the tensor's %s",
+                                name, tuple(r.shape), tuple(x.shape))  # fmt: skip
+                    del self._residual[name]
+                    r = None
+                if r is not None:
+                    x = x + r.to(device=x.device, dtype=x.dtype)
+                targets[name] = x
+                t = x.to(t.dtype)
+            to_send[name] = t
+        return to_send, targets
+
+    def settle(self, targets: Mapping[str, torch.Tensor], decoded: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``targets - decoded`` as the residual of each key of ``targets``.
+
+        Parameters
+        ----------
+        targets : Mapping[str, torch.Tensor]
+            What the message was meant to carry: :meth:`compensate`'s
+            ``targets``, or what was actually encoded when the caller changed
+            it (e.g. scaled it down).
+        decoded : Mapping[str, torch.Tensor]
+            The decoded message (at least the keys of ``targets``).
+        """
+        for name, x in targets.items():
+            dtype = _residual_dtype(x.dtype)
+            r = x.to(dtype) - decoded[name].to(device=x.device, dtype=dtype)
+            if bool(r.any()):
+                self._residual[name] = r
+            else:
+                self._residual.pop(name, None)
 
     def encode(self, tensors: Mapping[str, torch.Tensor], *, schema=None) -> bytes:
         """Encode ``tensors + residual`` and keep the new residual.
@@ -896,32 +995,12 @@ class ErrorFeedback:
         -------
         bytes
             The message.
-
-        Raises
-        ------
-        ValueError
-            If a tensor's shape differs from the residual kept for its key.
         """
-        corrected, target = {}, {}
-        for name, t in tensors.items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                x = t.detach().to(torch.float32)
-                r = self._residual.get(name)
-                if r is not None:
-                    if r.shape != x.shape:
-                        raise ValueError(
-                            f"ErrorFeedback: {name!r} has shape {tuple(x.shape)}, its residual {tuple(r.shape)}"
-                        )
-                    x = x + r.to(x.device)
-                target[name] = x
-                t = x.to(t.dtype)
-            corrected[name] = t
-        data = encode(corrected, self.spec, schema=schema)
+        to_send, targets = self.compensate(tensors)
+        data = encode(to_send, self.spec, schema=schema)
         # decode where the tensors live: on a GPU only the compressed bytes go back up
-        device = next((x.device for x in target.values()), None)
-        decoded = decode(data, device=device, schemas=schema)
-        for name, x in target.items():
-            self._residual[name] = x - decoded[name].to(device=x.device, dtype=torch.float32)
+        device = next((x.device for x in targets.values()), None)
+        self.settle(targets, decode(data, device=device, schemas=schema))
         return data
 
     def reset(self) -> None:
@@ -942,8 +1021,21 @@ class ErrorFeedback:
 
         Parameters
         ----------
-        state : Mapping[str, torch.Tensor]
-            As returned by :meth:`get_state`.
-        """
-        self._residual = {k: torch.as_tensor(v).detach().to(torch.float32).clone() for k, v in state.items()}
+        state : Mapping[str, torch.Tensor or numpy.ndarray]
+            As returned by :meth:`get_state`. float64 residuals stay float64,
+            other float dtypes become float32.
 
+        Raises
+        ------
+        ValueError
+            A residual that is not floating-point.
+        """
+        residual = {}
+        for k, v in state.items():
+            if isinstance(v, np.ndarray):
+                v = np.array(v)  # writable: torch warns on read-only arrays (Flower's)
+            t = torch.as_tensor(v).detach()
+            if not t.is_floating_point():
+                raise ValueError(f"ErrorFeedback.set_state: residual {k!r} has dtype {t.dtype}, not a float dtype")
+            residual[k] = t.to(_residual_dtype(t.dtype), copy=True)
+        self._residual = residual

@@ -9,6 +9,7 @@ conv, stem and 1x1 downsample convs included; GroupNorm and the classifier
 sent in full) and plausible trained values: A Kaiming-uniform as initialised,
 B small and non-zero as after a few rounds of training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,10 @@ SETTINGS: list[tuple[str, fc.CodecSpec]] = [
     ("1-bit per row", fc.CodecSpec(bits=1, granularity="row")),
     ("top-10% per tensor, fp32 values", fc.CodecSpec(density=0.1)),
     ("top-1% global, fp16 values", fc.CodecSpec(density=0.01, topk_scope="global", values="float16")),
-    ("top-10% global, 4-bit values", fc.CodecSpec(density=0.1, topk_scope="global", values="quantized", bits=4,
-                                                  granularity="group", group_size=64)),
+    (
+        "top-10% global, 4-bit values",
+        fc.CodecSpec(density=0.1, topk_scope="global", values="quantized", bits=4, granularity="group", group_size=64),
+    ),
 ]
 
 

@@ -5,10 +5,16 @@ raises a subclass of :class:`CodecError`, which is a ``ValueError``: callers
 that already guard against bad input with ``except ValueError`` keep working,
 and ``except CodecError`` catches exactly "this message is not acceptable".
 """
+
 from __future__ import annotations
 
 __all__ = [
-    "CodecError", "FormatError", "ChecksumError", "UnsupportedVersionError", "LimitError", "ExpectationError",
+    "CodecError",
+    "FormatError",
+    "ChecksumError",
+    "UnsupportedVersionError",
+    "LimitError",
+    "ExpectationError",
     "UnknownSchemaError",
 ]
 

@@ -15,6 +15,7 @@ Example: a LoRA adapter on disk to a message and back::
     msg = fc.encode(read_tensors("adapter_model.safetensors"), fc.CodecSpec(bits=4))
     write_tensors(fc.decode(msg), "restored.safetensors")
 """
+
 from __future__ import annotations
 
 import io

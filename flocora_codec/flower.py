@@ -31,6 +31,7 @@ so Flower moves it like any other array, and a strategy that forgets the
 wrapper fails loudly (``Array.numpy()`` refuses a foreign ``stype``) instead of
 averaging codec bytes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 try:
     from flwr.app import (
@@ -59,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without flwr
     raise ImportError(
         "flocora_codec.flower needs Flower (flwr>=1.41,<2; tested with 1.41 and 1.42), which is not installed. "
         "pip install 'flwr>=1.41,<2', or install flocora-codec with its extra, flocora-codec[flower] "
-        "(README, \"Installing\")"
+        '(README, "Installing")'
     ) from exc
 
 import flocora_codec as fc
@@ -141,6 +143,11 @@ def _c_array(x) -> np.ndarray:
     return np.require(np.asarray(x), requirements="C")
 
 
+def _as_tensors(arrays: Mapping[str, np.ndarray]) -> dict:
+    # writable C arrays: torch.from_numpy shares their memory and warns on read-only ones
+    return {k: torch.from_numpy(np.require(v, requirements=("C", "W"))) for k, v in arrays.items()}
+
+
 def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
 
@@ -167,9 +174,7 @@ def _split_delta(
     return delta, full
 
 
-def _full_fallbacks(
-    full: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None
-) -> list[str]:
+def _full_fallbacks(full: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None) -> list[str]:
     """Float tensors sent in full in delta mode although a delta was expected:
     no global arrays at all, or a global array of another shape or kind."""
     return [n for n, x in full.items() if _is_float(x) and (base is None or n in base)]
@@ -287,7 +292,7 @@ def decode_array_record(
     new_schemas = []
     named = {fc.format.compact_schema_id(record[k].data) for k in (DELTA_KEY, FULL_KEY) if k in record}
     for key, arr in arrived:
-        if key[len(SCHEMA_KEY_PREFIX):] not in {sid.hex() for sid in named if sid is not None}:
+        if key[len(SCHEMA_KEY_PREFIX) :] not in {sid.hex() for sid in named if sid is not None}:
             # only the schemas of its own messages: a reply cannot make the server validate or keep more
             raise EncodedRecordError(f"entry {key!r} is not the schema of a message in the record")
         schema = fc.Schema.from_bytes(arr.data, **kwargs)
@@ -380,7 +385,7 @@ def _server_schema_ids(msg: Message) -> set | None:
         value = rec.get(SCHEMAS_CONFIG_KEY)
         if isinstance(value, bytes) and len(value) % fc.format.SCHEMA_ID_SIZE == 0:
             n = fc.format.SCHEMA_ID_SIZE
-            return {value[i:i + n] for i in range(0, len(value), n)}
+            return {value[i : i + n] for i in range(0, len(value), n)}
     return None
 
 
@@ -471,9 +476,11 @@ def compression_mod(
         ``"arrays"``: send the reply arrays themselves.
     error_feedback : bool, optional
         Add the previous round's compression error of each delta before
-        encoding it (residuals live in ``context.state``, so they persist
-        across rounds on the node and never leave it). Default: on in
-        ``"delta"`` mode. Not available in ``"arrays"`` mode.
+        encoding it (:class:`flocora_codec.ErrorFeedback`, whose residuals
+        live in ``context.state``, so they persist across rounds on the node,
+        survive restarts of the ClientApp process and never leave it; a
+        residual of the wrong shape is dropped with a warning, as there).
+        Default: on in ``"delta"`` mode. Not available in ``"arrays"`` mode.
     state_key : str
         Prefix of the records this mod keeps in ``context.state``.
 
@@ -550,7 +557,9 @@ def compression_mod(
             return reply
         records = reply.content.array_records
         if len(records) != 1:
-            log.warning("compression_mod: train reply has %d ArrayRecords (expected 1); sent uncompressed", len(records))
+            log.warning(
+                "compression_mod: train reply has %d ArrayRecords (expected 1); sent uncompressed", len(records)
+            )
             return reply
         rkey, record = next(iter(records.items()))
         if is_encoded(record):  # already compressed (a second compression mod)
@@ -574,29 +583,33 @@ def compression_mod(
                 _warn_once(warned, ("full", tuple(fallback)),
                            "compression_mod: %d float tensor(s) sent in full, quantized without error feedback, "
                            "instead of as deltas: %s (%s)", len(fallback), fallback[:5], why)  # fmt: skip
-            if error_feedback:
-                old = context.state.array_records.get(residual_key)
-                residual = {} if old is None else _to_numpy(old)
-                for name, d in delta.items():
-                    r = residual.get(name)
-                    if r is not None and r.shape == d.shape and r.dtype == d.dtype:
-                        delta[name] = d + r
             out = ArrayRecord()
             compact = _Compactor(server_ids)
             if delta:
+                ef = targets = None
+                if error_feedback:
+                    # fc.ErrorFeedback's residuals, kept in context.state between messages
+                    # (a deployment starts a new ClientApp process per message)
+                    ef = fc.ErrorFeedback(round_spec)
+                    old = context.state.array_records.get(residual_key)
+                    if old is not None:
+                        ef.set_state(_to_numpy(old))
+                    to_send, targets = ef.compensate(_as_tensors(delta))
+                    delta = {k: v.numpy() for k, v in to_send.items()}
+                encoded = delta
                 data, sent, delta = _encode_within(delta, round_spec, clip, compact.schema(delta, round_spec))
                 out[DELTA_KEY] = _message_array(data)
-                if error_feedback:
+                if ef is not None:
                     # residual of the (clipped) vector that was encoded: error
                     # feedback re-sends quantization error, never what clipping cut
-                    new_residual = {}
-                    for name, d in delta.items():
-                        r = d - sent[name].astype(d.dtype, copy=False)
-                        if np.any(r):  # raw-rule tensors have none
-                            new_residual[name] = _c_array(r)
-                    context.state[residual_key] = ArrayRecord({k: Array(v) for k, v in new_residual.items()})
+                    ef.settle(targets if delta is encoded else _as_tensors(delta), _as_tensors(sent))
+                    context.state[residual_key] = ArrayRecord(
+                        {k: Array(_c_array(v.numpy())) for k, v in ef.get_state().items()}
+                    )
             if full or not delta:
-                out[FULL_KEY] = _message_array(fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec)))
+                out[FULL_KEY] = _message_array(
+                    fc.encode_numpy(full, round_spec, schema=compact.schema(full, round_spec))
+                )
             compact.add_to(out)
         else:
             if clip is not None:
@@ -706,9 +719,17 @@ class CompressedStrategy(Strategy):
     >>> strategy.history[1]["uplink_bytes"]
     """
 
-    def __init__(self, strategy: Strategy, *, downlink: fc.CodecSpec | None = None, decode_limits: Any = None,
-                 expect_replies: bool = True, max_update_norm_ratio: float = 0.0, compact: bool = True,
-                 max_schemas: int = 64):
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        downlink: fc.CodecSpec | None = None,
+        decode_limits: Any = None,
+        expect_replies: bool = True,
+        max_update_norm_ratio: float = 0.0,
+        compact: bool = True,
+        max_schemas: int = 64,
+    ):
         if not isinstance(strategy, Strategy):
             raise TypeError(
                 f"CompressedStrategy wraps a flwr.serverapp.strategy.Strategy; got {type(strategy).__name__}"
@@ -758,7 +779,11 @@ class CompressedStrategy(Strategy):
         return decode_array_record(encoded), encoded
 
     def _encode_instructions(
-        self, messages: Iterable[Message], sent: ArrayRecord, encoded: ArrayRecord | None, server_round: int,
+        self,
+        messages: Iterable[Message],
+        sent: ArrayRecord,
+        encoded: ArrayRecord | None,
+        server_round: int,
         record_bases: bool,
     ) -> list[Message]:
         messages = list(messages)

@@ -6,6 +6,7 @@ sections. The parser treats its input as hostile: every count and length is
 checked against the bytes actually present and against :class:`DecodeLimits`
 *before* anything sized by the message is allocated.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -131,8 +132,14 @@ class DecodeLimits:
     max_expansion: int = 1 << 16
 
     def __post_init__(self):
-        for name in ("max_message_bytes", "max_tensors", "max_total_elements", "max_ndim", "max_name_bytes",
-                     "max_expansion"):
+        for name in (
+            "max_message_bytes",
+            "max_tensors",
+            "max_total_elements",
+            "max_ndim",
+            "max_name_bytes",
+            "max_expansion",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"DecodeLimits: {name} must be an integer >= 0; got {v!r}")
@@ -454,8 +461,9 @@ class _Heads:
     dtype, shape, codec index), checking each field as it is read, in the
     order of FORMAT.md 4 step 7.4, and the running totals against the limits."""
 
-    def __init__(self, limits: DecodeLimits, expect: dict | None, records: list, max_decoded: int | None,
-                 message_bytes: int):
+    def __init__(
+        self, limits: DecodeLimits, expect: dict | None, records: list, max_decoded: int | None, message_bytes: int
+    ):
         self.limits, self.expect, self.records = limits, expect, records
         self.max_decoded, self.message_bytes = max_decoded, message_bytes
         self.names: set = set()
@@ -492,7 +500,9 @@ class _Heads:
         self.used[codec_index] = True
         rec = self.records[codec_index]
         if rec.codec != CODEC_RAW and dtype_code not in FLOAT_CODES:
-            raise FormatError(f"tensor {name!r}: codec {CODEC_NAMES[rec.codec]} on non-float dtype {CODE_DTYPES[dtype_code]}")
+            raise FormatError(
+                f"tensor {name!r}: codec {CODEC_NAMES[rec.codec]} on non-float dtype {CODE_DTYPES[dtype_code]}"
+            )
         return name, dtype_code, tuple(shape), numel, codec_index
 
     def count_elements(self, name: str, shape: tuple, dtype_code: int) -> int:
@@ -500,7 +510,9 @@ class _Heads:
         numel = 1
         for d in shape:
             if d > limits.max_total_elements:
-                raise LimitError(f"tensor {name!r}: dimension {d} exceeds max_total_elements={limits.max_total_elements}")
+                raise LimitError(
+                    f"tensor {name!r}: dimension {d} exceeds max_total_elements={limits.max_total_elements}"
+                )
             numel *= d
         self.total_elements += numel
         if self.total_elements > limits.max_total_elements:
@@ -549,8 +561,14 @@ def _read_codec_table(rd: "_Reader", n_codecs: int, version: int) -> list:
     return records
 
 
-def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
-          bound_expansion: bool = True, partial: bool = False, schemas=None) -> ParsedMessage:
+def parse(
+    data,
+    limits: DecodeLimits | None = None,
+    expect: dict | None = None,
+    bound_expansion: bool = True,
+    partial: bool = False,
+    schemas=None,
+) -> ParsedMessage:
     """Validate a whole message's envelope and header; return where everything lies.
 
     Parameters
@@ -613,7 +631,9 @@ def parse(data, limits: DecodeLimits | None = None, expect: dict | None = None,
                 raise FormatError(f"tensor {name!r}: top-k count {count} exceeds its {numel} elements")
             expected = ops.choose_index_code(numel, count)
             if index_code != expected:
-                raise FormatError(f"tensor {name!r}: index code {index_code}, but (n={numel}, k={count}) selects {expected}")
+                raise FormatError(
+                    f"tensor {name!r}: index code {index_code}, but (n={numel}, k={count}) selects {expected}"
+                )
         lens = rd.unpack(_SECTIONS, "section lengths")
         dtype = CODE_DTYPES[dtype_code]
         implied = section_sizes(rec, dtype, shape, numel, count)
@@ -670,8 +690,9 @@ def write_schema(records, entries, names_utf8) -> bytes:
     return bytes(out)
 
 
-def parse_schema(data, limits: DecodeLimits | None = None, expect: dict | None = None,
-                 partial: bool = False) -> ParsedSchema:
+def parse_schema(
+    data, limits: DecodeLimits | None = None, expect: dict | None = None, partial: bool = False
+) -> ParsedSchema:
     """Validate serialized schema bytes (untrusted input, like a message).
 
     The checks are those of FORMAT.md 4 steps 1-7 with the schema's magic and
@@ -691,7 +712,9 @@ def parse_schema(data, limits: DecodeLimits | None = None, expect: dict | None =
         raise FormatError(f"not a flocora-codec schema (magic {bytes(mv[:4])!r}, expected {SCHEMA_MAGIC!r}){hint}")
     _, version, flags, n_codecs, n_tensors = PREAMBLE.unpack_from(mv, 0)
     if version != SCHEMA_VERSION:
-        raise UnsupportedVersionError(f"schema version {version} is not supported (this decoder reads {SCHEMA_VERSION})")
+        raise UnsupportedVersionError(
+            f"schema version {version} is not supported (this decoder reads {SCHEMA_VERSION})"
+        )
     if n > limits.max_message_bytes:
         raise LimitError(f"schema of {n} bytes exceeds max_message_bytes={limits.max_message_bytes}")
     stored, actual = CHECKSUM.unpack_from(mv, n - CHECKSUM_SIZE)[0], crc32c(mv[: n - CHECKSUM_SIZE])

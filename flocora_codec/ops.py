@@ -14,6 +14,7 @@ compiler at install time, a torch it was not built for) or
 the same bytes, much slower, CPU only, with one warning at import.
 :data:`BACKEND` says which one is in use.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,7 @@ def _load_extension() -> tuple[str, str | None]:
     # libtorch's C++ ABI changes between minor releases; a mismatched _C may
     # load and then crash, so it is not loaded at all.
     if built is not None and _minor(built) != _minor(torch.__version__):
-        return "reference", (
-            f"flocora_codec._C was built for torch {built}, this is torch {torch.__version__}"
-        )
+        return "reference", (f"flocora_codec._C was built for torch {built}, this is torch {torch.__version__}")
     try:
         from flocora_codec import _C  # noqa: F401  (registers the schemas)
     except (ImportError, OSError) as exc:  # missing .so, or one built for another torch
@@ -88,6 +87,7 @@ def _reference_call(op: str, fn, *args):
         raise ValueError(f"flocora::{op} (reference): {exc}") from exc
     except (IndexError, TypeError) as exc:
         raise RuntimeError(f"flocora::{op} (reference): {exc}") from exc
+
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 META_DTYPES = (torch.float32, torch.float16)

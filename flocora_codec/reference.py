@@ -4,6 +4,7 @@ These are the oracle for the tests (the kernels must match them byte for
 byte) and the eager baseline of the benchmarks. They favour clarity over
 speed; every formula mirrors ``csrc/include/flocora/affine.h``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     stream = ((codes[:, None] >> shifts) & 1).reshape(-1)
     nbytes = packed_nbytes(n, bits)
     stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
-    weights = (1 << torch.arange(8, dtype=torch.int64))
+    weights = 1 << torch.arange(8, dtype=torch.int64)
     return (stream.reshape(nbytes, 8) * weights).sum(1).to(torch.uint8)
 
 
@@ -60,7 +61,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def stochastic_uniform24(seed: int, index: torch.Tensor) -> torch.Tensor:
     """uniform24(stochastic_key(seed, i), i mod 2^32) for int64 indices i."""
     seed &= (1 << 64) - 1
-    t = lambda v: torch.as_tensor(v, dtype=torch.int64)  # noqa: E731
+    t = lambda v: torch.as_tensor(v, dtype=torch.int64)
     k = mix32(t((seed >> 32) ^ 0x9E3779B9))
     k = mix32(t(seed & _U32) ^ k)
     key = mix32(k ^ (index >> 32) ^ 0x85EBCA6B)
@@ -145,7 +146,7 @@ def unpack_dequantize(
 # Selection, index codes (bitmap / Elias-Fano, csrc/include/flocora/affine.h)
 # and sparse decode. The oracle may sort; it applies the kernels' tie rule:
 # equal |x| go to the lower index (the lower tensor first, for a global scope).
-from flocora_codec.ops import (  # noqa: E402
+from flocora_codec.ops import (  # noqa: E402  beside the section that uses them
     INDEX_BITMAP,
     bitmap_nbytes,
     choose_index_code,

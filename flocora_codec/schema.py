@@ -11,6 +11,7 @@ metadata, indices, payloads and the checksum (docs/FORMAT.md section 6).
 >>> data = encode(model_update, spec, schema=schema)  # every round: compact
 >>> decode(data, schemas=[schema])                    # receiver
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

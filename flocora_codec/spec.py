@@ -3,12 +3,14 @@
 A spec is validated once, at construction, so that a typo fails where it is
 written and not in the middle of a training round.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field, replace
-from typing import Union
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Union
 
 import torch
 
@@ -143,6 +145,53 @@ class CodecSpec:
         object.__setattr__(self, "rules", rules)
 
     @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "CodecSpec":
+        """A spec from plain configuration values: command-line options, a
+        TOML table, a run config. The CLI, the FL experiments (``fl``) and
+        the bundled Flower app all build their specs here.
+
+        Parameters
+        ----------
+        config : mapping
+            Any of the parameters above except ``rules``, plus:
+
+            ``keep_1d_raw`` (bool, default True)
+                The default rule (0-d and 1-d tensors raw); False: no rules.
+            ``raw`` (bool, default False)
+                :meth:`raw`, whatever the other keys say (they are not
+                checked).
+
+            Missing keys take the defaults above; ``bits=None`` means no
+            quantization.
+
+        Returns
+        -------
+        CodecSpec
+
+        Raises
+        ------
+        ValueError
+            An unknown key (naming it and the accepted ones), or any invalid
+            value.
+
+        Examples
+        --------
+        >>> CodecSpec.from_dict({"bits": 2, "granularity": "group", "group_size": 32})
+        >>> CodecSpec.from_dict({"bits": None, "density": 0.01, "keep_1d_raw": False})
+        """
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"CodecSpec.from_dict: unknown key {unknown[0]!r}; expected any of {', '.join(CONFIG_KEYS)}"
+            )
+        if config.get("raw", False):
+            return cls.raw()
+        kw = {k: v for k, v in config.items() if k not in ("raw", "keep_1d_raw")}
+        if not config.get("keep_1d_raw", True):
+            kw["rules"] = ()
+        return cls(**kw)
+
+    @classmethod
     def raw(cls) -> "CodecSpec":
         """No compression at all: every tensor travels as is (the FedAvg baseline).
 
@@ -254,3 +303,10 @@ class Rule:
 
 
 _RAW = CodecSpec.raw()
+
+CONFIG_KEYS = (
+    *(f.name for f in fields(CodecSpec) if f.name != "rules"),
+    "keep_1d_raw",
+    "raw",
+)
+"""The keys :meth:`CodecSpec.from_dict` accepts."""

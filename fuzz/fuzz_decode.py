@@ -15,6 +15,7 @@ Seeds: the golden messages and schemas (each in both CRC modes).
 A crash input found is saved under ``fuzz/crashes/``; copy it to
 ``tests/fuzz_regressions/`` and it becomes a test (tests/test_fuzz_regressions.py).
 """
+
 from __future__ import annotations
 
 import struct

@@ -1,5 +1,6 @@
 """Write the seed corpus: every golden message and schema, in both CRC modes
 of fuzz_decode.py (as sent, and with its checksum left for the target to redo)."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """Shared test fixtures: the devices every op is tested on, the CPU ISA, and
 the distribution built from the checkout."""
+
 import shutil
 import subprocess
 import sys

@@ -7,6 +7,7 @@ around the key-block boundaries 2^32 and 2^33, and a probe that reads the
 kernel's draws through its codes. Shared by test_quant.py (CPU) and
 test_cuda_parity.py (CUDA).
 """
+
 import torch
 
 _M32 = 0xFFFFFFFF

@@ -1,4 +1,5 @@
 """The flocora-codec command line, through main(argv) and once as a subprocess."""
+
 from __future__ import annotations
 
 import io

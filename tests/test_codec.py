@@ -1,4 +1,5 @@
 """The Python codec API: round trips, error bounds, rules, grouping, golden bytes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -398,8 +399,17 @@ def test_topk_keeps_the_largest_and_codes_every_value_encoding(values, scope, k)
         "b": torch.randn(7, 9, generator=g).half(),
         "c": torch.randint(-3, 4, (5, 8), generator=g).bfloat16(),
     }
-    spec = fc.CodecSpec(k=k, topk_scope=scope, values=values, bits=3, granularity="group", group_size=8,
-                        rounding="stochastic" if k == 23 else "nearest", meta_dtype="float16", rules=())
+    spec = fc.CodecSpec(
+        k=k,
+        topk_scope=scope,
+        values=values,
+        bits=3,
+        granularity="group",
+        group_size=8,
+        rounding="stochastic" if k == 23 else "nearest",
+        meta_dtype="float16",
+        rules=(),
+    )
     data = fc.encode(tensors, spec)
     assert [t.codec for t in fc.message_info(data).tensors] == ["topk"] * 3
     assert_topk_as_specified(data, tensors, fc.decode(data), spec)
@@ -419,11 +429,14 @@ _ENCODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("make_exc", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
-    lambda: RuntimeError("flocora::sparse_decode: internal error (simulated)"),
-    lambda: MemoryError(),
-])
+@pytest.mark.parametrize(
+    "make_exc",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+        lambda: RuntimeError("flocora::sparse_decode: internal error (simulated)"),
+        lambda: MemoryError(),
+    ],
+)
 def test_kernel_failures_surface_as_they_are(monkeypatch, make_exc):
     # Only the kernels' ValueError (a malformed index code; input that cannot
     # be encoded) is about the message. Anything else must reach the caller
@@ -605,6 +618,20 @@ def test_numpy_variants():
         fc.encode_numpy({"o": np.array(["a", "b"])})
 
 
+# ---- specs from configuration ------------------------------------------------------------
+def test_codec_spec_from_dict():
+    assert fc.CodecSpec.from_dict({}) == fc.CodecSpec()
+    assert fc.CodecSpec.from_dict({"raw": True, "bits": 99}) == fc.CodecSpec.raw()  # raw wins, unchecked
+    assert fc.CodecSpec.from_dict({"bits": None, "k": 3, "keep_1d_raw": False}) == fc.CodecSpec(
+        bits=None, k=3, rules=()
+    )
+    assert fc.CodecSpec.from_dict({"keep_1d_raw": True}).rules == fc.CodecSpec().rules
+    with pytest.raises(ValueError, match="unknown key 'bitz'"):
+        fc.CodecSpec.from_dict({"bitz": 4})
+    with pytest.raises(ValueError, match="bits"):
+        fc.CodecSpec.from_dict({"bits": 9})
+
+
 # ---- error feedback ------------------------------------------------------------------------
 def test_error_feedback_telescopes():
     x = sample((8, 32), seed=5)
@@ -632,10 +659,47 @@ def test_error_feedback_state():
     assert ef.encode({"x": x}) == ef2.encode({"x": x})
     ef.reset()
     assert ef.get_state() == {}
-    with pytest.raises(ValueError, match="shape"):
-        ef2.encode({"x": sample((4, 3))})
     with pytest.raises(TypeError):
         fc.ErrorFeedback("raw")
+    with pytest.raises(ValueError, match="float"):
+        ef2.set_state({"x": torch.arange(3)})
+
+
+def test_error_feedback_drops_a_residual_of_another_shape_with_a_warning(caplog):
+    # the documented behaviour (ErrorFeedback, "Mismatched residuals"), the Flower mod's as well
+    spec = fc.CodecSpec(k=2, rules=())
+    ef = fc.ErrorFeedback(spec)
+    ef.encode({"x": sample((3, 4))})
+    y = sample((4, 3), seed=3)
+    with caplog.at_level("WARNING", logger="flocora_codec"):
+        data = ef.encode({"x": y})
+    assert "dropped the residual of 'x'" in caplog.text
+    assert data == fc.encode({"x": y}, spec)  # encoded as if there were no residual
+    assert ef.get_state()["x"].shape == (4, 3)
+
+
+def test_error_feedback_residual_dtypes_and_steps():
+    spec = fc.CodecSpec(bits=2, rules=(fc.Rule("raw.*", "raw"),))
+    x = {"h": sample((4, 8)).half(), "d": sample((4, 8), seed=2).double(), "raw.w": sample((2, 3))}
+    ef = fc.ErrorFeedback(spec)
+    for _ in range(2):
+        data = ef.encode(x)
+    state = ef.get_state()
+    assert state["h"].dtype == torch.float32 and state["d"].dtype == torch.float64
+    assert "raw.w" not in state  # travelled exactly: no residual kept
+    # encode() is compensate -> encode -> decode -> settle
+    ef2 = fc.ErrorFeedback(spec)
+    ef2.set_state({k: v.numpy() for k, v in fc.ErrorFeedback(spec).get_state().items()})
+    for _ in range(2):
+        to_send, targets = ef2.compensate(x)
+        assert {k: v.dtype for k, v in to_send.items()} == {k: v.dtype for k, v in x.items()}
+        data2 = fc.encode(to_send, spec)
+        ef2.settle(targets, fc.decode(data2))
+    assert data2 == data
+    assert all(torch.equal(ef2.get_state()[k], v) for k, v in state.items())
+    # a residual kept in another float dtype is converted
+    ef2.set_state({"h": state["h"].half()})
+    assert ef2.get_state()["h"].dtype == torch.float32
 
 
 # ---- golden files -------------------------------------------------------------------------------

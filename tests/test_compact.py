@@ -6,6 +6,7 @@ instead of the tables. These tests pin that, the schema's own format and
 validation, the golden files of version 3, and what a receiver does with a
 compact message whose schema it lacks or that does not fit its schema.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ def test_compact_message_is_the_full_message_with_a_small_header(spec):
     assert info.version == 3 and info.schema_id == schema.id
     assert 24 + n_topk <= info.header_bytes <= 24 + 4 * n_topk  # small counts: 1 byte each here
     # sections identical, byte for byte
-    assert compact[info.header_bytes:-4] == full[info_full.header_bytes:-4]
+    assert compact[info.header_bytes : -4] == full[info_full.header_bytes : -4]
     a, b = fc.decode(full), fc.decode(compact, schemas=[schema])
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert fc.encode(tensors, spec, schema=schema) == compact  # deterministic

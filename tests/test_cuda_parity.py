@@ -6,6 +6,7 @@ test_topk.py); here the CUDA output must equal the CPU output exactly:
 packed bytes, metadata bits (signed zeros included), counts, values and
 index-code bytes; and the same error, type and text, for the same bad input.
 """
+
 import itertools
 import re
 
@@ -21,13 +22,17 @@ pytestmark = [
 ]
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 # Shapes: empty, tiny, odd, around the fused tile (8192 elements) and the
 # range chunk (16384), more than one block, several rows.
 SHAPES = [(0,), (1,), (7,), (8,), (9,), (33,), (1000,), (4097,), (8191,), (8193,), (3, 333), (64, 4099),
-          (257, 129), (70001,), (2, 40000)]
+          (257, 129), (70001,), (2, 40000)]  # fmt: skip
 
 
 def _groups(shape, granularity):
@@ -83,8 +88,9 @@ def _raises_same(fn_cpu, fn_cuda, exc, match):
 def _quant_both(xs_cpu, bits, groups, stochastic=False, seeds=None, meta=torch.float32):
     seeds = seeds if seeds is not None else [0] * len(xs_cpu)
     cpu = ops.quantize_pack(xs_cpu, bits, groups, stochastic=stochastic, seeds=seeds, meta_dtype=meta)
-    cuda = ops.quantize_pack([x.cuda() for x in xs_cpu], bits, groups, stochastic=stochastic, seeds=seeds,
-                             meta_dtype=meta)
+    cuda = ops.quantize_pack(
+        [x.cuda() for x in xs_cpu], bits, groups, stochastic=stochastic, seeds=seeds, meta_dtype=meta
+    )
     assert all(t.is_cuda for t in cuda)
     _same_bits(cuda[0], cpu[0])
     _same_bits(cuda[1], cpu[1])  # both backends store +0.0 for a zero minimum
@@ -155,8 +161,9 @@ def test_quantize_multi_tensor_matches_cpu_and_single_calls():
     for bits in (2, 5):
         cpu, cuda = _quant_both(xs, bits, groups, True, seeds)
         # One call == the concatenation of single-tensor calls.
-        singles = [ops.quantize_pack([x.cuda()], bits, [g], stochastic=True, seeds=[s])
-                   for x, g, s in zip(xs, groups, seeds)]
+        singles = [
+            ops.quantize_pack([x.cuda()], bits, [g], stochastic=True, seeds=[s]) for x, g, s in zip(xs, groups, seeds)
+        ]
         for j in range(3):
             _same_bits(cuda[j], torch.cat([s[j] for s in singles]))
         _dequant_both(cpu, [x.numel() for x in xs], groups, bits, torch.float32)
@@ -235,26 +242,55 @@ def test_quantize_round_trip_on_cuda():
 
 _Q = "flocora::quantize_pack: "
 QUANTIZE_ERRORS = [
-    (lambda d: ([torch.tensor([1.0, float("nan")], device=d)], 4, [2], torch.float32),
-     ValueError, _Q + "input has NaN or Inf values"),
-    (lambda d: ([torch.tensor([1.0, float("inf")], device=d)], 4, [2], torch.float32),
-     ValueError, _Q + "input has NaN or Inf values"),
-    (lambda d: ([torch.randn(20000, device=d).index_fill_(0, torch.tensor([19999], device=d), float("-inf"))],
-                4, [20000], torch.float32), ValueError, _Q + "input has NaN or Inf values"),
+    (
+        lambda d: ([torch.tensor([1.0, float("nan")], device=d)], 4, [2], torch.float32),
+        ValueError,
+        _Q + "input has NaN or Inf values",
+    ),
+    (
+        lambda d: ([torch.tensor([1.0, float("inf")], device=d)], 4, [2], torch.float32),
+        ValueError,
+        _Q + "input has NaN or Inf values",
+    ),
+    (
+        lambda d: (
+            [torch.randn(20000, device=d).index_fill_(0, torch.tensor([19999], device=d), float("-inf"))],
+            4,
+            [20000],
+            torch.float32,
+        ),
+        ValueError,
+        _Q + "input has NaN or Inf values",
+    ),
     # scale 1e6 / 15 is beyond float16's 65504 ([0, 1e5] would fit: scale ~6667)
-    (lambda d: ([torch.tensor([0.0, 1e6], device=d)], 4, [2], torch.float16),
-     ValueError, _Q + r"a group's range does not fit the metadata dtype Half \(float16 holds \|values\| up to 65504\)"),
+    (
+        lambda d: ([torch.tensor([0.0, 1e6], device=d)], 4, [2], torch.float16),
+        ValueError,
+        _Q + r"a group's range does not fit the metadata dtype Half \(float16 holds \|values\| up to 65504\)",
+    ),
     (lambda d: ([torch.ones(4, device=d)], 0, [2], torch.float32), RuntimeError, _Q + r"bits must be in 1\.\.8, got 0"),
     (lambda d: ([torch.ones(4, device=d)], 9, [2], torch.float32), RuntimeError, _Q + r"bits must be in 1\.\.8, got 9"),
-    (lambda d: ([torch.ones(4, device=d)], 4, [0], torch.float32),
-     RuntimeError, _Q + "group size of tensor 0 must be >= 1, got 0"),
-    (lambda d: ([torch.ones(4, device=d)], 4, [2, 2], torch.float32),
-     RuntimeError, _Q + "got 2 group sizes for 1 tensors"),
-    (lambda d: ([torch.ones(4, device=d)], 4, [2], torch.bfloat16),
-     RuntimeError, _Q + "meta_dtype must be float32 or float16, got BFloat16"),
+    (
+        lambda d: ([torch.ones(4, device=d)], 4, [0], torch.float32),
+        RuntimeError,
+        _Q + "group size of tensor 0 must be >= 1, got 0",
+    ),
+    (
+        lambda d: ([torch.ones(4, device=d)], 4, [2, 2], torch.float32),
+        RuntimeError,
+        _Q + "got 2 group sizes for 1 tensors",
+    ),
+    (
+        lambda d: ([torch.ones(4, device=d)], 4, [2], torch.bfloat16),
+        RuntimeError,
+        _Q + "meta_dtype must be float32 or float16, got BFloat16",
+    ),
     # One message on both backends (csrc/include/flocora/host_checks.h).
-    (lambda d: ([torch.ones(4, device=d, dtype=torch.int32)], 4, [2], torch.float32), RuntimeError,
-     _Q + r"unsupported dtype Int \(expected float32, float16 or bfloat16\)"),
+    (
+        lambda d: ([torch.ones(4, device=d, dtype=torch.int32)], 4, [2], torch.float32),
+        RuntimeError,
+        _Q + r"unsupported dtype Int \(expected float32, float16 or bfloat16\)",
+    ),
 ]
 
 
@@ -287,8 +323,10 @@ def test_unpack_size_errors_match_cpu():
     cases = [
         ((q[0][:-1], q[1], q[2], 3, [100], [10]), u + "packed has 37 bytes, the sizes need 38"),
         ((q[0], q[1][:-1], q[2], 3, [100], [10]), u + "expected 10 scales and offsets, got 9 and 10"),
-        ((q[0], q[1], q[2].half(), 3, [100], [10]),
-         u + "scales and offsets must both be float32 or both float16, got Float and Half"),
+        (
+            (q[0], q[1], q[2].half(), 3, [100], [10]),
+            u + "scales and offsets must both be float32 or both float16, got Float and Half",
+        ),
         ((q[0], q[1], q[2], 4, [100], [10]), u + "packed has 38 bytes, the sizes need 50"),
         ((q[0], q[1], q[2], 3, [100, 0], [10]), u + "got 2 numels and 1 group sizes"),
     ]
@@ -398,7 +436,7 @@ def test_topk_global_matches_cpu(density, kind):
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (8, 1), (9, 8), (64, 4), (1000, 1), (1000, 999), (2**20 + 3, 3),
-                                 (2**20, 2**10), (12345, 6000), (100000, 100000)])
+                                 (2**20, 2**10), (12345, 6000), (100000, 100000)])  # fmt: skip
 def test_topk_index_code_edges_match_cpu(n, k):
     # Both codes, l from 0 to 20, bitmap/Elias-Fano size ties.
     x = _data((n,), torch.float32, seed=n ^ k)
@@ -424,31 +462,46 @@ def test_topk_all_ties_take_lowest_indices():
 def test_topk_non_finite_raises_on_both(bad):
     x = torch.randn(10000)
     x[7777] = bad
-    _raises_same(lambda: ops.topk_encode([x], [10]), lambda: ops.topk_encode([x.cuda()], [10]),
-                 ValueError, "flocora::topk_encode: input has NaN or Inf values")
+    _raises_same(
+        lambda: ops.topk_encode([x], [10]),
+        lambda: ops.topk_encode([x.cuda()], [10]),
+        ValueError,
+        "flocora::topk_encode: input has NaN or Inf values",
+    )
 
 
 _T = "flocora::topk_encode: "
 
 
-@pytest.mark.parametrize("args", [
-    ([5, 5], True, 2, _T + r"global_scope=True takes ks = \[k\] \(one k over all tensors\), got 2 values"),
-    ([5, 5], False, 1, _T + "got 2 values of k for 1 tensors"),
-    ([11], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got 11"),
-    ([-1], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got -1"),
-    ([21], True, 2, _T + r"k must be in \[0, total numel = 20\], got 21"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([5, 5], True, 2, _T + r"global_scope=True takes ks = \[k\] \(one k over all tensors\), got 2 values"),
+        ([5, 5], False, 1, _T + "got 2 values of k for 1 tensors"),
+        ([11], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got 11"),
+        ([-1], False, 1, _T + r"k of tensor 0 must be in \[0, numel = 10\], got -1"),
+        ([21], True, 2, _T + r"k must be in \[0, total numel = 20\], got 21"),
+    ],
+)
 def test_topk_argument_errors_match_cpu(args):
     ks, global_scope, ntensors, match = args
     xs = [torch.randn(10) for _ in range(ntensors)]
-    _raises_same(lambda: ops.topk_encode(xs, ks, global_scope=global_scope),
-                 lambda: ops.topk_encode([x.cuda() for x in xs], ks, global_scope=global_scope), RuntimeError, match)
+    _raises_same(
+        lambda: ops.topk_encode(xs, ks, global_scope=global_scope),
+        lambda: ops.topk_encode([x.cuda() for x in xs], ks, global_scope=global_scope),
+        RuntimeError,
+        match,
+    )
 
 
 def test_topk_dtype_error_matches_cpu():
     xs = [torch.randn(10), torch.arange(10, dtype=torch.int32)]
-    _raises_same(lambda: ops.topk_encode(xs, [1, 1]), lambda: ops.topk_encode([x.cuda() for x in xs], [1, 1]),
-                 RuntimeError, _T + r"tensor 1 has dtype Int \(expected float32, float16 or bfloat16\)")
+    _raises_same(
+        lambda: ops.topk_encode(xs, [1, 1]),
+        lambda: ops.topk_encode([x.cuda() for x in xs], [1, 1]),
+        RuntimeError,
+        _T + r"tensor 1 has dtype Int \(expected float32, float16 or bfloat16\)",
+    )
 
 
 # ---- sparse decode --------------------------------------------------------------------
@@ -468,8 +521,10 @@ def test_sparse_decode_matches_cpu(dtype, density):
     cuda = ops.sparse_decode(index.cuda(), values.cuda(), numels, counts, dtype)
     _same_bits(cuda, cpu)
     for vdt in (torch.float16, torch.bfloat16):
-        _same_bits(ops.sparse_decode(index.cuda(), values.to(vdt).cuda(), numels, counts, dtype),
-                   ops.sparse_decode(index, values.to(vdt), numels, counts, dtype))
+        _same_bits(
+            ops.sparse_decode(index.cuda(), values.to(vdt).cuda(), numels, counts, dtype),
+            ops.sparse_decode(index, values.to(vdt), numels, counts, dtype),
+        )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
@@ -562,26 +617,35 @@ def test_sparse_decode_specific_violations_raise():
     high = int(bad[8]) | int(bad[9]) << 8 | int(bad[10]) << 16 | int(bad[11]) << 24
     high &= high - 1
     bad[8:12] = torch.tensor([(high >> (8 * j)) & 0xFF for j in range(4)], dtype=torch.uint8)
-    _raises_same(lambda: ops.sparse_decode(bad, values, [1000], [10]),
-                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]), ValueError,
-                 _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
-                       "the number of set bits differs from count")
+    _raises_same(
+        lambda: ops.sparse_decode(bad, values, [1000], [10]),
+        lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]),
+        ValueError,
+        _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
+        "the number of set bits differs from count",
+    )
     # Padding bits of the last (high-part) byte: bits 25..31.
     bad = index.clone()
     bad[-1] |= 0x80
-    _raises_same(lambda: ops.sparse_decode(bad, values, [1000], [10]),
-                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]), ValueError,
-                 _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
-                       "padding bits past the end of the bit stream are not zero")
+    _raises_same(
+        lambda: ops.sparse_decode(bad, values, [1000], [10]),
+        lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [1000], [10]),
+        ValueError,
+        _SD + r"index code of tensor 0 \(Elias-Fano, numel 1000, count 10\) is malformed: "
+        "padding bits past the end of the bit stream are not zero",
+    )
     # Bitmap padding: n = 9 with 8 kept is a 2-byte bitmap, bits 9..15 must be 0.
     counts, values, index = ops.topk_encode([torch.randn(9)], [8])
     assert index.numel() == 2
     bad = index.clone()
     bad[1] |= 0x02
-    _raises_same(lambda: ops.sparse_decode(bad, values, [9], [8]),
-                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [9], [8]), ValueError,
-                 _SD + r"index code of tensor 0 \(bitmap, numel 9, count 8\) is malformed: "
-                       "padding bits past the end of the bit stream are not zero")
+    _raises_same(
+        lambda: ops.sparse_decode(bad, values, [9], [8]),
+        lambda: ops.sparse_decode(bad.cuda(), values.cuda(), [9], [8]),
+        ValueError,
+        _SD + r"index code of tensor 0 \(bitmap, numel 9, count 8\) is malformed: "
+        "padding bits past the end of the bit stream are not zero",
+    )
 
 
 def test_sparse_decode_error_order_and_tensor_match_cpu():
@@ -609,10 +673,18 @@ def test_sparse_decode_error_order_and_tensor_match_cpu():
         ib = torch.cat(codes)
         vals = values.repeat(len(codes))
         numels, counts = [1000] * len(codes), [10] * len(codes)
-        match = (_SD + f"index code of tensor {tensor} " + r"\(Elias-Fano, numel 1000, count 10\) is malformed: "
-                 + re.escape(text))
-        _raises_same(lambda: ops.sparse_decode(ib, vals, numels, counts),
-                     lambda: ops.sparse_decode(ib.cuda(), vals.cuda(), numels, counts), ValueError, match)
+        match = (
+            _SD
+            + f"index code of tensor {tensor} "
+            + r"\(Elias-Fano, numel 1000, count 10\) is malformed: "
+            + re.escape(text)
+        )
+        _raises_same(
+            lambda: ops.sparse_decode(ib, vals, numels, counts),
+            lambda: ops.sparse_decode(ib.cuda(), vals.cuda(), numels, counts),
+            ValueError,
+            match,
+        )
 
 
 def test_sparse_size_errors_match_cpu():
@@ -624,17 +696,25 @@ def test_sparse_size_errors_match_cpu():
         ((index, values[:-1], numels, counts), f"values has {nv - 1} elements, counts need {nv}"),
         ((index, values, numels[:-1], counts), "got 3 numels and 4 counts"),
         # one more count for tensor 2 (13 elements): the same index size, one value short
-        ((index, values, numels, [c + 1 if i == 2 else c for i, c in enumerate(counts)]),
-         f"values has {nv} elements, counts need {nv + 1}"),
-        ((index, values, numels, [numels[0] + 1] + counts[1:]),
-         re.escape(f"count of tensor 0 must be in [0, numel = {numels[0]}], got {numels[0] + 1}")),
+        (
+            (index, values, numels, [c + 1 if i == 2 else c for i, c in enumerate(counts)]),
+            f"values has {nv} elements, counts need {nv + 1}",
+        ),
+        (
+            (index, values, numels, [numels[0] + 1] + counts[1:]),
+            re.escape(f"count of tensor 0 must be in [0, numel = {numels[0]}], got {numels[0] + 1}"),
+        ),
         ((index.int(), values, numels, counts), "index_bytes must be uint8, got Int"),
         ((index, values.long(), numels, counts), "values must be float32, float16 or bfloat16, got Long"),
     ]
     assert ops.index_nbytes(13, counts[2]) == ops.index_nbytes(13, counts[2] + 1)
     for (ib, v, n, c), match in cases:
-        _raises_same(lambda: ops.sparse_decode(ib, v, n, c), lambda: ops.sparse_decode(ib.cuda(), v.cuda(), n, c),
-                     RuntimeError, _SD + match)
+        _raises_same(
+            lambda: ops.sparse_decode(ib, v, n, c),
+            lambda: ops.sparse_decode(ib.cuda(), v.cuda(), n, c),
+            RuntimeError,
+            _SD + match,
+        )
 
 
 def test_sparse_decode_many_tensors_match_cpu():
@@ -645,8 +725,10 @@ def test_sparse_decode_many_tensors_match_cpu():
     counts, values, index = ops.topk_encode(xs, ks)
     numels, counts = [x.numel() for x in xs], counts.tolist()
     for dtype in (torch.float32, torch.float64):
-        _same_bits(ops.sparse_decode(index.cuda(), values.cuda(), numels, counts, dtype),
-                   ops.sparse_decode(index, values, numels, counts, dtype))
+        _same_bits(
+            ops.sparse_decode(index.cuda(), values.cuda(), numels, counts, dtype),
+            ops.sparse_decode(index, values, numels, counts, dtype),
+        )
     outs_cpu = [torch.randn(n) for n in numels]
     outs_cuda = [o.cuda() for o in outs_cpu]
     ops.sparse_decode_add_(outs_cpu, index, values, counts)
@@ -658,12 +740,19 @@ def test_sparse_decode_many_tensors_match_cpu():
     bad = index.clone()
     bad[end - 1] |= 0x80  # the top bit of the last byte: padding unless it ends on a byte
     code = "bitmap" if ops.choose_index_code(numels[200], counts[200]) == ops.INDEX_BITMAP else "Elias-Fano"
-    nbits = numels[200] if code == "bitmap" else ((numels[200] - 1) >> ops.elias_fano_low_bits(numels[200], counts[200])) + counts[200]
+    nbits = (
+        numels[200]
+        if code == "bitmap"
+        else ((numels[200] - 1) >> ops.elias_fano_low_bits(numels[200], counts[200])) + counts[200]
+    )
     assert nbits % 8, "pick sizes whose last byte has padding"
-    _raises_same(lambda: ops.sparse_decode(bad, values, numels, counts),
-                 lambda: ops.sparse_decode(bad.cuda(), values.cuda(), numels, counts), ValueError,
-                 _SD + f"index code of tensor 200 \\({code}, numel {numels[200]}, count {counts[200]}\\) is malformed: "
-                 "padding bits past the end of the bit stream are not zero")
+    _raises_same(
+        lambda: ops.sparse_decode(bad, values, numels, counts),
+        lambda: ops.sparse_decode(bad.cuda(), values.cuda(), numels, counts),
+        ValueError,
+        _SD + f"index code of tensor 200 \\({code}, numel {numels[200]}, count {counts[200]}\\) is malformed: "
+        "padding bits past the end of the bit stream are not zero",
+    )
 
 
 def test_ops_follow_a_non_default_current_stream():
@@ -729,6 +818,7 @@ def test_all_combinations_smoke():
     # A compact cross product of the remaining axes (bits x meta x rounding x
     # granularity), one odd shape, so every template instance runs once more.
     x = _data((129, 65), torch.bfloat16, seed=1)
-    for bits, meta, stochastic, g in itertools.product(range(1, 9), [torch.float32, torch.float16], [False, True],
-                                                       [1, 65, 129 * 65]):
+    for bits, meta, stochastic, g in itertools.product(
+        range(1, 9), [torch.float32, torch.float16], [False, True], [1, 65, 129 * 65]
+    ):
         _quant_both([x], bits, [g], stochastic, [bits], meta)

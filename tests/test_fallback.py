@@ -5,6 +5,7 @@ Three checks: the codec's own test files pass with the fallback forced
 import), an import with ``_C`` genuinely unloadable works and warns exactly
 once, and compiled and reference backends write the same bytes.
 """
+
 import os
 import subprocess
 import sys
@@ -35,7 +36,11 @@ def _env(**extra):
 def test_codec_tests_pass_on_reference_backend():
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CODEC_TEST_FILES],
-        cwd=ROOT, env=_env(FLOCORA_FORCE_REFERENCE="1"), capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=_env(FLOCORA_FORCE_REFERENCE="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     # the forced run really ran on the reference (the golden tests skip their AVX2 half there)
@@ -58,7 +63,7 @@ def test_import_without_extension_warns_once():
             warnings.simplefilter("always")
             import torch
             import flocora_codec as fc
-            import flocora_codec.ops, flocora_codec.codec, flocora_codec.cli  # noqa: F401
+            import flocora_codec.ops, flocora_codec.codec, flocora_codec.cli  # noqa: F401  the imports under test
             x = {"w": torch.randn(8, 16).bfloat16(), "b": torch.randn(16)}
             out = fc.decode(fc.encode(x, fc.CodecSpec(bits=4)))
             out2 = fc.decode(fc.encode(x, fc.CodecSpec(density=0.25)))

@@ -1,4 +1,5 @@
 """Server aggregation on toy tensors: exact values, errors."""
+
 import pytest
 import torch
 

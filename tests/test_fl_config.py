@@ -1,5 +1,6 @@
 """Config validation: every key the fl/ code reads is in fl.config.SCHEMA, and
 typos fail before training with the closest valid key."""
+
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import flocora_codec as fc
 from fl.config import SCHEMA, ConfigError, load_config, load_sweep, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_flower_app_run_config_is_checked(monkeypatch):
     pytest.importorskip("flwr")
     monkeypatch.syspath_prepend(str(ROOT / "fl" / "flower_app"))
     # the app imports the installed flocora_fl (or, without it, this checkout's fl): its own ConfigError
-    from flocora_flower.task import ConfigError, app_config, fl_config  # noqa: F811
+    from flocora_flower.task import ConfigError, app_config, fl_config
 
     cfg = app_config({"codec-bits": 2, "fraction-train": 1})  # an integer is a valid number
     assert cfg["codec-bits"] == 2
@@ -109,3 +111,25 @@ def test_flower_app_run_config_is_checked(monkeypatch):
         app_config({"codec-mode": "delt"})
     with pytest.raises(ConfigError, match="did you mean 'train.rounds'"):  # fl-overrides go through fl.config
         fl_config(app_config({"fl-overrides": "method.name=flocora train.roundz=2"}))
+
+
+def test_flower_app_codec_specs_keep_their_defaults(monkeypatch):
+    # built by CodecSpec.from_dict; the values pin what the app sent before it did
+    pytest.importorskip("flwr")
+    monkeypatch.syspath_prepend(str(ROOT / "fl" / "flower_app"))
+    from flocora_flower.task import app_config, codec_specs
+
+    assert codec_specs(app_config({})) == (fc.CodecSpec(bits=4, granularity="row", group_size=64), None)
+    up, down = codec_specs(
+        app_config(
+            {
+                "codec-bits": 2,
+                "codec-granularity": "group",
+                "codec-group-size": 16,
+                "codec-rounding": "stochastic",
+                "downlink-bits": 8,
+            }
+        )
+    )
+    assert up == fc.CodecSpec(bits=2, granularity="group", group_size=16, rounding="stochastic")
+    assert down == fc.CodecSpec(bits=8, granularity="group", group_size=16, rounding="stochastic")

@@ -1,4 +1,5 @@
 """Data: loaders, the Dirichlet split, augmentation, configs."""
+
 import pickle
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import torch
 
 from fl.config import load_config
-from fl.data import (augment_batch, dirichlet_split, fit_images, load_cifar, load_dataset, make_clients,
-                     make_datasets)
+from fl.data import augment_batch, dirichlet_split, fit_images, load_cifar, load_dataset, make_clients, make_datasets
 
 
 def _write_fake_cifar(root, n=6):
@@ -36,8 +36,12 @@ def test_cifar_missing_names_the_path(tmp_path):
 
 def test_npz_and_user_arrays(tmp_path):
     rng = np.random.default_rng(1)
-    arrays = dict(x_train=rng.random((20, 12, 12, 3)), y_train=rng.integers(0, 3, 20),
-                  x_test=rng.random((5, 12, 12, 3)), y_test=rng.integers(0, 3, 5))
+    arrays = dict(
+        x_train=rng.random((20, 12, 12, 3)),
+        y_train=rng.integers(0, 3, 20),
+        x_test=rng.random((5, 12, 12, 3)),
+        y_test=rng.integers(0, 3, 5),
+    )
     np.savez(tmp_path / "d.npz", **arrays)
     train, test = load_dataset({"dataset": "npz", "path": str(tmp_path / "d.npz"), "image_size": 16})
     assert train.x.shape == (20, 3, 16, 16) and test.x.shape == (5, 3, 16, 16)
@@ -70,7 +74,7 @@ def test_dirichlet_split_partitions_and_repeats():
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     skewed = dirichlet_split(labels, 5, alpha=0.05, seed=0)
     iid = dirichlet_split(labels, 5, alpha=1000.0, seed=0)
-    n_classes = lambda ps: np.mean([len(np.unique(labels[p])) for p in ps])  # noqa: E731
+    n_classes = lambda ps: np.mean([len(np.unique(labels[p])) for p in ps])
     assert n_classes(skewed) < n_classes(iid)
     with pytest.raises(ValueError):
         dirichlet_split(labels, 500, alpha=0.5)
@@ -92,7 +96,7 @@ def test_augment_crop_flip():
     # every crop is a shifted window of the zero-padded image
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(2):
-        assert any(torch.equal(out[i, 0], padded[i, 0, a:a + 6, b:b + 6]) for a in range(9) for b in range(9))
+        assert any(torch.equal(out[i, 0], padded[i, 0, a : a + 6, b : b + 6]) for a in range(9) for b in range(9))
     flips = augment_batch(x.repeat(64, 1, 1, 1), "crop_flip", torch.Generator().manual_seed(1))
     assert flips.shape == (128, 1, 6, 6)
     assert torch.equal(augment_batch(x, "none", g), x)

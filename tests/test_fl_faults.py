@@ -6,6 +6,7 @@ a run where the same client raises before it trains (and so contributes
 nothing): clients train from per-client seeded streams, so the surviving
 clients' updates are identical in both runs.
 """
+
 from __future__ import annotations
 
 import json

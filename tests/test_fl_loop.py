@@ -1,5 +1,6 @@
 """The round loop on tiny synthetic data: every method, real messages,
 byte counts, what travels, faults, and the offline config end to end."""
+
 import json
 from pathlib import Path
 
@@ -9,27 +10,49 @@ import torch
 import flocora_codec as fc
 from fl import comm, loop
 from fl.cli import main
-from fl.config import load_config
 from fl.comm import MessageNameError, check_names
+from fl.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY = [
-    "data.dataset=synthetic", "data.num_samples=96", "data.num_classes=4", "data.image_size=8",
-    "data.num_clients=4", "data.dirichlet_alpha=1.0", "model.width=4", "model.arch=resnet8",
-    "train.rounds=2", "train.clients_per_round=4", "train.batch_size=16", "train.max_steps=2", "threads=1",
+    "data.dataset=synthetic",
+    "data.num_samples=96",
+    "data.num_classes=4",
+    "data.image_size=8",
+    "data.num_clients=4",
+    "data.dirichlet_alpha=1.0",
+    "model.width=4",
+    "model.arch=resnet8",
+    "train.rounds=2",
+    "train.clients_per_round=4",
+    "train.batch_size=16",
+    "train.max_steps=2",
+    "threads=1",
 ]
 VARIANTS = {
     "fedavg": ["method.name=fedavg"],
     "flocora": ["method.name=flocora", "method.rank=2", "method.alpha=4"],
     "flocora-4bit-both": ["method.name=flocora", "method.rank=2", "method.bits=4", "method.quantize_download=true"],
     "flocora-mode3": ["method.name=flocora", "method.rank=2", "method.mode=3", "method.bits=2"],
-    "flasc-global-ef-adam": ["method.name=flasc", "method.rank=2", "method.ul_density=0.2", "method.dl_density=0.5",
-                             "method.error_feedback=true", "method.server_opt=adam", "method.server_lr=0.01"],
+    "flasc-global-ef-adam": [
+        "method.name=flasc",
+        "method.rank=2",
+        "method.ul_density=0.2",
+        "method.dl_density=0.5",
+        "method.error_feedback=true",
+        "method.server_opt=adam",
+        "method.server_lr=0.01",
+    ],
     "flasc-tensor-sgd": ["method.name=flasc", "method.rank=2", "method.ul_density=0.1", "method.topk_scope=tensor"],
     "fedlora": ["method.name=fedlora", "model.arch=cnn", "data.image_size=16", "data.holdout=0.25", "method.rank=2"],
-    "local": ["method.name=fedlora", "method.share_adapter=false", "model.arch=cnn", "data.image_size=16",
-              "data.holdout=0.25"],
+    "local": [
+        "method.name=fedlora",
+        "method.share_adapter=false",
+        "model.arch=cnn",
+        "data.image_size=16",
+        "data.holdout=0.25",
+    ],
 }
 
 
@@ -49,6 +72,7 @@ class Recorder:
             self.decoded.append((data, set(out)))
             self.schemas = timer.book.registry if timer.book is not None else None
             return out
+
         monkeypatch.setattr(comm.Timer, "decode", decode)
 
 
@@ -87,7 +111,7 @@ def test_byte_counts_per_round_match_message_lengths(tmp_path, monkeypatch):
     cfg = tiny("method.name=flocora", "method.rank=2", "method.bits=4")
     loop.run(cfg, tmp_path, progress=False)
     rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    per_round = [rec.decoded[i * 8:(i + 1) * 8] for i in range(2)]
+    per_round = [rec.decoded[i * 8 : (i + 1) * 8] for i in range(2)]
     for r, msgs in zip(rounds, per_round):
         # order in a round: per client, its download decode then the server's upload decode
         assert r["bytes_down"] == sum(len(d) for d, _ in msgs[0::2]) + r["schema_bytes_down"]
@@ -118,6 +142,45 @@ def test_quantized_upload_is_smaller_and_close():
     torch.testing.assert_close(out["a.lora_A.weight"], tensors["a.lora_A.weight"], atol=0.6, rtol=0)
 
 
+def test_make_spec_keeps_its_defaults():
+    # built by CodecSpec.from_dict; the specs pin what make_spec gave before it did
+    assert comm.make_spec({}, "up") == fc.CodecSpec.raw()
+    assert comm.make_spec({"bits": 4}, "up") == fc.CodecSpec(bits=4)
+    assert comm.make_spec(
+        {
+            "bits": 2,
+            "granularity": "group",
+            "group_size": 16,
+            "rounding": "stochastic",
+            "codec_seed": 3,
+            "meta_dtype": "float16",
+        },
+        "up",
+    ) == fc.CodecSpec(bits=2, granularity="group", group_size=16, rounding="stochastic", seed=3, meta_dtype="float16")
+    assert comm.make_spec({"ul_density": 0.1, "dl_density": 1.0}, "up") == fc.CodecSpec(
+        bits=None, density=0.1, topk_scope="global"
+    )
+    assert comm.make_spec({"ul_density": 0.1, "dl_density": 1.0}, "down") == fc.CodecSpec.raw()
+    assert comm.make_spec({"bits": 4, "ul_density": 0.1, "transport": "delta"}, "up") == fc.CodecSpec(
+        bits=4, density=0.1, topk_scope="global", values="quantized", rules=()
+    )
+    assert comm.make_spec({"bits": 4, "transport": "delta", "keep_1d_raw": True}, "down") == fc.CodecSpec(bits=4)
+    assert comm.make_spec({"sparse_values": "sign", "bits": 4, "ul_density": 0.01}, "up") == fc.CodecSpec(
+        bits=None, density=0.01, topk_scope="global", values="sign"
+    )
+
+
+@pytest.mark.parametrize("over, fields", [
+    (["method.name=flocora", "method.bits=4"], {"analytic_up_bytes", "analytic_down_bytes", "analytic_fedavg_bytes"}),
+    (["method.name=flocora", "method.ul_density=0.1"], {"analytic_down_bytes", "analytic_fedavg_bytes"}),
+    (["method.name=flocora", "method.transport=delta"], {"analytic_fedavg_bytes"}),
+    (["method.name=flasc", "method.ul_density=0.1", "method.dl_density=0.5"], set()),
+])  # fmt: skip
+def test_each_method_reports_only_its_own_analytic_sizes(over, fields):
+    method, _ = loop.setup(tiny("method.rank=2", *over))
+    assert {k for k in method.describe() if k.startswith("analytic_")} == fields
+
+
 def test_frozen_tensor_in_a_message_is_refused(tmp_path, monkeypatch):
     with pytest.raises(MessageNameError, match="frozen"):
         check_names({"conv1.base.weight"}, {"conv1.lora_A.weight"}, {"conv1.base.weight"}, "test")
@@ -130,6 +193,7 @@ def test_frozen_tensor_in_a_message_is_refused(tmp_path, monkeypatch):
         d = orig(self, rnd)
         d[leak] = torch.zeros(1)
         return d
+
     monkeypatch.setattr(type(method), "download", leaky_download)
     with pytest.raises(MessageNameError, match="frozen"):
         loop.run(cfg, tmp_path, progress=False)
@@ -147,6 +211,7 @@ class Captured:
             self.methods.append(method)
             self.initial.append(_state(method))
             return method, device
+
         monkeypatch.setattr(loop, "setup", setup)
 
 
@@ -164,8 +229,11 @@ def _assert_same_state(a, b):
 def test_fedavg_learns_the_synthetic_task(tmp_path):
     # Class prototypes plus noise, 4 classes: chance is 0.25. A loop that
     # trains but does not apply the aggregate (or applies it wrongly) stays near it.
-    s = loop.run(tiny("method.name=fedavg", "data.num_samples=320", "train.rounds=4", "train.max_steps=5"),
-                 tmp_path, progress=False)
+    s = loop.run(
+        tiny("method.name=fedavg", "data.num_samples=320", "train.rounds=4", "train.max_steps=5"),
+        tmp_path,
+        progress=False,
+    )
     assert s["final_acc"] >= 0.6, s["final_acc"]
 
 
@@ -224,8 +292,23 @@ def test_offline_default_config_end_to_end(tmp_path, capsys):
     cfg_path = ROOT / "configs" / "offline_mnist.toml"
     runs = tmp_path / "runs"
     for variant in (["method.name=fedavg"], ["method.name=flocora", "method.bits=4"]):
-        assert main(["run", str(cfg_path), "train.rounds=1", "train.clients_per_round=2", "train.max_steps=4", *variant,
-                     f"name=smoke-{variant[-1].split('=')[-1]}", "--out", str(runs), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    str(cfg_path),
+                    "train.rounds=1",
+                    "train.clients_per_round=2",
+                    "train.max_steps=4",
+                    *variant,
+                    f"name=smoke-{variant[-1].split('=')[-1]}",
+                    "--out",
+                    str(runs),
+                    "-q",
+                ]
+            )
+            == 0
+        )
     dirs = sorted(str(p) for p in runs.iterdir())
     assert len(dirs) == 2
     capsys.readouterr()
@@ -240,8 +323,11 @@ def test_dense_flasc_with_sgd_lr1_equals_flocora(tmp_path):
     # FedAvg of deltas applied with lr 1 is FedAvg of weights: same accuracy
     common = ["method.rank=2", "method.alpha=4", "train.rounds=2"]
     a = loop.run(tiny("method.name=flocora", *common), tmp_path / "a", progress=False)
-    b = loop.run(tiny("method.name=flasc", "method.server_opt=sgd", "method.server_lr=1.0", *common),
-                 tmp_path / "b", progress=False)
+    b = loop.run(
+        tiny("method.name=flasc", "method.server_opt=sgd", "method.server_lr=1.0", *common),
+        tmp_path / "b",
+        progress=False,
+    )
     assert a["final_acc"] == b["final_acc"]
     ra = [json.loads(x) for x in (tmp_path / "a" / "rounds.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "b" / "rounds.jsonl").read_text().splitlines()]

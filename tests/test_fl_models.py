@@ -1,11 +1,20 @@
 """Models and LoRA: parameter counts of docs/papers.md, no-op adapters, modes."""
+
 import pytest
 import torch
 from torch import nn
 
 from fl.comm import flocora_analytic_bits
-from fl.lora import (LoRAConv2d, LoRALinear, add_linear_adapter, apply_flocora, frozen_names, get_tensors,
-                     is_lora_name, trainable_names)
+from fl.lora import (
+    LoRAConv2d,
+    LoRALinear,
+    add_linear_adapter,
+    apply_flocora,
+    frozen_names,
+    get_tensors,
+    is_lora_name,
+    trainable_names,
+)
 from fl.models import CNN_FAMILY, build_model, num_params
 
 
@@ -72,6 +81,7 @@ def test_modes_select_what_trains():
     def names(mode):
         m = apply_flocora(build_model("resnet8", num_classes=10, width=8, seed=0), 2, 4, mode)
         return {n for n in trainable_names(m) if not is_lora_name(n)}, m
+
     n0, m0 = names(0)
     assert n0 == set() and isinstance(m0.fc, LoRALinear)
     n1, _ = names(1)

@@ -1,9 +1,9 @@
 """Delta transport (error feedback both ways, catch-up of stateful clients),
 STC, density tiers and decay, resumable runs and seeded sweeps."""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +16,19 @@ from fl.config import load_config
 from fl.transport import DeltaLink, Layout
 
 TINY = [
-    "data.dataset=synthetic", "data.num_samples=96", "data.num_classes=4", "data.image_size=8",
-    "data.num_clients=5", "data.dirichlet_alpha=1.0", "model.width=4", "model.arch=resnet8",
-    "train.rounds=5", "train.clients_per_round=2", "train.batch_size=16", "train.max_steps=2", "threads=1",
+    "data.dataset=synthetic",
+    "data.num_samples=96",
+    "data.num_classes=4",
+    "data.image_size=8",
+    "data.num_clients=5",
+    "data.dirichlet_alpha=1.0",
+    "model.width=4",
+    "model.arch=resnet8",
+    "train.rounds=5",
+    "train.clients_per_round=2",
+    "train.batch_size=16",
+    "train.max_steps=2",
+    "threads=1",
 ]
 
 
@@ -135,6 +145,7 @@ def test_delta_bytes_are_the_messages_each_client_received(tmp_path, monkeypatch
     def decode(timer, data, device=None, expect=None):
         seen.append(data)
         return orig(timer, data, device, expect)
+
     monkeypatch.setattr(Timer, "decode", decode)
     cfg = tiny("method.name=flocora", "method.rank=2", "method.transport=delta", "method.bits=2")
     s = loop.run(cfg, tmp_path, progress=False)
@@ -144,8 +155,9 @@ def test_delta_bytes_are_the_messages_each_client_received(tmp_path, monkeypatch
     assert rounds[0]["bytes_down"] == 0  # round 1: every client rebuilds the initial model from the seed
     # every download message a client received and every upload was decoded (plus the server's own broadcasts)
     broadcasts = len(rounds)
-    assert len(seen) == broadcasts + sum(v["messages"] for r in rounds for v in r["sync"].values()) + \
-        s["participations"]
+    assert (
+        len(seen) == broadcasts + sum(v["messages"] for r in rounds for v in r["sync"].values()) + s["participations"]
+    )
     assert s["fedavg_equivalent_bytes"] == 2 * s["fedavg_message_bytes"] * s["participations"]
     assert 0 < s["bytes_up_total"] and 0 < s["bytes_down_total"]
 
@@ -154,10 +166,11 @@ def test_stc_sends_ternary_top_k_per_tensor(tmp_path, monkeypatch):
     msgs = []
     orig = Timer.encode
 
-    def encode(timer, tensors, spec, ef=None):
-        data = orig(timer, tensors, spec, ef)
+    def encode(timer, tensors, how):
+        data = orig(timer, tensors, how)
         msgs.append((data, timer.book.registry if timer.book else None))
         return data
+
     monkeypatch.setattr(Timer, "encode", encode)
     for compact, version in ((True, 3), (False, 2)):
         msgs.clear()
@@ -173,8 +186,14 @@ def test_stc_sends_ternary_top_k_per_tensor(tmp_path, monkeypatch):
 
 
 def test_density_tiers_and_decay():
-    cfg = tiny("method.name=flasc", "method.rank=2", "method.ul_density_tiers=[0.0625, 0.25, 1.0]",
-               "method.dl_density=0.5", "method.density_decay=0.5", "method.min_density=0.1")
+    cfg = tiny(
+        "method.name=flasc",
+        "method.rank=2",
+        "method.ul_density_tiers=[0.0625, 0.25, 1.0]",
+        "method.dl_density=0.5",
+        "method.density_decay=0.5",
+        "method.min_density=0.1",
+    )
     method, _ = loop.setup(cfg)
     assert [method.up_spec_at(c, 1).density for c in range(4)] == [0.0625, 0.25, None, 0.0625]
     assert method.up_spec_at(1, 2).density == 0.125
@@ -183,8 +202,14 @@ def test_density_tiers_and_decay():
 
 
 def test_clients_that_miss_rounds_hold_the_same_model_as_the_server_sent(tmp_path):
-    cfg = tiny("method.name=fedavg", "method.transport=delta", "method.ul_density=0.2", "method.dl_density=0.2",
-               "method.flatten=true", "train.rounds=6")
+    cfg = tiny(
+        "method.name=fedavg",
+        "method.transport=delta",
+        "method.ul_density=0.2",
+        "method.dl_density=0.2",
+        "method.flatten=true",
+        "train.rounds=6",
+    )
     method, device = loop.setup(cfg)
     st = loop._State(int(cfg["seed"]))
     loop.run(cfg, tmp_path, progress=False)
@@ -200,16 +225,27 @@ def test_clients_that_miss_rounds_hold_the_same_model_as_the_server_sent(tmp_pat
 # ---- resume ----------------------------------------------------------------------------------
 def _records(path):
     strip = ("wall_s", "encode_ms", "decode_ms")
-    return [{k: v for k, v in json.loads(x).items() if k not in strip}
-            for x in (path / "rounds.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in strip}
+        for x in (path / "rounds.jsonl").read_text().splitlines()
+    ]
 
 
-@pytest.mark.parametrize("variant", [
-    ["method.name=stc"],
-    ["method.name=flocora", "method.rank=2", "method.transport=delta", "method.bits=2", "method.rounding=stochastic"],
-    ["method.name=flasc", "method.rank=2", "method.ul_density=0.2", "method.error_feedback=true"],
-    ["method.name=fedlora", "model.arch=cnn", "data.image_size=16", "data.holdout=0.25", "method.rank=2"],
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["method.name=stc"],
+        [
+            "method.name=flocora",
+            "method.rank=2",
+            "method.transport=delta",
+            "method.bits=2",
+            "method.rounding=stochastic",
+        ],
+        ["method.name=flasc", "method.rank=2", "method.ul_density=0.2", "method.error_feedback=true"],
+        ["method.name=fedlora", "model.arch=cnn", "data.image_size=16", "data.holdout=0.25", "method.rank=2"],
+    ],
+)
 def test_resume_between_rounds_gives_the_same_rounds(variant, tmp_path):
     cfg = tiny(*variant)
     full = loop.run(cfg, tmp_path / "full", progress=False)
@@ -230,6 +266,7 @@ def test_resume_after_a_kill_during_a_round(tmp_path, monkeypatch):
     cfg = tiny("method.name=flocora", "method.rank=2", "method.transport=delta", "method.bits=4")
     loop.run(cfg, tmp_path / "full", progress=False)
     from fl.methods.fedavg import FedAvg
+
     orig = FedAvg.train_from
     calls = {"n": 0}
 
@@ -238,6 +275,7 @@ def test_resume_after_a_kill_during_a_round(tmp_path, monkeypatch):
         if rnd == 4 and calls["n"] > 7:  # second client of round 4
             raise Killed()
         return orig(self, cid, tensors, rnd)
+
     monkeypatch.setattr(FedAvg, "train_from", dying)
     with pytest.raises(Killed):
         loop.run(cfg, tmp_path / "cut", progress=False)
@@ -261,14 +299,34 @@ def test_resume_refuses_another_config_and_extends_rounds(tmp_path):
 # ---- seeded sweep ------------------------------------------------------------------------------
 def test_seeded_sweep_is_resumable_and_reports_the_frontier(tmp_path, capsys):
     base = tmp_path / "base.toml"
-    base.write_text("\n".join(["threads = 1", "[data]", 'dataset = "synthetic"', "num_samples = 64", "num_classes = 4",
-                               "image_size = 8", "num_clients = 4", "dirichlet_alpha = 1.0", "[model]", "width = 4",
-                               "[train]", "rounds = 2", "clients_per_round = 2", "batch_size = 16",
-                               "max_steps = 1"]) + "\n")
+    base.write_text(
+        "\n".join(
+            [
+                "threads = 1",
+                "[data]",
+                'dataset = "synthetic"',
+                "num_samples = 64",
+                "num_classes = 4",
+                "image_size = 8",
+                "num_clients = 4",
+                "dirichlet_alpha = 1.0",
+                "[model]",
+                "width = 4",
+                "[train]",
+                "rounds = 2",
+                "clients_per_round = 2",
+                "batch_size = 16",
+                "max_steps = 1",
+            ]
+        )
+        + "\n"
+    )
     sweep = tmp_path / "sw.toml"
-    sweep.write_text(f'base = "base.toml"\nresults = "{tmp_path}/res"\nseeds = [1, 2]\n'
-                     '[[variant]]\nname = "fedavg"\noverrides = ["method.name=fedavg"]\n'
-                     '[[variant]]\nname = "stc"\noverrides = ["method.name=stc"]\n')
+    sweep.write_text(
+        f'base = "base.toml"\nresults = "{tmp_path}/res"\nseeds = [1, 2]\n'
+        '[[variant]]\nname = "fedavg"\noverrides = ["method.name=fedavg"]\n'
+        '[[variant]]\nname = "stc"\noverrides = ["method.name=stc"]\n'
+    )
     assert main(["sweep", str(sweep), "-q", "--shard", "0/2"]) == 0
     res = tmp_path / "res/sw"
     done = sorted(p.name for p in (res / "runs").iterdir())
@@ -315,8 +373,17 @@ def test_per_client_download_sends_one_message_and_keeps_each_clients_residual()
 
 
 def test_per_client_mode_in_the_loop(tmp_path):
-    s = loop.run(tiny("method.name=flocora", "method.rank=2", "method.transport=delta", "method.bits=2",
-                      "method.down_mode=per_client"), tmp_path, progress=False)
+    s = loop.run(
+        tiny(
+            "method.name=flocora",
+            "method.rank=2",
+            "method.transport=delta",
+            "method.bits=2",
+            "method.down_mode=per_client",
+        ),
+        tmp_path,
+        progress=False,
+    )
     rounds = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     for r in rounds[1:]:
         assert all(v["messages"] == 1 for v in r["sync"].values())

@@ -4,6 +4,7 @@ The fast tests build Flower ``Message`` objects by hand and call the mod and the
 strategy directly (no Ray, no SuperLink). One ``slow`` test runs a real
 ``run_simulation`` (Ray) with two nodes for two rounds.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,12 +12,12 @@ import logging
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 flwr = pytest.importorskip("flwr", reason="Flower is not installed (pip install 'flocora-codec[flower]')")
 
-from flwr.app import (  # noqa: E402
+from flwr.app import (  # noqa: E402  after importorskip
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -27,11 +28,11 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg  # noqa: E402  after importorskip
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402  after importorskip
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
+import flocora_codec as fc  # noqa: E402  after importorskip
+from flocora_codec import flower as ff  # noqa: E402  after importorskip
 
 NODES = (11, 22)
 WEIGHTS = {11: 30, 22: 10}
@@ -111,8 +112,9 @@ def run_round(strategy, mod, contexts, rnd, arrays, app=None, tamper=None):
     Returns ((arrays, metrics), wire): ``wire`` holds each reply as it left the
     client (node id, content), before the strategy replaced it with decoded arrays.
     """
-    msgs = list(strategy.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                         ConfigRecord(), FakeGrid()))
+    msgs = list(
+        strategy.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in arrays.items()}), ConfigRecord(), FakeGrid())
+    )
     app = app or make_app(rnd)
     replies = []
     for msg in msgs:
@@ -179,9 +181,7 @@ def test_fedavg_matches_plain_within_quantization_error():
     total = sum(WEIGHTS.values())
     for name in ("conv.weight", "fc.weight"):
         # FedAvg of deltas: |error| <= sum_i w_i * scale_i / 2 (nearest rounding)
-        bound = sum(
-            WEIGHTS[n] / total * row_scales(client_update(n, 1, g)[name] - g[name], 4) / 2 for n in NODES
-        )
+        bound = sum(WEIGHTS[n] / total * row_scales(client_update(n, 1, g)[name] - g[name], 4) / 2 for n in NODES)
         err = np.abs(got[name] - want[name])
         assert np.all(err <= bound * (1 + 1e-5) + 1e-6), (name, float((err - bound).max()))
         assert err.max() > 0  # it really was quantized
@@ -201,8 +201,9 @@ def test_fedavg_matches_plain_within_quantization_error():
 def test_raw_spec_is_lossless():
     g = global_arrays()
     (plain, _), _ = run_round(FedAvg(), None, make_contexts(), 1, g)
-    (arrays, _), _ = run_round(ff.CompressedStrategy(FedAvg()), ff.compression_mod(fc.CodecSpec.raw()),
-                               make_contexts(), 1, g)
+    (arrays, _), _ = run_round(
+        ff.CompressedStrategy(FedAvg()), ff.compression_mod(fc.CodecSpec.raw()), make_contexts(), 1, g
+    )
     for k, v in as_numpy(plain).items():
         # x -> (x - g) -> g + (x - g): exact up to one float rounding
         np.testing.assert_allclose(as_numpy(arrays)[k], v, rtol=0, atol=1e-6)
@@ -230,8 +231,11 @@ def test_error_feedback_residual_telescopes():
     sent_sum = np.zeros_like(g["fc.weight"], dtype=np.float64)
     true_sum = np.zeros_like(sent_sum)
     for rnd in (1, 2, 3):
-        ins = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
-                      dst_node_id=11, message_type=MessageType.TRAIN)
+        ins = Message(
+            RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+            dst_node_id=11,
+            message_type=MessageType.TRAIN,
+        )
         reply = mod(ins, ctx, make_app(rnd))
         decoded = as_numpy(ff.decode_array_record(reply.content["arrays"], g))
         sent_sum += decoded["fc.weight"].astype(np.float64) - g["fc.weight"]
@@ -243,14 +247,49 @@ def test_error_feedback_residual_telescopes():
     assert ctx.state["flocora.counter"]["rounds"] == 3
 
 
+def test_error_feedback_of_the_mod_is_fc_error_feedback(caplog):
+    """The mod's residuals are fc.ErrorFeedback's on the same deltas (one
+    implementation), kept in context.state; a stale residual of another
+    shape is dropped with a warning, as ErrorFeedback documents."""
+    spec = fc.CodecSpec(bits=2, granularity="row")
+    mod = ff.compression_mod(spec)
+    ctx = make_contexts()[11]
+    g = global_arrays()
+    ef = fc.ErrorFeedback(spec)
+
+    def instruction():
+        return Message(
+            RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+            dst_node_id=11,
+            message_type=MessageType.TRAIN,
+        )
+
+    for rnd in (1, 2, 3):
+        reply = mod(instruction(), ctx, make_app(rnd))
+        deltas = {k: torch.from_numpy(v - g[k]) for k, v in client_update(11, rnd, g).items() if v.ndim}
+        assert ef.encode(deltas) == reply.content["arrays"][ff.DELTA_KEY].data
+    kept = ctx.state["flocora.residual"]
+    assert set(kept) == set(ef.get_state()) == {"conv.weight", "fc.weight"}
+    assert all(np.array_equal(kept[k].numpy(), v.numpy()) for k, v in ef.get_state().items())
+    # a residual left by another model (a node restarted with a new one): dropped, with a warning
+    ctx.state["flocora.residual"] = ArrayRecord({"fc.weight": Array(np.ones((3, 3), np.float32))})
+    with caplog.at_level("WARNING", logger="flocora_codec"):
+        mod(instruction(), ctx, make_app(4))
+    assert "dropped the residual of 'fc.weight'" in caplog.text
+    assert ctx.state["flocora.residual"]["fc.weight"].numpy().shape == (10, 37)
+
+
 def test_stochastic_rounding_draws_fresh_noise_each_round():
     mod = ff.compression_mod(fc.CodecSpec(bits=2, rounding="stochastic"), error_feedback=False)
     ctx = make_contexts()[11]
     g = global_arrays()
     payloads = []
     for _ in range(2):
-        ins = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
-                      dst_node_id=11, message_type=MessageType.TRAIN)
+        ins = Message(
+            RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+            dst_node_id=11,
+            message_type=MessageType.TRAIN,
+        )
         reply = mod(ins, ctx, make_app(1))  # same update both times
         payloads.append(reply.content["arrays"][ff.DELTA_KEY].data)
     assert payloads[0] != payloads[1]
@@ -302,8 +341,11 @@ def test_error_reply_passes_through_untouched():
     g = global_arrays()
     mod = ff.compression_mod(SPEC4)
     ctx = make_contexts()[11]
-    ins = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
-                  dst_node_id=11, message_type=MessageType.TRAIN)
+    ins = Message(
+        RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+        dst_node_id=11,
+        message_type=MessageType.TRAIN,
+    )
     err = Message(Error(code=2, reason="boom"), reply_to=ins)
     out = mod(ins, ctx, lambda m, c: err)
     assert out is err and out.has_error() and out.error.reason == "boom"
@@ -328,10 +370,17 @@ def test_evaluate_messages_are_not_encoded():
     g = global_arrays()
     mod = ff.compression_mod(SPEC4)
     ctx = make_contexts()[11]
-    ins = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
-                  dst_node_id=11, message_type=MessageType.EVALUATE)
-    reply_content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()}),
-                                "metrics": MetricRecord({"num-examples": 3, "accuracy": 0.5})})
+    ins = Message(
+        RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()})}),
+        dst_node_id=11,
+        message_type=MessageType.EVALUATE,
+    )
+    reply_content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in g.items()}),
+            "metrics": MetricRecord({"num-examples": 3, "accuracy": 0.5}),
+        }
+    )
     reply = Message(reply_content, reply_to=ins)
     out = mod(ins, ctx, lambda m, c: reply)
     assert out is reply and out.content is reply_content
@@ -369,8 +418,10 @@ def test_downlink_is_encoded_and_decoded_before_the_app():
     # uplink deltas are relative to g_hat: result = g_hat + avg(delta_hat)
     total = sum(WEIGHTS.values())
     want = sum(WEIGHTS[n] / total * client_update(n, 1, g_hat)["fc.weight"] for n in NODES)
-    bound = sum(WEIGHTS[n] / total * row_scales(client_update(n, 1, g_hat)["fc.weight"] - g_hat["fc.weight"], 4) / 2
-                for n in NODES)
+    bound = sum(
+        WEIGHTS[n] / total * row_scales(client_update(n, 1, g_hat)["fc.weight"] - g_hat["fc.weight"], 4) / 2
+        for n in NODES
+    )
     assert np.all(np.abs(as_numpy(arrays)["fc.weight"] - want) <= bound * (1 + 1e-5) + 1e-6)
 
     # evaluate instructions are encoded too
@@ -433,13 +484,15 @@ def test_dp_server_side_wrapper_sees_plain_arrays():
     # updates, up to the 8-bit quantization of the deltas.
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     norm = 0.5
-    mk = lambda: DifferentialPrivacyServerSideFixedClipping(  # noqa: E731
-        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2)
+    mk = lambda: DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2
+    )
     want = _clipped_fedavg(g, norm)
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g)
     strategy = ff.CompressedStrategy(mk())
-    (arrays, _), _ = run_round(strategy, ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False),
-                               make_contexts(), 1, g)
+    (arrays, _), _ = run_round(
+        strategy, ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), make_contexts(), 1, g
+    )
     for k in g:
         np.testing.assert_allclose(as_numpy(plain)[k], want[k], rtol=0, atol=1e-6)  # Flower's own clipping
         # 8-bit row steps of updates with |entries| <~ 0.2, clipped ~4x: <~ 2e-4 after clipping
@@ -456,8 +509,9 @@ def test_client_side_dp_clipping_mod_runs_inside_the_compression_mod():
 
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     norm = 0.5  # the raw updates have norm ~1.6: clipping bites
-    mk = lambda: DifferentialPrivacyClientSideFixedClipping(  # noqa: E731
-        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2)
+    mk = lambda: DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(), noise_multiplier=0.0, clipping_norm=norm, num_sampled_clients=2
+    )
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g, app=make_ffn(make_app(1), [fixedclipping_mod]))
     mods = [ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), fixedclipping_mod]
     strategy = ff.CompressedStrategy(mk())
@@ -476,10 +530,15 @@ def test_fedadam_through_the_wrapper():
     # and a wrongly scaled delta barely shows. tau = 0.1 >> 0.1 |d| (|d| <~ 0.1)
     # makes the step nearly linear in d, so the delta's size must be right.
     g = {k: v for k, v in global_arrays().items() if k != "steps"}  # FedAdam: float arrays only
-    mk = lambda: FedAdam(eta=0.1, tau=0.1)  # noqa: E731
+    mk = lambda: FedAdam(eta=0.1, tau=0.1)
     (plain, _), _ = run_round(mk(), None, make_contexts(), 1, g)
-    (arrays, _), _ = run_round(ff.CompressedStrategy(mk()),
-                               ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False), make_contexts(), 1, g)
+    (arrays, _), _ = run_round(
+        ff.CompressedStrategy(mk()),
+        ff.compression_mod(fc.CodecSpec(bits=8), error_feedback=False),
+        make_contexts(),
+        1,
+        g,
+    )
     for k in ("conv.weight", "fc.weight"):
         step = np.abs(as_numpy(plain)[k] - g[k])
         diff = np.abs(as_numpy(arrays)[k] - as_numpy(plain)[k])
@@ -497,7 +556,9 @@ def float32_app(rnd: int):
     def app(msg: Message, context: Context) -> Message:
         reply = inner(msg, context)
         rec = reply.content["arrays"]
-        reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in rec.items()})
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in rec.items()}
+        )
         return reply
 
     return app
@@ -602,8 +663,8 @@ def test_compression_mod_inside_the_clipping_mod_fails_loudly():
     """The wrong order, mods=[fixedclipping_mod, compression_mod]: the clipping
     mod would see encoded arrays; it answers with an error reply instead of
     clipping codec bytes."""
-    from flwr.clientapp.mod import fixedclipping_mod
     from flwr.client.mod.utils import make_ffn
+    from flwr.clientapp.mod import fixedclipping_mod
 
     g = {k: v for k, v in global_arrays().items() if k != "steps"}
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -636,8 +697,8 @@ def test_decode_array_record_rejects_bad_records():
         ff.decode_array_record(ArrayRecord({ff.DELTA_KEY: Array(a.dtype, a.shape, a.stype, b"x" * 40)}), g)
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402  the property tests' own imports
+from hypothesis import strategies as st  # noqa: E402  the property tests' own imports
 
 _shapes = st.sampled_from([(), (0,), (1,), (7,), (3, 5), (0, 4), (4, 1), (2, 3, 4), (16, 65)])
 _dtypes = st.sampled_from([np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_])
@@ -745,8 +806,12 @@ def _sim_apps(out: dict):
         for _ in range(5):  # a few full-batch gradient steps
             w = w - 0.05 * ((x @ w.T - y).T @ x) / len(x)
         loss = float(np.mean((x @ w.T - y) ** 2))
-        content = RecordDict({"arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
-                              "metrics": MetricRecord({"num-examples": len(x), "loss": loss})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(w.astype(np.float32))}),
+                "metrics": MetricRecord({"num-examples": len(x), "loss": loss}),
+            }
+        )
         return Message(content, reply_to=msg)
 
     server = ServerApp()
@@ -754,8 +819,12 @@ def _sim_apps(out: dict):
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = ff.CompressedStrategy(FedAvg(fraction_evaluate=0.0))
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord({"w": Array(np.zeros((8, 32), np.float32))}),
-                                num_rounds=2, timeout=120)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord({"w": Array(np.zeros((8, 32), np.float32))}),
+            num_rounds=2,
+            timeout=120,
+        )
         out["history"] = dict(strategy.history)
         out["loss"] = [float(result.train_metrics_clientapp[r]["loss"]) for r in (1, 2)]
         out["w"] = result.arrays["w"].numpy()
@@ -773,9 +842,15 @@ def test_run_simulation_two_nodes_two_rounds():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     out: dict = {}
     server, client = _sim_apps(out)
-    run_simulation(server_app=server, client_app=client, num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=2,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
     assert sorted(out["history"]) == [1, 2]
     for h in out["history"].values():
         assert h["dropped"] == 0
@@ -919,9 +994,10 @@ class _Deployment:
     def check_environment(self) -> None:
         import subprocess
 
-        check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, flwr; "
-                                "assert u.find_spec('fl') is None; print(flocora_fl.__file__, flocora_codec.__file__, "
-                                "flwr.__version__)"], env=self.env, cwd=self.tmp, capture_output=True, text=True)  # fmt: skip
+        check = subprocess.run([sys.executable, "-c", "import importlib.util as u, flocora_fl, flocora_codec, "
+                                "flwr; assert u.find_spec('fl') is None; print(flocora_fl.__file__, "
+                                "flocora_codec.__file__, flwr.__version__)"],
+                               env=self.env, cwd=self.tmp, capture_output=True, text=True)  # fmt: skip
         assert check.returncode == 0 and check.stdout.count(str(self.site)) == 2, check.stdout + check.stderr
         assert check.stdout.split()[-1] == flwr.__version__  # the Flower processes run the Flower under test
 
@@ -933,13 +1009,35 @@ class _Deployment:
                                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
     def __enter__(self):
-        self.start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-                   "--port", str(self.link_port), "--disable-runtime-dependency-installation")
+        self.start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.link_port),
+            "--disable-runtime-dependency-installation",
+        )
         _wait_http(f"http://127.0.0.1:{self.link_port}/health", 60)
         for i, port in enumerate(self.node_ports):
-            self.start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                       "--host", "127.0.0.1", "--port", str(port), "--max-retries", "20",
-                       "--node-config", f"partition-id={i} num-partitions={len(self.node_ports)}")
+            self.start(
+                f"supernode{i}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-retries",
+                "20",
+                "--node-config",
+                f"partition-id={i} num-partitions={len(self.node_ports)}",
+            )
         return self
 
     def __exit__(self, *exc):
@@ -977,9 +1075,11 @@ def test_flower_app_deployment_two_supernodes(tmp_path, built_dist):
     with _Deployment(tmp_path, built_dist) as dep:
         dep.check_environment()
         summary_path = tmp_path / "summary.json"
-        run_config = (f'num-server-rounds=2 codec-bits=4 downlink-bits=8 min-nodes=2 fraction-train=1.0 '
-                      f'summary-path="{summary_path}" '
-                      f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"')
+        run_config = (
+            f"num-server-rounds=2 codec-bits=4 downlink-bits=8 min-nodes=2 fraction-train=1.0 "
+            f'summary-path="{summary_path}" '
+            f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"'
+        )
         res = dep.summary(summary_path, dep.submit(run_config, summary_path), timeout=480)
     assert res["method"] == "flocora" and res["rounds"] == 2
     assert len(res["acc"]) == 3 and all(0.0 <= a <= 1.0 for a in res["acc"])
@@ -1001,9 +1101,11 @@ def test_flower_app_deployment_survives_a_supernode_killed_mid_round(tmp_path, b
 
     with _Deployment(tmp_path, built_dist) as dep:
         summary_path = tmp_path / "summary.json"
-        run_config = (f'num-server-rounds=2 codec-bits=4 min-nodes=2 fraction-train=1.0 round-timeout=45.0 '
-                      f'summary-path="{summary_path}" '
-                      f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"')
+        run_config = (
+            f"num-server-rounds=2 codec-bits=4 min-nodes=2 fraction-train=1.0 round-timeout=45.0 "
+            f'summary-path="{summary_path}" '
+            f'fl-overrides="method.name=flocora train.max_steps=3 data.num_clients=2"'
+        )
         run = dep.submit(run_config, summary_path)
         log1 = dep.logs / "supernode1.log"
         deadline = time.monotonic() + 300

@@ -1,25 +1,31 @@
 """Compact messages through Flower: the strategy announces the schemas it
 holds in each train instruction, the mod sends compact messages and, once,
 the schemas the server lacks (FORMAT.md 6)."""
+
 from __future__ import annotations
 
 import logging
 import struct
 
 import crc32c
-
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed")
 
-from flwr.app import Array  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.app import Array
+from flwr.serverapp.strategy import FedAvg
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
-from tests.test_flower import (  # noqa: E402,F401
-    SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity, wire_schemas,
+import flocora_codec as fc
+from flocora_codec import flower as ff
+from tests.test_flower import (  # noqa: F401  task_identity: an autouse fixture
+    SPEC4,
+    as_numpy,
+    global_arrays,
+    make_contexts,
+    run_round,
+    task_identity,
+    wire_schemas,
 )
 
 
@@ -55,7 +61,7 @@ def test_schemas_travel_once_then_messages_are_compact():
         assert schema_keys(rec) == []
         assert fc.message_info(rec[ff.DELTA_KEY].data, schemas=strategy.schemas).version == 3
     assert len(strategy.schemas) == 2
-    h, hf = strategy.history, None
+    h = strategy.history
     # the same updates: the aggregates are bit-identical to full messages
     (full_a1, full_w1), (full_a2, full_w2) = full_rounds
     for (a, _), fa in zip(rounds, (full_a1, full_a2)):
@@ -94,6 +100,7 @@ def _tamper_schema(fn):
         rec = replies[0].content["arrays"]
         (key,) = [k for k in schema_keys(rec) if fc.Schema.from_bytes(rec[k].data).names[0] in ("conv.weight",)]
         fn(rec, key)
+
     return tamper
 
 
@@ -112,8 +119,10 @@ def test_hostile_schemas_are_refused(caplog):
         rec["flocora/schema/" + huge.id.hex()] = Array(dtype="uint8", shape=(len(huge.to_bytes()),),
                                                        stype=ff.SCHEMA_STYPE, data=huge.to_bytes())  # fmt: skip
 
-    for tamper, why in ((wrong_key, "is not the schema of a message in the record"),
-                        (bomb, "ExpectationError: tensor 'conv.weight' is torch.float32 of shape (32768, 32768)")):
+    for tamper, why in (
+        (wrong_key, "is not the schema of a message in the record"),
+        (bomb, "ExpectationError: tensor 'conv.weight' is torch.float32 of shape (32768, 32768)"),
+    ):
         g = global_arrays()
         strategy = ff.CompressedStrategy(FedAvg(min_train_nodes=1))
         with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):

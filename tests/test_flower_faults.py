@@ -1,5 +1,6 @@
 """Faulty and hostile replies through CompressedStrategy: each is dropped, by
 cause, and FedAvg aggregates exactly the others."""
+
 from __future__ import annotations
 
 import logging
@@ -9,14 +10,20 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed")
 
-from flwr.app import Array  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.app import Array
+from flwr.serverapp.strategy import FedAvg
 
-import flocora_codec as fc  # noqa: E402
-from flocora_codec import flower as ff  # noqa: E402
-from fl.loop import _bomb  # noqa: E402
-from tests.test_flower import (  # noqa: E402,F401
-    SPEC4, as_numpy, global_arrays, make_contexts, run_round, task_identity, wire_decode,
+import flocora_codec as fc
+from fl.loop import _bomb
+from flocora_codec import flower as ff
+from tests.test_flower import (  # noqa: F401  task_identity: an autouse fixture
+    SPEC4,
+    as_numpy,
+    global_arrays,
+    make_contexts,
+    run_round,
+    task_identity,
+    wire_decode,
 )
 
 
@@ -56,6 +63,7 @@ def test_reply_holding_nan_is_dropped(caplog):
             arrays["fc.bias"] = arrays["fc.bias"].copy()
             arrays["fc.bias"][3] = np.nan
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+
         replace_array(replies[0], ff.DELTA_KEY, poison)  # a full message: the decoder needs no schema
 
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
@@ -69,8 +77,11 @@ def test_reply_holding_nan_is_dropped(caplog):
 def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
     def scale_first(replies):
         def scale(a):
-            arrays = {k: v * 1000 for k, v in wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True).items()}
+            arrays = {
+                k: v * 1000 for k, v in wire_decode(replies[0].content["arrays"], ff.DELTA_KEY, numpy=True).items()
+            }
             return Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=fc.encode_numpy(arrays, SPEC4))
+
         replace_array(replies[0], ff.DELTA_KEY, scale)
 
     h, arrays, wire, g = run(scale_first, max_update_norm_ratio=bound)
@@ -84,8 +95,9 @@ def test_oversized_reply_is_dropped_only_with_the_bound_on(bound):
 
 def test_bomb_reply_is_refused_before_allocation(caplog):
     def bomb_first(replies):
-        replace_array(replies[0], ff.DELTA_KEY,
-                      lambda a: Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=_bomb("fc.weight")))
+        replace_array(
+            replies[0], ff.DELTA_KEY, lambda a: Array(dtype=a.dtype, shape=(0,), stype=a.stype, data=_bomb("fc.weight"))
+        )
 
     with caplog.at_level(logging.WARNING, logger="flwr.flocora_codec"):
         h, arrays, wire, g = run(bomb_first)

@@ -6,6 +6,7 @@ flwr 1.41 alone into .flwr-1.41/ and this test runs tests/test_flower.py
 (slow cases included: run_simulation, SuperLink + SuperNodes + `flwr run`)
 and the Flower run-config checks in a subprocess with it first on PYTHONPATH.
 """
+
 import os
 import subprocess
 import sys

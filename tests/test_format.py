@@ -3,6 +3,7 @@
 Messages here are built by hand with ``struct`` (``build`` below), not by the
 encoder, so the decoder is checked against the document, not against itself.
 """
+
 from __future__ import annotations
 
 import struct

@@ -9,6 +9,7 @@ MemoryError, struct.error, crash or hang). The decoder turns only the
 kernels' ValueError (a malformed index code) into FormatError, so a kernel
 RuntimeError reaching the decoder would fail these tests, not be relabelled.
 """
+
 from __future__ import annotations
 
 import struct
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 import flocora_codec as fc
 from flocora_codec import format as fmt
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -39,7 +41,7 @@ LIMITS = fc.DecodeLimits(max_total_elements=1 << 20, max_message_bytes=1 << 20)
 
 def _seed_messages() -> list[bytes]:
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(s, generator=g)
     tensors = {"a.lora_A": r(4, 6), "a.lora_B": r(6, 4), "n.weight": r(6), "i": torch.arange(5), "h": r(3, 5).half()}
     specs = [
         fc.CodecSpec.raw(),

@@ -6,6 +6,7 @@ Every file in tests/fuzz_regressions/ is one input in the target's format
 hand back NaN/Inf from an affine tensor, or is a bomb; ``check_input`` fails
 on exactly that, so these pin the fixes (FORMAT.md 3.2, 3.3, 4).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "fuzz"))
-from fuzz_decode import check_input  # noqa: E402
+from fuzz_decode import check_input  # noqa: E402  after the sys.path entry above
 
 CASES = sorted((ROOT / "tests" / "fuzz_regressions").glob("*.bin"))
 

@@ -6,11 +6,11 @@ test_format.py) and check that the decoder refuses every one that no encoder
 could have written, and that a small message cannot make a receiver allocate
 what its header merely claims.
 """
+
 from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -184,7 +184,8 @@ def test_expect_accepts_the_model_and_refuses_everything_else():
     cases = [
         ({"a": model["a"]}, "holds 2 tensors; the receiver expects 1"),
         ({"a": model["a"], "c": model["b"]}, "'b' is not one the receiver expects"),
-        ({"a": torch.randn(8, 4), "b": model["b"]}, r"shape \(4, 8\); the receiver expects torch.float32 of shape \(8, 4\)"),
+        ({"a": torch.randn(8, 4), "b": model["b"]},
+         r"shape \(4, 8\); the receiver expects torch.float32 of shape \(8, 4\)"),
         ({"a": model["a"], "b": model["b"].float()}, "'b' is torch.float16"),
     ]  # fmt: skip
     for expect, match in cases:

@@ -6,6 +6,7 @@ to 2 min on two cores), installs the wheel into an empty target directory
 and, from a directory outside the repository, imports it and round-trips
 messages. Also checks the metadata the wheel declares.
 """
+
 import os
 import subprocess
 import sys
@@ -17,10 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 from tests.conftest import run_ok as _run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_sdist_builds_a_wheel_that_works_away_from_the_checkout(built_dist, tmp_
     major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     assert f"Requires-Dist: torch<{major}.{minor + 1},>={major}.{minor}" in meta
     assert "License-Expression: Apache-2.0" in meta
-    assert 'Provides-Extra: experiments' in meta and "Requires-Python: >=3.11" in meta
+    assert "Provides-Extra: experiments" in meta and "Requires-Python: >=3.11" in meta
 
     site = built_dist["site"]
     away = tmp_path / "elsewhere"

@@ -5,6 +5,7 @@ state dict from ``get_peft_model_state_dict`` is encoded, decoded, written
 as ``adapter_model.safetensors`` and loaded into a fresh PEFT model with
 ``set_peft_model_state_dict``.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """quantize_pack / unpack_dequantize against the pure-PyTorch reference."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """Sign-and-mean top-k values (STC's ternary code, format version 2):
 against the pure-PyTorch reference, the version rules, hostile metadata."""
+
 from __future__ import annotations
 
 import struct
@@ -103,8 +104,16 @@ def test_version_1_message_with_sign_values_is_rejected():
         fc.decode(reseal(data))
 
 
-@pytest.mark.parametrize("mu, why", [(-1.0, "negative"), (-0.0, "negative zero"), (float("inf"), "inf"),
-                                     (float("nan"), "nan"), (3e38, "2 mu overflows")])
+@pytest.mark.parametrize(
+    "mu, why",
+    [
+        (-1.0, "negative"),
+        (-0.0, "negative zero"),
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
+        (3e38, "2 mu overflows"),
+    ],
+)
 def test_impossible_mean_magnitudes_are_rejected(mu, why):
     data, e = _sign_message()
     struct.pack_into("<f", data, e.offset, mu)

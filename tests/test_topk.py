@@ -4,6 +4,7 @@ The CPU kernel runs a tensor of at most 65536 elements as one task and larger
 ones (and every global selection) in chunked phases, so sizes on both sides of
 that line appear throughout.
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -251,8 +252,11 @@ def test_code_choice_boundary(n):
     # choose_index_code names (bitmap on a tie), and the kernel bytes match.
     torch.manual_seed(n)
     x = torch.randn(n)
-    ks = sorted({0, 1, n} | {k for k in range(max(1, n // 5), min(n, n // 3 + 2))} if n <= 4096 else {
-        0, 1, n, n // 4 - 1, n // 4, n // 4 + 1, n // 5, n // 3})
+    ks = sorted(
+        {0, 1, n} | {k for k in range(max(1, n // 5), min(n, n // 3 + 2))}
+        if n <= 4096
+        else {0, 1, n, n // 4 - 1, n // 4, n // 4 + 1, n // 5, n // 3}
+    )
     flips = 0
     prev = None
     for k in ks:
@@ -346,8 +350,11 @@ def test_decode_add_matches_reference(device, out_dtype, values_dtype):
     xs = [torch.randn(s) for s in [17, 4000, CHUNK + 100]]
     counts, values, index = ops.topk_encode(xs, [5, 400, 6000])
     values = values.to(values_dtype)
-    outs = [torch.randn(17).to(out_dtype), torch.randn(40, 100).to(out_dtype)[:, ::1],
-            torch.randn(CHUNK + 100).to(out_dtype)]
+    outs = [
+        torch.randn(17).to(out_dtype),
+        torch.randn(40, 100).to(out_dtype)[:, ::1],
+        torch.randn(CHUNK + 100).to(out_dtype),
+    ]
     want = [o.clone() for o in outs]
     got = [o.to(device) for o in outs]
     ops.sparse_decode_add_(got, index.to(device), values.to(device), counts.tolist())
@@ -493,8 +500,10 @@ def test_error_order_and_tensor():
     for codes, tensor, text in cases:
         ib, vals = torch.cat(codes), values.repeat(len(codes))
         numels, counts = [1000] * len(codes), [10] * len(codes)
-        want = (f"flocora::sparse_decode: index code of tensor {tensor} (Elias-Fano, numel 1000, count 10) "
-                f"is malformed: {text}")
+        want = (
+            f"flocora::sparse_decode: index code of tensor {tensor} (Elias-Fano, numel 1000, count 10) "
+            f"is malformed: {text}"
+        )
         with pytest.raises(ValueError) as info:
             ops.sparse_decode(ib, vals, numels, counts)
         assert str(info.value).splitlines()[0] == want

@@ -167,10 +167,12 @@ inline QuantLoops loops() {
   t.quantize_stochastic = quantize_stochastic;
   t.pack[0] = t.pack[1] = nullptr;
   t.unpack[0] = nullptr;
+  // clang-format off: a table, one row per four widths
   t.pack[1] = pack<1>; t.pack[2] = pack<2>; t.pack[3] = pack<3>; t.pack[4] = pack<4>;
   t.pack[5] = pack<5>; t.pack[6] = pack<6>; t.pack[7] = pack<7>; t.pack[8] = pack<8>;
   t.unpack[1] = unpack<1>; t.unpack[2] = unpack<2>; t.unpack[3] = unpack<3>; t.unpack[4] = unpack<4>;
   t.unpack[5] = unpack<5>; t.unpack[6] = unpack<6>; t.unpack[7] = unpack<7>; t.unpack[8] = unpack<8>;
+  // clang-format on
   t.dequantize = dequantize;
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
@@ -210,13 +212,16 @@ inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
     // x - x is NaN exactly for NaN and +-Inf.
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), zero, _CMP_NEQ_UQ));
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(b, b), zero, _CMP_NEQ_UQ));
-    mn0 = _mm256_min_ps(a, mn0); mx0 = _mm256_max_ps(a, mx0);
-    mn1 = _mm256_min_ps(b, mn1); mx1 = _mm256_max_ps(b, mx1);
+    mn0 = _mm256_min_ps(a, mn0);
+    mx0 = _mm256_max_ps(a, mx0);
+    mn1 = _mm256_min_ps(b, mn1);
+    mx1 = _mm256_max_ps(b, mx1);
   }
   for (; i + 8 <= n; i += 8) {
     __m256 a = _mm256_loadu_ps(x + i);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), zero, _CMP_NEQ_UQ));
-    mn0 = _mm256_min_ps(a, mn0); mx0 = _mm256_max_ps(a, mx0);
+    mn0 = _mm256_min_ps(a, mn0);
+    mx0 = _mm256_max_ps(a, mx0);
   }
   float mn = hmin8(_mm256_min_ps(mn0, mn1)), mx = hmax8(_mm256_max_ps(mx0, mx1));
   bool finite = _mm256_movemask_ps(bad) == 0;
@@ -344,10 +349,12 @@ inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
   int64_t u = 0, units = n / 8;
   for (; u + 4 <= units; u += 4) {
     __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 8 * u));
-    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00FF00FF00FF00FFll)),
-                        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFF00FF00FF00FF00ull)), 8 - B));
-    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x0000FFFF0000FFFFll)),
-                        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
+    c = _mm256_or_si256(
+        _mm256_and_si256(c, _mm256_set1_epi64x(0x00FF00FF00FF00FFll)),
+        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFF00FF00FF00FF00ull)), 8 - B));
+    c = _mm256_or_si256(
+        _mm256_and_si256(c, _mm256_set1_epi64x(0x0000FFFF0000FFFFll)),
+        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
     c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00000000FFFFFFFFll)),
                         _mm256_slli_epi64(_mm256_srli_epi64(c, 32), 4 * B));
     alignas(32) uint64_t lanes[4];
@@ -365,14 +372,16 @@ inline __m256i unpack8(const uint8_t* src) {
   memcpy(&v, src, B);
   __m256i bytes = _mm256_set1_epi64x((long long)v);
   // lane j: bytes (j*B)/8 and (j*B)/8+1 into the low 16 bits
+  // clang-format off: two lanes per row
   const __m256i shuf = _mm256_setr_epi8(
       (0 * B) / 8, (0 * B) / 8 + 1, -1, -1, (1 * B) / 8, (1 * B) / 8 + 1, -1, -1,
       (2 * B) / 8, (2 * B) / 8 + 1, -1, -1, (3 * B) / 8, (3 * B) / 8 + 1, -1, -1,
       (4 * B) / 8, (4 * B) / 8 + 1, -1, -1, (5 * B) / 8, (5 * B) / 8 + 1, -1, -1,
       (6 * B) / 8, (6 * B) / 8 + 1, -1, -1, (7 * B) / 8, (7 * B) / 8 + 1, -1, -1);
+  // clang-format on
   __m256i w = _mm256_shuffle_epi8(bytes, shuf);
-  const __m256i shifts = _mm256_setr_epi32((0 * B) % 8, (1 * B) % 8, (2 * B) % 8, (3 * B) % 8, (4 * B) % 8,
-                                           (5 * B) % 8, (6 * B) % 8, (7 * B) % 8);
+  const __m256i shifts = _mm256_setr_epi32((0 * B) % 8, (1 * B) % 8, (2 * B) % 8, (3 * B) % 8, (4 * B) % 8, (5 * B) % 8,
+                                           (6 * B) % 8, (7 * B) % 8);
   return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << B) - 1));
 }
 
@@ -399,8 +408,7 @@ inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scal
 
 inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
   scalar::half_to_float(src + i, n - i, dst + i);
 }
 inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
@@ -416,10 +424,12 @@ inline QuantLoops loops() {
   t.params = params;
   t.quantize_nearest = quantize_nearest;
   t.quantize_stochastic = quantize_stochastic;
+  // clang-format off: a table, one row per four widths
   t.pack[1] = pack<1>; t.pack[2] = pack<2>; t.pack[3] = pack<3>; t.pack[4] = pack<4>;
   t.pack[5] = pack<5>; t.pack[6] = pack<6>; t.pack[7] = pack<7>;
   t.unpack[1] = unpack<1>; t.unpack[2] = unpack<2>; t.unpack[3] = unpack<3>; t.unpack[4] = unpack<4>;
   t.unpack[5] = unpack<5>; t.unpack[6] = unpack<6>; t.unpack[7] = unpack<7>;
+  // clang-format on
   t.dequantize = dequantize;
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;

@@ -63,7 +63,7 @@ struct QuantTensor {
 
 struct QuantTask {
   int32_t tensor;
-  bool fused;        // range + pack of whole groups; else a range-only or pack-only piece
+  bool fused;          // range + pack of whole groups; else a range-only or pack-only piece
   int64_t begin, end;  // element range within the tensor (begin is a multiple of 8 for packing tasks)
 };
 
@@ -154,7 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   // Plan. Fused tasks cover c whole groups with c*G a multiple of 8, so every
   // task starts on a byte boundary of the stream.
   std::vector<QuantTask> phase1, phase2;
-  struct Range { int32_t tensor; int64_t group; int64_t first_piece, pieces; };
+  struct Range {
+    int32_t tensor;
+    int64_t group;
+    int64_t first_piece, pieces;
+  };
   std::vector<Range> ranges;
   int64_t max_task = 8;
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
@@ -178,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
         }
         ranges.push_back(r);
       }
-      for (int64_t b = 0; b < t.n; b += kQuantChunk) phase2.push_back({(int32_t)ti, false, b, std::min(t.n, b + kQuantChunk)});
+      for (int64_t b = 0; b < t.n; b += kQuantChunk)
+        phase2.push_back({(int32_t)ti, false, b, std::min(t.n, b + kQuantChunk)});
       max_task = std::max(max_task, kQuantChunk);
     }
   }
@@ -306,9 +311,7 @@ at::Tensor quantize_stochastic_at_cpu(const at::Tensor& x_in, int64_t bits, int6
 }  // namespace cpu
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CPU, m) {
-  m.impl("quantize_pack", &flocora::cpu::quantize_pack_cpu);
-}
+TORCH_LIBRARY_IMPL(flocora, CPU, m) { m.impl("quantize_pack", &flocora::cpu::quantize_pack_cpu); }
 
 // The test hooks run whatever the arguments' device (one has no tensor to
 // dispatch on): the same catch-all kernels an m.def(schema, fn) registers.

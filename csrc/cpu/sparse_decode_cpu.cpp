@@ -47,8 +47,8 @@ void set_error(std::vector<int>& errs, int32_t t, int e) { __atomic_store_n(&err
 
 // Checks sizes, then decodes and validates every index code (nothing is
 // written to any output before all of it passed).
-DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
-                       at::IntArrayRef numels, at::IntArrayRef counts) {
+DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::Tensor& values, at::IntArrayRef numels,
+                       at::IntArrayRef counts) {
   DecodePlan plan;
   plan.lay = sparse_decode_layout(op, index_bytes, values, numels, counts, [&]() {
     TORCH_CHECK(index_bytes.device().is_cpu() && values.device().is_cpu(), op,
@@ -136,8 +136,10 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
         }
       }
       p.last = prev;
-      if (bad_range) set_error(errs, p.tensor, kIdxOutOfRange);
-      else if (bad_order) set_error(errs, p.tensor, kIdxNotIncreasing);
+      if (bad_range)
+        set_error(errs, p.tensor, kIdxOutOfRange);
+      else if (bad_order)
+        set_error(errs, p.tensor, kIdxNotIncreasing);
     }
   });
   // Order across piece boundaries.
@@ -248,8 +250,7 @@ void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, 
                             at::IntArrayRef counts) {
   const char* op = "flocora::sparse_decode_add_";
   const Dt vt = sparse_decode_add_outputs(op, outs, counts, values_in, [&](const at::Tensor& out, size_t i) {
-    TORCH_CHECK(out.device().is_cpu(), op, ": output ", i, " is on ", out.device(),
-                "; all tensors must be on the CPU");
+    TORCH_CHECK(out.device().is_cpu(), op, ": output ", i, " is on ", out.device(), "; all tensors must be on the CPU");
   });
   std::vector<int64_t> numels(outs.size());
   for (size_t i = 0; i < outs.size(); ++i) numels[i] = outs[i].numel();

@@ -47,13 +47,13 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;     // elements per selection task (multiple of kBlock)
-constexpr int kBlock = 16;              // elements per compare mask
+constexpr int64_t kChunk = 1 << 16;                   // elements per selection task (multiple of kBlock)
+constexpr int kBlock = 16;                            // elements per compare mask
 constexpr int64_t kFlagWords = kChunk / kBlock / 64;  // block flags per chunk
-constexpr int kTopShift = 20;           // top digit: key bits 20..30 (bit 31 is the sign, cleared)
+constexpr int kTopShift = 20;                         // top digit: key bits 20..30 (bit 31 is the sign, cleared)
 constexpr int kTopBins = 2048;
 constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
-constexpr int64_t kSmallSelect = 256;   // candidates few enough for nth_element
+constexpr int64_t kSmallSelect = 256;                         // candidates few enough for nth_element
 
 // Loads N elements starting at i as float32 bits.
 template <Dt D, int N>
@@ -262,11 +262,11 @@ struct EncTensor : TopkOutput {  // + where its values and index code go
 struct Group {  // one selection: a tensor (per-tensor scope) or all tensors
   int64_t k;
   int64_t first_chunk, nchunks;
-  int64_t need;       // rank of T inside the top-digit bucket
-  uint32_t top;       // the top digit of T
+  int64_t need;  // rank of T inside the top-digit bucket
+  uint32_t top;  // the top digit of T
   int64_t cand_base, cand_count;
-  uint32_t t;         // threshold key
-  int64_t ties;       // keys == T to keep
+  uint32_t t;    // threshold key
+  int64_t ties;  // keys == T to keep
 };
 
 struct Chunk {
@@ -370,7 +370,8 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       // Skipping blocks defeats the hardware prefetcher: fetch the next word's blocks now.
       if (w + 1 < nwords)
         for (uint64_t f = flags[w + 1]; f; f &= f - 1)
-          __builtin_prefetch(static_cast<const char*>(t.x) + esize * (begin + ((w + 1) * 64 + __builtin_ctzll(f)) * kBlock));
+          __builtin_prefetch(static_cast<const char*>(t.x) +
+                             esize * (begin + ((w + 1) * 64 + __builtin_ctzll(f)) * kBlock));
       for (uint64_t f = flags[w]; f; f &= f - 1) block(begin + (w * 64 + __builtin_ctzll(f)) * kBlock);
     }
   } else {
@@ -384,7 +385,8 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs, at::IntArrayRef ks, bool global_scope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs, at::IntArrayRef ks,
+                                                               bool global_scope) {
   const char* op = "flocora::topk_encode";
   const int64_t nt = (int64_t)xs.size();
   const TopkInput in = topk_encode_input(op, xs, ks, global_scope, [&](const at::Tensor& x, size_t i) {
@@ -489,9 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
         std::fill(h64, h64 + kTopBins, 0);
         uint32_t mx = 0;
-        dispatch_dt(t.dt, [&](auto d) {
-          mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data());
-        });
+        dispatch_dt(t.dt,
+                    [&](auto d) { mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
         if ((mx >> kTopShift) >= kNonFiniteTop) {
           __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           continue;
@@ -537,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         int64_t cnt = 0;
         dispatch_dt(t.dt, [&](auto d) {
           cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top,
-                                                  flags.data() + ci * kFlagWords);
+                                                   flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
         c.cand_off = g.cand_base + __atomic_fetch_add(&cursor[c.group], cnt, __ATOMIC_RELAXED);
@@ -629,6 +630,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
 }  // namespace cpu
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CPU, m) {
-  m.impl("topk_encode", &flocora::cpu::topk_encode_cpu);
-}
+TORCH_LIBRARY_IMPL(flocora, CPU, m) { m.impl("topk_encode", &flocora::cpu::topk_encode_cpu); }

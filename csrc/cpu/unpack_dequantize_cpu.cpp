@@ -22,9 +22,9 @@
 namespace flocora {
 namespace cpu {
 
-at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
-                                 const at::Tensor& offsets_in, int64_t bits, at::IntArrayRef numels,
-                                 at::IntArrayRef group_sizes, at::ScalarType dtype) {
+at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in, const at::Tensor& offsets_in,
+                                 int64_t bits, at::IntArrayRef numels, at::IntArrayRef group_sizes,
+                                 at::ScalarType dtype) {
   const char* op = "flocora::unpack_dequantize";
   const UnpackLayout lay =
       unpack_dequantize_layout(op, packed_in, scales_in, offsets_in, bits, numels, group_sizes, dtype, [&]() {
@@ -40,10 +40,14 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
   const void* sc = scales.data_ptr();
   const void* of = offsets.data_ptr();
   auto meta_at = [&](const void* base, int64_t g) {
-    return meta_half ? flocora::half_to_float(static_cast<const uint16_t*>(base)[g]) : static_cast<const float*>(base)[g];
+    return meta_half ? flocora::half_to_float(static_cast<const uint16_t*>(base)[g])
+                     : static_cast<const float*>(base)[g];
   };
 
-  struct Piece { int32_t tensor; int64_t begin, end; };
+  struct Piece {
+    int32_t tensor;
+    int64_t begin, end;
+  };
   std::vector<Piece> pieces;
   for (size_t i = 0; i < lay.ts.size(); ++i)
     for (int64_t b = 0; b < lay.ts[i].numel; b += kQuantChunk)
@@ -59,9 +63,7 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
       const UnpackTensor& t = lay.ts[pc.tensor];
       const int64_t G = t.group, n = pc.end - pc.begin;
       L.unpack[bits](src + t.byte_base + pc.begin * bits / 8, n, codes.data());
-      float* outf = dtype == at::kFloat
-                        ? reinterpret_cast<float*>(dst_base) + t.elem_base + pc.begin
-                        : fbuf.data();
+      float* outf = dtype == at::kFloat ? reinterpret_cast<float*>(dst_base) + t.elem_base + pc.begin : fbuf.data();
       for (int64_t s = pc.begin; s < pc.end;) {
         int64_t g = s / G, se = std::min(pc.end, (g + 1) * G);
         L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
@@ -82,6 +84,4 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
 }  // namespace cpu
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CPU, m) {
-  m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu);
-}
+TORCH_LIBRARY_IMPL(flocora, CPU, m) { m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu); }

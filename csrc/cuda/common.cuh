@@ -61,7 +61,9 @@ __device__ __forceinline__ void load_n(const void* p, int64_t i, int32_t dt, boo
 #pragma unroll
       for (int j = 0; j < N / 4; ++j) {
         float4 f = __ldg(q + j);
+        // clang-format off: the four lanes of one load
         v[4 * j] = f.x; v[4 * j + 1] = f.y; v[4 * j + 2] = f.z; v[4 * j + 3] = f.w;
+        // clang-format on
       }
     } else {
       const uint4* q = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
@@ -87,13 +89,13 @@ __device__ __forceinline__ bool is_finite(float v) { return (float_bits(v) & 0x7
 // ---- device error flag ----------------------------------------------------
 // Kernels OR error bits into one int; the host reads it back once per call.
 enum ErrorBits : int {
-  kErrNonFinite = 1,     // NaN or Inf input
-  kErrRange = 2,         // group range does not fit the metadata dtype
-  kErrCount = 4,         // index code holds a different number of entries than counts[i]
-  kErrPadding = 8,       // nonzero padding bits in an index code
-  kErrOrder = 16,        // decoded indices not strictly increasing
-  kErrLowPadding = 32,   // nonzero padding bits after the Elias-Fano low bits
-  kErrOutOfRange = 64,   // a decoded index >= numel
+  kErrNonFinite = 1,    // NaN or Inf input
+  kErrRange = 2,        // group range does not fit the metadata dtype
+  kErrCount = 4,        // index code holds a different number of entries than counts[i]
+  kErrPadding = 8,      // nonzero padding bits in an index code
+  kErrOrder = 16,       // decoded indices not strictly increasing
+  kErrLowPadding = 32,  // nonzero padding bits after the Elias-Fano low bits
+  kErrOutOfRange = 64,  // a decoded index >= numel
 };
 __device__ __forceinline__ void raise_error(int* flag, int bits) { atomicOr(flag, bits); }
 
@@ -124,7 +126,10 @@ __device__ __forceinline__ int find_desc(const Pack<D>& p, int64_t w) {
   int lo = 0, hi = p.n - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
-    if (p.d[mid].work_begin <= w) lo = mid; else hi = mid - 1;
+    if (p.d[mid].work_begin <= w)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -166,9 +171,7 @@ inline dim3 grid_for(int64_t total) {
   if (total <= kMaxX) return dim3((unsigned)total);
   return dim3((unsigned)kMaxX, (unsigned)((total + kMaxX - 1) / kMaxX));
 }
-__device__ __forceinline__ int64_t block_id() {
-  return (int64_t)blockIdx.y * gridDim.x + blockIdx.x;
-}
+__device__ __forceinline__ int64_t block_id() { return (int64_t)blockIdx.y * gridDim.x + blockIdx.x; }
 
 // ---- block scans --------------------------------------------------------
 template <typename T>
@@ -222,8 +225,8 @@ __global__ __launch_bounds__(NT) void exclusive_scan_kernel(const int64_t* __res
 }
 
 inline void exclusive_scan(const at::Tensor& in, const at::Tensor& out, cudaStream_t stream) {
-  exclusive_scan_kernel<kScanThreads><<<1, kScanThreads, 0, stream>>>(in.data_ptr<int64_t>(),
-                                                                      out.data_ptr<int64_t>(), in.numel());
+  exclusive_scan_kernel<kScanThreads>
+      <<<1, kScanThreads, 0, stream>>>(in.data_ptr<int64_t>(), out.data_ptr<int64_t>(), in.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -236,8 +239,8 @@ constexpr int64_t kUnitsPerBlock = (int64_t)kThreads * kUnitsPerThread;
 // ---- host checks ------------------------------------------------------
 inline void check_cuda_tensor(const at::Tensor& t, const c10::Device& dev, const char* op, const std::string& what) {
   TORCH_CHECK(t.defined(), op, ": ", what, " is undefined");
-  TORCH_CHECK(t.is_cuda(), op, ": ", what, " is on ", t.device(),
-              " but the other arguments are on ", dev, " (mixed CPU/CUDA arguments)");
+  TORCH_CHECK(t.is_cuda(), op, ": ", what, " is on ", t.device(), " but the other arguments are on ", dev,
+              " (mixed CPU/CUDA arguments)");
   TORCH_CHECK(t.device() == dev, op, ": ", what, " is on ", t.device(), " but the other arguments are on ", dev);
 }
 

@@ -20,8 +20,8 @@ namespace flocora {
 namespace cuda {
 namespace {
 
-constexpr int kTileMax = 8192;        // elements of a fused tile (32 KiB as float)
-constexpr int kTileGroupsMax = 1024;  // groups of a fused tile
+constexpr int kTileMax = 8192;          // elements of a fused tile (32 KiB as float)
+constexpr int kTileGroupsMax = 1024;    // groups of a fused tile
 constexpr int64_t kRangeChunk = 16384;  // elements per block of the min/max pass
 
 // Min/max under a total order with -0 < +0, so the result (and the stored
@@ -303,10 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
   const char* op = "flocora::quantize_pack";
   TORCH_CHECK(!xs.empty(), op, ": empty tensor list");
   const c10::Device dev = xs[0].device();
-  const QuantizeLayout lay =
-      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
-        check_cuda_tensor(x, dev, op, "tensor " + std::to_string(i));
-      });
+  const QuantizeLayout lay = quantize_pack_layout(
+      op, xs, bits, group_sizes, seeds, meta_dtype,
+      [&](const at::Tensor& x, size_t i) { check_cuda_tensor(x, dev, op, "tensor " + std::to_string(i)); });
   c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -376,8 +375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
     for_each_pack(
         big, [](const QuantDesc& d) { return num_groups(d.numel, d.group); },
         [&](const Pack<QuantDesc>& p) {
-          quantize_finalize_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, partial_p, params_p, (int)bits,
-                                                                               meta, flag_p);
+          quantize_finalize_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, partial_p, params_p, (int)bits, meta,
+                                                                               flag_p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     dispatch_bits(bits, [&](auto B) {
@@ -398,6 +397,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
 }  // namespace cuda
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CUDA, m) {
-  m.impl("quantize_pack", &flocora::cuda::quantize_pack_cuda);
-}
+TORCH_LIBRARY_IMPL(flocora, CUDA, m) { m.impl("quantize_pack", &flocora::cuda::quantize_pack_cuda); }

@@ -19,16 +19,16 @@ constexpr int64_t kByteChunk = (int64_t)kThreads * 8;  // index-code bytes per b
 constexpr int64_t kPerBlock = kThreads;                // entries per block (validate/scatter)
 
 struct SparseDesc {
-  void* out;        // decode: the flat result; add_: this tensor's (contiguous) data
+  void* out;  // decode: the flat result; add_: this tensor's (contiguous) data
   int64_t n;
   int64_t k;
   int64_t work_begin;
-  int64_t chunk_base;  // global index of the first chunk of the counted region
-  int64_t idx_off;     // first byte of this tensor's code in index_bytes
-  int64_t region_off;  // first byte of the counted region (bitmap, or Elias-Fano high part)
-  int64_t region_bits; // valid bits of the counted region
-  int64_t val_off;     // first value of this tensor
-  int64_t out_off;     // decode: first element of this tensor in the result
+  int64_t chunk_base;   // global index of the first chunk of the counted region
+  int64_t idx_off;      // first byte of this tensor's code in index_bytes
+  int64_t region_off;   // first byte of the counted region (bitmap, or Elias-Fano high part)
+  int64_t region_bits;  // valid bits of the counted region
+  int64_t val_off;      // first value of this tensor
+  int64_t out_off;      // decode: first element of this tensor in the result
   int32_t code;
   int32_t low_bits;
   int32_t out_dtype;
@@ -133,8 +133,10 @@ __global__ __launch_bounds__(kThreads) void sparse_validate_kernel(const __grid_
   const int64_t r = (w - d.work_begin) * kPerBlock + threadIdx.x;
   if (r >= d.k) return;
   const int64_t i = idx[d.val_off + r];
-  if (i < 0 || i >= d.n) record_error(flag, kErrOutOfRange, d.tensor);
-  else if (r > 0 && idx[d.val_off + r - 1] >= i) record_error(flag, kErrOrder, d.tensor);
+  if (i < 0 || i >= d.n)
+    record_error(flag, kErrOutOfRange, d.tensor);
+  else if (r > 0 && idx[d.val_off + r - 1] >= i)
+    record_error(flag, kErrOrder, d.tensor);
 }
 
 __global__ __launch_bounds__(kThreads) void sparse_scatter_kernel(const __grid_constant__ Pack<SparseDesc> pack,
@@ -208,9 +210,8 @@ void sparse_run(const char* op, const SparseLayout& lay, std::vector<SparseDesc>
   at::Tensor flag = at::zeros({kFlagSlots}, opts.dtype(at::kInt));
   int* flag_p = flag.data_ptr<int>();
   const uint8_t* ib_p = ib.data_ptr<uint8_t>();
-  auto region_packs = make_packs(descs, [](const SparseDesc& d) {
-    return ((d.region_bits + 7) / 8 + kByteChunk - 1) / kByteChunk;
-  });
+  auto region_packs =
+      make_packs(descs, [](const SparseDesc& d) { return ((d.region_bits + 7) / 8 + kByteChunk - 1) / kByteChunk; });
   for (const auto& p : region_packs) {
     sparse_count_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, ib_p, counts.data_ptr<int64_t>(), flag_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

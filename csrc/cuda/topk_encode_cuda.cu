@@ -19,7 +19,7 @@ namespace flocora {
 namespace cuda {
 namespace {
 
-constexpr int kItems = 16;                               // consecutive elements per thread
+constexpr int kItems = 16;                              // consecutive elements per thread
 constexpr int64_t kChunk = (int64_t)kThreads * kItems;  // elements per block
 
 // ---- top-k encode ---------------------------------------------------------
@@ -185,8 +185,8 @@ __global__ __launch_bounds__(kThreads) void topk_write_kernel(
     }
   }
   int64_t tot;
-  int64_t tie = block_exclusive_sum<kThreads>((int64_t)__popc(eqm), sm, &tot) + eq_before[c] -
-                eq_before[seg_first[d.seg]];
+  int64_t tie =
+      block_exclusive_sum<kThreads>((int64_t)__popc(eqm), sm, &tot) + eq_before[c] - eq_before[seg_first[d.seg]];
   const int64_t nd = need[d.seg];
   uint32_t selm = gtm;
 #pragma unroll
@@ -196,8 +196,8 @@ __global__ __launch_bounds__(kThreads) void topk_write_kernel(
       ++tie;
     }
   }
-  int64_t rank = block_exclusive_sum<kThreads>((int64_t)__popc(selm), sm, &tot) + sel_before[c] -
-                 sel_before[d.chunk_base];
+  int64_t rank =
+      block_exclusive_sum<kThreads>((int64_t)__popc(selm), sm, &tot) + sel_before[c] - sel_before[d.chunk_base];
   if (selm == 0) return;
   const int64_t i0 = local * kChunk + (int64_t)threadIdx.x * kItems;
   const uint64_t code_bit = (uint64_t)d.idx_off * 8;
@@ -300,9 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
   at::Tensor sel_before = at::empty({nchunks + 1}, lopts);
   at::Tensor counts = at::zeros({T}, lopts);
   for (const auto& p : packs) {
-    topk_count_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(p, prefix_p, gt.data_ptr<int64_t>(),
-                                                                  eq.data_ptr<int64_t>(), chunk_seg.data_ptr<int>(),
-                                                                  flag_p);
+    topk_count_kernel<<<grid_for(p.total), kThreads, 0, stream>>>(
+        p, prefix_p, gt.data_ptr<int64_t>(), eq.data_ptr<int64_t>(), chunk_seg.data_ptr<int>(), flag_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   exclusive_scan(eq, eq_before, stream);
@@ -357,6 +356,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cuda(at::TensorList x
 }  // namespace cuda
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CUDA, m) {
-  m.impl("topk_encode", &flocora::cuda::topk_encode_cuda);
-}
+TORCH_LIBRARY_IMPL(flocora, CUDA, m) { m.impl("topk_encode", &flocora::cuda::topk_encode_cuda); }

@@ -133,6 +133,4 @@ at::Tensor unpack_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor&
 }  // namespace cuda
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CUDA, m) {
-  m.impl("unpack_dequantize", &flocora::cuda::unpack_dequantize_cuda);
-}
+TORCH_LIBRARY_IMPL(flocora, CUDA, m) { m.impl("unpack_dequantize", &flocora::cuda::unpack_dequantize_cuda); }

@@ -1,4 +1,5 @@
 """The FL methods, by config name."""
+
 from .base import Method, Update
 from .fedavg import FedAvg
 from .fedlora import FedLoRA

@@ -4,6 +4,7 @@ A method holds the server state and the simulated clients' state, and says
 which tensors go down and up, with which codec spec. The loop (fl.loop) does
 the sampling, the real encoding/decoding, byte counting and fault handling.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,11 +13,11 @@ import torch
 from torch import nn
 
 import flocora_codec as fc
+
 from ..comm import make_spec
 from ..data import ClientData, Dataset
 from ..models import build_model
 from ..training import TrainConfig
-
 
 TRANSPORTS = ("weights", "delta")
 # what a checkpoint leaves out: rebuilt from the config on resume
@@ -26,6 +27,7 @@ _NOT_CHECKPOINTED = ("cfg", "mcfg", "train_cfg", "train", "test", "clients", "de
 @dataclass
 class Update:
     """A decoded client upload as the server sees it."""
+
     cid: int
     tensors: dict[str, torch.Tensor]
     num_samples: int
@@ -53,10 +55,15 @@ class Method:
     # -- model construction shared by subclasses --------------------------------
     def build(self, member: int = 0, seed: int | None = None) -> nn.Module:
         m = self.cfg.get("model", {})
-        return build_model(m.get("arch", "resnet8"), num_classes=self.train.num_classes,
-                           width=m.get("width", 64), in_channels=self.train.x.shape[1],
-                           image_size=self.train.x.shape[-1], member=member,
-                           seed=self.model_seed if seed is None else seed)
+        return build_model(
+            m.get("arch", "resnet8"),
+            num_classes=self.train.num_classes,
+            width=m.get("width", 64),
+            in_channels=self.train.x.shape[1],
+            image_size=self.train.x.shape[-1],
+            member=member,
+            seed=self.model_seed if seed is None else seed,
+        )
 
     def client_train_config(self, cid: int, rnd: int, **over) -> TrainConfig:
         # a distinct, repeatable stream per (run seed, round, client)

@@ -3,6 +3,7 @@
 It is also the parent of FLoCoRA, which changes only what is trainable (and
 so what travels) and the codec spec.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,10 @@ import math
 from ..aggregation import ServerOptimizer, weighted_average
 from ..comm import make_spec
 from ..lora import frozen_names, get_tensors, set_tensors, trainable_names
-from .base import Method, Update
 from ..models import num_params
 from ..training import evaluate, train_client
 from ..transport import DeltaLink
+from .base import Method, Update
 
 
 class FedAvg(Method):
@@ -55,13 +56,21 @@ class FedAvg(Method):
     # -- delta transport: both directions as compressed deltas with error feedback -----------
     def make_link(self) -> DeltaLink:
         m = self.mcfg
-        self.server_opt = ServerOptimizer(self.global_tensors(), kind=m.get("server_opt", "sgd"),
-                                          lr=float(m.get("server_lr", 1.0)),
-                                          momentum=float(m.get("server_momentum", 0.0)))
-        return DeltaLink(self.global_tensors(), self.down_spec_at, self.up_spec_at,
-                         server_ef=bool(m.get("server_error_feedback", True)),
-                         client_ef=bool(m.get("error_feedback", True)), flatten=bool(m.get("flatten", False)),
-                         down_mode=m.get("down_mode", "broadcast"))
+        self.server_opt = ServerOptimizer(
+            self.global_tensors(),
+            kind=m.get("server_opt", "sgd"),
+            lr=float(m.get("server_lr", 1.0)),
+            momentum=float(m.get("server_momentum", 0.0)),
+        )
+        return DeltaLink(
+            self.global_tensors(),
+            self.down_spec_at,
+            self.up_spec_at,
+            server_ef=bool(m.get("server_error_feedback", True)),
+            client_ef=bool(m.get("error_feedback", True)),
+            flatten=bool(m.get("flatten", False)),
+            down_mode=m.get("down_mode", "broadcast"),
+        )
 
     def density_at(self, density, rnd):
         """``density * decay^(rnd-1)``, floored at ``min_density`` (FLASC's density
@@ -102,5 +111,7 @@ class FedAvg(Method):
         return evaluate(self.client_model, self.test)
 
     def describe(self):
-        return {"params_total": num_params(self.global_model),
-                "params_trainable": num_params(self.global_model, trainable_only=True)}
+        return {
+            "params_total": num_params(self.global_model),
+            "params_trainable": num_params(self.global_model, trainable_only=True),
+        }

@@ -12,13 +12,15 @@ Accuracy is personalised: each client's current model on its own held-out
 split (sample-weighted over clients), with the mean accuracy of the client
 models on the common test set beside it.
 """
+
 from __future__ import annotations
 
 import flocora_codec as fc
+
 from ..aggregation import weighted_average
-from ..lora import add_linear_adapter, adapter_names, get_tensors, set_tensors, set_trainable
-from .base import Method
+from ..lora import adapter_names, add_linear_adapter, get_tensors, set_tensors, set_trainable
 from ..training import evaluate, train_client
+from .base import Method
 
 ADAPTER_LAYER = "fc3"
 
@@ -77,18 +79,25 @@ class FedLoRA(Method):
                 personal.append((evaluate(model, self.train, held)["acc"], len(held)))
             glob.append(evaluate(model, self.test))
         n = sum(w for _, w in personal)
-        return {"acc": sum(g["acc"] for g in glob) / len(glob), "loss": sum(g["loss"] for g in glob) / len(glob),
-                "acc_personal": sum(a * w for a, w in personal) / n if n else float("nan")}
+        return {
+            "acc": sum(g["acc"] for g in glob) / len(glob),
+            "loss": sum(g["loss"] for g in glob) / len(glob),
+            "acc_personal": sum(a * w for a, w in personal) / n if n else float("nan"),
+        }
 
     def reference_model_bytes(self):
         # FedAvg cannot average heterogeneous models: compare with each client
         # sending its whole local model instead (mean over the family).
-        sizes = [len(fc.encode({k: v.detach().cpu() for k, v in m.named_parameters()}, fc.CodecSpec.raw()))
-                 for m in self.models[:5]]
+        sizes = [
+            len(fc.encode({k: v.detach().cpu() for k, v in m.named_parameters()}, fc.CodecSpec.raw()))
+            for m in self.models[:5]
+        ]
         return int(sum(sizes) / len(sizes))
 
     def describe(self):
         per = [sum(p.numel() for p in m.parameters()) for m in self.models[:5]]
-        return {"params_adapter": sum(t.numel() for t in self.global_adapter.values()),
-                "params_local_models": per, "share_adapter": self.communicates}
-
+        return {
+            "params_adapter": sum(t.numel() for t in self.global_adapter.values()),
+            "params_local_models": per,
+            "share_adapter": self.communicates,
+        }

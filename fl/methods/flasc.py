@@ -10,13 +10,15 @@ docs/experiments.md). The server averages the decoded sparse deltas
 keeps each client's residual (``fc.ErrorFeedback``) and adds it back the
 next time that client uploads; FLASC itself drops unsent entries.
 """
+
 from __future__ import annotations
 
 import flocora_codec as fc
+
 from ..aggregation import ServerOptimizer, weighted_average
 from ..lora import get_tensors, set_tensors
-from .flocora import FLoCoRA
 from ..training import train_client
+from .flocora import FLoCoRA
 
 
 class FLASC(FLoCoRA):
@@ -27,9 +29,12 @@ class FLASC(FLoCoRA):
     def __init__(self, *args):
         super().__init__(*args)
         m = self.mcfg
-        self.server_opt = ServerOptimizer(get_tensors(self.global_model, self._trainable),
-                                          kind=m.get("server_opt", "sgd"), lr=float(m.get("server_lr", 1.0)),
-                                          momentum=float(m.get("server_momentum", 0.0)))
+        self.server_opt = ServerOptimizer(
+            get_tensors(self.global_model, self._trainable),
+            kind=m.get("server_opt", "sgd"),
+            lr=float(m.get("server_lr", 1.0)),
+            momentum=float(m.get("server_momentum", 0.0)),
+        )
         self._ef = {}
 
     def download(self, rnd):
@@ -53,8 +58,16 @@ class FLASC(FLoCoRA):
         self.server_opt.step(mean_delta)
         set_tensors(self.global_model, self.server_opt.tensors())
 
+    def analytic_sizes(self, tensors, params_fedavg):
+        # FLoCoRA's formula describes FLoCoRA's messages, not FLASC's top-k deltas
+        return {}
+
     def describe(self):
         d = super().describe()
-        d.update({k: self.mcfg.get(k) for k in ("ul_density", "dl_density", "topk_scope", "server_opt",
-                                                "server_lr", "error_feedback")})
+        d.update(
+            {
+                k: self.mcfg.get(k)
+                for k in ("ul_density", "dl_density", "topk_scope", "server_opt", "server_lr", "error_feedback")
+            }
+        )
         return d

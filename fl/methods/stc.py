@@ -8,12 +8,20 @@ about the same for geometric gaps). Residuals are kept on both sides and
 clients that skipped rounds catch up from the server's log of recent
 broadcasts: exactly ``method.transport = "delta"`` with these defaults.
 """
+
 from __future__ import annotations
 
 from .fedavg import FedAvg
 
-STC_DEFAULTS = {"transport": "delta", "sparse_values": "sign", "topk_scope": "tensor", "ul_density": 0.01,
-                "dl_density": 0.01, "error_feedback": True, "server_error_feedback": True}
+STC_DEFAULTS = {
+    "transport": "delta",
+    "sparse_values": "sign",
+    "topk_scope": "tensor",
+    "ul_density": 0.01,
+    "dl_density": 0.01,
+    "error_feedback": True,
+    "server_error_feedback": True,
+}
 
 
 class STC(FedAvg):

@@ -13,6 +13,7 @@ cases are version 2, ``v3_*`` version 3, all others version 1).
 Version 3 (compact) cases also write ``<case>.fls``, the schema the message
 refers to; ``tests/test_compact.py`` pins both.
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,7 +31,7 @@ BF16_SUFFIX = ".bf16"  # npz has no bfloat16: such inputs are stored as their ui
 def make_inputs() -> dict[str, np.ndarray]:
     """A small LoRA-like update: conv and linear adapters, norms, a classifier, odd dtypes."""
     rng = np.random.Generator(np.random.PCG64(20240614))
-    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
     return {
         "layer1.conv.lora_A": f32(8, 16, 3, 3),
         "layer1.conv.lora_B": (0.01 * f32(32, 8, 1, 1)).astype(np.float32),

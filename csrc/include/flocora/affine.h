@@ -54,6 +54,7 @@ FLOCORA_HD float div_rn(float a, float b) {
 #endif
 }
 
+// clang-format off: one-line unions
 FLOCORA_HD uint32_t float_bits(float f) {
   union { float f; uint32_t u; } v;
   v.f = f;
@@ -64,6 +65,7 @@ FLOCORA_HD float bits_float(uint32_t u) {
   v.u = u;
   return v.f;
 }
+// clang-format on
 
 // ---- float16 / bfloat16 conversions (exact, portable) --------------------
 FLOCORA_HD float half_to_float(uint16_t h) {
@@ -84,7 +86,7 @@ FLOCORA_HD uint16_t float_to_half_rn(float f) {
   uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u);
   if (ax >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504
-  if (ax < 0x38800000u) {                         // half subnormal or zero
+  if (ax < 0x38800000u) {                        // half subnormal or zero
     // value * 2^24 rounded to an integer; exact nearest-even via the
     // 2^23 trick (the product is < 2^10, so no precision is lost before it).
     float scaled = mul_rn(bits_float(ax), 16777216.0f);
@@ -140,8 +142,8 @@ struct AffineParams {
 // meta_half: metadata is stored as float16 (offset rounded down, scale up).
 // Returns false when the parameters do not fit the metadata dtype
 // (non-finite range, or |value| beyond float16's 65504).
-FLOCORA_HD bool affine_params(float group_min, float group_max, int bits, bool meta_half,
-                              AffineParams* p, uint16_t* offset_half, uint16_t* scale_half) {
+FLOCORA_HD bool affine_params(float group_min, float group_max, int bits, bool meta_half, AffineParams* p,
+                              uint16_t* offset_half, uint16_t* scale_half) {
   const float levels = (float)((1 << bits) - 1);
   // + 0.0f turns -0.0 into +0.0: min/max of {-0.0, +0.0} depends on the
   // order of evaluation, and the stored bytes must not.
@@ -204,9 +206,7 @@ FLOCORA_HD uint32_t stochastic_key(uint64_t seed, uint64_t index) {
   return mix32(k ^ (uint32_t)(index >> 32) ^ 0x85ebca6bu);
 }
 // Uniform integer in [0, 2^24).
-FLOCORA_HD uint32_t uniform24(uint32_t key, uint32_t index_lo) {
-  return mix32(mix32(index_lo ^ key) + key) >> 8;
-}
+FLOCORA_HD uint32_t uniform24(uint32_t key, uint32_t index_lo) { return mix32(mix32(index_lo ^ key) + key) >> 8; }
 // q = floor(v) + [u < frac(v)], so E[q] = v exactly up to the 2^-24 grid of u.
 FLOCORA_HD uint32_t quantize_stochastic(float x, const AffineParams& p, float levels, uint32_t u24) {
   float v = clamp_levels(mul_rn(sub_rn(x, p.offset), p.inv_scale), levels);
@@ -218,18 +218,12 @@ FLOCORA_HD uint32_t quantize_stochastic(float x, const AffineParams& p, float le
   return q < top ? q : top;
 }
 
-FLOCORA_HD float dequantize(uint32_t q, const AffineParams& p) {
-  return add_rn(p.offset, mul_rn((float)q, p.scale));
-}
-FLOCORA_HD float dequantize(uint32_t q, float offset, float scale) {
-  return add_rn(offset, mul_rn((float)q, scale));
-}
+FLOCORA_HD float dequantize(uint32_t q, const AffineParams& p) { return add_rn(p.offset, mul_rn((float)q, p.scale)); }
+FLOCORA_HD float dequantize(uint32_t q, float offset, float scale) { return add_rn(offset, mul_rn((float)q, scale)); }
 
 // ---- sizes ----------------------------------------------------------------
 FLOCORA_HD int64_t packed_nbytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
-FLOCORA_HD int64_t num_groups(int64_t numel, int64_t group_size) {
-  return (numel + group_size - 1) / group_size;
-}
+FLOCORA_HD int64_t num_groups(int64_t numel, int64_t group_size) { return (numel + group_size - 1) / group_size; }
 
 // ---- sparse index codes ---------------------------------------------------
 // Two codes for k sorted distinct indices in [0, n): a bitmap (bit i set when
@@ -247,9 +241,7 @@ FLOCORA_HD int elias_fano_low_bits(int64_t n, int64_t k) {
   return l;
 }
 FLOCORA_HD int64_t bitmap_nbytes(int64_t n) { return (n + 7) / 8; }
-FLOCORA_HD int64_t elias_fano_low_nbytes(int64_t n, int64_t k) {
-  return (k * elias_fano_low_bits(n, k) + 7) / 8;
-}
+FLOCORA_HD int64_t elias_fano_low_nbytes(int64_t n, int64_t k) { return (k * elias_fano_low_bits(n, k) + 7) / 8; }
 FLOCORA_HD int64_t elias_fano_high_nbytes(int64_t n, int64_t k) {
   if (k <= 0) return 0;
   return ((((n - 1) >> elias_fano_low_bits(n, k)) + k) + 7) / 8;

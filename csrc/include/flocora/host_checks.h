@@ -89,7 +89,7 @@ void dispatch_bits(int64_t bits, const Fn& fn) {
 struct QuantizeTensor {
   Dt dt;
   int64_t numel;
-  int64_t group;       // group size as given (>= 1)
+  int64_t group;  // group size as given (>= 1)
   int64_t ngroups;
   int64_t byte_base;   // first byte of this tensor's stream in `packed`
   int64_t group_base;  // first group of this tensor in scales/offsets
@@ -102,14 +102,13 @@ struct QuantizeLayout {
 // check_device(x, i) runs first for each tensor.
 template <typename CheckDevice>
 QuantizeLayout quantize_pack_layout(const char* op, at::TensorList xs, int64_t bits, at::IntArrayRef group_sizes,
-                                    at::IntArrayRef seeds, at::ScalarType meta_dtype,
-                                    const CheckDevice& check_device) {
+                                    at::IntArrayRef seeds, at::ScalarType meta_dtype, const CheckDevice& check_device) {
   check_bits(bits, op);
   TORCH_CHECK(group_sizes.size() == xs.size(), op, ": got ", group_sizes.size(), " group sizes for ", xs.size(),
               " tensors");
   TORCH_CHECK(seeds.size() == xs.size(), op, ": got ", seeds.size(), " seeds for ", xs.size(), " tensors");
-  TORCH_CHECK(meta_dtype == at::kFloat || meta_dtype == at::kHalf, op,
-              ": meta_dtype must be float32 or float16, got ", meta_dtype);
+  TORCH_CHECK(meta_dtype == at::kFloat || meta_dtype == at::kHalf, op, ": meta_dtype must be float32 or float16, got ",
+              meta_dtype);
   QuantizeLayout lay;
   lay.ts.reserve(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -159,8 +158,8 @@ UnpackLayout unpack_dequantize_layout(const char* op, const at::Tensor& packed, 
                                       at::IntArrayRef group_sizes, at::ScalarType dtype,
                                       const CheckDevices& check_devices) {
   check_bits(bits, op);
-  TORCH_CHECK(numels.size() == group_sizes.size(), op, ": got ", numels.size(), " numels and ",
-              group_sizes.size(), " group sizes");
+  TORCH_CHECK(numels.size() == group_sizes.size(), op, ": got ", numels.size(), " numels and ", group_sizes.size(),
+              " group sizes");
   TORCH_CHECK(packed.scalar_type() == at::kByte, op, ": packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(scales.scalar_type() == offsets.scalar_type() &&
                   (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf),
@@ -214,13 +213,12 @@ TopkInput topk_encode_input(const char* op, at::TensorList xs, at::IntArrayRef k
     in.numel[i] = xs[i].numel();
     in.total += in.numel[i];
     if (!global_scope) {
-      TORCH_CHECK(ks[i] >= 0 && ks[i] <= in.numel[i], op, ": k of tensor ", i, " must be in [0, numel = ",
-                  in.numel[i], "], got ", ks[i]);
+      TORCH_CHECK(ks[i] >= 0 && ks[i] <= in.numel[i], op, ": k of tensor ", i, " must be in [0, numel = ", in.numel[i],
+                  "], got ", ks[i]);
     }
   }
   if (global_scope) {
-    TORCH_CHECK(ks[0] >= 0 && ks[0] <= in.total, op, ": k must be in [0, total numel = ", in.total, "], got ",
-                ks[0]);
+    TORCH_CHECK(ks[0] >= 0 && ks[0] <= in.total, op, ": k must be in [0, total numel = ", in.total, "], got ", ks[0]);
   }
   return in;
 }
@@ -242,8 +240,8 @@ inline void topk_output_layout(const std::vector<int64_t>& numels, const std::ve
   int64_t voff = 0, ioff = 0;
   for (size_t i = 0; i < numels.size(); ++i) {
     const int64_t n = numels[i], k = counts[i];
-    (*out)[i] = TopkOutput{k, voff, ioff, choose_index_code(n, k), elias_fano_low_bits(n, k),
-                           elias_fano_low_nbytes(n, k)};
+    (*out)[i] =
+        TopkOutput{k, voff, ioff, choose_index_code(n, k), elias_fano_low_bits(n, k), elias_fano_low_nbytes(n, k)};
     voff += k;
     ioff += index_nbytes(n, k);
   }
@@ -307,8 +305,7 @@ struct SparseLayout {
 // check_devices() runs after the index dtype check.
 template <typename CheckDevices>
 SparseLayout sparse_decode_layout(const char* op, const at::Tensor& index_bytes, const at::Tensor& values,
-                                  at::IntArrayRef numels, at::IntArrayRef counts,
-                                  const CheckDevices& check_devices) {
+                                  at::IntArrayRef numels, at::IntArrayRef counts, const CheckDevices& check_devices) {
   TORCH_CHECK(numels.size() == counts.size(), op, ": got ", numels.size(), " numels and ", counts.size(), " counts");
   TORCH_CHECK(index_bytes.scalar_type() == at::kByte, op, ": index_bytes must be uint8, got ",
               index_bytes.scalar_type());
@@ -317,8 +314,8 @@ SparseLayout sparse_decode_layout(const char* op, const at::Tensor& index_bytes,
   lay.ts.resize(numels.size());
   for (size_t i = 0; i < numels.size(); ++i) {
     TORCH_CHECK(numels[i] >= 0, op, ": numel of tensor ", i, " is negative (", numels[i], ")");
-    TORCH_CHECK(counts[i] >= 0 && counts[i] <= numels[i], op, ": count of tensor ", i, " must be in [0, numel = ",
-                numels[i], "], got ", counts[i]);
+    TORCH_CHECK(counts[i] >= 0 && counts[i] <= numels[i], op, ": count of tensor ", i,
+                " must be in [0, numel = ", numels[i], "], got ", counts[i]);
     SparseTensor& t = lay.ts[i];
     t.n = numels[i];
     t.k = counts[i];

@@ -4,6 +4,7 @@ The compression is the library's ``compression_mod``; the only app-specific
 part is that its spec comes from the run config, which Flower hands over with
 each message (mods are fixed when the ClientApp object is built).
 """
+
 from __future__ import annotations
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -20,7 +21,7 @@ def _node_partition(context: Context) -> tuple[int, int]:
     if "partition-id" not in cfg or "num-partitions" not in cfg:
         raise ValueError(
             "this ClientApp needs node config 'partition-id' and 'num-partitions' (simulation sets them; on a "
-            "deployment start each SuperNode with --node-config \"partition-id=I num-partitions=N\")"
+            'deployment start each SuperNode with --node-config "partition-id=I num-partitions=N")'
         )
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
@@ -50,11 +51,18 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         rnd = int(msg.content["config"].get("server-round", 1))
         received = from_record(msg.content["arrays"], device)
         tensors, metrics = method.client_update(cid, received, rnd)
-        content = RecordDict({
-            "arrays": to_record(tensors),
-            "metrics": MetricRecord({"num-examples": int(metrics["num_samples"]),
-                                     "train-loss": float(metrics["loss"]), "train-acc": float(metrics["acc"])}),
-        })
+        content = RecordDict(
+            {
+                "arrays": to_record(tensors),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": int(metrics["num_samples"]),
+                        "train-loss": float(metrics["loss"]),
+                        "train-acc": float(metrics["acc"]),
+                    }
+                ),
+            }
+        )
         return Message(content, reply_to=msg)
 
     return app

@@ -1,5 +1,6 @@
 """ServerApp: Flower's FedAvg inside ``CompressedStrategy``; the global model
 is evaluated centrally with ``fl``'s evaluation on the test split."""
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,14 @@ def make_server_app(overrides: dict | None = None, results: dict | None = None) 
         up, down = codec_specs(appcfg)
         n = int(appcfg["min-nodes"])
         strategy = CompressedStrategy(
-            FedAvg(fraction_train=float(appcfg["fraction-train"]), fraction_evaluate=0.0,
-                   min_train_nodes=n, min_available_nodes=n),
-            downlink=down, max_update_norm_ratio=float(appcfg.get("max-update-norm-ratio", 0.0)),
+            FedAvg(
+                fraction_train=float(appcfg["fraction-train"]),
+                fraction_evaluate=0.0,
+                min_train_nodes=n,
+                min_available_nodes=n,
+            ),
+            downlink=down,
+            max_update_norm_ratio=float(appcfg.get("max-update-norm-ratio", 0.0)),
         )
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -46,15 +52,29 @@ def make_server_app(overrides: dict | None = None, results: dict | None = None) 
         rounds = int(appcfg["num-server-rounds"])
         # a node that has not replied when the round's time is up (dead, hung)
         # is left out of that round; the run goes on with the replies received
-        result = strategy.start(grid=grid, initial_arrays=to_record(method.download(0)), num_rounds=rounds,
-                                timeout=float(appcfg.get("round-timeout", 3600.0)), train_config=ConfigRecord(),
-                                evaluate_fn=evaluate)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=to_record(method.download(0)),
+            num_rounds=rounds,
+            timeout=float(appcfg.get("round-timeout", 3600.0)),
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate,
+        )
         summary = {
-            "method": method.name, "uplink_codec": repr(up), "downlink_codec": repr(down), "rounds": rounds,
-            "acc": [float(result.evaluate_metrics_serverapp[r]["acc"]) for r in range(rounds + 1)
-                    if r in result.evaluate_metrics_serverapp],
-            "train_loss": [float(result.train_metrics_clientapp[r]["train-loss"]) for r in range(1, rounds + 1)
-                           if r in result.train_metrics_clientapp],
+            "method": method.name,
+            "uplink_codec": repr(up),
+            "downlink_codec": repr(down),
+            "rounds": rounds,
+            "acc": [
+                float(result.evaluate_metrics_serverapp[r]["acc"])
+                for r in range(rounds + 1)
+                if r in result.evaluate_metrics_serverapp
+            ],
+            "train_loss": [
+                float(result.train_metrics_clientapp[r]["train-loss"])
+                for r in range(1, rounds + 1)
+                if r in result.train_metrics_clientapp
+            ],
             "bytes": {int(r): dict(h) for r, h in strategy.history.items()},
         }
         log.info("flocora_flower summary: %s", json.dumps(summary))

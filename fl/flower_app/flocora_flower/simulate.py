@@ -10,6 +10,7 @@ with flocora-codec installed with its ``experiments`` extra (README, "The
 bundled Flower app"); from a checkout that is not installed, put the
 repository root on PYTHONPATH as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def _export_pythonpath() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
 
 
-def run(overrides: dict | None = None, nodes: int = 2, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
-        total_cpus: int | None = None) -> dict:
+def run(
+    overrides: dict | None = None,
+    nodes: int = 2,
+    cpus_per_client: float = 1.0,
+    gpus_per_client: float = 0.0,
+    total_cpus: int | None = None,
+) -> dict:
     """Simulate the app with ``nodes`` virtual SuperNodes; returns the server summary.
 
     Parameters
@@ -67,8 +73,10 @@ def run(overrides: dict | None = None, nodes: int = 2, cpus_per_client: float = 
         server_app=make_server_app(overrides, results),
         client_app=make_client_app(overrides),
         num_supernodes=nodes,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-                        "init_args": init_args},
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+            "init_args": init_args,
+        },
     )
     if not results:
         raise RuntimeError("the simulation ended without a server summary (see the Flower log above)")
@@ -78,8 +86,13 @@ def run(overrides: dict | None = None, nodes: int = 2, cpus_per_client: float = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flocora_flower.simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, default=2, help="virtual SuperNodes (default 2)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config override, VALUE parsed as TOML (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override, VALUE parsed as TOML (repeatable)",
+    )
     p.add_argument("--cpus-per-client", type=float, default=1.0)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--total-cpus", type=int, default=None)

@@ -6,6 +6,7 @@ object the ``fl`` round loop uses). This module only turns the app's run
 config into an ``fl`` config and codec specs, and moves tensors in and out of
 Flower ``ArrayRecord`` s.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ except ImportError:
     try:
         from fl.config import CONFIG_DIR, Choice, ConfigError, load_config, validate
         from fl.loop import setup as fl_setup
-        from fl.lora import set_tensors
+        from fl.lora import set_tensors  # noqa: F401  for server_app
     except ImportError as exc:  # pragma: no cover - environment problem, not logic
         raise ImportError(
             "flocora_flower needs the FL experiment code: pip install 'flocora-codec[flower,experiments]' "
@@ -107,8 +108,14 @@ def codec_specs(appcfg: dict) -> tuple[fc.CodecSpec | None, fc.CodecSpec | None]
     def spec(bits: int) -> fc.CodecSpec | None:
         if int(bits) <= 0:
             return None
-        return fc.CodecSpec(bits=int(bits), granularity=str(appcfg["codec-granularity"]),
-                            group_size=int(appcfg["codec-group-size"]), rounding=str(appcfg["codec-rounding"]))
+        return fc.CodecSpec.from_dict(
+            {
+                "bits": int(bits),
+                "granularity": str(appcfg["codec-granularity"]),
+                "group_size": int(appcfg["codec-group-size"]),
+                "rounding": str(appcfg["codec-rounding"]),
+            }
+        )
 
     return spec(appcfg["codec-bits"]), spec(appcfg["downlink-bits"])
 
