@@ -15,6 +15,7 @@ import torch
 
 from flocora_codec import ops
 from tests.stochastic_kat import KNOWN_U24, probe_inputs, u24
+from tests.test_topk import _ef_1000_10, error_order_cases
 
 pytestmark = [
     pytest.mark.cuda,
@@ -595,18 +596,6 @@ def test_sparse_decode_corrupt_codes_agree_with_cpu(density):
         assert decoded > 0  # Elias-Fano low-bit flips that keep the order decode (to other indices)
 
 
-def _ef_1000_10():
-    """n = 1000, k = 10 kept at 0, 1, 100, ..., 800: Elias-Fano with l = 6, 8
-    bytes of low bits (index j's at bits 6j..6j+5), then 25 high bits (4 bytes,
-    index j's at bit (idx >> 6) + j)."""
-    x = torch.zeros(1000)
-    x[[0, 1, 100, 200, 300, 400, 500, 600, 700, 800]] = torch.arange(1.0, 11.0)
-    counts, values, index = ops.topk_encode([x], [10])
-    assert index.numel() == 12 and ops.choose_index_code(1000, 10) == ops.INDEX_ELIAS_FANO
-    assert index[0] == 1 << 6 and index[8] & 0b11 == 0b11  # low of index 1; high bits of 0 and 1
-    return index, values
-
-
 _SD = "flocora::sparse_decode: "
 
 
@@ -652,23 +641,7 @@ def test_sparse_decode_error_order_and_tensor_match_cpu():
     # Several bad tensors in one call: the CPU checks padding (every tensor),
     # then counts, then the decoded indices, and names the lowest failing
     # tensor of that phase with its own kind. CUDA must name the same pair.
-    index, values = _ef_1000_10()
-    count_bad = index.clone()
-    count_bad[8] &= 0xFE  # index 0's high bit cleared: 9 indices
-    pad_bad = index.clone()
-    pad_bad[-1] |= 0x80  # high padding (bits 25..31)
-    order_bad = index.clone()
-    order_bad[0] &= ~0x40 & 0xFF  # index 1's low part 1 -> 0: indices 0, 0
-    ok = index
-    cases = [
-        # count error in tensor 0, padding error in tensor 2: padding first
-        ([count_bad, ok, pad_bad], 2, "padding bits past the end of the bit stream are not zero"),
-        # order error in tensor 0, padding error in tensor 1: tensor 1, not tensor 0 paired with padding
-        ([order_bad, pad_bad, ok], 1, "padding bits past the end of the bit stream are not zero"),
-        # order error in tensor 0, count error in tensor 3: the count
-        ([order_bad, ok, ok, count_bad], 3, "the number of set bits differs from count"),
-        ([ok, ok, order_bad], 2, "the indices are not strictly increasing"),
-    ]
+    values, cases = error_order_cases()
     for codes, tensor, text in cases:
         ib = torch.cat(codes)
         vals = values.repeat(len(codes))

@@ -477,11 +477,12 @@ def _ef_1000_10():
     return index, values
 
 
-def test_error_order_and_tensor():
-    # Several bad tensors in one call: padding is checked on every tensor
-    # first, then the counts, then the decoded indices; the error names the
-    # lowest failing tensor of that phase with its own kind (CUDA: the same,
-    # test_cuda_parity.py).
+def error_order_cases():
+    """Calls with several bad Elias-Fano codes (numel 1000, count 10 each):
+    ``(values, [(codes, failing tensor, error text), ...])``. Padding is checked
+    on every tensor first, then the counts, then the decoded indices; the error
+    names the lowest failing tensor of that phase with its own kind (the CPU
+    here, CUDA the same in test_cuda_parity.py)."""
     index, values = _ef_1000_10()
     count_bad = index.clone()
     count_bad[8] &= 0xFE  # index 0's high bit cleared: 9 indices
@@ -491,12 +492,16 @@ def test_error_order_and_tensor():
     order_bad[0] &= ~0x40 & 0xFF  # index 1's low part 1 -> 0: indices 0, 0
     ok = index
     pad_text = "padding bits past the end of the bit stream are not zero"
-    cases = [
-        ([count_bad, ok, pad_bad], 2, pad_text),
-        ([order_bad, pad_bad, ok], 1, pad_text),
+    return values, [
+        ([count_bad, ok, pad_bad], 2, pad_text),  # count error in tensor 0, padding in 2: padding first
+        ([order_bad, pad_bad, ok], 1, pad_text),  # tensor 1, not tensor 0 paired with padding
         ([order_bad, ok, ok, count_bad], 3, "the number of set bits differs from count"),
         ([ok, ok, order_bad], 2, "the indices are not strictly increasing"),
     ]
+
+
+def test_error_order_and_tensor():
+    values, cases = error_order_cases()
     for codes, tensor, text in cases:
         ib, vals = torch.cat(codes), values.repeat(len(codes))
         numels, counts = [1000] * len(codes), [10] * len(codes)
