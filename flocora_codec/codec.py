@@ -26,6 +26,7 @@ from flocora_codec.spec import CodecSpec
 __all__ = [
     "encode",
     "decode",
+    "decode_into",
     "encode_numpy",
     "decode_numpy",
     "message_info",
@@ -485,9 +486,9 @@ def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int
     return None
 
 
-def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
-    """One ``unpack_dequantize`` call over the affine sections of ``members``
-    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
+def _affine_inputs(mv, rec, members, counts, out_dtype):
+    """``(packed, scales, offsets)`` of the affine sections of ``members``,
+    after every content check of FORMAT.md 4 step 8 (metadata, padding)."""
     meta = fmt.META_CODES[rec.meta_dtype]
     half = [e.metadata_len // 2 for e in members]
     scales = _gather(mv, [(e.offset, h) for e, h in zip(members, half)]).view(meta)
@@ -497,6 +498,13 @@ def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device)
         raise FormatError(f"{why} in tensors {[e.name for e in members]}")
     _check_padding(mv, [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts)], f"{rec.bits}-bit")
     packed = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
+    return packed, scales, offsets
+
+
+def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
+    """One ``unpack_dequantize`` call over the affine sections of ``members``
+    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
+    packed, scales, offsets = _affine_inputs(mv, rec, members, counts, out_dtype)
     # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
     return ops.unpack_dequantize(
         packed.to(device), scales.to(device), offsets.to(device), rec.bits, counts, group_sizes, dtype
@@ -520,6 +528,25 @@ def _sign_values(mv, rec, members, dtype, device) -> torch.Tensor:
     packed = _gather(mv, [(e.payload_offset, e.payload_len) for e, _ in members])
     return ops.unpack_dequantize(packed.to(device), (2 * mus).to(device), (-mus).to(device), 1, counts,
                                  counts, torch.float32)  # fmt: skip
+
+
+def _topk_values(mv, rec, members, counts, dtype, device) -> torch.Tensor:
+    """The float32 values of top-k ``members`` (tensor ``dtype``), checked."""
+    if rec.values == fmt.VALUES_SIGN:
+        return _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
+    if rec.values == fmt.VALUES_QUANTIZED:
+        q = [(e, c) for e, c in zip(members, counts) if c]
+        if not q:
+            return torch.empty(0, dtype=torch.float32, device=device)
+        gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
+        return _dequantize(mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device)
+    vdtype = fmt.VALUE_DTYPES[rec.values]
+    values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
+    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(values.to(dtype)).all())):
+        # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
+        raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
+                          f"in tensors {[e.name for e in members]}")  # fmt: skip
+    return values.to(device=device, dtype=torch.float32)
 
 
 def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, torch.Tensor]:
@@ -551,25 +578,7 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
-            if rec.values == fmt.VALUES_SIGN:
-                values = _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
-            elif rec.values == fmt.VALUES_QUANTIZED:
-                q = [(e, c) for e, c in zip(members, counts) if c]
-                if q:
-                    gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
-                    values = _dequantize(
-                        mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device
-                    )
-                else:
-                    values = torch.empty(0, dtype=torch.float32, device=device)
-            else:
-                vdtype = fmt.VALUE_DTYPES[rec.values]
-                values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
-                if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(values.to(dtype)).all())):
-                    # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
-                    raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
-                                      f"in tensors {[e.name for e in members]}")  # fmt: skip
-                values = values.to(device=device, dtype=torch.float32)
+            values = _topk_values(mv, rec, members, counts, dtype, device)
             try:
                 dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
             except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
@@ -657,6 +666,155 @@ def decode(data, *, device=None, limits: DecodeLimits | None = None, expect=None
     pm = fmt.parse(mv, limits, None if expect is None else fmt.expectation(expect), partial=partial,
                    schemas=_schema_lookup(schemas))
     return _decode_parsed(pm, mv, device)
+
+
+_KERNEL_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a tensor's elements occupy, first to one past the last."""
+    p = t.data_ptr()
+    if t.is_contiguous():
+        return p, p + t.numel() * t.element_size()
+    return p, p + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def decode_into(data, tensors, *, mode: str = "assign", partial: bool = False,
+                limits: DecodeLimits | None = None, schemas=None) -> list[str]:
+    """Decode a message into tensors the caller already has, in place.
+
+    The targets are the expectation (as ``decode(..., expect=tensors)``): the
+    message must hold exactly their names (a subset with ``partial=True``),
+    with their shapes and dtypes. The whole message is validated, contents
+    included (FORMAT.md 4), before the first target is written: a message
+    that fails any check raises and leaves every target untouched.
+
+    Parameters
+    ----------
+    data : bytes-like
+        A message produced by :func:`encode`.
+    tensors : Mapping[str, torch.Tensor] or torch.nn.Module
+        The targets, by name; a module stands for its ``state_dict()``
+        (parameters and buffers are written in place).
+    mode : {"assign", "add"}
+        ``"assign"``: each target becomes what :func:`decode` returns (top-k
+        tensors: zero where nothing was sent). ``"add"``: each target gets
+        ``target += decode(data)[name]``, with the same result as that
+        PyTorch expression (the decoded value in the target's dtype, then
+        added); top-k tensors touch only the sent elements.
+    partial : bool
+        The message may hold a subset of the targets; the others are left as
+        they are.
+    limits, schemas
+        As for :func:`decode`.
+
+    Returns
+    -------
+    list[str]
+        The names written, in message order.
+
+    Notes
+    -----
+    On the CPU nothing of the targets' size is allocated: affine and top-k
+    tensors are decoded by the kernels straight into them, raw tensors are
+    copied from the message. Exceptions, which go through a temporary: a
+    non-contiguous target (decoded into a contiguous buffer, then copied),
+    a float64 target of an affine codec (the kernels decode to float32).
+    Targets on another device are decoded there with :func:`decode`, then
+    copied. Targets the message writes must not overlap in memory (tied
+    weights under two names are refused).
+
+    Raises
+    ------
+    CodecError
+        As for :func:`decode` (``ExpectationError`` when the message does
+        not match the targets' names, shapes or dtypes).
+    TypeError, ValueError
+        A target that is not a tensor, overlapping targets, an unknown mode.
+    """
+    if mode not in ("assign", "add"):
+        raise ValueError(f"decode_into: mode must be 'assign' or 'add', not {mode!r}")
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.state_dict()
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"decode_into: tensors must be a mapping of names to tensors or a module, "
+                        f"not {type(tensors).__name__}")  # fmt: skip
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_into: target {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    mv = _as_view(data)
+    pm = fmt.parse(mv, limits, fmt.expectation(tensors), partial=partial, schemas=_schema_lookup(schemas))
+    add = mode == "add"
+    targets = [tensors[e.name].detach() for e in pm.entries]  # in-place writes, even to leaves needing grad
+    spans = sorted(_span(t) for t in targets if t.numel())
+    for a, b in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise ValueError("decode_into: two targets the message writes overlap in memory")
+    names = [e.name for e in pm.entries]
+    if any(t.device.type != "cpu" for t in targets):
+        # One device: decode there, then copy (validated as a whole first).
+        devices = {t.device for t in targets}
+        dense = _decode_parsed(pm, mv, devices.pop() if len(devices) == 1 else None)
+        for t, name in zip(targets, names):
+            src = dense[name].to(t.device)
+            t.add_(src) if add else t.copy_(src)
+        return names
+
+    # Phase 1: every check and every input, nothing written.
+    writes = []  # (target, tensor to copy or add)
+    affine_calls = []  # (outs, packed, scales, offsets, bits, group sizes)
+    via_temp = []  # (targets, dense float32 thunk)
+    s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
+    groups: dict[tuple, list] = {}
+    for e, t in zip(pm.entries, targets):
+        rec = pm.records[e.codec_index]
+        if rec.codec == fmt.CODEC_RAW:
+            raw = _gather(mv, [(e.payload_offset, e.payload_len)])
+            if e.dtype == torch.bool and bool((raw > 1).any()):
+                raise FormatError(f"tensor {e.name!r}: bool elements must be 0 or 1")
+            writes.append((t, raw.view(e.dtype).reshape(e.shape)))
+        elif e.numel:  # an empty tensor has nothing to write
+            groups.setdefault((e.codec_index, e.dtype), []).append((e, t))
+    for (ci, dtype), pairs in groups.items():
+        rec = pm.records[ci]
+        members = [e for e, _ in pairs]
+        outs = [t for _, t in pairs]
+        numels = [e.numel for e in members]
+        if rec.codec == fmt.CODEC_AFFINE:
+            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
+            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype)
+            if dtype in _KERNEL_OUT_DTYPES:
+                affine_calls.append((outs, packed, scales, offsets, rec.bits, gs))
+            else:  # float64: the kernels decode to float32
+                via_temp.append((outs, numels, (packed, scales, offsets, rec.bits, numels, gs)))
+        else:
+            counts = [e.count for e in members]
+            values = _topk_values(mv, rec, members, counts, dtype, torch.device("cpu"))
+            if dtype in (torch.float16, torch.bfloat16):
+                values = values.to(dtype).float()  # as decode rounds them: exact sums in "add" mode
+            s_outs += outs
+            s_index.append(_gather(mv, [(e.index_offset, e.index_len) for e in members]))
+            s_values.append(values)
+            s_counts += counts
+            s_names += [e.name for e in members]
+
+    # Phase 2: the writes. The index codes are validated by the one
+    # sparse_decode_into_ call below before it writes anything, so it goes first.
+    if s_outs:
+        try:
+            ops.sparse_decode_into_(s_outs, torch.cat(s_index), torch.cat(s_values), s_counts, accumulate=add)
+        except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
+            raise FormatError(f"sparse_decode rejected the index codes of {s_names}: {exc}") from exc
+    for outs, packed, scales, offsets, bits, gs in affine_calls:
+        ops.unpack_dequantize_into_(outs, packed, scales, offsets, bits, gs, accumulate=add)
+    for outs, numels, args in via_temp:
+        dense = ops.unpack_dequantize(*args, torch.float32)
+        for t, d in zip(outs, torch.split(dense, numels)):
+            d = d.reshape(t.shape)
+            t.add_(d) if add else t.copy_(d)
+    for t, src in writes:
+        t.add_(src) if add else t.copy_(src)
+    return names
 
 
 # ---- numpy ------------------------------------------------------------------------
