@@ -19,7 +19,7 @@ import torch
 
 from flocora_codec import format as fmt
 from flocora_codec import ops
-from flocora_codec.errors import FormatError
+from flocora_codec.errors import ExpectationError, FormatError
 from flocora_codec.format import DecodeLimits
 from flocora_codec.spec import CodecSpec
 
@@ -467,6 +467,8 @@ def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int
     both being finite in float32 and in the output dtype bounds every value
     of the group: O(groups) work, never O(elements).
     """
+    if scales.device.type == "cpu" and offsets.device.type == "cpu":
+        return _affine_meta_violation_np(scales, offsets, bits, out_dtype)
     s, o = scales.float(), offsets.float()
     if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(o).all())):
         return "non-finite scale or offset"
@@ -482,6 +484,35 @@ def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int
     if out_dtype in (torch.float16, torch.bfloat16) and not (
         bool(torch.isfinite(top.to(out_dtype)).all()) and bool(torch.isfinite(o.to(out_dtype)).all())
     ):
+        return f"a group's range decodes beyond the finite range of {out_dtype}"
+    return None
+
+
+def _affine_meta_violation_np(scales, offsets, bits, out_dtype) -> str | None:
+    """affine_meta_violation for CPU tensors, in numpy: the same float32
+    operations at a fraction of the per-call cost of torch ops on small arrays."""
+    s = scales.numpy().astype(np.float32, copy=False)
+    o = offsets.numpy().astype(np.float32, copy=False)
+    if not (np.isfinite(s).all() and np.isfinite(o).all()):
+        return "non-finite scale or offset"
+    if np.signbit(s).any():
+        return "negative scale (or -0.0; the encoder writes +0.0)"
+    if ((o == 0) & np.signbit(o)).any():
+        return "offset -0.0 (the encoder writes +0.0)"
+    if scales.dtype == torch.float32 and ((s != 0) & (s < _FLOAT32_MIN_NORMAL)).any():
+        return "subnormal float32 scale (the encoder stores a scale below 2^-126 as 0)"
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = o + s * np.float32((1 << bits) - 1)  # two float32 roundings, as the kernels decode
+        if not np.isfinite(top).all():
+            return f"a group's top value offset + scale * {(1 << bits) - 1} overflows float32"
+        if out_dtype == torch.float16:
+            bad = not (np.isfinite(top.astype(np.float16)).all() and np.isfinite(o.astype(np.float16)).all())
+        elif out_dtype == torch.bfloat16:  # numpy has no bfloat16
+            t, ot = torch.from_numpy(top), torch.from_numpy(o)
+            bad = not (bool(torch.isfinite(t.to(out_dtype)).all()) and bool(torch.isfinite(ot.to(out_dtype)).all()))
+        else:
+            bad = False
+    if bad:
         return f"a group's range decodes beyond the finite range of {out_dtype}"
     return None
 
@@ -553,20 +584,19 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     device = torch.device(device) if device is not None else torch.device("cpu")
     out: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list] = {}
+    raw_groups: dict[torch.dtype, list] = {}
     for e in pm.entries:
-        rec = pm.records[e.codec_index]
-        if rec.codec == fmt.CODEC_RAW or e.numel == 0:
-            if rec.codec == fmt.CODEC_RAW:
-                raw = _gather(mv, [(e.payload_offset, e.payload_len)])
-                if e.dtype == torch.bool and bool((raw > 1).any()):
-                    raise FormatError(f"tensor {e.name!r}: bool elements must be 0 or 1")
-                t = raw.view(e.dtype).reshape(e.shape)
-            else:
-                t = torch.zeros(e.shape, dtype=e.dtype)
-            out[e.name] = t.to(device)
-            continue
         out[e.name] = None  # keeps the table order; filled per group below
-        groups.setdefault((e.codec_index, e.dtype), []).append(e)
+        rec = pm.records[e.codec_index]
+        if rec.codec == fmt.CODEC_RAW:
+            raw_groups.setdefault(e.dtype, []).append(e)
+        elif e.numel == 0:
+            out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
+        else:
+            groups.setdefault((e.codec_index, e.dtype), []).append(e)
+    for dtype, members in raw_groups.items():
+        for e, t in zip(members, _raw_tensors(mv, dtype, members)):
+            out[e.name] = t.to(device)
 
     for (ci, dtype), members in groups.items():
         rec = pm.records[ci]
@@ -586,8 +616,19 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         if dtype != kdtype:
             dense = dense.to(dtype)
         for e, t in zip(members, torch.split(dense, numels)):
-            out[e.name] = t.reshape(e.shape)
+            out[e.name] = t if len(e.shape) == 1 else t.view(e.shape)
     return out
+
+
+def _raw_tensors(mv, dtype, members) -> list:
+    """The raw tensors ``members`` (all of ``dtype``), checked: one copy out of
+    the message for all of them, then one split."""
+    flat = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
+    if dtype == torch.bool and bool((flat > 1).any()):
+        name = next(e.name for e in members if any(b > 1 for b in mv[e.payload_offset : e.end]))
+        raise FormatError(f"tensor {name!r}: bool elements must be 0 or 1")
+    parts = torch.split(flat.view(dtype), [e.numel for e in members])
+    return [t if len(e.shape) == 1 else t.view(e.shape) for e, t in zip(members, parts)]
 
 
 def _as_view(data) -> memoryview:
@@ -739,13 +780,28 @@ def decode_into(data, tensors, *, mode: str = "assign", partial: bool = False,
     if not isinstance(tensors, Mapping):
         raise TypeError(f"decode_into: tensors must be a mapping of names to tensors or a module, "
                         f"not {type(tensors).__name__}")  # fmt: skip
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"decode_into: target {name!r} is a {type(t).__name__}, not a torch.Tensor")
     mv = _as_view(data)
-    pm = fmt.parse(mv, limits, fmt.expectation(tensors), partial=partial, schemas=_schema_lookup(schemas))
+    # Nothing the message claims is allocated before the targets are matched
+    # below, so the header is parsed without the expansion bound and then
+    # matched against the targets (cheaper than expect=; a mismatch is an
+    # ExpectationError, raised after the header's own checks).
+    pm = fmt.parse(mv, limits, None, bound_expansion=False, schemas=_schema_lookup(schemas))
+    n = len(pm.entries)
+    if n > len(tensors) if partial else n != len(tensors):
+        raise ExpectationError(f"message holds {n} tensors; the targets are "
+                               f"{'at most ' if partial else ''}{len(tensors)}")  # fmt: skip
+    targets = []
+    for e in pm.entries:
+        t = tensors.get(e.name)
+        if t is None:
+            raise ExpectationError(f"tensor {e.name!r} is not one of the targets")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_into: target {e.name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype != e.dtype or t.shape != e.shape:
+            raise ExpectationError(f"tensor {e.name!r} is {e.dtype} of shape {e.shape}; the target is "
+                                   f"{t.dtype} of shape {tuple(t.shape)}")  # fmt: skip
+        targets.append(t.detach())  # in-place writes, even to leaves that require grad
     add = mode == "add"
-    targets = [tensors[e.name].detach() for e in pm.entries]  # in-place writes, even to leaves needing grad
     spans = sorted(_span(t) for t in targets if t.numel())
     for a, b in zip(spans, spans[1:]):
         if b[0] < a[1]:
@@ -766,15 +822,14 @@ def decode_into(data, tensors, *, mode: str = "assign", partial: bool = False,
     via_temp = []  # (targets, dense float32 thunk)
     s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
     groups: dict[tuple, list] = {}
+    raw_groups: dict[torch.dtype, list] = {}
     for e, t in zip(pm.entries, targets):
-        rec = pm.records[e.codec_index]
-        if rec.codec == fmt.CODEC_RAW:
-            raw = _gather(mv, [(e.payload_offset, e.payload_len)])
-            if e.dtype == torch.bool and bool((raw > 1).any()):
-                raise FormatError(f"tensor {e.name!r}: bool elements must be 0 or 1")
-            writes.append((t, raw.view(e.dtype).reshape(e.shape)))
+        if pm.records[e.codec_index].codec == fmt.CODEC_RAW:
+            raw_groups.setdefault(e.dtype, []).append((e, t))
         elif e.numel:  # an empty tensor has nothing to write
             groups.setdefault((e.codec_index, e.dtype), []).append((e, t))
+    for dtype, pairs in raw_groups.items():
+        writes += zip([t for _, t in pairs], _raw_tensors(mv, dtype, [e for e, _ in pairs]))
     for (ci, dtype), pairs in groups.items():
         rec = pm.records[ci]
         members = [e for e, _ in pairs]
