@@ -628,19 +628,63 @@ def _affine_meta_violation_np(scales, offsets, bits, out_dtype) -> str | None:
     return None
 
 
-def _affine_inputs(mv, rec, members, counts, out_dtype):
+def _affine_spans(rec, members, counts):
+    """Where the affine sections of ``members`` lie: scales, offsets, the
+    packed streams whose padding bits must be checked, payloads."""
+    half = [e.metadata_len // 2 for e in members]
+    return (
+        [(e.offset, h) for e, h in zip(members, half)],
+        [(e.offset + h, h) for e, h in zip(members, half)],
+        [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts) if (c * rec.bits) % 8],
+        [(e.payload_offset, e.payload_len) for e in members],
+    )
+
+
+def _affine_inputs(mv, rec, members, counts, out_dtype, spans=None):
     """``(packed, scales, offsets)`` of the affine sections of ``members``,
     after every content check of FORMAT.md 4 step 8 (metadata, padding)."""
     meta = fmt.META_CODES[rec.meta_dtype]
-    half = [e.metadata_len // 2 for e in members]
-    scales = _gather(mv, [(e.offset, h) for e, h in zip(members, half)]).view(meta)
-    offsets = _gather(mv, [(e.offset + h, h) for e, h in zip(members, half)]).view(meta)
+    s_spans, o_spans, pad, p_spans = spans or _affine_spans(rec, members, counts)
+    scales = _gather(mv, s_spans).view(meta)
+    offsets = _gather(mv, o_spans).view(meta)
     why = affine_meta_violation(scales, offsets, rec.bits, out_dtype)
     if why is not None:
         raise FormatError(f"{why} in tensors {[e.name for e in members]}")
-    _check_padding(mv, [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts)], f"{rec.bits}-bit")
-    packed = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
+    _check_padding(mv, pad, f"{rec.bits}-bit")
+    packed = _gather(mv, p_spans)
     return packed, scales, offsets
+
+
+def _decode_layout(pm: fmt.ParsedMessage):
+    """What decoding ``pm`` takes besides the message's bytes, worked out once
+    per parsed header (a repeated header reuses its ParsedMessage, so this too):
+    the raw tensors by dtype, the empty ones, and the codec groups with the
+    section spans of their affine members."""
+    lay = pm.__dict__.get("_decode_layout")
+    if lay is not None:
+        return lay
+    raw: dict[torch.dtype, list] = {}
+    empty, groups = [], {}
+    for e in pm.entries:
+        if pm.records[e.codec_index].codec == fmt.CODEC_RAW:
+            raw.setdefault(e.dtype, []).append(e)
+        elif e.numel == 0:
+            empty.append(e)
+        else:
+            groups.setdefault((e.codec_index, e.dtype), []).append(e)
+    glist = []
+    for (ci, dtype), members in groups.items():
+        rec = pm.records[ci]
+        numels = [e.numel for e in members]
+        if rec.codec == fmt.CODEC_AFFINE:
+            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
+            extra = (gs, _affine_spans(rec, members, numels))
+        else:
+            extra = None
+        glist.append((rec, dtype, members, numels, extra))
+    raws = [(dtype, members, [(e.payload_offset, e.payload_len) for e in members]) for dtype, members in raw.items()]
+    lay = pm._decode_layout = (raws, empty, glist)
+    return lay
 
 
 def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
@@ -693,29 +737,22 @@ def _topk_values(mv, rec, members, counts, dtype, device) -> torch.Tensor:
 
 def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, torch.Tensor]:
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, list] = {}
-    raw_groups: dict[torch.dtype, list] = {}
-    for e in pm.entries:
-        out[e.name] = None  # keeps the table order; filled per group below
-        rec = pm.records[e.codec_index]
-        if rec.codec == fmt.CODEC_RAW:
-            raw_groups.setdefault(e.dtype, []).append(e)
-        elif e.numel == 0:
-            out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
-        else:
-            groups.setdefault((e.codec_index, e.dtype), []).append(e)
-    for dtype, members in raw_groups.items():
-        for e, t in zip(members, _raw_tensors(mv, dtype, members)):
-            out[e.name] = t.to(device)
+    raw_groups, empty, groups = _decode_layout(pm)
+    out: dict[str, torch.Tensor] = dict.fromkeys([e.name for e in pm.entries])  # the table order
+    for dtype, members, spans in raw_groups:
+        for e, t in zip(members, _raw_tensors(mv, dtype, members, spans)):
+            out[e.name] = t if device.type == "cpu" else t.to(device)
+    for e in empty:
+        out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
 
-    for (ci, dtype), members in groups.items():
-        rec = pm.records[ci]
+    for rec, dtype, members, numels, extra in groups:
         kdtype = torch.float32 if dtype == torch.float64 else dtype
-        numels = [e.numel for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
-            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
-            dense = _dequantize(mv, rec, members, numels, gs, kdtype, dtype, device)
+            gs, spans = extra
+            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype, spans)
+            # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
+            dense = ops.unpack_dequantize(packed.to(device), scales.to(device), offsets.to(device), rec.bits, numels,
+                                          gs, kdtype)  # fmt: skip
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
@@ -731,10 +768,10 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     return out
 
 
-def _raw_tensors(mv, dtype, members) -> list:
-    """The raw tensors ``members`` (all of ``dtype``), checked: one copy out of
-    the message for all of them, then one split."""
-    flat = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
+def _raw_tensors(mv, dtype, members, spans) -> list:
+    """The raw tensors ``members`` (all of ``dtype``, at ``spans``), checked:
+    one copy out of the message for all of them, then one split."""
+    flat = _gather(mv, spans)
     if dtype == torch.bool and bool((flat > 1).any()):
         name = next(e.name for e in members if any(b > 1 for b in mv[e.payload_offset : e.end]))
         raise FormatError(f"tensor {name!r}: bool elements must be 0 or 1")
@@ -928,27 +965,19 @@ def decode_into(data, tensors, *, mode: str = "assign", partial: bool = False,
         return names
 
     # Phase 1: every check and every input, nothing written.
-    writes = []  # (target, tensor to copy or add)
+    writes = []  # (targets, tensors to copy or add), per raw dtype
     affine_calls = []  # (outs, packed, scales, offsets, bits, group sizes)
     via_temp = []  # (targets, dense float32 thunk)
     s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
-    groups: dict[tuple, list] = {}
-    raw_groups: dict[torch.dtype, list] = {}
-    for e, t in zip(pm.entries, targets):
-        if pm.records[e.codec_index].codec == fmt.CODEC_RAW:
-            raw_groups.setdefault(e.dtype, []).append((e, t))
-        elif e.numel:  # an empty tensor has nothing to write
-            groups.setdefault((e.codec_index, e.dtype), []).append((e, t))
-    for dtype, pairs in raw_groups.items():
-        writes += zip([t for _, t in pairs], _raw_tensors(mv, dtype, [e for e, _ in pairs]))
-    for (ci, dtype), pairs in groups.items():
-        rec = pm.records[ci]
-        members = [e for e, _ in pairs]
-        outs = [t for _, t in pairs]
-        numels = [e.numel for e in members]
+    raw_groups, _, groups = _decode_layout(pm)  # empty tensors: nothing to write
+    target_of = dict(zip(names, targets))
+    for dtype, members, spans in raw_groups:
+        writes.append(([target_of[e.name] for e in members], _raw_tensors(mv, dtype, members, spans)))
+    for rec, dtype, members, numels, extra in groups:
+        outs = [target_of[e.name] for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
-            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
-            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype)
+            gs, spans = extra
+            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype, spans)
             if dtype in _KERNEL_OUT_DTYPES:
                 affine_calls.append((outs, packed, scales, offsets, rec.bits, gs))
             else:  # float64: the kernels decode to float32
@@ -978,8 +1007,8 @@ def decode_into(data, tensors, *, mode: str = "assign", partial: bool = False,
         for t, d in zip(outs, torch.split(dense, numels)):
             d = d.reshape(t.shape)
             t.add_(d) if add else t.copy_(d)
-    for t, src in writes:
-        t.add_(src) if add else t.copy_(src)
+    for dsts, srcs in writes:  # one dispatch per dtype
+        torch._foreach_add_(dsts, srcs) if add else torch._foreach_copy_(dsts, srcs)
     return names
 
 
