@@ -59,7 +59,7 @@ fuzz: build
 	$(PY) fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ fuzz/corpus fuzz/seeds
 
 bench: build
-	$(PY) benchmarks/bench_codec.py
+	$(PY) benchmarks/bench_codec.py --full
 
 clean:
 	rm -rf build flocora_codec/*.so flocora_codec/.build.stamp

@@ -47,9 +47,23 @@ TORCH_LIBRARY(flocora, m) {
   // outs[i].view(-1)[idx] += values, in place.
   m.def("sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
 
+  // ---- decoding into caller-owned tensors (CPU kernels only) ----
+  // unpack_dequantize into outs[i] (numels and dtypes: the outputs'), in
+  // place; accumulate: outs[i] += the decoded values (rounded to the output
+  // dtype first, summed in float32). Nothing is written unless every check passes.
+  m.def(
+      "unpack_dequantize_into_(Tensor(a!)[] outs, Tensor packed, Tensor scales, Tensor offsets, int bits, "
+      "int[] group_sizes, bool accumulate) -> ()");
+  // sparse_decode into outs[i]: zeros and the values (accumulate=False), or
+  // sparse_decode_add_ (accumulate=True). Every index code is validated
+  // before any output is touched.
+  m.def(
+      "sparse_decode_into_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts, "
+      "bool accumulate) -> ()");
+
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
-  // Forces the CPU quant loops: level 0 scalar, 1 AVX2, -1 the best this CPU
-  // supports. Returns the instruction set now in use (0 or 1).
+  // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best
+  // this CPU supports. Returns the instruction set now in use (0, 1 or 2).
   m.def("_set_cpu_isa(int level) -> int");
   // The stochastic codes (one per byte) of float32 x as one group, as if x
   // were elements first_index.. of a tensor quantized with this seed.

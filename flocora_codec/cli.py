@@ -101,6 +101,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "--schema", metavar="FILE", action="append", default=[], help="schema file of a compact message (repeatable)"
     )
 
+    bench = sub.add_parser(
+        "bench",
+        help="measure encode/decode throughput on this CPU against copy/read bandwidth and peers",
+        description="CPU benchmark: encode and decode against copy_ and x.sum() bandwidth and the\n"
+        "fastest plain-PyTorch formulations (torch.compile), small tensors, a whole\n"
+        "adapter-set message. Prints the table and writes it with a plot under --out.",
+        epilog="examples:\n  flocora-codec bench\n  flocora-codec bench --full --out results/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from flocora_codec import bench as _bench
+
+    _bench.add_arguments(bench)
+
     enc = sub.add_parser(
         "encode",
         help="compress the tensors of a .safetensors or .npz file into a message",
@@ -407,6 +420,13 @@ def _decode(args) -> int:
     return EXIT_OK
 
 
+def _bench_cmd(args) -> int:
+    from flocora_codec import bench
+
+    bench.run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot)
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     """Entry point of ``flocora-codec``.
 
@@ -428,7 +448,7 @@ def main(argv=None) -> int:
     from flocora_codec.errors import CodecError
 
     try:
-        return {"inspect": _inspect, "encode": _encode, "decode": _decode}[args.command](args)
+        return {"inspect": _inspect, "encode": _encode, "decode": _decode, "bench": _bench_cmd}[args.command](args)
     except CodecError as exc:
         print(f"flocora-codec {args.command}: invalid message: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BAD_MESSAGE

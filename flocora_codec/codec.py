@@ -21,13 +21,14 @@ import torch
 
 from flocora_codec import format as fmt
 from flocora_codec import ops
-from flocora_codec.errors import FormatError
+from flocora_codec.errors import ExpectationError, FormatError
 from flocora_codec.format import DecodeLimits
 from flocora_codec.spec import CodecSpec
 
 __all__ = [
     "encode",
     "decode",
+    "decode_into",
     "encode_numpy",
     "decode_numpy",
     "message_info",
@@ -42,6 +43,8 @@ _VALUE_CODES = {"float32": fmt.VALUES_F32, "float16": fmt.VALUES_F16, "bfloat16"
                 "quantized": fmt.VALUES_QUANTIZED, "sign": fmt.VALUES_SIGN}  # fmt: skip
 _QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK64 = (1 << 64) - 1
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.float64, torch.uint8, torch.int8, torch.int16,
+                           torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128})  # fmt: skip
 
 
 # ---- codec resolution -----------------------------------------------------------
@@ -128,6 +131,8 @@ else:  # pragma: no cover - other interpreters: one extra copy
 
 def _host_bytes(t: torch.Tensor) -> memoryview:
     """A byte view of a (flat) tensor's data on the host; copies only device data."""
+    if t.is_cpu and t.dtype in _NUMPY_DTYPES and not t.requires_grad and t.dim() and t.is_contiguous():
+        return memoryview(t.numpy()).cast("B")  # the common case, in one step
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -213,6 +218,10 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
         raise TypeError(f"encode: spec must be a CodecSpec, not {type(spec).__name__}")
     if not isinstance(tensors, Mapping):
         raise TypeError(f"encode: tensors must be a mapping of names to tensors, not {type(tensors).__name__}")
+    key = _plan_key(tensors, spec, schema)
+    plan = _ENCODE_PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return _encode_with_plan(plan, tensors)
 
     records: dict[fmt.CodecRecord, int] = {}
     entries: list[fmt.TensorEntry] = []
@@ -278,7 +287,9 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
     else:
         pos = fmt.write_header(view, record_list, entries, names_utf8)
     out_t = None
+    starts = []
     for i, e in enumerate(entries):
+        starts.append(pos)
         if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len:
             x = flat[i]
             if x.device.type == "cpu":
@@ -294,7 +305,110 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
             pos += len(piece)
     if pos != total - fmt.CHECKSUM_SIZE:  # sizes come from one formula; never send a short message
         raise RuntimeError(f"encode: wrote {pos} of {total - fmt.CHECKSUM_SIZE} bytes (internal size mismatch)")
+    if key is not None and not topk_groups:
+        _remember_plan(key, bytes(view[:header]), total, record_list, entries, specs, starts, affine_groups)
     fmt.CHECKSUM.pack_into(view, pos, fmt.crc32c(view[:pos]))
+    return _finish(out, view)
+
+
+# ---- encode plans -----------------------------------------------------------------
+# Round after round an FL client encodes tensors of the same names, dtypes and
+# shapes with the same spec: everything but the kernels' output is then the
+# same (codec records, groups, seeds, header bytes, section offsets). For
+# messages without top-k tensors (whose header holds data-dependent counts),
+# that layout is kept and the next encode of the same key only runs the
+# kernels and copies their output into place.
+_ENCODE_PLANS: dict = {}
+_ENCODE_PLANS_SIZE = 16
+
+
+@dataclass
+class _AffinePlan:
+    rec: fmt.CodecRecord
+    members: list  # tensor positions in the message
+    group_sizes: list
+    seeds: list
+    names: list
+    dtypes: set
+    pieces: (
+        list  # per member: (section start, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
+    )
+
+
+@dataclass
+class _EncodePlan:
+    header: bytes
+    total: int
+    affine: list
+    raw: list  # (tensor position, section start, bytes)
+
+
+def _plan_key(tensors, spec, schema):
+    """What a message's layout depends on, or None where no plan applies
+    (anything but CPU strided tensors named by str; the slow path then
+    raises its own errors)."""
+    items = []
+    cpu, strided = torch.device("cpu"), torch.strided
+    for name, t in tensors.items():
+        if type(name) is not str or not isinstance(t, torch.Tensor) or t.layout != strided or t.device != cpu:
+            return None
+        items.append((name, t.dtype, t.shape))
+    key = (spec, None if schema is None else schema.id, tuple(items))
+    try:
+        hash(key)
+    except TypeError:  # a spec holding something unhashable
+        return None
+    return key
+
+
+def _remember_plan(key, header, total, record_list, entries, specs, starts, affine_groups):
+    affine = []
+    for (rec, _), members in affine_groups.items():
+        pieces, meta_pos, packed_pos = [], 0, 0
+        for i in members:
+            e = entries[i]
+            half = e.metadata_len // 2
+            pieces.append((starts[i], half, meta_pos, e.payload_len, packed_pos))
+            meta_pos += half
+            packed_pos += e.payload_len
+        affine.append(_AffinePlan(
+            rec, list(members), [_group_size(rec, entries[i]) for i in members],
+            [tensor_seed(specs[i].seed, entries[i].name) for i in members], [entries[i].name for i in members],
+            {entries[i].dtype for i in members}, pieces,
+        ))  # fmt: skip
+    raw = [(i, starts[i], e.payload_len) for i, e in enumerate(entries)
+           if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
+    if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
+        _ENCODE_PLANS.clear()
+    _ENCODE_PLANS[key] = _EncodePlan(header, total, affine, raw)
+
+
+def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
+    flat = [t.detach() if t.requires_grad else t for t in tensors.values()]
+    outputs = []
+    for g in plan.affine:  # every kernel runs (and may refuse its input) before the message is allocated
+        xs = [_as_kernel_input(flat[i]) for i in g.members]
+        meta = fmt.META_CODES[g.rec.meta_dtype]
+        try:
+            packed, scales, offsets = ops.quantize_pack(
+                xs, g.rec.bits, g.group_sizes, stochastic=g.rec.rounding == fmt.ROUND_STOCHASTIC, seeds=g.seeds,
+                meta_dtype=meta,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise _kernel_failed("quantize_pack", g.names, xs, exc) from exc
+        _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
+        outputs.append((_host_bytes(packed), _host_bytes(scales), _host_bytes(offsets)))
+    out, view = _alloc_message(plan.total)
+    view[: len(plan.header)] = plan.header
+    for g, (pb, sb, ob) in zip(plan.affine, outputs):
+        for pos, m, ma, n, na in g.pieces:
+            view[pos : pos + m] = sb[ma : ma + m]
+            view[pos + m : pos + 2 * m] = ob[ma : ma + m]
+            view[pos + 2 * m : pos + 2 * m + n] = pb[na : na + n]
+    for i, pos, n in plan.raw:
+        view[pos : pos + n] = _host_bytes(flat[i])
+    end = plan.total - fmt.CHECKSUM_SIZE
+    fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
 
 
@@ -470,6 +584,8 @@ def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int
     both being finite in float32 and in the output dtype bounds every value
     of the group: O(groups) work, never O(elements).
     """
+    if scales.device.type == "cpu" and offsets.device.type == "cpu":
+        return _affine_meta_violation_np(scales, offsets, bits, out_dtype)
     s, o = scales.float(), offsets.float()
     if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(o).all())):
         return "non-finite scale or offset"
@@ -489,18 +605,98 @@ def affine_meta_violation(scales: torch.Tensor, offsets: torch.Tensor, bits: int
     return None
 
 
-def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
-    """One ``unpack_dequantize`` call over the affine sections of ``members``
-    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
-    meta = fmt.META_CODES[rec.meta_dtype]
+def _affine_meta_violation_np(scales, offsets, bits, out_dtype) -> str | None:
+    """affine_meta_violation for CPU tensors, in numpy: the same float32
+    operations at a fraction of the per-call cost of torch ops on small arrays."""
+    s = scales.numpy().astype(np.float32, copy=False)
+    o = offsets.numpy().astype(np.float32, copy=False)
+    if not (np.isfinite(s).all() and np.isfinite(o).all()):
+        return "non-finite scale or offset"
+    if np.signbit(s).any():
+        return "negative scale (or -0.0; the encoder writes +0.0)"
+    if ((o == 0) & np.signbit(o)).any():
+        return "offset -0.0 (the encoder writes +0.0)"
+    if scales.dtype == torch.float32 and ((s != 0) & (s < _FLOAT32_MIN_NORMAL)).any():
+        return "subnormal float32 scale (the encoder stores a scale below 2^-126 as 0)"
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = o + s * np.float32((1 << bits) - 1)  # two float32 roundings, as the kernels decode
+        if not np.isfinite(top).all():
+            return f"a group's top value offset + scale * {(1 << bits) - 1} overflows float32"
+        if out_dtype == torch.float16:
+            bad = not (np.isfinite(top.astype(np.float16)).all() and np.isfinite(o.astype(np.float16)).all())
+        elif out_dtype == torch.bfloat16:  # numpy has no bfloat16
+            t, ot = torch.from_numpy(top), torch.from_numpy(o)
+            bad = not (bool(torch.isfinite(t.to(out_dtype)).all()) and bool(torch.isfinite(ot.to(out_dtype)).all()))
+        else:
+            bad = False
+    if bad:
+        return f"a group's range decodes beyond the finite range of {out_dtype}"
+    return None
+
+
+def _affine_spans(rec, members, counts):
+    """Where the affine sections of ``members`` lie: scales, offsets, the
+    packed streams whose padding bits must be checked, payloads."""
     half = [e.metadata_len // 2 for e in members]
-    scales = _gather(mv, [(e.offset, h) for e, h in zip(members, half)]).view(meta)
-    offsets = _gather(mv, [(e.offset + h, h) for e, h in zip(members, half)]).view(meta)
+    return (
+        [(e.offset, h) for e, h in zip(members, half)],
+        [(e.offset + h, h) for e, h in zip(members, half)],
+        [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts) if (c * rec.bits) % 8],
+        [(e.payload_offset, e.payload_len) for e in members],
+    )
+
+
+def _affine_inputs(mv, rec, members, counts, out_dtype, spans=None):
+    """``(packed, scales, offsets)`` of the affine sections of ``members``,
+    after every content check of FORMAT.md 4 step 8 (metadata, padding)."""
+    meta = fmt.META_CODES[rec.meta_dtype]
+    s_spans, o_spans, pad, p_spans = spans or _affine_spans(rec, members, counts)
+    scales = _gather(mv, s_spans).view(meta)
+    offsets = _gather(mv, o_spans).view(meta)
     why = affine_meta_violation(scales, offsets, rec.bits, out_dtype)
     if why is not None:
         raise FormatError(f"{why} in tensors {[e.name for e in members]}")
-    _check_padding(mv, [(e.end, c * rec.bits, e.name) for e, c in zip(members, counts)], f"{rec.bits}-bit")
-    packed = _gather(mv, [(e.payload_offset, e.payload_len) for e in members])
+    _check_padding(mv, pad, f"{rec.bits}-bit")
+    packed = _gather(mv, p_spans)
+    return packed, scales, offsets
+
+
+def _decode_layout(pm: fmt.ParsedMessage):
+    """What decoding ``pm`` takes besides the message's bytes, worked out once
+    per parsed header (a repeated header reuses its ParsedMessage, so this too):
+    the raw tensors by dtype, the empty ones, and the codec groups with the
+    section spans of their affine members."""
+    lay = pm.__dict__.get("_decode_layout")
+    if lay is not None:
+        return lay
+    raw: dict[torch.dtype, list] = {}
+    empty, groups = [], {}
+    for e in pm.entries:
+        if pm.records[e.codec_index].codec == fmt.CODEC_RAW:
+            raw.setdefault(e.dtype, []).append(e)
+        elif e.numel == 0:
+            empty.append(e)
+        else:
+            groups.setdefault((e.codec_index, e.dtype), []).append(e)
+    glist = []
+    for (ci, dtype), members in groups.items():
+        rec = pm.records[ci]
+        numels = [e.numel for e in members]
+        if rec.codec == fmt.CODEC_AFFINE:
+            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
+            extra = (gs, _affine_spans(rec, members, numels))
+        else:
+            extra = None
+        glist.append((rec, dtype, members, numels, extra))
+    raws = [(dtype, members, [(e.payload_offset, e.payload_len) for e in members]) for dtype, members in raw.items()]
+    lay = pm._decode_layout = (raws, empty, glist)
+    return lay
+
+
+def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
+    """One ``unpack_dequantize`` call over the affine sections of ``members``
+    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
+    packed, scales, offsets = _affine_inputs(mv, rec, members, counts, out_dtype)
     # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
     return ops.unpack_dequantize(
         packed.to(device), scales.to(device), offsets.to(device), rec.bits, counts, group_sizes, dtype
@@ -526,54 +722,47 @@ def _sign_values(mv, rec, members, dtype, device) -> torch.Tensor:
                                  counts, torch.float32)  # fmt: skip
 
 
+def _topk_values(mv, rec, members, counts, dtype, device) -> torch.Tensor:
+    """The float32 values of top-k ``members`` (tensor ``dtype``), checked."""
+    if rec.values == fmt.VALUES_SIGN:
+        return _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
+    if rec.values == fmt.VALUES_QUANTIZED:
+        q = [(e, c) for e, c in zip(members, counts) if c]
+        if not q:
+            return torch.empty(0, dtype=torch.float32, device=device)
+        gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
+        return _dequantize(mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device)
+    vdtype = fmt.VALUE_DTYPES[rec.values]
+    values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
+    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(values.to(dtype)).all())):
+        # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
+        raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
+                          f"in tensors {[e.name for e in members]}")  # fmt: skip
+    return values.to(device=device, dtype=torch.float32)
+
+
 def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, torch.Tensor]:
     device = torch.device(device) if device is not None else torch.device("cpu")
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, list] = {}
-    for e in pm.entries:
-        rec = pm.records[e.codec_index]
-        if rec.codec == fmt.CODEC_RAW or e.numel == 0:
-            if rec.codec == fmt.CODEC_RAW:
-                raw = _gather(mv, [(e.payload_offset, e.payload_len)])
-                if e.dtype == torch.bool and bool((raw > 1).any()):
-                    raise FormatError(f"tensor {e.name!r}: bool elements must be 0 or 1")
-                t = raw.view(e.dtype).reshape(e.shape)
-            else:
-                t = torch.zeros(e.shape, dtype=e.dtype)
-            out[e.name] = t.to(device)
-            continue
-        out[e.name] = None  # keeps the table order; filled per group below
-        groups.setdefault((e.codec_index, e.dtype), []).append(e)
+    raw_groups, empty, groups = _decode_layout(pm)
+    out: dict[str, torch.Tensor] = dict.fromkeys([e.name for e in pm.entries])  # the table order
+    for dtype, members, spans in raw_groups:
+        for e, t in zip(members, _raw_tensors(mv, dtype, members, spans)):
+            out[e.name] = t if device.type == "cpu" else t.to(device)
+    for e in empty:
+        out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
 
-    for (ci, dtype), members in groups.items():
-        rec = pm.records[ci]
+    for rec, dtype, members, numels, extra in groups:
         kdtype = torch.float32 if dtype == torch.float64 else dtype
-        numels = [e.numel for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
-            gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
-            dense = _dequantize(mv, rec, members, numels, gs, kdtype, dtype, device)
+            gs, spans = extra
+            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype, spans)
+            # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
+            dense = ops.unpack_dequantize(packed.to(device), scales.to(device), offsets.to(device), rec.bits, numels,
+                                          gs, kdtype)  # fmt: skip
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
-            if rec.values == fmt.VALUES_SIGN:
-                values = _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
-            elif rec.values == fmt.VALUES_QUANTIZED:
-                q = [(e, c) for e, c in zip(members, counts) if c]
-                if q:
-                    gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
-                    values = _dequantize(
-                        mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device
-                    )
-                else:
-                    values = torch.empty(0, dtype=torch.float32, device=device)
-            else:
-                vdtype = fmt.VALUE_DTYPES[rec.values]
-                values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
-                if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(values.to(dtype)).all())):
-                    # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
-                    raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
-                                      f"in tensors {[e.name for e in members]}")  # fmt: skip
-                values = values.to(device=device, dtype=torch.float32)
+            values = _topk_values(mv, rec, members, counts, dtype, device)
             try:
                 dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
             except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
@@ -583,8 +772,19 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         if dtype != kdtype:
             dense = dense.to(dtype)
         for e, t in zip(members, torch.split(dense, numels)):
-            out[e.name] = t.reshape(e.shape)
+            out[e.name] = t if len(e.shape) == 1 else t.view(e.shape)
     return out
+
+
+def _raw_tensors(mv, dtype, members, spans) -> list:
+    """The raw tensors ``members`` (all of ``dtype``, at ``spans``), checked:
+    one copy out of the message for all of them, then one split."""
+    flat = _gather(mv, spans)
+    if dtype == torch.bool and bool((flat > 1).any()):
+        name = next(e.name for e in members if any(b > 1 for b in mv[e.payload_offset : e.end]))
+        raise FormatError(f"tensor {name!r}: bool elements must be 0 or 1")
+    parts = torch.split(flat.view(dtype), [e.numel for e in members])
+    return [t if len(e.shape) == 1 else t.view(e.shape) for e, t in zip(members, parts)]
 
 
 def _as_view(data) -> memoryview:
@@ -669,6 +869,162 @@ def decode(
         schemas=_schema_lookup(schemas),
     )
     return _decode_parsed(pm, mv, device)
+
+
+_KERNEL_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes a tensor's elements occupy, first to one past the last."""
+    p = t.data_ptr()
+    if t.is_contiguous():
+        return p, p + t.numel() * t.element_size()
+    return p, p + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def decode_into(
+    data, tensors, *, mode: str = "assign", partial: bool = False, limits: DecodeLimits | None = None, schemas=None
+) -> list[str]:
+    """Decode a message into tensors the caller already has, in place.
+
+    The targets are the expectation (as ``decode(..., expect=tensors)``): the
+    message must hold exactly their names (a subset with ``partial=True``),
+    with their shapes and dtypes. The whole message is validated, contents
+    included (FORMAT.md 4), before the first target is written: a message
+    that fails any check raises and leaves every target untouched.
+
+    Parameters
+    ----------
+    data : bytes-like
+        A message produced by :func:`encode`.
+    tensors : Mapping[str, torch.Tensor] or torch.nn.Module
+        The targets, by name; a module stands for its ``state_dict()``
+        (parameters and buffers are written in place).
+    mode : {"assign", "add"}
+        ``"assign"``: each target becomes what :func:`decode` returns (top-k
+        tensors: zero where nothing was sent). ``"add"``: each target gets
+        ``target += decode(data)[name]``, with the same result as that
+        PyTorch expression (the decoded value in the target's dtype, then
+        added); top-k tensors touch only the sent elements.
+    partial : bool
+        The message may hold a subset of the targets; the others are left as
+        they are.
+    limits, schemas
+        As for :func:`decode`.
+
+    Returns
+    -------
+    list[str]
+        The names written, in message order.
+
+    Notes
+    -----
+    On the CPU nothing of the targets' size is allocated: affine and top-k
+    tensors are decoded by the kernels straight into them, raw tensors are
+    copied from the message. Exceptions, which go through a temporary: a
+    non-contiguous target (decoded into a contiguous buffer, then copied),
+    a float64 target of an affine codec (the kernels decode to float32).
+    Targets on another device are decoded there with :func:`decode`, then
+    copied. Targets the message writes must not overlap in memory (tied
+    weights under two names are refused).
+
+    Raises
+    ------
+    CodecError
+        As for :func:`decode` (``ExpectationError`` when the message does
+        not match the targets' names, shapes or dtypes).
+    TypeError, ValueError
+        A target that is not a tensor, overlapping targets, an unknown mode.
+    """
+    if mode not in ("assign", "add"):
+        raise ValueError(f"decode_into: mode must be 'assign' or 'add', not {mode!r}")
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.state_dict()
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"decode_into: tensors must be a mapping of names to tensors or a module, "
+                        f"not {type(tensors).__name__}")  # fmt: skip
+    mv = _as_view(data)
+    # Nothing the message claims is allocated before the targets are matched
+    # below, so the header is parsed without the expansion bound and then
+    # matched against the targets (cheaper than expect=; a mismatch is an
+    # ExpectationError, raised after the header's own checks).
+    pm = fmt.parse(mv, limits, None, bound_expansion=False, schemas=_schema_lookup(schemas))
+    n = len(pm.entries)
+    if n > len(tensors) if partial else n != len(tensors):
+        raise ExpectationError(f"message holds {n} tensors; the targets are "
+                               f"{'at most ' if partial else ''}{len(tensors)}")  # fmt: skip
+    targets = []
+    for e in pm.entries:
+        t = tensors.get(e.name)
+        if t is None:
+            raise ExpectationError(f"tensor {e.name!r} is not one of the targets")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"decode_into: target {e.name!r} is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype != e.dtype or t.shape != e.shape:
+            raise ExpectationError(f"tensor {e.name!r} is {e.dtype} of shape {e.shape}; the target is "
+                                   f"{t.dtype} of shape {tuple(t.shape)}")  # fmt: skip
+        targets.append(t.detach())  # in-place writes, even to leaves that require grad
+    add = mode == "add"
+    spans = sorted(_span(t) for t in targets if t.numel())
+    for a, b in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise ValueError("decode_into: two targets the message writes overlap in memory")
+    names = [e.name for e in pm.entries]
+    if any(t.device.type != "cpu" for t in targets):
+        # One device: decode there, then copy (validated as a whole first).
+        devices = {t.device for t in targets}
+        dense = _decode_parsed(pm, mv, devices.pop() if len(devices) == 1 else None)
+        for t, name in zip(targets, names):
+            src = dense[name].to(t.device)
+            t.add_(src) if add else t.copy_(src)
+        return names
+
+    # Phase 1: every check and every input, nothing written.
+    writes = []  # (targets, tensors to copy or add), per raw dtype
+    affine_calls = []  # (outs, packed, scales, offsets, bits, group sizes)
+    via_temp = []  # (targets, dense float32 thunk)
+    s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
+    raw_groups, _, groups = _decode_layout(pm)  # empty tensors: nothing to write
+    target_of = dict(zip(names, targets))
+    for dtype, members, spans in raw_groups:
+        writes.append(([target_of[e.name] for e in members], _raw_tensors(mv, dtype, members, spans)))
+    for rec, dtype, members, numels, extra in groups:
+        outs = [target_of[e.name] for e in members]
+        if rec.codec == fmt.CODEC_AFFINE:
+            gs, spans = extra
+            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype, spans)
+            if dtype in _KERNEL_OUT_DTYPES:
+                affine_calls.append((outs, packed, scales, offsets, rec.bits, gs))
+            else:  # float64: the kernels decode to float32
+                via_temp.append((outs, numels, (packed, scales, offsets, rec.bits, numels, gs)))
+        else:
+            counts = [e.count for e in members]
+            values = _topk_values(mv, rec, members, counts, dtype, torch.device("cpu"))
+            if dtype in (torch.float16, torch.bfloat16):
+                values = values.to(dtype).float()  # as decode rounds them: exact sums in "add" mode
+            s_outs += outs
+            s_index.append(_gather(mv, [(e.index_offset, e.index_len) for e in members]))
+            s_values.append(values)
+            s_counts += counts
+            s_names += [e.name for e in members]
+
+    # Phase 2: the writes. The index codes are validated by the one
+    # sparse_decode_into_ call below before it writes anything, so it goes first.
+    if s_outs:
+        try:
+            ops.sparse_decode_into_(s_outs, torch.cat(s_index), torch.cat(s_values), s_counts, accumulate=add)
+        except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
+            raise FormatError(f"sparse_decode rejected the index codes of {s_names}: {exc}") from exc
+    for outs, packed, scales, offsets, bits, gs in affine_calls:
+        ops.unpack_dequantize_into_(outs, packed, scales, offsets, bits, gs, accumulate=add)
+    for outs, numels, args in via_temp:
+        dense = ops.unpack_dequantize(*args, torch.float32)
+        for t, d in zip(outs, torch.split(dense, numels)):
+            d = d.reshape(t.shape)
+            t.add_(d) if add else t.copy_(d)
+    for dsts, srcs in writes:  # one dispatch per dtype
+        torch._foreach_add_(dsts, srcs) if add else torch._foreach_copy_(dsts, srcs)
+    return names
 
 
 # ---- numpy ------------------------------------------------------------------------

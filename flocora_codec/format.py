@@ -611,6 +611,30 @@ def parse(
 
     if version == COMPACT_VERSION:
         return _parse_compact(mv, limits, schemas, expect, partial)
+    # The header is a pure function of its bytes, the message length and the
+    # checks asked for: a message whose header repeats one parsed before (the
+    # same model and spec, round after round) reuses that result.
+    key = (len(mv), limits, None if expect is None else tuple(expect.items()), bound_expansion, partial)
+    hit = _PARSE_CACHE.get(key)
+    if hit is not None and bytes(mv[: len(hit[0])]) == hit[0]:
+        return hit[1]
+    pm = _parse_tables(mv, rd, limits, expect, bound_expansion, partial, version, flags, n_codecs, n_tensors)
+    if pm.header_bytes <= _PARSE_CACHE_MAX_HEADER:
+        if len(_PARSE_CACHE) >= _PARSE_CACHE_SIZE:
+            _PARSE_CACHE.clear()
+        _PARSE_CACHE[key] = (bytes(mv[: pm.header_bytes]), pm)
+    return pm
+
+
+# Parsed headers, by (length, limits, expect, bound_expansion, partial): the
+# header bytes and the ParsedMessage (shared: callers only read it).
+_PARSE_CACHE: dict = {}
+_PARSE_CACHE_SIZE = 16
+_PARSE_CACHE_MAX_HEADER = 1 << 16
+
+
+def _parse_tables(mv, rd, limits, expect, bound_expansion, partial, version, flags, n_codecs, n_tensors):
+    """FORMAT.md 4 step 7 for a full (version 1 or 2) message."""
     if n_tensors > limits.max_tensors:
         raise LimitError(f"{n_tensors} tensors exceed max_tensors={limits.max_tensors}")
     _check_expected_count(expect, n_tensors, partial)

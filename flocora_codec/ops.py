@@ -225,6 +225,41 @@ def _unpack_dequantize_fake(packed, scales, offsets, bits, numels, group_sizes, 
     return torch.empty(sum(numels), dtype=dtype, device=packed.device)
 
 
+def unpack_dequantize_into_(
+    outs: Sequence[torch.Tensor],
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_sizes: Sequence[int],
+    *,
+    accumulate: bool = False,
+) -> None:
+    """:func:`unpack_dequantize` into caller-owned tensors, in place.
+
+    Tensor ``i`` of the stream (``outs[i].numel()`` elements, read in
+    row-major order) is written to ``outs[i]`` in its dtype (float32, float16
+    or bfloat16; CPU only), or added to it with ``accumulate=True`` (the
+    decoded value rounded to the output dtype, then summed in float32: the
+    same as ``out += unpack_dequantize(...)`` in PyTorch). No result is
+    allocated; a non-contiguous output goes through a contiguous copy.
+    Sizes, dtypes and overlap are checked before any output is touched.
+    """
+    outs = list(outs)
+    if BACKEND == "reference":
+        _reference_call("unpack_dequantize_into_", _ref_unpack_dequantize_into_, outs, packed, scales, offsets,
+                        int(bits), [int(g) for g in group_sizes], bool(accumulate))  # fmt: skip
+        return
+    torch.ops.flocora.unpack_dequantize_into_(
+        outs, packed, scales, offsets, int(bits), [int(g) for g in group_sizes], bool(accumulate)
+    )
+
+
+@_register_fake("flocora::unpack_dequantize_into_")
+def _unpack_dequantize_into_fake(outs, packed, scales, offsets, bits, group_sizes, accumulate):
+    return None
+
+
 # ---- top-k sparse -----------------------------------------------------------
 def topk_encode(
     xs: Sequence[torch.Tensor], ks: Sequence[int], *, global_scope: bool = False
@@ -319,6 +354,34 @@ def _sparse_decode_add_fake(outs, index_bytes, values, counts):
     return None
 
 
+def sparse_decode_into_(
+    outs: Sequence[torch.Tensor],
+    index_bytes: torch.Tensor,
+    values: torch.Tensor,
+    counts: Sequence[int],
+    *,
+    accumulate: bool = False,
+) -> None:
+    """:func:`sparse_decode` into caller-owned CPU tensors, in place.
+
+    ``accumulate=False``: ``outs[i]`` becomes zeros with ``values_i`` at its
+    indices; ``accumulate=True``: :func:`sparse_decode_add_`. Every index
+    code is validated (as :func:`sparse_decode`: a malformed one raises
+    ``ValueError``) before any output is touched.
+    """
+    outs = list(outs)
+    if BACKEND == "reference":
+        _reference_call("sparse_decode_into_", _ref_sparse_decode_into_, outs, index_bytes, values,
+                        [int(c) for c in counts], bool(accumulate))  # fmt: skip
+        return
+    torch.ops.flocora.sparse_decode_into_(outs, index_bytes, values, [int(c) for c in counts], bool(accumulate))
+
+
+@_register_fake("flocora::sparse_decode_into_")
+def _sparse_decode_into_fake(outs, index_bytes, values, counts, accumulate):
+    return None
+
+
 # ---- reference backend: the list-taking ops over flocora_codec.reference ----
 # The reference works on CPU tensors; results go back to the inputs' device.
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -369,3 +432,38 @@ def _ref_sparse_decode(ref, index_bytes, values, numels, counts, dtype):
 
 def _ref_sparse_decode_add_(ref, outs, index_bytes, values, counts):
     ref.sparse_decode_add_(outs, _cpu(index_bytes), _cpu(values), counts)
+
+
+def _check_outs_disjoint(op, outs):
+    spans = []
+    for o in outs:
+        if o.numel():
+            extent = 1 + sum((n - 1) * st for n, st in zip(o.shape, o.stride()))
+            spans.append((o.data_ptr(), o.data_ptr() + extent * o.element_size()))
+    spans.sort()
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+        raise RuntimeError(f"flocora::{op}: output tensors overlap in memory")
+
+
+def _ref_unpack_dequantize_into_(ref, outs, packed, scales, offsets, bits, group_sizes, accumulate):
+    for i, o in enumerate(outs):
+        if o.dtype not in FLOAT_DTYPES:
+            raise RuntimeError(f"flocora::unpack_dequantize_into_: output {i} has dtype {o.dtype}")
+    _check_outs_disjoint("unpack_dequantize_into_", outs)
+    numels = [o.numel() for o in outs]
+    flat = _ref_unpack_dequantize(ref, packed, scales, offsets, bits, numels, group_sizes, torch.float32)
+    for o, v in zip(outs, torch.split(flat, numels)):
+        v = v.to(device=o.device, dtype=o.dtype).reshape(o.shape)
+        o.add_(v) if accumulate else o.copy_(v)
+
+
+def _ref_sparse_decode_into_(ref, outs, index_bytes, values, counts, accumulate):
+    if accumulate:
+        _ref_sparse_decode_add_(ref, outs, index_bytes, values, counts)
+        return
+    _check_outs_disjoint("sparse_decode_into_", outs)
+    numels = [o.numel() for o in outs]
+    # float64 holds every value exactly: one rounding, to each output's dtype
+    dense = _ref_sparse_decode(ref, index_bytes, values, numels, counts, torch.float64)
+    for o, v in zip(outs, torch.split(dense, numels)):
+        o.copy_(v.reshape(o.shape))

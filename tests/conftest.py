@@ -20,19 +20,23 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+_ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+
+@pytest.fixture(params=list(_ISA_LEVELS))
 def cpu_isa(request):
-    """Runs a test once with the portable loops and once with the AVX2 loops."""
+    """Runs a test once per build of the CPU loops this CPU can run: portable,
+    AVX2 and AVX-512 (skipped where the CPU lacks it)."""
     if REFERENCE_BACKEND:
         if request.param != "scalar":
             pytest.skip("reference backend: no CPU ISA to choose")
         yield "reference"
         return
-    level = 0 if request.param == "scalar" else 1
+    level = _ISA_LEVELS[request.param]
     got = torch.ops.flocora._set_cpu_isa(level)
     if got != level:
         torch.ops.flocora._set_cpu_isa(-1)
-        pytest.skip("this CPU has no AVX2")
+        pytest.skip(f"this CPU has no {request.param}")
     yield request.param
     torch.ops.flocora._set_cpu_isa(-1)
 

@@ -259,3 +259,15 @@ def test_compact_messages_and_schemas(tmp_path, capsys):
     assert cli_main(["encode", str(src), "-o", str(tmp_path / "v.flc"), "--bits", "2", "--schema", str(schema)]) == 0
     assert (tmp_path / "v.flc").read_bytes() == msg.read_bytes()
     assert cli_main(["encode", str(src), "-o", str(tmp_path / "w.flc"), "--bits", "4", "--schema", str(schema)]) == 3
+
+
+def test_bench_is_a_subcommand(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--full" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(fc.ops.BACKEND != "compiled", reason="the benchmark's baselines are checked against the kernels")
+def test_bench_baselines_compute_what_the_codec_does():
+    from flocora_codec import bench
+
+    bench._check_baselines(full=True)  # raises if a plain-PyTorch layout disagrees

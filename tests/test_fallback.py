@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Files that test messages (not kernels against the reference, which would
 # compare the reference with itself): golden bytes, format checks, fuzzing, CLI.
 CODEC_TEST_FILES = ["tests/test_codec.py", "tests/test_format.py", "tests/test_sign_values.py",
-                    "tests/test_fuzz.py", "tests/test_cli.py"]  # fmt: skip
+                    "tests/test_fuzz.py", "tests/test_cli.py", "tests/test_decode_into.py"]  # fmt: skip
 
 
 def _env(**extra):

@@ -353,3 +353,28 @@ def test_version_2_worked_example_of_format_md():
     assert fc.decode(data)["x"].tolist() == [0.0, -2.5, 0.0, 2.5, 0.0, 2.5, -2.5, 0.0]
     x = torch.tensor([0.5, -4.0, 0.1, 3.0, -0.0, 2.0, -1.0, 0.0])
     assert fc.encode({"x": x}, fc.CodecSpec(k=4, values="sign", rules=())) == data
+
+
+# ---- reused header parses ------------------------------------------------------------
+def test_a_repeated_header_is_reused_only_for_the_same_bytes_and_checks():
+    from flocora_codec import format as fmt
+
+    a = fc.encode({"wa": torch.randn(4, 8), "b": torch.randn(3)}, fc.CodecSpec(bits=4))
+    b = fc.encode({"wb": torch.randn(4, 8), "b": torch.randn(3)}, fc.CodecSpec(bits=4))  # same length, other name
+    assert len(a) == len(b)
+    assert fmt.parse(a) is fmt.parse(a)  # reused
+    assert [e.name for e in fmt.parse(b).entries] == ["wb", "b"]
+    assert list(fc.decode(b)) == ["wb", "b"]
+    with pytest.raises(fc.LimitError):
+        fmt.parse(a, fc.DecodeLimits(max_tensors=1))
+    with pytest.raises(fc.ExpectationError):
+        fc.decode(a, expect={"wa": ((4, 8), torch.float32)})
+    # the same header over other payload bytes: contents are still checked (and the CRC)
+    info = fc.message_info(a)
+    t = info.tensors[0]
+    bad = bytearray(a)
+    bad[t.offset : t.offset + 4] = struct.pack("<f", float("nan"))
+    with pytest.raises(fc.FormatError, match="non-finite"):
+        fc.decode(refix_crc(bytes(bad)))
+    with pytest.raises(fc.ChecksumError):
+        fc.decode(bytes(bad))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flocora_codec import ops
 from flocora_codec import reference as R
-from tests.conftest import DEVICES, FLOAT_DTYPES
+from tests.conftest import DEVICES, FLOAT_DTYPES, REFERENCE_BACKEND
 from tests.stochastic_kat import KNOWN_U24, probe_inputs, u24
 
 # (numel, group size): per tensor, per row of odd length, power-of-two groups,
@@ -277,3 +277,32 @@ def test_torch_compile_fullgraph():
     x = torch.randn(4096)
     compiled = torch.compile(roundtrip, fullgraph=True)
     assert torch.equal(compiled(x), roundtrip(x))
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="compares the kernels' CPU loop builds")
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_every_cpu_isa_writes_the_scalar_bytes_at_every_length(stochastic):
+    # Vector main loops (8/16/32/64 elements a step) and their tails, group
+    # boundaries inside a step, and float16/bfloat16 in and out.
+    torch.manual_seed(5)
+    lengths = [*range(0, 140), 191, 192, 193, 255, 256, 257, 1000, 4097]
+    xs = [torch.randn(n) * 2 for n in lengths]
+    xs += [torch.randn(300).half(), torch.randn(77).bfloat16()]
+    levels = [lvl for lvl in (0, 1, 2) if torch.ops.flocora._set_cpu_isa(lvl) == lvl]
+    try:
+        for bits in range(1, 9):
+            for group in (1, 7, 16, 64, 10**6):
+                results = []
+                for lvl in levels:
+                    torch.ops.flocora._set_cpu_isa(lvl)
+                    p, s, o = ops.quantize_pack(xs, bits, [group] * len(xs), stochastic=stochastic,
+                                                seeds=list(range(len(xs))))  # fmt: skip
+                    numels = [x.numel() for x in xs]
+                    ys = [ops.unpack_dequantize(p, s, o, bits, numels, [group] * len(xs), dt)
+                          for dt in (torch.float32, torch.float16, torch.bfloat16)]  # fmt: skip
+                    results.append((p, s, o, *ys))
+                for lvl, r in zip(levels[1:], results[1:]):
+                    for a, b in zip(results[0], r):
+                        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (lvl, bits, group)
+    finally:
+        torch.ops.flocora._set_cpu_isa(-1)

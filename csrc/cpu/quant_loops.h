@@ -1,9 +1,11 @@
-// Hot loops of the CPU quantize_pack and unpack_dequantize kernels, in two
-// builds: `scalar` (portable x86-64 / any CPU) and `avx2` (AVX2 + F16C,
-// compiled for that target only and picked at run time), so the extension
-// never needs -march=native and still uses the vector units it finds.
-// Both produce identical bytes: the AVX2 code performs the same IEEE
-// operations as affine.h, lane by lane.
+// Hot loops of the CPU quantize_pack and unpack_dequantize kernels, in three
+// builds: `scalar` (portable x86-64 / any CPU), `avx2` (AVX2 + F16C) and
+// `avx512` (F, BW, VL, VBMI), each vector build compiled for its target only
+// (GCC target pragmas, not global -m flags) and picked at run time by cpuid,
+// so the extension never needs -march=native and still uses the vector units
+// it finds. All produce identical bytes: the vector code performs the same
+// IEEE operations as affine.h, lane by lane (and -ffp-contract=off keeps the
+// compiler from fusing them into FMAs).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -440,10 +442,228 @@ inline QuantLoops loops() {
 #pragma GCC pop_options
 #endif
 
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")
+namespace avx512 {
+
+inline __mmask16 tail16(int64_t n) { return (__mmask16)((1u << n) - 1); }  // n < 16
+
+// Min/max are exact in any order (see avx2::minmax); 32 lanes per step.
+inline bool minmax(const float* x, int64_t n, float* lo, float* hi) {
+  if (n < 16) return avx2::minmax(x, n, lo, hi);
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 mn0 = _mm512_loadu_ps(x), mx0 = mn0, mn1 = mn0, mx1 = mn0;
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(a, a), zero, _CMP_NEQ_UQ);  // NaN exactly for NaN and +-Inf
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(b, b), zero, _CMP_NEQ_UQ);
+    mn0 = _mm512_min_ps(a, mn0);
+    mx0 = _mm512_max_ps(a, mx0);
+    mn1 = _mm512_min_ps(b, mn1);
+    mx1 = _mm512_max_ps(b, mx1);
+  }
+  if (i + 16 <= n) {
+    __m512 a = _mm512_loadu_ps(x + i);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(a, a), zero, _CMP_NEQ_UQ);
+    mn0 = _mm512_min_ps(a, mn0);
+    mx0 = _mm512_max_ps(a, mx0);
+    i += 16;
+  }
+  if (i < n) {  // the last 16 elements again: re-reading some is harmless for min/max
+    __m512 a = _mm512_loadu_ps(x + n - 16);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(a, a), zero, _CMP_NEQ_UQ);
+    mn1 = _mm512_min_ps(a, mn1);
+    mx1 = _mm512_max_ps(a, mx1);
+  }
+  *lo = _mm512_reduce_min_ps(_mm512_min_ps(mn0, mn1));
+  *hi = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
+  return bad == 0;
+}
+
+// The same operations as flocora::quantize_nearest (avx2::nearest8), 16 lanes.
+inline __m512i nearest16(__m512 x, __m512 off, __m512 inv, __m512 lev) {
+  const __m512 magic = _mm512_set1_ps(8388608.0f);
+  __m512 v = _mm512_mul_ps(_mm512_sub_ps(x, off), inv);
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), lev);  // max(NaN,0)=0 as clamp_levels
+  v = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+  return _mm512_cvttps_epi32(v);
+}
+
+inline void quantize_nearest(const float* x, int64_t n, const AffineParams& p, float levels, uint8_t* codes) {
+  const __m512 off = _mm512_set1_ps(p.offset), inv = _mm512_set1_ps(p.inv_scale), lev = _mm512_set1_ps(levels);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m128i a = _mm512_cvtepi32_epi8(nearest16(_mm512_loadu_ps(x + i), off, inv, lev));
+    __m128i b = _mm512_cvtepi32_epi8(nearest16(_mm512_loadu_ps(x + i + 16), off, inv, lev));
+    _mm256_storeu_si256((__m256i*)(codes + i), _mm256_set_m128i(b, a));
+  }
+  for (; i + 16 <= n; i += 16)
+    _mm_storeu_si128((__m128i*)(codes + i), _mm512_cvtepi32_epi8(nearest16(_mm512_loadu_ps(x + i), off, inv, lev)));
+  if (i < n) {
+    __mmask16 m = tail16(n - i);
+    __m512i q = nearest16(_mm512_maskz_loadu_ps(m, x + i), off, inv, lev);
+    _mm_mask_storeu_epi8(codes + i, m, _mm512_cvtepi32_epi8(q));
+  }
+}
+
+inline __m512i mix32x16(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x7feb352du));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// avx2::stochastic8, 16 lanes.
+inline __m512i stochastic16(__m512 x, __m512i idx, __m512i key, __m512 off, __m512 inv, __m512 lev) {
+  __m512 v = _mm512_mul_ps(_mm512_sub_ps(x, off), inv);
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), lev);
+  __m512i fl_i = _mm512_cvttps_epi32(v);
+  __m512 frac = _mm512_sub_ps(v, _mm512_cvtepi32_ps(fl_i));
+  __m512i h = mix32x16(_mm512_add_epi32(mix32x16(_mm512_xor_si512(idx, key)), key));
+  __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(5.9604644775390625e-8f));
+  __mmask16 up = _mm512_cmp_ps_mask(u, frac, _CMP_LT_OQ);
+  __m512i q = _mm512_mask_add_epi32(fl_i, up, fl_i, _mm512_set1_epi32(1));
+  return _mm512_min_epi32(q, _mm512_cvttps_epi32(lev));
+}
+
+inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p, float levels, uint32_t key,
+                                uint32_t index_lo, uint8_t* codes) {
+  const __m512 off = _mm512_set1_ps(p.offset), inv = _mm512_set1_ps(p.inv_scale), lev = _mm512_set1_ps(levels);
+  const __m512i k = _mm512_set1_epi32((int)key);
+  const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(index_lo + (uint32_t)i)), step);
+    _mm_storeu_si128((__m128i*)(codes + i),
+                     _mm512_cvtepi32_epi8(stochastic16(_mm512_loadu_ps(x + i), idx, k, off, inv, lev)));
+  }
+  if (i < n) {
+    __mmask16 m = tail16(n - i);
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(index_lo + (uint32_t)i)), step);
+    __m512i q = stochastic16(_mm512_maskz_loadu_ps(m, x + i), idx, k, off, inv, lev);
+    _mm_mask_storeu_epi8(codes + i, m, _mm512_cvtepi32_epi8(q));
+  }
+}
+
+// 64 codes: squeeze each 64-bit lane (8 codes -> 8*B bits, as scalar::squeeze8),
+// then one byte permute gathers the low B bytes of the 8 lanes: 8*B bytes.
+template <int B>
+inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  alignas(64) uint8_t perm[64];
+  for (int k = 0; k < 64; ++k) perm[k] = (uint8_t)(k < 8 * B ? (k / B) * 8 + k % B : 0);
+  const __m512i gather = _mm512_load_si512((const void*)perm);
+  const __mmask64 keep = (__mmask64)((1ull << (8 * B)) - 1);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512i c = _mm512_loadu_si512((const void*)(codes + i));
+    c = _mm512_or_si512(
+        _mm512_and_si512(c, _mm512_set1_epi64(0x00FF00FF00FF00FFll)),
+        _mm512_srli_epi64(_mm512_and_si512(c, _mm512_set1_epi64((long long)0xFF00FF00FF00FF00ull)), 8 - B));
+    c = _mm512_or_si512(
+        _mm512_and_si512(c, _mm512_set1_epi64(0x0000FFFF0000FFFFll)),
+        _mm512_srli_epi64(_mm512_and_si512(c, _mm512_set1_epi64((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
+    c = _mm512_or_si512(_mm512_and_si512(c, _mm512_set1_epi64(0x00000000FFFFFFFFll)),
+                        _mm512_slli_epi64(_mm512_srli_epi64(c, 32), 4 * B));
+    _mm512_mask_storeu_epi8(dst + (i / 8) * B, keep, _mm512_permutexvar_epi8(gather, c));
+  }
+  scalar::pack<B>(codes + i, n - i, dst + (i / 8) * B);
+}
+
+// 64 codes from 8*B bytes: a byte permute gives 64-bit lane u the bytes
+// u*B.., then a multishift takes byte j of each lane from bit j*B on.
+template <int B>
+inline void unpack(const uint8_t* src, int64_t n, uint8_t* codes) {
+  alignas(64) uint8_t perm[64], shift[64];
+  for (int k = 0; k < 64; ++k) {
+    perm[k] = (uint8_t)((k / 8) * B + k % 8);  // <= 7B + 7 < 64
+    shift[k] = (uint8_t)((k % 8) * B);
+  }
+  const __m512i spread = _mm512_load_si512((const void*)perm), ctrl = _mm512_load_si512((const void*)shift);
+  const __m512i mask = _mm512_set1_epi8((char)((1 << B) - 1));
+  const __mmask64 take = (__mmask64)((1ull << (8 * B)) - 1);
+  int64_t i = 0;
+  const int64_t nbytes = (n * B + 7) / 8;
+  for (; i + 64 <= n; i += 64) {
+    const uint8_t* s = src + (i / 8) * B;
+    __m512i v = (i / 8) * B + 64 <= nbytes ? _mm512_loadu_si512((const void*)s) : _mm512_maskz_loadu_epi8(take, s);
+    v = _mm512_multishift_epi64_epi8(ctrl, _mm512_permutexvar_epi8(spread, v));
+    _mm512_storeu_si512((void*)(codes + i), _mm512_and_si512(v, mask));
+  }
+  scalar::unpack<B>(src + (i / 8) * B, n - i, codes + i);
+}
+
+// Masked loads and stores only for the tail: full-width masked stores are
+// slow on some cores (a 4-bit decode of 64 MiB ran at half the AVX2 speed).
+inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scale, float* out) {
+  const __m512 off = _mm512_set1_ps(offset), sc = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + i))));
+    _mm512_storeu_ps(out + i, _mm512_add_ps(off, _mm512_mul_ps(q, sc)));
+  }
+  if (i < n) {
+    __mmask16 m = tail16(n - i);
+    __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, codes + i)));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_add_ps(off, _mm512_mul_ps(q, sc)));
+  }
+}
+
+inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+  if (i < n) {
+    __mmask16 m = tail16(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + i)));
+  }
+}
+inline void float_to_half(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  if (i < n) {
+    __mmask16 m = tail16(n - i);
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+inline QuantLoops loops() {
+  QuantLoops t = avx2::loops();  // params (per group, not per element) stays AVX2
+  t.minmax = minmax;
+  t.quantize_nearest = quantize_nearest;
+  t.quantize_stochastic = quantize_stochastic;
+  t.pack[1] = pack<1>;
+  t.pack[2] = pack<2>;
+  t.pack[3] = pack<3>;
+  t.pack[4] = pack<4>;
+  t.pack[5] = pack<5>;
+  t.pack[6] = pack<6>;
+  t.pack[7] = pack<7>;
+  t.unpack[1] = unpack<1>;
+  t.unpack[2] = unpack<2>;
+  t.unpack[3] = unpack<3>;
+  t.unpack[4] = unpack<4>;
+  t.unpack[5] = unpack<5>;
+  t.unpack[6] = unpack<6>;
+  t.unpack[7] = unpack<7>;
+  t.dequantize = dequantize;
+  t.half_to_float = half_to_float;
+  t.float_to_half = float_to_half;
+  return t;
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
 // ---- instruction-set dispatch ----------------------------------------------------
 // One state for the whole extension (inline: shared by every file that
 // includes this header). -1: pick the best this CPU supports; 0: scalar;
-// 1: AVX2. Tests force both (flocora::_set_cpu_isa).
+// 1: AVX2; 2: AVX-512. Tests force each one the CPU has (flocora::_set_cpu_isa).
 inline std::atomic<int> g_isa_override{-1};
 
 inline bool cpu_has_avx2() {
@@ -455,13 +675,33 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+inline bool cpu_has_avx512() {
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The instruction set `level` (-1: the best) gives on this CPU: 0, 1 or 2.
+inline int cpu_isa_for(int level) {
+  int best = cpu_has_avx512() ? 2 : (cpu_has_avx2() ? 1 : 0);
+  return level < 0 ? best : (level < best ? level : best);
+}
+
 // The loops of the instruction set in use.
 inline const QuantLoops& loops() {
   static const QuantLoops scalar_loops = scalar::loops();
 #if defined(FLOCORA_X86) && defined(__GNUC__)
   static const QuantLoops avx2_loops = avx2::loops();
-  int isa = g_isa_override.load(std::memory_order_relaxed);
-  if (isa != 0 && cpu_has_avx2()) return avx2_loops;
+  static const QuantLoops avx512_loops = avx512::loops();
+  switch (cpu_isa_for(g_isa_override.load(std::memory_order_relaxed))) {
+    case 2: return avx512_loops;
+    case 1: return avx2_loops;
+    default: break;
+  }
 #endif
   return scalar_loops;
 }

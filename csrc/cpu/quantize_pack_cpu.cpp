@@ -274,12 +274,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   return {packed, scales, offsets};
 }
 
-// Test hook: force the scalar (0) or AVX2 (1) loops, or auto (-1). Returns
-// the instruction set now in use (0 or 1).
+// Test hook: force the scalar (0), AVX2 (1) or AVX-512 (2) loops, or auto
+// (-1). Returns the instruction set now in use: the one asked for, or the
+// best below it that this CPU has.
 int64_t set_cpu_isa_cpu(int64_t level) {
-  TORCH_CHECK(level >= -1 && level <= 1, "flocora::_set_cpu_isa: level must be -1, 0 or 1, got ", level);
+  TORCH_CHECK(level >= -1 && level <= 2, "flocora::_set_cpu_isa: level must be -1, 0, 1 or 2, got ", level);
   g_isa_override = (int)level;
-  return (level != 0 && cpu_has_avx2()) ? 1 : 0;
+  return cpu_isa_for((int)level);
 }
 
 // Test hook: the stochastic codes (unpacked, one per byte) of x, float32 as

@@ -1,6 +1,7 @@
-// CPU kernels of sparse_decode and sparse_decode_add_ (schemas: csrc/ops.cpp;
-// argument checks and sizes: csrc/include/flocora/host_checks.h; index codes:
-// csrc/include/flocora/affine.h; bit streams: bitstream.h).
+// CPU kernels of sparse_decode, sparse_decode_add_ and sparse_decode_into_
+// (schemas: csrc/ops.cpp; argument checks and sizes:
+// csrc/include/flocora/host_checks.h; index codes: csrc/include/flocora/affine.h;
+// bit streams: bitstream.h).
 //
 // The index codes are untrusted bytes. Every size is checked first; then the
 // unary stream (bitmap, or Elias-Fano high part) is cut into pieces of
@@ -10,6 +11,7 @@
 // failing tensor; only then are the values scattered into the outputs.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -246,9 +248,12 @@ at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& va
   return out;
 }
 
-void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
-                            at::IntArrayRef counts) {
-  const char* op = "flocora::sparse_decode_add_";
+namespace {
+
+// Validates every index code, then (only then) zeroes the outputs unless
+// accumulate, and scatters (assign) or adds the values.
+void sparse_decode_outs(const char* op, at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
+                        at::IntArrayRef counts, bool accumulate) {
   const Dt vt = sparse_decode_add_outputs(op, outs, counts, values_in, [&](const at::Tensor& out, size_t i) {
     TORCH_CHECK(out.device().is_cpu(), op, ": output ", i, " is on ", out.device(), "; all tensors must be on the CPU");
   });
@@ -259,7 +264,13 @@ void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, 
   at::Tensor values = values_in.contiguous();
   // Non-contiguous outputs are updated through a contiguous copy.
   std::vector<at::Tensor> work(outs.size());
-  for (size_t i = 0; i < outs.size(); ++i) work[i] = outs[i].is_contiguous() ? outs[i] : outs[i].contiguous();
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (outs[i].is_contiguous())
+      work[i] = outs[i];
+    else
+      work[i] = accumulate ? outs[i].contiguous() : at::empty_like(outs[i], at::MemoryFormat::Contiguous);
+    if (!accumulate) work[i].zero_();
+  }
   std::vector<void*> ptr(outs.size());
   for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
   const std::vector<ScatterTask> tasks = scatter_tasks(plan);
@@ -267,11 +278,26 @@ void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, 
   run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
     for (int64_t ti = lo; ti < hi; ++ti) {
       const ScatterTask& t = tasks[ti];
-      scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
+      if (accumulate)
+        scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
+      else
+        scatter<false>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
     }
   });
   for (size_t i = 0; i < outs.size(); ++i)
     if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
+}
+
+}  // namespace
+
+void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
+                            at::IntArrayRef counts) {
+  sparse_decode_outs("flocora::sparse_decode_add_", outs, index_bytes, values_in, counts, true);
+}
+
+void sparse_decode_into__cpu(at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
+                             at::IntArrayRef counts, bool accumulate) {
+  sparse_decode_outs("flocora::sparse_decode_into_", outs, index_bytes, values_in, counts, accumulate);
 }
 
 }  // namespace cpu
@@ -280,4 +306,5 @@ void sparse_decode_add__cpu(at::TensorList outs, const at::Tensor& index_bytes, 
 TORCH_LIBRARY_IMPL(flocora, CPU, m) {
   m.impl("sparse_decode", &flocora::cpu::sparse_decode_cpu);
   m.impl("sparse_decode_add_", &flocora::cpu::sparse_decode_add__cpu);
+  m.impl("sparse_decode_into_", &flocora::cpu::sparse_decode_into__cpu);
 }

@@ -1,5 +1,6 @@
-// CPU kernel of unpack_dequantize (schema: csrc/ops.cpp; argument checks:
-// csrc/include/flocora/host_checks.h; loops: quant_loops.h).
+// CPU kernels of unpack_dequantize and unpack_dequantize_into_ (schemas:
+// csrc/ops.cpp; argument checks: csrc/include/flocora/host_checks.h; loops:
+// quant_loops.h).
 //
 // The output is cut into pieces of kQuantChunk elements over *all* tensors of
 // the call and run with one at::parallel_for: each piece unpacks its codes,
@@ -7,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -17,24 +19,25 @@
 #include <flocora/host_checks.h>
 
 #include "huge_pages.h"
+#include "out_checks.h"
 #include "quant_loops.h"
 
 namespace flocora {
 namespace cpu {
 
-at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in, const at::Tensor& offsets_in,
-                                 int64_t bits, at::IntArrayRef numels, at::IntArrayRef group_sizes,
-                                 at::ScalarType dtype) {
-  const char* op = "flocora::unpack_dequantize";
-  const UnpackLayout lay =
-      unpack_dequantize_layout(op, packed_in, scales_in, offsets_in, bits, numels, group_sizes, dtype, [&]() {
-        TORCH_CHECK(packed_in.device().is_cpu() && scales_in.device().is_cpu() && offsets_in.device().is_cpu(), op,
-                    ": all tensors must be on the CPU");
-      });
+namespace {
 
-  at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
-  at::Tensor result = at::empty({lay.total}, at::TensorOptions().dtype(dtype).device(packed.device()));
-  advise_huge_pages(result.data_ptr(), (size_t)result.nbytes());
+// Where one tensor's elements go: contiguous memory of a float dtype.
+struct OutSpan {
+  char* ptr;
+  at::ScalarType st;
+};
+
+// Unpacks and dequantizes every tensor of lay into out[i] (assigning, or
+// adding when accumulate: in float32, after rounding the decoded value to the
+// output dtype, so the sums equal out + unpack_dequantize(...) in PyTorch).
+void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& offsets,
+                 int64_t bits, const std::vector<OutSpan>& out, bool accumulate) {
   const bool meta_half = lay.meta_half;
   const uint8_t* src = packed.data_ptr<uint8_t>();
   const void* sc = scales.data_ptr();
@@ -53,35 +56,121 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
     for (int64_t b = 0; b < lay.ts[i].numel; b += kQuantChunk)
       pieces.push_back({(int32_t)i, b, std::min(lay.ts[i].numel, b + kQuantChunk)});
   const QuantLoops& L = loops();
-  char* dst_base = static_cast<char*>(result.data_ptr());
-  const int64_t out_size = result.element_size();
   at::parallel_for(0, (int64_t)pieces.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
     std::vector<uint8_t> codes(kQuantChunk);
-    std::vector<float> fbuf(dtype == at::kFloat ? 0 : kQuantChunk);
+    std::vector<float> fbuf, gbuf;
+    std::vector<uint16_t> hbuf;
     for (int64_t k = lo; k < hi; ++k) {
       const Piece& pc = pieces[k];
       const UnpackTensor& t = lay.ts[pc.tensor];
+      const at::ScalarType st = out[pc.tensor].st;
       const int64_t G = t.group, n = pc.end - pc.begin;
       L.unpack[bits](src + t.byte_base + pc.begin * bits / 8, n, codes.data());
-      float* outf = dtype == at::kFloat ? reinterpret_cast<float*>(dst_base) + t.elem_base + pc.begin : fbuf.data();
+      float* outf;
+      if (st == at::kFloat && !accumulate) {
+        outf = reinterpret_cast<float*>(out[pc.tensor].ptr) + pc.begin;
+      } else {
+        fbuf.resize(kQuantChunk);
+        outf = fbuf.data();
+      }
       for (int64_t s = pc.begin; s < pc.end;) {
         int64_t g = s / G, se = std::min(pc.end, (g + 1) * G);
         L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
                      meta_at(sc, t.group_base + g), outf + (s - pc.begin));
         s = se;
       }
-      if (dtype == at::kHalf) {
-        L.float_to_half(outf, n, reinterpret_cast<uint16_t*>(dst_base + out_size * (t.elem_base + pc.begin)));
-      } else if (dtype == at::kBFloat16) {
-        uint16_t* d = reinterpret_cast<uint16_t*>(dst_base + out_size * (t.elem_base + pc.begin));
-        for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_rn(outf[i]);
+      if (st == at::kFloat) {
+        if (accumulate) {
+          float* d = reinterpret_cast<float*>(out[pc.tensor].ptr) + pc.begin;
+          for (int64_t i = 0; i < n; ++i) d[i] = d[i] + outf[i];
+        }
+      } else if (st == at::kHalf) {
+        uint16_t* d = reinterpret_cast<uint16_t*>(out[pc.tensor].ptr) + pc.begin;
+        if (!accumulate) {
+          L.float_to_half(outf, n, d);
+        } else {
+          hbuf.resize(kQuantChunk);
+          gbuf.resize(kQuantChunk);
+          L.float_to_half(outf, n, hbuf.data());  // the decoded value, as its dtype holds it
+          L.half_to_float(hbuf.data(), n, outf);
+          L.half_to_float(d, n, gbuf.data());
+          for (int64_t i = 0; i < n; ++i) gbuf[i] = gbuf[i] + outf[i];
+          L.float_to_half(gbuf.data(), n, d);
+        }
+      } else {  // bfloat16
+        uint16_t* d = reinterpret_cast<uint16_t*>(out[pc.tensor].ptr) + pc.begin;
+        for (int64_t i = 0; i < n; ++i) {
+          uint16_t v = float_to_bf16_rn(outf[i]);
+          d[i] = accumulate ? float_to_bf16_rn(bf16_to_float(d[i]) + bf16_to_float(v)) : v;
+        }
       }
     }
   });
+}
+
+}  // namespace
+
+at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in, const at::Tensor& offsets_in,
+                                 int64_t bits, at::IntArrayRef numels, at::IntArrayRef group_sizes,
+                                 at::ScalarType dtype) {
+  const char* op = "flocora::unpack_dequantize";
+  const UnpackLayout lay =
+      unpack_dequantize_layout(op, packed_in, scales_in, offsets_in, bits, numels, group_sizes, dtype, [&]() {
+        TORCH_CHECK(packed_in.device().is_cpu() && scales_in.device().is_cpu() && offsets_in.device().is_cpu(), op,
+                    ": all tensors must be on the CPU");
+      });
+
+  at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
+  at::Tensor result = at::empty({lay.total}, at::TensorOptions().dtype(dtype).device(packed.device()));
+  advise_huge_pages(result.data_ptr(), (size_t)result.nbytes());
+  char* base = static_cast<char*>(result.data_ptr());
+  std::vector<OutSpan> out(lay.ts.size());
+  for (size_t i = 0; i < lay.ts.size(); ++i) out[i] = {base + result.element_size() * lay.ts[i].elem_base, dtype};
+  unpack_into(lay, packed, scales, offsets, bits, out, false);
   return result;
+}
+
+// unpack_dequantize into caller-owned tensors: tensor i of the stream goes to
+// outs[i] (its numel), in place; no output is allocated (a non-contiguous
+// output is written through a contiguous copy). All checks run before any
+// output is touched.
+void unpack_dequantize_into__cpu(at::TensorList outs, const at::Tensor& packed_in, const at::Tensor& scales_in,
+                                 const at::Tensor& offsets_in, int64_t bits, at::IntArrayRef group_sizes,
+                                 bool accumulate) {
+  const char* op = "flocora::unpack_dequantize_into_";
+  std::vector<int64_t> numels(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    TORCH_CHECK(outs[i].device().is_cpu(), op, ": output ", i, " is on ", outs[i].device(),
+                "; all tensors must be on the CPU");
+    Dt dt;
+    TORCH_CHECK(float_dt(outs[i].scalar_type(), &dt), op, ": output ", i, " has dtype ", outs[i].scalar_type(),
+                " (expected float32, float16 or bfloat16)");
+    numels[i] = outs[i].numel();
+  }
+  check_outputs_disjoint(op, outs);
+  const UnpackLayout lay =
+      unpack_dequantize_layout(op, packed_in, scales_in, offsets_in, bits, numels, group_sizes, at::kFloat, [&]() {
+        TORCH_CHECK(packed_in.device().is_cpu() && scales_in.device().is_cpu() && offsets_in.device().is_cpu(), op,
+                    ": all tensors must be on the CPU");
+      });
+  at::Tensor packed = packed_in.contiguous(), scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
+  std::vector<at::Tensor> work(outs.size());
+  std::vector<OutSpan> out(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    work[i] = outs[i].is_contiguous()
+                  ? outs[i]
+                  : (accumulate ? outs[i].contiguous() : at::empty_like(outs[i], at::MemoryFormat::Contiguous));
+    out[i] = {numels[i] ? static_cast<char*>(work[i].data_ptr()) : nullptr, outs[i].scalar_type()};
+  }
+  unpack_into(lay, packed, scales, offsets, bits, out, accumulate);
+  for (size_t i = 0; i < outs.size(); ++i)
+    if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
 }
 
 }  // namespace cpu
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CPU, m) { m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu); }
+TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu);
+  m.impl("unpack_dequantize_into_", &flocora::cpu::unpack_dequantize_into__cpu);
+}

@@ -1,0 +1,493 @@
+"""``flocora-codec bench``: CPU throughput of the codec against the machine's
+memory bandwidth and against what users would write instead.
+
+Every number is a median of several runs, and every ratio is taken against a
+baseline measured in the same run: ``dst.copy_(x)`` (bytes read + written)
+and ``x.sum()`` (bytes read) are the two bandwidth limits; the plain-PyTorch
+formulations (eager and ``torch.compile(dynamic=False)``, warmed up, in the
+two 4-bit layouts a user would pick) are the peers. Bandwidth counts bytes
+read plus bytes written for the copy and every op alike (encode: ``4n`` read,
+``n*bits/8`` + metadata written; decode the reverse). "fresh" decode allocates
+its output as :func:`flocora_codec.decode` does (page faults included);
+"into" decodes into a reused tensor (:func:`flocora_codec.decode_into`).
+
+Quick by default (about 20 s on a quiet machine); ``--full`` adds 64 and 256
+MiB, every bit width, the compiled peers at 4 bits for every size and at 1, 2
+and 8 bits for 16 MiB, and one 1 GiB tensor (about 3 minutes). Needs only an
+installed flocora-codec (matplotlib, when present, draws the plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import flocora_codec as fc
+from flocora_codec import ops
+from flocora_codec.demo import resnet18_lora_state_dict
+
+GROUP = 64
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def median_seconds(fn, repeats: int, min_seconds: float = 0.02) -> float:
+    """Median of ``repeats`` timings after a warm-up; calls shorter than
+    ``min_seconds / 20`` are batched."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    inner = max(1, int(min_seconds / 20 / max(once, 1e-7)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def fresh_seconds(fn, repeats: int) -> float:
+    """Median of single calls, each on memory the allocator has just handed
+    back (the first call's output is freed before the next)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+        del out
+    return statistics.median(times)
+
+
+# ---- plain-PyTorch peers: same math, written for speed -------------------------------
+def _params(g: torch.Tensor, bits: int):
+    lo = g.amin(1, keepdim=True) + 0.0
+    hi = g.amax(1, keepdim=True) + 0.0
+    levels = float(2**bits - 1)
+    scale = (hi - lo) / levels
+    scale = torch.where(scale >= FLT_MIN, scale, torch.zeros_like(scale))
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), scale)
+    return lo, scale, inv, levels
+
+
+def torch_quantize_interleaved(x: torch.Tensor, bits: int, group: int):
+    """Group quantize + LSB-first pack of consecutive codes (flocora_codec's
+    layout, same bytes; bits dividing 8)."""
+    g = x.reshape(-1, group)
+    lo, scale, inv, levels = _params(g, bits)
+    q = ((g - lo) * inv).clamp(0.0, levels).round().to(torch.int32)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    packed = (q.reshape(-1, per_byte) << shifts).sum(1).to(torch.uint8)
+    return packed, scale.reshape(-1), lo.reshape(-1)
+
+
+def torch_quantize_halves(x: torch.Tensor, bits: int, group: int):
+    """The layout a user picks for speed: a group's 8/bits parts packed against
+    each other (4 bits: byte j = code j | code j + group/2 << 4)."""
+    g = x.reshape(-1, group)
+    lo, scale, inv, levels = _params(g, bits)
+    q = ((g - lo) * inv).clamp(0.0, levels).round().to(torch.int32)
+    per_byte = 8 // bits
+    parts = q.reshape(-1, per_byte, group // per_byte)
+    packed = parts[:, 0]
+    for k in range(1, per_byte):
+        packed = packed | (parts[:, k] << (k * bits))
+    return packed.to(torch.uint8).reshape(-1), scale.reshape(-1), lo.reshape(-1)
+
+
+def torch_dequantize_interleaved(packed, scale, offset, bits: int, group: int):
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    q = ((packed.to(torch.int32).reshape(-1, 1) >> shifts) & (2**bits - 1)).to(torch.float32)
+    return (offset.reshape(-1, 1) + q.reshape(-1, group) * scale.reshape(-1, 1)).reshape(-1)
+
+
+def torch_dequantize_halves(packed, scale, offset, bits: int, group: int):
+    per_byte = 8 // bits
+    p = packed.to(torch.int32).reshape(-1, 1, group // per_byte)
+    shifts = (torch.arange(per_byte, dtype=torch.int32) * bits).reshape(1, -1, 1)
+    q = ((p >> shifts) & (2**bits - 1)).to(torch.float32).reshape(-1, group)
+    return (offset.reshape(-1, 1) + q * scale.reshape(-1, 1)).reshape(-1)
+
+
+def _check_baselines(full: bool) -> None:
+    """The peers compute what the codec does: the interleaved layout writes its
+    bytes, the halves layout decodes to its values."""
+    x = torch.randn(1 << 14) * 3
+    for bits in (1, 2, 4, 8) if full else (4,):
+        packed, scales, offsets = ops.quantize_pack([x], bits, [GROUP])
+        ours = ops.unpack_dequantize(packed, scales, offsets, bits, [x.numel()], [GROUP])
+        bp, bs, bo = torch_quantize_interleaved(x, bits, GROUP)
+        hp, hs, ho = torch_quantize_halves(x, bits, GROUP)
+        ok = torch.equal(bp, packed) and torch.equal(bs, scales) and torch.equal(bo, offsets)
+        ok = ok and torch.equal(torch_dequantize_interleaved(bp, bs, bo, bits, GROUP), ours)
+        ok = ok and torch.equal(torch_dequantize_halves(hp, hs, ho, bits, GROUP), ours)
+        if not ok:
+            raise RuntimeError(f"a plain-PyTorch baseline disagrees with the codec at {bits} bits")
+
+
+def _compiler():
+    """torch.compile(dynamic=False), with room for one graph per size and bit width."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    return lambda fn: torch.compile(fn, dynamic=False)
+
+
+def torchao_quantize(x: torch.Tensor, bits: int, group: int):
+    """torchao: choose_qparams_affine + quantize_affine (+ pack_uint4 at 4 bits)."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    block = (1, group)
+    g = x.reshape(-1, group)
+    scale, zero = choose_qparams_affine(g, MappingType.ASYMMETRIC, block, torch.uint8, 0, 2**bits - 1)
+    q = quantize_affine(g, block, scale, zero, torch.uint8, 0, 2**bits - 1)
+    if bits == 4:
+        from torchao.prototype.mx_formats.kernels import pack_uint4
+
+        q = pack_uint4(q)
+    return q
+
+
+def bnb_quantize(x: torch.Tensor):
+    import bitsandbytes.functional as F
+
+    return F.quantize_4bit(x, blocksize=GROUP, quant_type="nf4")
+
+
+# ---- report -------------------------------------------------------------------------
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    isa = "reference (no compiled kernels)"
+    if ops.BACKEND == "compiled":
+        isa = ("portable scalar", "AVX2", "AVX-512")[torch.ops.flocora._set_cpu_isa(-1)]
+    thp = ""
+    try:
+        thp = ", THP " + re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(
+            1
+        )
+        thp += "/defrag " + re.search(
+            r"\[([\w+]+)\]", Path("/sys/kernel/mm/transparent_hugepage/defrag").read_text()
+        ).group(1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        load = " load %.2f %.2f %.2f;" % os.getloadavg()
+    except OSError:
+        load = ""
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs{thp};{load} torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; flocora_codec {fc.__version__ if hasattr(fc, '__version__') else ''} "
+        f"loops: {isa}; Python {platform.python_version()}; "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+def fmt_size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:g} TiB"
+
+
+def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", repeats: int | None = None,
+        skip_huge: bool = False, plot: bool = True) -> Path:  # fmt: skip
+    """Run the benchmark, print the table and write it (and the plot) under ``out_dir``.
+
+    Returns the path of the markdown file.
+    """
+    repeats = repeats or (7 if full else 5)
+    sizes = [64 << 10, 1 << 20, 16 << 20] + ([64 << 20, 256 << 20] if full else [])
+    all_bits = (1, 2, 3, 4, 5, 6, 7, 8) if full else (1, 2, 4, 8)
+
+    def compiled_at(nbytes, bits):  # each (size, bits) is a compilation of its own: a few seconds
+        return (bits == 4 and (full or nbytes == 16 << 20)) or (full and nbytes == 16 << 20 and 8 % bits == 0)
+
+    compile_ = _compiler()
+    peers = {name: compile_(fn) for name, fn in [
+        ("q_interleaved", torch_quantize_interleaved), ("q_halves", torch_quantize_halves),
+        ("dq_interleaved", torch_dequantize_interleaved), ("dq_halves", torch_dequantize_halves)]}  # fmt: skip
+    _check_baselines(full)
+    lines: list[str] = []
+    notes: list[str] = []
+    curves: dict[str, list] = {}
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit("# flocora_codec CPU benchmark" + (" (--full)" if full else " (quick)"))
+    emit()
+    emit(f"Machine: {machine_description()}")
+    emit()
+    emit("## Encode (quantize + pack) and decode (unpack + dequantize): group 64, nearest, fp32 metadata")
+    emit()
+    emit(
+        "GB/s counts bytes read + written. Limits measured in the same run: `copy` = `dst.copy_(x)` (r+w), "
+        "`read` = `x.sum()` (bytes read). `% copy`: our GB/s over copy's; `% read` (encode): input consumed over "
+        "`read`. Decode: *into* a reused fp32 tensor (`decode_into`'s path) and *fresh* (a new output each call, "
+        "single shot, page faults included). `vs compiled`: the faster of the two `torch.compile(dynamic=False)` "
+        "layouts (halves / interleaved) over ours (decode: over fresh, as both allocate)."
+    )
+    emit()
+    emit(
+        "| size | bits | copy GB/s | read GB/s | encode GB/s | % copy | % read | vs compiled | decode into GB/s | "
+        "% copy | decode fresh GB/s | vs compiled |"
+    )
+    emit("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for nbytes in sizes:
+        n = nbytes // 4
+        x = torch.randn(n)
+        dst = torch.empty_like(x)
+        copy_gbs = 8 * n / median_seconds(lambda: dst.copy_(x), repeats) / 1e9
+        read_gbs = 4 * n / median_seconds(lambda: x.sum(), repeats) / 1e9
+        curves.setdefault("copy_ (r+w)", []).append((nbytes, copy_gbs))
+        curves.setdefault("x.sum() (read)", []).append((nbytes, read_gbs))
+        for bits in all_bits:
+            moved = 4 * n + (n * bits + 7) // 8 + 8 * n // GROUP
+            enc = median_seconds(lambda: ops.quantize_pack([x], bits, [GROUP]), repeats)
+            packed, scales, offsets = ops.quantize_pack([x], bits, [GROUP])
+            into = median_seconds(lambda: ops.unpack_dequantize_into_([dst], packed, scales, offsets, bits, [GROUP]),
+                                  repeats)  # fmt: skip
+            fresh = fresh_seconds(lambda: ops.unpack_dequantize(packed, scales, offsets, bits, [n], [GROUP]), repeats)
+            vs_q = vs_dq = "-"
+            if compiled_at(nbytes, bits):
+                cq = min(
+                    median_seconds(lambda: peers[k](x, bits, GROUP), repeats) for k in ("q_interleaved", "q_halves")
+                )
+                cdq = min(median_seconds(lambda: peers[k](packed, scales, offsets, bits, GROUP), repeats)
+                          for k in ("dq_interleaved", "dq_halves"))  # fmt: skip
+                vs_q, vs_dq = f"{cq / enc:.2f}x", f"{cdq / fresh:.2f}x"  # both allocate their output
+                if bits == 4:
+                    curves.setdefault("torch.compile encode (best layout)", []).append((nbytes, moved / cq / 1e9))
+                    curves.setdefault("torch.compile decode (best layout)", []).append((nbytes, moved / cdq / 1e9))
+            enc_gbs, into_gbs, fresh_gbs = moved / enc / 1e9, moved / into / 1e9, moved / fresh / 1e9
+            if bits == 4:
+                curves.setdefault("ours encode 4-bit", []).append((nbytes, enc_gbs))
+                curves.setdefault("ours decode into 4-bit", []).append((nbytes, into_gbs))
+                curves.setdefault("ours decode fresh 4-bit", []).append((nbytes, fresh_gbs))
+            emit(
+                f"| {fmt_size(nbytes)} | {bits} | {copy_gbs:.1f} | {read_gbs:.1f} | {enc_gbs:.1f} | "
+                f"{100 * enc_gbs / copy_gbs:.0f}% | {100 * 4 * n / enc / 1e9 / read_gbs:.0f}% | {vs_q} | "
+                f"{into_gbs:.1f} | {100 * into_gbs / copy_gbs:.0f}% | {fresh_gbs:.1f} | {vs_dq} |"
+            )
+        del x, dst
+    emit()
+
+    # ---- peers at 4 bits on 16 MiB ----------------------------------------------------
+    n = (16 << 20) // 4
+    x = torch.randn(n)
+    emit("## Peers: 4-bit quantization of 16 MiB of fp32 (group / block 64)")
+    emit()
+    emit("| what | ms | GB/s of fp32 input |")
+    emit("|---|---:|---:|")
+    rows = [
+        ("flocora_codec quantize_pack (fused, packed)", lambda: ops.quantize_pack([x], 4, [GROUP])),
+        ("PyTorch eager, interleaved (same bytes)", lambda: torch_quantize_interleaved(x, 4, GROUP)),
+        ("torch.compile, interleaved (same bytes)", lambda: peers["q_interleaved"](x, 4, GROUP)),
+        ("torch.compile, halves packed against each other", lambda: peers["q_halves"](x, 4, GROUP)),
+    ]
+    for name, fn in [
+        ("torchao choose_qparams_affine + quantize_affine + pack_uint4", lambda: torchao_quantize(x, 4, GROUP)),
+        ("bitsandbytes quantize_4bit nf4 (CPU)", lambda: bnb_quantize(x)),
+    ]:
+        try:
+            fn()
+            rows.append((name, fn))
+        except Exception as exc:  # noqa: BLE001 - an optional peer: say why it did not run
+            notes.append(
+                f"{name}: not run ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})"
+            )
+    for name, fn in rows:
+        s = median_seconds(fn, repeats)
+        emit(f"| {name} | {1e3 * s:.2f} | {4 * n / s / 1e9:.2f} |")
+    emit()
+    del x
+
+    # ---- small tensors and whole messages ---------------------------------------------
+    emit("## Small tensors: one call per tensor against the dispatch floor")
+    emit()
+    emit("| values | clone() us | encode us | decode into us | encode / clone | decode / clone |")
+    emit("|---:|---:|---:|---:|---:|---:|")
+    for numel in (16, 256, 4096, 65536):
+        x = torch.randn(numel)
+        dst = torch.empty_like(x)
+        clone = median_seconds(lambda: x.clone(), repeats)
+        enc = median_seconds(lambda: ops.quantize_pack([x], 4, [GROUP]), repeats)
+        p, s, o = ops.quantize_pack([x], 4, [GROUP])
+        dec = median_seconds(lambda: ops.unpack_dequantize_into_([dst], p, s, o, 4, [GROUP]), repeats)
+        emit(
+            f"| {numel:,} | {1e6 * clone:.1f} | {1e6 * enc:.1f} | {1e6 * dec:.1f} | {enc / clone:.1f}x | "
+            f"{dec / clone:.1f}x |"
+        )
+    emit()
+
+    state = resnet18_lora_state_dict(16)
+    mats = [t for t in state.values() if t.dim() > 1]
+    rows_g = [t.numel() // t.shape[0] for t in mats]
+    emit(
+        f"## A ResNet-18 r=16 LoRA adapter set ({len(state)} tensors, {sum(t.numel() for t in state.values()):,} "
+        f"values; {len(mats)} adapter matrices)"
+    )
+    emit()
+    emit("One multi-tensor kernel call against a per-tensor loop (the adapter matrices):")
+    emit()
+    emit("| op | one call ms | per-tensor loop ms | speed-up |")
+    emit("|---|---:|---:|---:|")
+    multi = median_seconds(lambda: ops.quantize_pack(mats, 4, rows_g), repeats)
+    loop = median_seconds(lambda: [ops.quantize_pack([t], 4, [g]) for t, g in zip(mats, rows_g)], repeats)
+    emit(f"| quantize_pack 4-bit per row | {1e3 * multi:.3f} | {1e3 * loop:.3f} | {loop / multi:.1f}x |")
+    p, s, o = ops.quantize_pack(mats, 4, rows_g)
+    numels = [t.numel() for t in mats]
+    singles = [ops.quantize_pack([t], 4, [g]) for t, g in zip(mats, rows_g)]
+    multi = median_seconds(lambda: ops.unpack_dequantize(p, s, o, 4, numels, rows_g), repeats)
+    loop = median_seconds(lambda: [ops.unpack_dequantize(a, b, c, 4, [t.numel()], [g])
+                                   for (a, b, c), t, g in zip(singles, mats, rows_g)], repeats)  # fmt: skip
+    emit(f"| unpack_dequantize 4-bit per row | {1e3 * multi:.3f} | {1e3 * loop:.3f} | {loop / multi:.1f}x |")
+    ks = [max(1, t.numel() // 10) for t in mats]
+    multi = median_seconds(lambda: ops.topk_encode(mats, ks), repeats)
+    loop = median_seconds(lambda: [ops.topk_encode([t], [k]) for t, k in zip(mats, ks)], repeats)
+    emit(f"| topk_encode 10% per tensor | {1e3 * multi:.3f} | {1e3 * loop:.3f} | {loop / multi:.1f}x |")
+    emit()
+    vals = list(state.values())
+    clone = median_seconds(lambda: [t.clone() for t in vals], repeats)
+    emit(
+        f"Whole messages (`fc.encode` / `fc.decode` / `fc.decode_into`, all {len(state)} tensors, the raw 1-D ones "
+        f"included) against {len(state)} `clone()` calls ({1e3 * clone:.3f} ms; goal: within 2x):"
+    )
+    emit()
+    emit(
+        "| spec | bytes | encode ms | decode ms | decode_into ms | encode / clones | decode / clones | "
+        "decode_into / clones |"
+    )
+    emit("|---|---:|---:|---:|---:|---:|---:|---:|")
+    targets = {k: v.clone() for k, v in state.items()}
+    for label, spec in [
+        ("4-bit per row (default)", fc.CodecSpec()),
+        ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
+        ("raw", fc.CodecSpec.raw()),
+        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
+    ]:
+        data = fc.encode(state, spec)
+        enc = median_seconds(lambda: fc.encode(state, spec), repeats)
+        dec = median_seconds(lambda: fc.decode(data), repeats)
+        into = median_seconds(lambda: fc.decode_into(data, targets), repeats)
+        emit(
+            f"| {label} | {len(data):,} | {1e3 * enc:.3f} | {1e3 * dec:.3f} | {1e3 * into:.3f} | "
+            f"{enc / clone:.1f}x | {dec / clone:.1f}x | {into / clone:.1f}x |"
+        )
+    emit()
+
+    # ---- top-k -------------------------------------------------------------------------
+    emit("## Top-k sparse encode against `torch.topk(|x|)` + gather")
+    emit()
+    emit("| size | density | ours ms | torch.topk+gather ms | speed-up |")
+    emit("|---|---:|---:|---:|---:|")
+    for nbytes in [s for s in sizes if s >= 1 << 20]:
+        n = nbytes // 4
+        x = torch.randn(n)
+        for density in (0.01, 0.1):
+            k = int(n * density)
+            ours = median_seconds(lambda: ops.topk_encode([x], [k]), repeats)
+
+            def torch_topk():
+                idx = torch.topk(x.abs(), k, sorted=False).indices
+                return idx, x[idx]
+
+            theirs = median_seconds(torch_topk, max(3, repeats // 2))
+            emit(f"| {fmt_size(nbytes)} | {density} | {1e3 * ours:.2f} | {1e3 * theirs:.2f} | {theirs / ours:.1f}x |")
+        del x
+    emit()
+
+    if full and not skip_huge:
+        n = (1 << 28) + (1 << 20)  # 8-bit codes: 2^31 + 2^23 payload bits
+        x = torch.randn(n)
+        packed, scales, offsets = ops.quantize_pack([x], 8, [GROUP])
+        enc = median_seconds(lambda: ops.quantize_pack([x], 8, [GROUP]), 3)
+        y = ops.unpack_dequantize(packed, scales, offsets, 8, [n], [GROUP])
+        bound = (scales.repeat_interleave(GROUP) / 2) * (1 + 1e-5) + 1e-6
+        ok = bool(((y - x).abs() <= bound).all()) and packed.numel() * 8 > 2**31
+        emit(
+            f"## One tensor past 2^31 payload bits: {n:,} elements at 8 bits: encode {1e3 * enc:.0f} ms "
+            f"({4 * n / enc / 1e9:.2f} GB/s of input); every element within scale/2: {'yes' if ok else 'NO'}"
+        )
+        emit()
+        del x, y, packed
+    if notes:
+        emit("Notes: " + "; ".join(notes))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", machine_description().split(";")[0]).strip("-").lower()
+    stem += "" if full else "-quick"
+    md = out_dir / f"{stem}.md"
+    if plot:
+        png = _plot(curves, out_dir / f"{stem}.png")
+        if png is not None:
+            lines.append(f"\n![GB/s against size]({png.name})")
+        else:
+            print("(matplotlib is not installed: no plot)")
+    md.write_text("\n".join(lines) + "\n")
+    print(f"\nwritten to {md}")
+    return md
+
+
+def _plot(curves, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in curves.items():
+        style = "--" if "copy" in label or "sum" in label else ("-o" if label.startswith("ours") else ":s")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("fp32 tensor size (bytes)")
+    ax.set_ylabel("GB/s (bytes read + written)")
+    ax.set_title("flocora_codec CPU throughput, group 64")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="sizes up to 256 MiB, every bit width, compiled peers at 1/2/4/8 bits (~3 min)",
+    )
+    parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                        help="directory for the table and the plot (default: benchmarks/results)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None, help="timings per median (default 5 quick, 7 full)")
+    parser.add_argument("--skip-huge", action="store_true", help="--full: skip the 1 GiB tensor")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flocora-codec bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot)
+    return 0
