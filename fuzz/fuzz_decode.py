@@ -4,9 +4,10 @@
 
 The target holds the decoder to docs/FORMAT.md sections 4 and 6: only the
 codec's own errors (``CodecError``), never another exception, a crash or a
-hang; ``message_info`` and ``decode`` agree on what is valid; every affine or
-top-k tensor that decodes is finite; a schema that parses serializes back to
-the same bytes. The first input byte picks a mode: bit 0 set, the rest of the
+hang; ``message_info``, ``decode`` and ``decode_into`` agree on what is valid
+(``decode_into`` writing the same bits, and nothing when it refuses); every
+affine or top-k tensor that decodes is finite; a schema that parses
+serializes back to the same bytes. The first input byte picks a mode: bit 0 set, the rest of the
 input gets a valid CRC32C appended, so the fuzzer explores what lies behind
 the checksum (a hostile sender re-seals its messages too), else the rest is
 taken as it is; bit 1 set, the rest is a schema (``Schema.from_bytes``), else
@@ -76,6 +77,16 @@ def check_input(data: bytes) -> None:
     try:
         out = fc.decode(msg, limits=LIMITS, schemas=SCHEMAS)
     except fc.CodecError:
+        if info is not None:  # a header that parses: decode_into must refuse too, writing nothing
+            targets = {t.name: torch.full(t.shape, 7, dtype=t.dtype) for t in info.tensors}
+            before = {k: _bits(v) for k, v in targets.items()}
+            try:
+                fc.decode_into(msg, targets, limits=LIMITS, schemas=SCHEMAS)
+            except fc.CodecError:
+                pass
+            else:
+                raise AssertionError("decode_into accepted a message decode refused")
+            assert all(torch.equal(_bits(v), before[k]) for k, v in targets.items()), "decode_into wrote, then failed"
         return
     assert info is not None, "decode accepted a message message_info refused"
     assert list(out) == [t.name for t in info.tensors]
@@ -84,6 +95,16 @@ def check_input(data: bytes) -> None:
         assert x.dtype == t.dtype and tuple(x.shape) == t.shape, t.name
         if t.codec != "raw":
             assert bool(torch.isfinite(x).all()), f"{t.name}: {t.codec} tensor decoded to NaN/Inf"
+    # decode_into gives the same bits, into targets of their own
+    targets = {k: torch.full_like(v, 7) for k, v in out.items()}
+    fc.decode_into(msg, targets, limits=LIMITS, schemas=SCHEMAS)
+    for k, v in out.items():
+        assert torch.equal(_bits(targets[k]), _bits(v)), f"{k}: decode_into differs from decode"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor (NaN payloads and -0.0 compared exactly)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def main() -> None:
