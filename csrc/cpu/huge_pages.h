@@ -1,19 +1,23 @@
-// Fresh multi-MiB outputs cost more in page faults than a whole fused pass
-// over them: first touch of a fresh 256 MiB buffer took 97 ms in 4 KiB pages
-// here and 18-23 ms with transparent huge pages (THP "madvise" mode, the
-// common default). But with defrag=madvise (also the default) the advice
-// makes every fault that finds no free 2 MiB block compact memory
-// synchronously (issue 12: a fresh 256 MiB decode output took 290 ms
-// instead of 68 ms without the advice). So the advice is given only when the
-// buddy allocator already holds enough free 2 MiB blocks for the whole
-// buffer (/proc/buddyinfo), i.e. when no fault needs compaction.
+// Transparent huge pages for fresh multi-MiB outputs: OFF by default, on
+// with FLOCORA_HUGE_PAGES=1. Measured here (THP enabled=madvise,
+// defrag=madvise, the common defaults; 4-bit decode into a fresh output,
+// 2 threads; quiet machine):
+//   single shot in a fresh process (one decode per FL round looks like this):
+//     64 MiB: 74-90 ms advised, 15-18 ms not (torch.empty().fill_: 13-17 ms);
+//     256 MiB: 303-310 ms advised, 51-55 ms not (empty().fill_: 47-50 ms);
+//   a tight loop of fresh outputs (memory just freed is reused):
+//     64 MiB: median 17 ms advised, 13 ms not; 256 MiB: 17 ms advised, 51 not.
+// With defrag=madvise an advised fault that finds no free 2 MiB block of the
+// right kind compacts memory synchronously; counting free blocks in
+// /proc/buddyinfo first (kept below) does not prevent it. The advice pays
+// only in tight loops of large decodes, so it is opt-in.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__linux__)
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <stdio.h>
 #include <sys/mman.h>
 #endif
 
@@ -45,8 +49,17 @@ inline int64_t free_2mib_blocks() {
 }
 #endif
 
+inline bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* v = getenv("FLOCORA_HUGE_PAGES");
+    return v != nullptr && strcmp(v, "1") == 0;
+  }();
+  return wanted;
+}
+
 inline void advise_huge_pages(void* ptr, size_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_wanted()) return;
   constexpr uintptr_t kHuge = 2u << 20;
   if (nbytes < 2 * kHuge) return;
   uintptr_t begin = ((uintptr_t)ptr + kHuge - 1) & ~(kHuge - 1);
