@@ -17,14 +17,19 @@ from tests.stochastic_kat import KNOWN_U24, probe_inputs, u24
 SIZES = [(1, 1), (7, 7), (27 * 16, 27), (1000, 64), (1000, 8), (4099, 4096), (40000, 40000), (70001, 33000)]
 
 
+def _bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def _check_against_reference(x, bits, group, stochastic=False, seed=0, meta=torch.float32, device="cpu"):
     packed, scales, offsets = ops.quantize_pack(
         [x.to(device)], bits, [group], stochastic=stochastic, seeds=[seed], meta_dtype=meta
     )
     rp, rs, ro = R.quantize_pack(x, bits, group, stochastic, seed, meta)
     assert torch.equal(packed.cpu(), rp)
-    assert torch.equal(scales.cpu(), rs)
-    assert torch.equal(offsets.cpu(), ro)
+    # bit for bit: torch.equal takes -0.0 for +0.0
+    assert torch.equal(_bits(scales.cpu()), _bits(rs))
+    assert torch.equal(_bits(offsets.cpu()), _bits(ro))
     y = ops.unpack_dequantize(packed, scales, offsets, bits, [x.numel()], [group], x.dtype)
     assert torch.equal(y.cpu(), R.unpack_dequantize(rp, rs, ro, bits, x.numel(), group, x.dtype))
     return y.cpu()
@@ -306,3 +311,64 @@ def test_every_cpu_isa_writes_the_scalar_bytes_at_every_length(stochastic):
                         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (lvl, bits, group)
     finally:
         torch.ops.flocora._set_cpu_isa(-1)
+
+
+def _awkward_groups(numel, group, seed):
+    """Random values with the groups the one-pass loop must get exactly right:
+    constant, all zero with -0.0, a range too small to invert, the minimum or
+    maximum in the first or last lane, and float32's largest finite range."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g) * 3
+    ngroups = numel // group
+    for j, kind in zip(range(0, ngroups, 3), range(6)):
+        s = slice(j * group, (j + 1) * group)
+        if kind == 0:
+            x[s] = 1.25
+        elif kind == 1:
+            x[s] = -0.0
+            x[j * group + group // 2] = 0.0
+        elif kind == 2:
+            x[s] = torch.arange(group) * 1e-45  # subnormal: scale 0
+        elif kind == 3:
+            x[j * group] = -40.0
+            x[(j + 1) * group - 1] = 40.0
+        elif kind == 4:
+            x[s] = x[s] * 1e36
+        elif kind == 5:
+            x[s] = torch.linspace(-1.7e38, 1.7e38, group)
+    return x
+
+
+# Group sizes the one-pass loop takes (multiples of 16: one, two and four
+# vectors a group, an odd count, long rows) and lengths giving whole blocks of
+# 16 groups, part blocks and a short last group.
+ONE_PASS = [(16, 16 * 16 * 3 + 5 * 16 + 7), (32, 32 * 21 + 31), (48, 48 * 19), (64, 64 * 16 * 4 + 64 * 3 + 1),
+            (80, 80 * 17 + 40), (576, 576 * 9 + 100), (16384, 16384 * 2 + 999)]  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("group,numel", ONE_PASS)
+def test_one_pass_groups_match_reference(cpu_isa, bits, group, numel):
+    x = _awkward_groups(numel, group, seed=group + bits)
+    _check_against_reference(x, bits, group)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 80])
+@pytest.mark.parametrize("where", ["first", "lane", "last group"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_pass_groups_name_non_finite_input(cpu_isa, group, where, bad):
+    # Every position of a group: the loop finds NaN only through its codes.
+    n = group * 40 + group // 2
+    for pos in {"first": [0, group * 17], "lane": [5, group * 3 + 17], "last group": [n - 1]}[where]:
+        x = torch.randn(n)
+        x[pos] = bad
+        with pytest.raises(ValueError, match="input has NaN or Inf values"):
+            ops.quantize_pack([x], 4, [group])
+
+
+def test_one_pass_groups_name_unfit_ranges(cpu_isa):
+    x = torch.randn(64 * 20)
+    x[64 * 7] = -3e38
+    x[64 * 7 + 1] = 3e38  # the range overflows float32
+    with pytest.raises(ValueError, match="range does not fit the metadata dtype Float"):
+        ops.quantize_pack([x], 4, [64])

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include <flocora/affine.h>
@@ -42,6 +43,14 @@ struct QuantLoops {
   void (*dequantize)(const uint8_t* codes, int64_t n, float offset, float scale, float* out);
   void (*half_to_float)(const uint16_t* src, int64_t n, float* dst);
   void (*float_to_half)(const float* src, int64_t n, uint16_t* dst);
+  // Range, parameters and codes of n whole groups of `group` floats (a
+  // multiple of 16), nearest rounding, float32 metadata, in one pass over
+  // each group: stores scale[g], offset[g] and one code per byte. nullptr
+  // in builds without one. False if a value is not finite or a group's
+  // parameters do not fit: the caller then redoes the groups on the checked
+  // path, which names the error.
+  bool (*encode_groups_f32)(const float* x, int64_t n, int64_t group, int bits, float* scale, float* offset,
+                            uint8_t* codes);
 };
 
 namespace scalar {
@@ -178,6 +187,7 @@ inline QuantLoops loops() {
   t.dequantize = dequantize;
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
+  t.encode_groups_f32 = nullptr;
   return t;
 }
 
@@ -549,28 +559,172 @@ inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p
   }
 }
 
-// 64 codes: squeeze each 64-bit lane (8 codes -> 8*B bits, as scalar::squeeze8),
-// then one byte permute gathers the low B bytes of the 8 lanes: 8*B bytes.
+// 64 codes -> 8*B bytes: two multiply-adds join neighbours (pairs into
+// 16-bit lanes, then quads into 32-bit lanes), a shift and a bit select join
+// the two halves of each 64-bit lane (8 codes, 8*B bits), and one byte
+// permute gathers the low B bytes of the 8 lanes. Codes must be < 2^B.
 template <int B>
-inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+inline __m512i squeeze64(__m512i c) {
+  static_assert(B >= 1 && B <= 7, "8-bit codes are stored as they are");
+  // unsigned multipliers times signed codes (codes < 2^7 fit; 2^7 does not fit a signed byte)
+  const __m512i pair = _mm512_set1_epi16((short)(1 | (1 << B) << 8));
+  const __m512i quad = _mm512_set1_epi32(1 | (1 << (2 * B)) << 16);
+  __m512i d = _mm512_madd_epi16(_mm512_maddubs_epi16(pair, c), quad);  // 4 codes per 32-bit lane, 4B bits
+  __m512i hi = _mm512_srli_epi64(d, 32 - 4 * B);                       // the upper lane's codes from bit 4B on
+  return _mm512_ternarylogic_epi64(d, hi, _mm512_set1_epi64((long long)((1ull << (4 * B)) - 1)), 0xE4);  // c ? a : b
+}
+
+template <int B>
+inline __m512i gather_packed_bytes() {
   alignas(64) uint8_t perm[64];
   for (int k = 0; k < 64; ++k) perm[k] = (uint8_t)(k < 8 * B ? (k / B) * 8 + k % B : 0);
-  const __m512i gather = _mm512_load_si512((const void*)perm);
+  return _mm512_load_si512((const void*)perm);
+}
+
+template <int B>
+inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  const __m512i gather = gather_packed_bytes<B>();
   const __mmask64 keep = (__mmask64)((1ull << (8 * B)) - 1);
   int64_t i = 0;
+  // Full 64-byte stores while the bytes past this unit's 8*B are still ours
+  // (the next units overwrite them); masked stores only at the end.
+  for (; i + 64 <= n && (i / 8) * B + 64 <= (n / 8) * B; i += 64) {
+    __m512i c = _mm512_loadu_si512((const void*)(codes + i));
+    _mm512_storeu_si512((void*)(dst + (i / 8) * B), _mm512_permutexvar_epi8(gather, squeeze64<B>(c)));
+  }
   for (; i + 64 <= n; i += 64) {
     __m512i c = _mm512_loadu_si512((const void*)(codes + i));
-    c = _mm512_or_si512(
-        _mm512_and_si512(c, _mm512_set1_epi64(0x00FF00FF00FF00FFll)),
-        _mm512_srli_epi64(_mm512_and_si512(c, _mm512_set1_epi64((long long)0xFF00FF00FF00FF00ull)), 8 - B));
-    c = _mm512_or_si512(
-        _mm512_and_si512(c, _mm512_set1_epi64(0x0000FFFF0000FFFFll)),
-        _mm512_srli_epi64(_mm512_and_si512(c, _mm512_set1_epi64((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
-    c = _mm512_or_si512(_mm512_and_si512(c, _mm512_set1_epi64(0x00000000FFFFFFFFll)),
-                        _mm512_slli_epi64(_mm512_srli_epi64(c, 32), 4 * B));
-    _mm512_mask_storeu_epi8(dst + (i / 8) * B, keep, _mm512_permutexvar_epi8(gather, c));
+    _mm512_mask_storeu_epi8(dst + (i / 8) * B, keep, _mm512_permutexvar_epi8(gather, squeeze64<B>(c)));
   }
   scalar::pack<B>(codes + i, n - i, dst + (i / 8) * B);
+}
+
+// Min (kMin) or max of each of 16 vectors, lane g of the result from
+// v[(g % 4) * 4 + g / 4]: four rounds of 128-bit, 64-bit and 32-bit
+// shuffles halve the vectors and double the groups per vector; the slot
+// order makes the groups come out in order without a last permute.
+template <bool kMin>
+inline __m512 op16(__m512 a, __m512 b) {
+  return kMin ? _mm512_min_ps(a, b) : _mm512_max_ps(a, b);
+}
+template <bool kMin>
+inline __m512 reduce_transpose16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = op16<kMin>(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                      _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    x[i] = op16<kMin>(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                      _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    y[i] = op16<kMin>(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  __m512d a = _mm512_castps_pd(y[0]), b = _mm512_castps_pd(y[1]);
+  return op16<kMin>(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+}
+
+// 16 codes of flocora::quantize_nearest with float32 metadata, before the
+// clamp to `levels`: rounding (x - offset) * inv_scale to nearest even in one
+// conversion equals clamping then rounding (the bounds are integers), and
+// the value is never below 0 (x >= offset). NaN converts to 0x80000000.
+inline __m512i nearest16_unclamped(__m512 x, __m512 off, __m512 inv) {
+  return _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_sub_ps(x, off), inv),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
+                              uint8_t* codes) {
+  const int64_t k = group / 16;  // vectors per group
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 levels = _mm512_set1_ps((float)((1 << bits) - 1)), fmin = _mm512_set1_ps(kFloatMinNormal);
+  const __m512i lev = _mm512_set1_epi32((1 << bits) - 1);
+  // 4 vectors of 16 codes -> 64 bytes in order: the two packs interleave 4-lane runs, vpermd undoes it.
+  const __m512i runs = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __mmask16 bad = 0;
+  __m512i raw_or = _mm512_setzero_si512();  // sign bit set iff some value was NaN
+  alignas(64) __m512 lo_slot[16], hi_slot[16];
+  alignas(64) float off_of[16], inv_of[16];
+  for (int64_t g0 = 0; g0 < n; g0 += 16) {
+    const int nb = (int)std::min<int64_t>(16, n - g0);
+    const float* xb = x + g0 * group;
+    // Range of each group, in registers; then all 16 at once.
+    for (int j = 0; j < nb; ++j) {
+      const float* xg = xb + j * group;
+      __m512 a = _mm512_loadu_ps(xg), mn0 = a, mx0 = a, mn1 = a, mx1 = a;
+      int64_t t = 1;
+      for (; t + 2 <= k; t += 2) {
+        __m512 b = _mm512_loadu_ps(xg + 16 * t), c = _mm512_loadu_ps(xg + 16 * t + 16);
+        mn0 = _mm512_min_ps(mn0, b);
+        mx0 = _mm512_max_ps(mx0, b);
+        mn1 = _mm512_min_ps(mn1, c);
+        mx1 = _mm512_max_ps(mx1, c);
+      }
+      if (t < k) {
+        __m512 b = _mm512_loadu_ps(xg + 16 * t);
+        mn0 = _mm512_min_ps(mn0, b);
+        mx0 = _mm512_max_ps(mx0, b);
+      }
+      const int slot = (j % 4) * 4 + j / 4;
+      lo_slot[slot] = _mm512_min_ps(mn0, mn1);
+      hi_slot[slot] = _mm512_max_ps(mx0, mx1);
+    }
+    for (int j = nb; j < 16; ++j) {  // unused slots repeat group 0
+      const int slot = (j % 4) * 4 + j / 4;
+      lo_slot[slot] = lo_slot[0];
+      hi_slot[slot] = hi_slot[0];
+    }
+    // affine_params of 16 groups (as avx2::params, 16 lanes).
+    __m512 o = _mm512_add_ps(reduce_transpose16<true>(lo_slot), zero);
+    __m512 range = _mm512_sub_ps(_mm512_add_ps(reduce_transpose16<false>(hi_slot), zero), o);
+    const __mmask16 valid = (__mmask16)((1u << nb) - 1);
+    bad |= valid & (_mm512_cmp_ps_mask(_mm512_sub_ps(range, range), zero, _CMP_NEQ_UQ) |
+                    _mm512_cmp_ps_mask(_mm512_sub_ps(o, o), zero, _CMP_NEQ_UQ));
+    __m512 scale = _mm512_div_ps(range, levels);
+    scale = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(scale, fmin, _CMP_GE_OQ), scale);
+    __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, zero, _CMP_GT_OQ), one, scale);
+    _mm512_mask_storeu_ps(scale_out + g0, valid, scale);
+    _mm512_mask_storeu_ps(offset_out + g0, valid, o);
+    _mm512_store_ps(off_of, o);
+    _mm512_store_ps(inv_of, inv);
+    // Codes, while the block is still in L1.
+    uint8_t* cb = codes + g0 * group;
+    auto store64 = [&](__m512i q0, __m512i q1, __m512i q2, __m512i q3, uint8_t* dst) {
+      raw_or = _mm512_ternarylogic_epi32(raw_or, q0, q1, 0xFE);  // a | b | c
+      raw_or = _mm512_ternarylogic_epi32(raw_or, q2, q3, 0xFE);
+      __m512i w01 = _mm512_packus_epi32(_mm512_min_epu32(q0, lev), _mm512_min_epu32(q1, lev));
+      __m512i w23 = _mm512_packus_epi32(_mm512_min_epu32(q2, lev), _mm512_min_epu32(q3, lev));
+      _mm512_storeu_si512((void*)dst, _mm512_permutexvar_epi32(runs, _mm512_packus_epi16(w01, w23)));
+    };
+    if (k <= 2 && (nb * k) % 4 == 0) {  // groups of 16 or 32: 4 or 2 groups per 64 codes
+      const int shift = k == 2 ? 1 : 0;
+      for (int v = 0; v < nb * k; v += 4) {
+        __m512i q[4];
+        for (int u = 0; u < 4; ++u) {
+          const int j = (v + u) >> shift;
+          q[u] = nearest16_unclamped(_mm512_loadu_ps(xb + 16 * (v + u)), _mm512_set1_ps(off_of[j]),
+                                     _mm512_set1_ps(inv_of[j]));
+        }
+        store64(q[0], q[1], q[2], q[3], cb + 16 * v);
+      }
+      continue;
+    }
+    for (int j = 0; j < nb; ++j) {
+      const float* xg = xb + j * group;
+      uint8_t* cg = cb + j * group;
+      const __m512 off = _mm512_set1_ps(off_of[j]), iv = _mm512_set1_ps(inv_of[j]);
+      int64_t t = 0;
+      for (; t + 4 <= k; t += 4)
+        store64(nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t), off, iv),
+                nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 16), off, iv),
+                nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 32), off, iv),
+                nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 48), off, iv), cg + 16 * t);
+      for (; t < k; ++t) {
+        __m512i q = nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t), off, iv);
+        raw_or = _mm512_or_si512(raw_or, q);
+        _mm_storeu_si128((__m128i*)(cg + 16 * t), _mm512_cvtepi32_epi8(_mm512_min_epu32(q, lev)));
+      }
+    }
+  }
+  return bad == 0 && _mm512_cmplt_epi32_mask(raw_or, _mm512_setzero_si512()) == 0;
 }
 
 // 64 codes from 8*B bytes: a byte permute gives 64-bit lane u the bytes
@@ -653,6 +807,7 @@ inline QuantLoops loops() {
   t.dequantize = dequantize;
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
+  t.encode_groups_f32 = encode_groups_f32;
   return t;
 }
 

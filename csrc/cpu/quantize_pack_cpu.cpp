@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -160,10 +161,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     int64_t first_piece, pieces;
   };
   std::vector<Range> ranges;
-  int64_t max_task = 8;
+  int64_t max_task = 8, max_task_groups = 1;
+  bool any_converted = false;  // float16/bfloat16 inputs need a float32 buffer
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
     const QuantTensor& t = tensors[ti];
     if (t.n == 0) continue;
+    any_converted |= t.dt != kF32;
     if (t.group <= kQuantChunk) {
       int64_t unit = 8 / std::gcd<int64_t>(t.group, 8);
       int64_t per_task = std::max<int64_t>(unit, (kQuantChunk / t.group) / unit * unit);
@@ -171,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
         int64_t e = std::min(t.n, (g + per_task) * t.group);
         phase1.push_back({(int32_t)ti, true, g * t.group, e});
         max_task = std::max(max_task, e - g * t.group);
+        max_task_groups = std::max(max_task_groups, std::min(per_task, t.ngroups - g));
       }
     } else {
       for (int64_t g = 0; g < t.ngroups; ++g) {
@@ -192,9 +196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
   std::atomic<bool> nonfinite{false}, unfit{false};
   std::vector<float> piece_lo(phase1.size()), piece_hi(phase1.size());
 
-  auto pack_range = [&](const QuantTensor& t, int64_t b, int64_t e, const float* xf, uint8_t* codes,
-                        const AffineParams* params_of_group, int64_t first_group) {
-    // Quantize [b, e) group segment by group segment, then pack the codes.
+  // Codes of elements [b, e) (xf[0] is element b) into codes[0..e-b), group
+  // segment by group segment.
+  auto quantize_range = [&](const QuantTensor& t, int64_t b, int64_t e, const float* xf, uint8_t* codes,
+                            const AffineParams* params_of_group, int64_t first_group) {
     for (int64_t s = b; s < e;) {
       int64_t g = s / t.group;
       int64_t se = std::min(e, (g + 1) * t.group);
@@ -202,19 +207,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
                        codes + (s - b));
       s = se;
     }
+  };
+  auto pack_codes = [&](const QuantTensor& t, int64_t b, int64_t e, const uint8_t* codes) {
     L.pack[bits](codes, e - b, out + t.byte_base + b * bits / 8);
   };
+  // The one-pass loop covers the common case; the checked path below does
+  // the rest (and any group the loop refuses, so that errors are named alike).
+  const bool one_pass = !stochastic && !meta_half && L.encode_groups_f32 != nullptr;
 
   at::parallel_for(0, (int64_t)phase1.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
-    std::vector<float> fbuf(max_task);
-    std::vector<uint8_t> codes(max_task);
-    std::vector<AffineParams> params(max_task);
-    std::vector<float> lo_buf(max_task), hi_buf(max_task);
-    std::vector<uint16_t> oh_buf(max_task), sh_buf(max_task);
+    // Scratch of this thread, left uninitialized (every use writes first):
+    // zeroing it cost more than encoding a 1 MiB tensor's groups.
+    std::unique_ptr<float[]> fbuf(any_converted ? new float[max_task] : nullptr);
+    std::unique_ptr<uint8_t[]> codes(new uint8_t[max_task]);
+    std::unique_ptr<AffineParams[]> params(new AffineParams[max_task_groups]);
+    std::unique_ptr<float[]> lo_buf(new float[max_task_groups]), hi_buf(new float[max_task_groups]);
+    std::unique_ptr<uint16_t[]> oh_buf(new uint16_t[max_task_groups]), sh_buf(new uint16_t[max_task_groups]);
     for (int64_t k = lo; k < hi; ++k) {
       const QuantTask& task = phase1[k];
       const QuantTensor& t = tensors[task.tensor];
-      const float* xf = as_float(t.x, t.dt, task.begin, task.end - task.begin, fbuf.data(), L);
+      const float* xf = as_float(t.x, t.dt, task.begin, task.end - task.begin, fbuf.get(), L);
       if (!task.fused) {
         if (!L.minmax(xf, task.end - task.begin, &piece_lo[k], &piece_hi[k])) nonfinite = true;
         continue;
@@ -222,21 +234,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
       // Ranges of all groups of the task, then their parameters in one
       // batch (vectorized across groups: small groups are common, e.g. the
       // 16-element rows of a rank-16 LoRA B), then codes.
+      const int64_t len = task.end - task.begin;
       int64_t g0 = task.begin / t.group;
+      int64_t done = 0;  // leading groups the one-pass loop encoded
+      if (one_pass && t.group % 16 == 0 && len >= t.group) {
+        const int64_t whole = len / t.group;
+        if (L.encode_groups_f32(xf, whole, t.group, (int)bits, meta.f32_scale + t.group_base + g0,
+                                meta.f32_offset + t.group_base + g0, codes.get()))
+          done = whole;
+      }
+      const int64_t rest_begin = task.begin + done * t.group;
       int64_t ng = 0;
-      for (int64_t gb = task.begin; gb < task.end; gb += t.group, ++ng) {
+      for (int64_t gb = rest_begin; gb < task.end; gb += t.group, ++ng) {
         int64_t ge = std::min(task.end, gb + t.group);
         if (!L.minmax(xf + (gb - task.begin), ge - gb, &lo_buf[ng], &hi_buf[ng])) {
           nonfinite = true;
           lo_buf[ng] = hi_buf[ng] = 0.0f;
         }
       }
-      if (!L.params(lo_buf.data(), hi_buf.data(), ng, (int)bits, meta_half, params.data(), oh_buf.data(),
-                    sh_buf.data()))
+      if (!L.params(lo_buf.get(), hi_buf.get(), ng, (int)bits, meta_half, params.get(), oh_buf.get(), sh_buf.get()))
         unfit = true;
       for (int64_t j = 0; j < ng; ++j)
-        meta.store(t.group_base + g0 + j, params[j].scale, params[j].offset, sh_buf[j], oh_buf[j]);
-      pack_range(t, task.begin, task.end, xf, codes.data(), params.data(), g0);
+        meta.store(t.group_base + g0 + done + j, params[j].scale, params[j].offset, sh_buf[j], oh_buf[j]);
+      quantize_range(t, rest_begin, task.end, xf + (rest_begin - task.begin), codes.get() + (rest_begin - task.begin),
+                     params.get(), g0 + done);
+      pack_codes(t, task.begin, task.end, codes.get());
     }
   });
 
@@ -266,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
         const QuantTask& task = phase2[k];
         const QuantTensor& t = tensors[task.tensor];
         const float* xf = as_float(t.x, t.dt, task.begin, task.end - task.begin, fbuf.data(), L);
-        pack_range(t, task.begin, task.end, xf, codes.data(), params[task.tensor].data(), 0);
+        quantize_range(t, task.begin, task.end, xf, codes.data(), params[task.tensor].data(), 0);
+        pack_codes(t, task.begin, task.end, codes.data());
       }
     });
   }
