@@ -47,7 +47,14 @@ TORCH_LIBRARY(flocora, m) {
   // outs[i].view(-1)[idx] += values, in place.
   m.def("sparse_decode_add_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts) -> ()");
 
-  // ---- decoding into caller-owned tensors (CPU kernels only) ----
+  // ---- encoding and decoding into caller-owned tensors (CPU kernels only) ----
+  // quantize_pack into packed/scales/offsets (contiguous, of exactly the sizes
+  // quantize_pack returns; meta dtype: the scales'). Sizes, dtypes and
+  // overlap are checked before any write; after a ValueError (input that
+  // cannot be encoded) their contents are unspecified.
+  m.def(
+      "quantize_pack_into_(Tensor[] xs, int bits, int[] group_sizes, bool stochastic, int[] seeds, "
+      "Tensor(a!) packed, Tensor(b!) scales, Tensor(c!) offsets) -> ()");
   // unpack_dequantize into outs[i] (numels and dtypes: the outputs'), in
   // place; accumulate: outs[i] += the decoded values (rounded to the output
   // dtype first, summed in float32). Nothing is written unless every check passes.

@@ -197,6 +197,43 @@ def _quantize_pack_fake(xs, bits, group_sizes, stochastic, seeds, meta_dtype):
     )
 
 
+def quantize_pack_into_(
+    xs: Sequence[torch.Tensor],
+    bits: int,
+    group_sizes: Sequence[int],
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    stochastic: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> None:
+    """:func:`quantize_pack` into caller-owned outputs, in place (CPU only).
+
+    ``packed`` (uint8), ``scales`` and ``offsets`` (the metadata dtype,
+    float32 or float16) must be contiguous and of exactly the sizes
+    :func:`quantize_pack` returns for these inputs, and must not overlap each
+    other or an input. An encoder that sends the same shapes every round
+    reuses them instead of faulting in fresh pages on every call (a large
+    output costs as much to fault in as to encode). Arguments are checked
+    before any write; after a ``ValueError`` (input that cannot be encoded)
+    the outputs' contents are unspecified.
+    """
+    xs = list(xs)
+    if seeds is None:
+        seeds = [0] * len(xs)
+    args = (xs, int(bits), [int(g) for g in group_sizes], bool(stochastic), [int(s) for s in seeds])
+    if BACKEND == "reference":
+        _reference_call("quantize_pack_into_", _ref_quantize_pack_into_, *args, packed, scales, offsets)
+        return
+    torch.ops.flocora.quantize_pack_into_(*args, packed, scales, offsets)
+
+
+@_register_fake("flocora::quantize_pack_into_")
+def _quantize_pack_into_fake(xs, bits, group_sizes, stochastic, seeds, packed, scales, offsets):
+    return None
+
+
 def unpack_dequantize(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -443,6 +480,47 @@ def _check_outs_disjoint(op, outs):
     spans.sort()
     if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
         raise RuntimeError(f"flocora::{op}: output tensors overlap in memory")
+
+
+_C10_NAMES = {torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+              torch.int64: "Long", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double",
+              torch.bfloat16: "BFloat16", torch.bool: "Bool"}  # fmt: skip
+
+
+def _ref_quantize_pack_into_(ref, xs, bits, group_sizes, stochastic, seeds, packed, scales, offsets):
+    op = "flocora::quantize_pack_into_"
+    meta = scales.dtype
+    if not 1 <= bits <= MAX_BITS or len(group_sizes) != len(xs) or len(seeds) != len(xs) or meta not in META_DTYPES:
+        _ref_quantize_pack(ref, xs, bits, group_sizes, stochastic, seeds, meta)  # raises the argument error
+    nbytes = sum(packed_nbytes(x.numel(), bits) for x in xs)
+    ngroups = sum(num_groups(x.numel(), g) for x, g in zip(xs, group_sizes))
+    for name, t, dtype, n in [("packed", packed, torch.uint8, nbytes), ("scales", scales, meta, ngroups),
+                              ("offsets", offsets, meta, ngroups)]:  # fmt: skip
+        if t.device.type != "cpu":
+            raise RuntimeError(f"{op}: {name} is on {t.device}; this op runs on the CPU")
+        if t.dtype != dtype:
+            raise RuntimeError(f"{op}: {name} must be {_C10_NAMES[dtype]}, got {_C10_NAMES.get(t.dtype, t.dtype)}")
+        if not t.is_contiguous():
+            raise RuntimeError(f"{op}: {name} must be contiguous")
+        if t.numel() != n:
+            raise RuntimeError(f"{op}: {name} has {t.numel()} elements, the encoding needs {n}")
+    try:
+        _check_outs_disjoint("quantize_pack_into_", [packed, scales, offsets])
+    except RuntimeError:
+        raise RuntimeError(f"{op}: packed, scales and offsets overlap in memory") from None
+    for i, x in enumerate(xs):
+        for o in (packed, scales, offsets):
+            if x.numel() and o.numel():
+                try:
+                    _check_outs_disjoint("quantize_pack_into_", [x, o])
+                except RuntimeError:
+                    raise RuntimeError(f"{op}: tensor {i} overlaps an output in memory") from None
+    if not xs:
+        return
+    for dst, src in zip(
+        (packed, scales, offsets), _ref_quantize_pack(ref, xs, bits, group_sizes, stochastic, seeds, meta)
+    ):
+        dst.copy_(src)
 
 
 def _ref_unpack_dequantize_into_(ref, outs, packed, scales, offsets, bits, group_sizes, accumulate):

@@ -111,7 +111,7 @@ def quantize_pack(
         e = torch.empty(0, dtype=meta_dtype)
         return torch.empty(0, dtype=torch.uint8), e, e.clone()
     if not torch.isfinite(flat).all():
-        raise ValueError("quantize_pack: input has NaN or Inf")
+        raise ValueError("quantize_pack: input has NaN or Inf values")
     offset, scale, inv = affine_params(flat, bits, group_size, meta_dtype)
     group = torch.arange(n) // group_size
     levels = float(2**bits - 1)

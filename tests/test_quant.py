@@ -372,3 +372,64 @@ def test_one_pass_groups_name_unfit_ranges(cpu_isa):
     x[64 * 7 + 1] = 3e38  # the range overflows float32
     with pytest.raises(ValueError, match="range does not fit the metadata dtype Float"):
         ops.quantize_pack([x], 4, [64])
+
+
+def _outputs_for(xs, bits, groups, meta=torch.float32):
+    nbytes = sum(ops.packed_nbytes(x.numel(), bits) for x in xs)
+    ngroups = sum(ops.num_groups(x.numel(), g) for x, g in zip(xs, groups))
+    return torch.empty(nbytes, dtype=torch.uint8), torch.empty(ngroups, dtype=meta), torch.empty(ngroups, dtype=meta)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("meta", [torch.float32, torch.float16])
+def test_quantize_pack_into_writes_what_quantize_pack_returns(cpu_isa, stochastic, meta):
+    torch.manual_seed(3)
+    groups = [64, 16, 5, 40000, 1]
+    outs = None
+    for round_ in range(2):  # the second round reuses the buffers with other values
+        xs = [torch.randn(1000 + round_), torch.randn(33, 16).half(), torch.randn(7, 5).bfloat16(),
+              torch.randn(50000), torch.randn(0)]  # fmt: skip
+        if outs is None:
+            outs = _outputs_for(xs, 3, groups, meta)
+        elif outs[0].numel() != sum(ops.packed_nbytes(x.numel(), 3) for x in xs):
+            outs = _outputs_for(xs, 3, groups, meta)
+        ops.quantize_pack_into_(xs, 3, groups, *outs, stochastic=stochastic, seeds=[1, 2, 3, 4, 5])
+        want = ops.quantize_pack(xs, 3, groups, stochastic=stochastic, seeds=[1, 2, 3, 4, 5], meta_dtype=meta)
+        for got, w in zip(outs, want):
+            assert torch.equal(_bits(got) if got.is_floating_point() else got, _bits(w) if w.is_floating_point() else w)
+
+
+def test_quantize_pack_into_refuses_bad_outputs_before_writing():
+    xs = [torch.randn(100), torch.randn(64)]
+    packed, scales, offsets = _outputs_for(xs, 4, [64, 64])
+    sentinel = [t.clone() for t in (packed, scales, offsets)]
+
+    def refused(match, *outs):
+        with pytest.raises(RuntimeError, match=match):
+            ops.quantize_pack_into_(xs, 4, [64, 64], *outs)
+        for t, s in zip((packed, scales, offsets), sentinel):
+            assert torch.equal(t, s) or (t.isnan() & s.isnan()).all()
+
+    refused("packed has 81 elements, the encoding needs 82", packed[:81], scales, offsets)
+    refused("packed must be Byte", packed.view(torch.int8), scales, offsets)
+    refused("scales has 4 elements, the encoding needs 3", packed, torch.empty(4), offsets)
+    refused("offsets must be Half", packed, scales.half(), offsets)
+    refused("meta_dtype must be float32 or float16", packed, scales.double(), offsets.double())
+    refused("scales must be contiguous", packed, torch.empty(6)[::2], offsets)
+    refused("overlap in memory", packed, scales, scales)
+    big = torch.empty(ops.packed_nbytes(100, 4) + 400, dtype=torch.uint8)
+    refused("tensor 0 overlaps an output", big[: packed.numel()], xs[0][:3], xs[0][3:6])
+
+
+def test_quantize_pack_into_names_non_finite_input():
+    x = torch.randn(256)
+    x[100] = float("nan")
+    with pytest.raises(ValueError, match="input has NaN or Inf values"):
+        ops.quantize_pack_into_([x], 4, [64], *_outputs_for([x], 4, [64]))
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="checks the registered op")
+def test_quantize_pack_into_opcheck():
+    xs = [torch.randn(37, 5), torch.randn(64, dtype=torch.float16)]
+    outs = _outputs_for(xs, 3, [5, 64])
+    torch.library.opcheck(torch.ops.flocora.quantize_pack_into_.default, (xs, 3, [5, 64], True, [1, 2], *outs))

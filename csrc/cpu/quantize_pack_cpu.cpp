@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <memory>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -105,15 +106,13 @@ void quantize_segment(const QuantLoops& L, const QuantTensor& t, const float* x,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList xs, int64_t bits,
-                                                                 at::IntArrayRef group_sizes, bool stochastic,
-                                                                 at::IntArrayRef seeds, at::ScalarType meta_dtype) {
-  const char* op = "flocora::quantize_pack";
-  const QuantizeLayout lay =
-      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
-        TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
-                    "; all tensors of one call must be on the CPU");
-      });
+namespace {
+
+// The kernel proper, into outputs of the layout's sizes (allocated or checked
+// by the caller).
+void quantize_pack_run(const char* op, at::TensorList xs, int64_t bits, bool stochastic, at::IntArrayRef seeds,
+                       at::ScalarType meta_dtype, const QuantizeLayout& lay, const at::Tensor& packed,
+                       const at::Tensor& scales, const at::Tensor& offsets) {
   const bool meta_half = meta_dtype == at::kHalf;
   const float levels = (float)((1 << bits) - 1);
 
@@ -135,14 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     t.seed = (uint64_t)seeds[i];
     tensors.push_back(t);
   }
-  const int64_t total_bytes = lay.total_bytes, total_groups = lay.total_groups;
-
-  auto device = xs.empty() ? at::Device(at::kCPU) : xs[0].device();
-  at::Tensor packed = at::empty({total_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  at::Tensor scales = at::empty({total_groups}, at::TensorOptions().dtype(meta_dtype).device(device));
-  at::Tensor offsets = at::empty({total_groups}, at::TensorOptions().dtype(meta_dtype).device(device));
   uint8_t* out = packed.data_ptr<uint8_t>();
-  advise_huge_pages(out, (size_t)total_bytes);
   MetaOut meta{meta_half, nullptr, nullptr, nullptr, nullptr};
   if (meta_half) {
     meta.f16_scale = reinterpret_cast<uint16_t*>(scales.data_ptr());
@@ -294,7 +286,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList 
     });
   }
   check_quantize_result(op, nonfinite, unfit, meta_dtype);
+}
+
+// Start and end address of the memory a tensor's elements occupy.
+std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {p, p + (uintptr_t)(extent * t.element_size())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(at::TensorList xs, int64_t bits,
+                                                                 at::IntArrayRef group_sizes, bool stochastic,
+                                                                 at::IntArrayRef seeds, at::ScalarType meta_dtype) {
+  const char* op = "flocora::quantize_pack";
+  const QuantizeLayout lay =
+      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
+        TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
+                    "; all tensors of one call must be on the CPU");
+      });
+  const auto on_cpu = at::TensorOptions().device(at::kCPU);
+  at::Tensor packed = at::empty({lay.total_bytes}, on_cpu.dtype(at::kByte));
+  at::Tensor scales = at::empty({lay.total_groups}, on_cpu.dtype(meta_dtype));
+  at::Tensor offsets = at::empty({lay.total_groups}, on_cpu.dtype(meta_dtype));
+  advise_huge_pages(packed.data_ptr(), (size_t)lay.total_bytes);
+  quantize_pack_run(op, xs, bits, stochastic, seeds, meta_dtype, lay, packed, scales, offsets);
   return {packed, scales, offsets};
+}
+
+// quantize_pack into caller-owned outputs (meta dtype: the scales'), so a
+// caller encoding the same shapes again reuses its buffers instead of
+// faulting in fresh pages each call. Every check runs before any write.
+void quantize_pack_into_cpu(at::TensorList xs, int64_t bits, at::IntArrayRef group_sizes, bool stochastic,
+                            at::IntArrayRef seeds, const at::Tensor& packed, const at::Tensor& scales,
+                            const at::Tensor& offsets) {
+  const char* op = "flocora::quantize_pack_into_";
+  const at::ScalarType meta_dtype = scales.scalar_type();
+  const QuantizeLayout lay =
+      quantize_pack_layout(op, xs, bits, group_sizes, seeds, meta_dtype, [&](const at::Tensor& x, size_t i) {
+        TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(), "; this op runs on the CPU");
+      });
+  auto check_out = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), "; this op runs on the CPU");
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(t.numel() == numel, op, ": ", name, " has ", t.numel(), " elements, the encoding needs ", numel);
+  };
+  check_out(packed, "packed", at::kByte, lay.total_bytes);
+  check_out(scales, "scales", meta_dtype, lay.total_groups);
+  check_out(offsets, "offsets", meta_dtype, lay.total_groups);
+  std::vector<std::pair<uintptr_t, uintptr_t>> outs;
+  for (const at::Tensor* t : {&packed, &scales, &offsets})
+    if (t->numel()) outs.push_back(span_of(*t));
+  auto overlaps = [](std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
+    return a.first < b.second && b.first < a.second;
+  };
+  for (size_t i = 0; i < outs.size(); ++i)
+    for (size_t j = i + 1; j < outs.size(); ++j)
+      TORCH_CHECK(!overlaps(outs[i], outs[j]), op, ": packed, scales and offsets overlap in memory");
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].numel() == 0) continue;
+    for (const auto& o : outs)
+      TORCH_CHECK(!overlaps(span_of(xs[i]), o), op, ": tensor ", i, " overlaps an output in memory");
+  }
+  quantize_pack_run(op, xs, bits, stochastic, seeds, meta_dtype, lay, packed, scales, offsets);
 }
 
 // Test hook: force the scalar (0), AVX2 (1) or AVX-512 (2) loops, or auto
@@ -335,7 +392,10 @@ at::Tensor quantize_stochastic_at_cpu(const at::Tensor& x_in, int64_t bits, int6
 }  // namespace cpu
 }  // namespace flocora
 
-TORCH_LIBRARY_IMPL(flocora, CPU, m) { m.impl("quantize_pack", &flocora::cpu::quantize_pack_cpu); }
+TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("quantize_pack", &flocora::cpu::quantize_pack_cpu);
+  m.impl("quantize_pack_into_", &flocora::cpu::quantize_pack_into_cpu);
+}
 
 // The test hooks run whatever the arguments' device (one has no tensor to
 // dispatch on): the same catch-all kernels an m.def(schema, fn) registers.
