@@ -433,3 +433,23 @@ def test_quantize_pack_into_opcheck():
     xs = [torch.randn(37, 5), torch.randn(64, dtype=torch.float16)]
     outs = _outputs_for(xs, 3, [5, 64])
     torch.library.opcheck(torch.ops.flocora.quantize_pack_into_.default, (xs, 3, [5, 64], True, [1, 2], *outs))
+
+
+@pytest.mark.parametrize("group", [64, 48])
+def test_large_outputs_stream_the_same_values(cpu_isa, group):
+    # Outputs of 64 MiB and more are written with streaming stores where
+    # 64-byte aligned; a misaligned view takes ordinary stores: same values.
+    n = (64 << 20) // 4 + 16 * 5
+    x = torch.randn(n)
+    p, s, o = ops.quantize_pack([x], 3, [group])
+    aligned = torch.empty(n)
+    misaligned = torch.empty(n + 1)[1:]
+    ops.unpack_dequantize_into_([aligned], p, s, o, 3, [group])
+    ops.unpack_dequantize_into_([misaligned], p, s, o, 3, [group])
+    assert aligned.data_ptr() % 64 == 0 and misaligned.data_ptr() % 64 != 0
+    assert torch.equal(aligned, misaligned)
+    assert torch.equal(aligned, ops.unpack_dequantize(p, s, o, 3, [n], [group]))
+    head = 1 << 16  # the reference on a prefix of whole groups
+    rp, rs, ro = R.quantize_pack(x[: head * 3], 3, group, False, 0, torch.float32)
+    assert torch.equal(aligned[: head * 3], R.unpack_dequantize(rp, rs, ro, 3, head * 3, group, torch.float32))
+    assert (aligned - x).abs().max() <= s.max() / 2 * 1.001

@@ -51,6 +51,12 @@ struct QuantLoops {
   // path, which names the error.
   bool (*encode_groups_f32)(const float* x, int64_t n, int64_t group, int bits, float* scale, float* offset,
                             uint8_t* codes);
+  // Float32 values of n whole groups of `group` codes (a multiple of 16),
+  // float32 metadata; stream: non-temporal stores where `out` is 64-byte
+  // aligned (for outputs far larger than the caches). nullptr in builds
+  // without one.
+  void (*decode_groups_f32)(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
+                            float* out, bool stream);
 };
 
 namespace scalar {
@@ -188,6 +194,7 @@ inline QuantLoops loops() {
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
   t.encode_groups_f32 = nullptr;
+  t.decode_groups_f32 = nullptr;
   return t;
 }
 
@@ -766,6 +773,26 @@ inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scal
   }
 }
 
+inline void decode_groups_f32(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
+                              float* out, bool stream) {
+  const int64_t k = group / 16;
+  stream = stream && ((uintptr_t)out & 63) == 0;  // then every group starts 64-byte aligned
+  for (int64_t g = 0; g < n; ++g) {
+    const __m512 off = _mm512_set1_ps(offset[g]), sc = _mm512_set1_ps(scale[g]);
+    const uint8_t* c = codes + g * group;
+    float* o = out + g * group;
+    for (int64_t t = 0; t < k; ++t) {
+      __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(c + 16 * t))));
+      __m512 v = _mm512_add_ps(off, _mm512_mul_ps(q, sc));
+      if (stream)
+        _mm512_stream_ps(o + 16 * t, v);
+      else
+        _mm512_storeu_ps(o + 16 * t, v);
+    }
+  }
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the task ends
+}
+
 inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -808,6 +835,7 @@ inline QuantLoops loops() {
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
   t.encode_groups_f32 = encode_groups_f32;
+  t.decode_groups_f32 = decode_groups_f32;
   return t;
 }
 

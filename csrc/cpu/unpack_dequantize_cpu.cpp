@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -26,6 +27,8 @@ namespace flocora {
 namespace cpu {
 
 namespace {
+
+constexpr int64_t kStreamBytes = 64ll << 20;  // outputs from here on are written with streaming stores
 
 // Where one tensor's elements go: contiguous memory of a float dtype.
 struct OutSpan {
@@ -56,8 +59,17 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
     for (int64_t b = 0; b < lay.ts[i].numel; b += kQuantChunk)
       pieces.push_back({(int32_t)i, b, std::min(lay.ts[i].numel, b + kQuantChunk)});
   const QuantLoops& L = loops();
+  const bool whole_groups = !meta_half && L.decode_groups_f32 != nullptr;
+  // Streaming stores skip reading the output lines in before writing them
+  // (the bandwidth memcpy gets), but leave nothing in cache: only for
+  // outputs well past the last-level cache.
+  const bool stream = lay.total * (int64_t)sizeof(float) >= kStreamBytes;
   at::parallel_for(0, (int64_t)pieces.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
-    std::vector<uint8_t> codes(kQuantChunk);
+    std::unique_ptr<uint8_t[]> codes_buf(new uint8_t[kQuantChunk]);
+    struct {
+      uint8_t* p;
+      uint8_t* data() const { return p; }
+    } codes{codes_buf.get()};
     std::vector<float> fbuf, gbuf;
     std::vector<uint16_t> hbuf;
     for (int64_t k = lo; k < hi; ++k) {
@@ -73,11 +85,24 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
         fbuf.resize(kQuantChunk);
         outf = fbuf.data();
       }
-      for (int64_t s = pc.begin; s < pc.end;) {
-        int64_t g = s / G, se = std::min(pc.end, (g + 1) * G);
-        L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
-                     meta_at(sc, t.group_base + g), outf + (s - pc.begin));
-        s = se;
+      auto dequantize_range = [&](int64_t b, int64_t e) {  // elements [b, e) of the piece, group by group
+        for (int64_t s = b; s < e;) {
+          int64_t g = s / G, se = std::min(e, (g + 1) * G);
+          L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
+                       meta_at(sc, t.group_base + g), outf + (s - pc.begin));
+          s = se;
+        }
+      };
+      const int64_t g_in = (pc.begin + G - 1) / G, g_out = pc.end / G;  // the piece's whole groups
+      if (whole_groups && G % 16 == 0 && g_in < g_out) {
+        dequantize_range(pc.begin, g_in * G);
+        const int64_t at = g_in * G - pc.begin;
+        L.decode_groups_f32(codes.data() + at, g_out - g_in, G, static_cast<const float*>(sc) + t.group_base + g_in,
+                            static_cast<const float*>(of) + t.group_base + g_in, outf + at,
+                            stream && outf != fbuf.data());
+        dequantize_range(g_out * G, pc.end);
+      } else {
+        dequantize_range(pc.begin, pc.end);
       }
       if (st == at::kFloat) {
         if (accumulate) {
