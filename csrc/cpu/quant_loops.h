@@ -425,6 +425,135 @@ inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scal
   scalar::dequantize(codes + i, n - i, offset, scale, out + i);
 }
 
+// Min (kMin) or max of each of 8 vectors, lane g of the result from
+// v[(g % 4) * 2 + g / 4] (as avx512::reduce_transpose16, 8 lanes).
+template <bool kMin>
+inline __m256 op8(__m256 a, __m256 b) {
+  return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b);
+}
+template <bool kMin>
+inline __m256 reduce_transpose8(const __m256* v) {
+  __m256 w[4], x[2];
+  for (int i = 0; i < 4; ++i)
+    w[i] = op8<kMin>(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                     _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+  for (int i = 0; i < 2; ++i)
+    x[i] = op8<kMin>(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  return op8<kMin>(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD));
+}
+
+// avx512::nearest16_unclamped, 8 lanes (the conversion rounds as MXCSR says:
+// to nearest even unless a caller changed it, as the scalar loop's 2^23 trick).
+inline __m256i nearest8_unclamped(__m256 x, __m256 off, __m256 inv) {
+  return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(x, off), inv));
+}
+
+// avx512::encode_groups_f32, 8 groups a block.
+inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
+                              uint8_t* codes) {
+  const int64_t k = group / 8;  // vectors per group
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
+  const __m256i lev = _mm256_set1_epi32((1 << bits) - 1);
+  __m256 bad = zero;
+  __m256i raw_or = _mm256_setzero_si256();  // sign bit set iff some value was NaN
+  alignas(32) __m256 lo_slot[8], hi_slot[8];
+  alignas(32) float off_of[8], inv_of[8];
+  for (int64_t g0 = 0; g0 < n; g0 += 8) {
+    const int nb = (int)std::min<int64_t>(8, n - g0);
+    const float* xb = x + g0 * group;
+    for (int j = 0; j < nb; ++j) {
+      const float* xg = xb + j * group;
+      __m256 a = _mm256_loadu_ps(xg), mn0 = a, mx0 = a, mn1 = a, mx1 = a;
+      int64_t t = 1;
+      for (; t + 2 <= k; t += 2) {
+        __m256 b = _mm256_loadu_ps(xg + 8 * t), c = _mm256_loadu_ps(xg + 8 * t + 8);
+        mn0 = _mm256_min_ps(mn0, b);
+        mx0 = _mm256_max_ps(mx0, b);
+        mn1 = _mm256_min_ps(mn1, c);
+        mx1 = _mm256_max_ps(mx1, c);
+      }
+      if (t < k) {
+        __m256 b = _mm256_loadu_ps(xg + 8 * t);
+        mn0 = _mm256_min_ps(mn0, b);
+        mx0 = _mm256_max_ps(mx0, b);
+      }
+      const int slot = (j % 4) * 2 + j / 4;
+      lo_slot[slot] = _mm256_min_ps(mn0, mn1);
+      hi_slot[slot] = _mm256_max_ps(mx0, mx1);
+    }
+    for (int j = nb; j < 8; ++j) {  // unused slots repeat group 0
+      const int slot = (j % 4) * 2 + j / 4;
+      lo_slot[slot] = lo_slot[0];
+      hi_slot[slot] = hi_slot[0];
+    }
+    __m256 o = _mm256_add_ps(reduce_transpose8<true>(lo_slot), zero);
+    __m256 range = _mm256_sub_ps(_mm256_add_ps(reduce_transpose8<false>(hi_slot), zero), o);
+    alignas(32) static const int32_t first[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m256 valid = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(first + 8 - nb)));
+    bad = _mm256_or_ps(bad,
+                       _mm256_and_ps(valid, _mm256_or_ps(_mm256_cmp_ps(_mm256_sub_ps(range, range), zero, _CMP_NEQ_UQ),
+                                                         _mm256_cmp_ps(_mm256_sub_ps(o, o), zero, _CMP_NEQ_UQ))));
+    __m256 scale = _mm256_div_ps(range, levels);
+    scale = _mm256_and_ps(scale, _mm256_cmp_ps(scale, fmin, _CMP_GE_OQ));
+    __m256 inv = _mm256_and_ps(_mm256_div_ps(one, scale), _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));
+    _mm256_maskstore_ps(scale_out + g0, _mm256_castps_si256(valid), scale);
+    _mm256_maskstore_ps(offset_out + g0, _mm256_castps_si256(valid), o);
+    _mm256_store_ps(off_of, o);
+    _mm256_store_ps(inv_of, inv);
+    uint8_t* cb = codes + g0 * group;
+    auto clamp = [&](__m256i q) {
+      raw_or = _mm256_or_si256(raw_or, q);
+      return _mm256_min_epu32(q, lev);
+    };
+    if (k == 2 && nb % 2 == 0) {  // groups of 16: two groups per 32 codes
+      for (int v = 0; v < nb * 2; v += 4) {
+        __m256i q[4];
+        for (int u = 0; u < 4; ++u) {
+          const int j = (v + u) >> 1;
+          q[u] = clamp(nearest8_unclamped(_mm256_loadu_ps(xb + 8 * (v + u)), _mm256_set1_ps(off_of[j]),
+                                          _mm256_set1_ps(inv_of[j])));
+        }
+        store_codes32(q[0], q[1], q[2], q[3], cb + 8 * v);
+      }
+      continue;
+    }
+    for (int j = 0; j < nb; ++j) {
+      const float* xg = xb + j * group;
+      uint8_t* cg = cb + j * group;
+      const __m256 off = _mm256_set1_ps(off_of[j]), iv = _mm256_set1_ps(inv_of[j]);
+      int64_t t = 0;
+      for (; t + 4 <= k; t += 4)
+        store_codes32(clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv)),
+                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 8), off, iv)),
+                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 16), off, iv)),
+                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 24), off, iv)), cg + 8 * t);
+      for (; t < k; ++t) store_codes8(clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv)), cg + 8 * t);
+    }
+  }
+  return _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
+}
+
+inline void decode_groups_f32(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
+                              float* out, bool stream) {
+  const int64_t k = group / 8;
+  stream = stream && ((uintptr_t)out & 31) == 0;  // then every group starts 32-byte aligned
+  for (int64_t g = 0; g < n; ++g) {
+    const __m256 off = _mm256_set1_ps(offset[g]), sc = _mm256_set1_ps(scale[g]);
+    const uint8_t* c = codes + g * group;
+    float* o = out + g * group;
+    for (int64_t t = 0; t < k; ++t) {
+      __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(c + 8 * t))));
+      __m256 v = _mm256_add_ps(off, _mm256_mul_ps(q, sc));
+      if (stream)
+        _mm256_stream_ps(o + 8 * t, v);
+      else
+        _mm256_storeu_ps(o + 8 * t, v);
+    }
+  }
+  if (stream) _mm_sfence();
+}
+
 inline void half_to_float(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
@@ -452,6 +581,8 @@ inline QuantLoops loops() {
   t.dequantize = dequantize;
   t.half_to_float = half_to_float;
   t.float_to_half = float_to_half;
+  t.encode_groups_f32 = encode_groups_f32;
+  t.decode_groups_f32 = decode_groups_f32;
   return t;
 }
 
