@@ -68,6 +68,14 @@ TORCH_LIBRARY(flocora, m) {
       "sparse_decode_into_(Tensor(a!)[] outs, Tensor index_bytes, Tensor values, int[] counts, "
       "bool accumulate) -> ()");
 
+  // True if the memory spans of no two tensors overlap: decode_into's check
+  // of its targets, one call instead of a few Python calls per tensor.
+  m.def("_disjoint(Tensor[] ts) -> bool");
+  // outs[i]'s bytes = src[offsets[i] : offsets[i] + outs[i].nbytes()] (CPU,
+  // contiguous outs, every range checked first): decode_into's raw tensors
+  // straight from the message, one call for all of them.
+  m.def("_copy_from_bytes_(Tensor(a!)[] outs, Tensor src, int[] offsets) -> ()");
+
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best
   // this CPU supports. Returns the instruction set now in use (0, 1 or 2).

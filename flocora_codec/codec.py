@@ -13,6 +13,7 @@ import ctypes
 import logging
 import math
 import platform
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -874,14 +875,6 @@ def decode(
 _KERNEL_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes a tensor's elements occupy, first to one past the last."""
-    p = t.data_ptr()
-    if t.is_contiguous():
-        return p, p + t.numel() * t.element_size()
-    return p, p + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
-
-
 def decode_into(
     data, tensors, *, mode: str = "assign", partial: bool = False, limits: DecodeLimits | None = None, schemas=None
 ) -> list[str]:
@@ -963,12 +956,10 @@ def decode_into(
         if t.dtype != e.dtype or t.shape != e.shape:
             raise ExpectationError(f"tensor {e.name!r} is {e.dtype} of shape {e.shape}; the target is "
                                    f"{t.dtype} of shape {tuple(t.shape)}")  # fmt: skip
-        targets.append(t.detach())  # in-place writes, even to leaves that require grad
+        targets.append(t.detach() if t.requires_grad else t)  # in-place writes, even to leaves that require grad
     add = mode == "add"
-    spans = sorted(_span(t) for t in targets if t.numel())
-    for a, b in zip(spans, spans[1:]):
-        if b[0] < a[1]:
-            raise ValueError("decode_into: two targets the message writes overlap in memory")
+    if not ops.disjoint(targets):
+        raise ValueError("decode_into: two targets the message writes overlap in memory")
     names = [e.name for e in pm.entries]
     if any(t.device.type != "cpu" for t in targets):
         # One device: decode there, then copy (validated as a whole first).
@@ -981,13 +972,18 @@ def decode_into(
 
     # Phase 1: every check and every input, nothing written.
     writes = []  # (targets, tensors to copy or add), per raw dtype
+    raw_direct = []  # (target, message offset): assigned straight from the message bytes
     affine_calls = []  # (outs, packed, scales, offsets, bits, group sizes)
     via_temp = []  # (targets, dense float32 thunk)
     s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
     raw_groups, _, groups = _decode_layout(pm)  # empty tensors: nothing to write
     target_of = dict(zip(names, targets))
     for dtype, members, spans in raw_groups:
-        writes.append(([target_of[e.name] for e in members], _raw_tensors(mv, dtype, members, spans)))
+        outs = [target_of[e.name] for e in members]
+        if not add and dtype != torch.bool and all(t.is_contiguous() for t in outs):  # no check of the values
+            raw_direct += [(t, e.payload_offset) for t, e in zip(outs, members)]
+        else:
+            writes.append((outs, _raw_tensors(mv, dtype, members, spans)))
     for rec, dtype, members, numels, extra in groups:
         outs = [target_of[e.name] for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
@@ -1024,7 +1020,17 @@ def decode_into(
             t.add_(d) if add else t.copy_(d)
     for dsts, srcs in writes:  # one dispatch per dtype
         torch._foreach_add_(dsts, srcs) if add else torch._foreach_copy_(dsts, srcs)
+    if raw_direct:
+        ops.copy_from_bytes_([t for t, _ in raw_direct], _message_tensor(mv), [a for _, a in raw_direct])
     return names
+
+
+def _message_tensor(mv: memoryview) -> torch.Tensor:
+    """The message's bytes as a uint8 tensor, without a copy; only ever read
+    (torch warns that a read-only buffer could be written through it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mv, dtype=torch.uint8)
 
 
 # ---- numpy ------------------------------------------------------------------------

@@ -297,6 +297,42 @@ def _unpack_dequantize_into_fake(outs, packed, scales, offsets, bits, group_size
     return None
 
 
+def disjoint(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if the memory spans of no two ``tensors`` overlap (a strided
+    tensor spans from its first element to its last; empty ones span
+    nothing): one call, where a Python loop costs a few calls per tensor."""
+    tensors = list(tensors)
+    if BACKEND == "reference":
+        return _spans_disjoint(tensors)
+    return bool(torch.ops.flocora._disjoint(tensors))
+
+
+def copy_from_bytes_(outs: Sequence[torch.Tensor], src: torch.Tensor, offsets: Sequence[int]) -> None:
+    """``outs[i]``'s bytes become ``src[offsets[i]:][:outs[i].nbytes]``, in
+    place (CPU, contiguous ``outs``, uint8 ``src``); every range is checked
+    before any write."""
+    outs, offsets = list(outs), [int(o) for o in offsets]
+    if BACKEND == "reference":
+        op = "flocora::_copy_from_bytes_"
+        if len(offsets) != len(outs):
+            raise RuntimeError(f"{op}: got {len(offsets)} offsets for {len(outs)} outputs")
+        for i, (o, a) in enumerate(zip(outs, offsets)):
+            if o.device.type != "cpu" or not o.is_contiguous():
+                raise RuntimeError(f"{op}: output {i} must be a contiguous CPU tensor")
+            if not 0 <= a <= src.numel() or o.nbytes > src.numel() - a:
+                raise RuntimeError(f"{op}: output {i} ({o.nbytes} bytes at {a}) reaches past src ({src.numel()} bytes)")
+        _check_outs_disjoint("_copy_from_bytes_", outs)
+        for o, a in zip(outs, offsets):
+            o.view(-1).view(torch.uint8).copy_(src[a : a + o.nbytes]) if o.numel() else None
+        return
+    torch.ops.flocora._copy_from_bytes_(outs, src, offsets)
+
+
+@_register_fake("flocora::_copy_from_bytes_")
+def _copy_from_bytes_fake(outs, src, offsets):
+    return None
+
+
 # ---- top-k sparse -----------------------------------------------------------
 def topk_encode(
     xs: Sequence[torch.Tensor], ks: Sequence[int], *, global_scope: bool = False
@@ -471,14 +507,18 @@ def _ref_sparse_decode_add_(ref, outs, index_bytes, values, counts):
     ref.sparse_decode_add_(outs, _cpu(index_bytes), _cpu(values), counts)
 
 
-def _check_outs_disjoint(op, outs):
+def _spans_disjoint(tensors) -> bool:
     spans = []
-    for o in outs:
+    for o in tensors:
         if o.numel():
             extent = 1 + sum((n - 1) * st for n, st in zip(o.shape, o.stride()))
             spans.append((o.data_ptr(), o.data_ptr() + extent * o.element_size()))
     spans.sort()
-    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+    return not any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def _check_outs_disjoint(op, outs):
+    if not _spans_disjoint(outs):
         raise RuntimeError(f"flocora::{op}: output tensors overlap in memory")
 
 

@@ -281,3 +281,32 @@ def test_cuda_targets_go_through_decode():
     ref = fc.decode(data, device="cuda")
     for k in tg:
         assert_same(tg[k], ref[k])
+
+
+def test_disjoint_compares_memory_spans():
+    x = torch.zeros(10, 8)
+    assert ops.disjoint([x[:5], x[5:], torch.zeros(3)])
+    assert not ops.disjoint([x[:6], x[5:]])
+    assert not ops.disjoint([x, x.view(80)])
+    assert ops.disjoint([x, x[:0], x[3:3]])  # empty tensors share nothing
+    assert not ops.disjoint([x[:, :4], x[1]])  # a strided view spans from its first to its last element
+    assert ops.disjoint([])
+
+
+def test_copy_from_bytes_checks_every_range_before_writing():
+    src = torch.arange(64, dtype=torch.uint8)
+    a, b = torch.zeros(4, dtype=torch.float32), torch.zeros(3, dtype=torch.int16)
+    ops.copy_from_bytes_([a, b], src, [0, 20])
+    assert torch.equal(a.view(torch.uint8), src[:16]) and torch.equal(b.view(torch.uint8), src[20:26])
+    a.zero_()
+    with pytest.raises(RuntimeError, match="output 1 .6 bytes at 59. reaches past src .64 bytes."):
+        ops.copy_from_bytes_([a, b], src, [0, 59])
+    assert not a.any()  # the first range was fine, and still nothing was written
+    with pytest.raises(RuntimeError, match="reaches past src"):
+        ops.copy_from_bytes_([a], src, [-1])
+    with pytest.raises(RuntimeError, match="output 0 must be a contiguous CPU tensor"):
+        ops.copy_from_bytes_([torch.zeros(4, 2)[:, 0]], src, [0])
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.copy_from_bytes_([a, a[1:]], src, [0, 0])
+    with pytest.raises(RuntimeError, match="2 offsets for 1 outputs"):
+        ops.copy_from_bytes_([a], src, [0, 0])

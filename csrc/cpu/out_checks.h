@@ -10,9 +10,10 @@
 namespace flocora {
 namespace cpu {
 
-// No two outputs may overlap in memory: an element written twice would race.
-inline void check_outputs_disjoint(const char* op, at::TensorList outs) {
+// True if no two of the tensors share a byte of memory (empty ones never do).
+inline bool tensors_disjoint(at::TensorList outs) {
   std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(outs.size());
   for (const at::Tensor& o : outs) {
     if (o.numel() == 0) continue;
     int64_t extent = 1;
@@ -22,7 +23,13 @@ inline void check_outputs_disjoint(const char* op, at::TensorList outs) {
   }
   std::sort(spans.begin(), spans.end());
   for (size_t i = 1; i < spans.size(); ++i)
-    TORCH_CHECK(spans[i].first >= spans[i - 1].second, op, ": output tensors overlap in memory");
+    if (spans[i].first < spans[i - 1].second) return false;
+  return true;
+}
+
+// No two outputs may overlap in memory: an element written twice would race.
+inline void check_outputs_disjoint(const char* op, at::TensorList outs) {
+  TORCH_CHECK(tensors_disjoint(outs), op, ": output tensors overlap in memory");
 }
 
 }  // namespace cpu

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -192,10 +193,40 @@ void unpack_dequantize_into__cpu(at::TensorList outs, const at::Tensor& packed_i
     if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
 }
 
+void copy_from_bytes__cpu(at::TensorList outs, const at::Tensor& src, at::IntArrayRef offsets) {
+  const char* op = "flocora::_copy_from_bytes_";
+  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kByte && src.is_contiguous(), op,
+              ": src must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(offsets.size() == outs.size(), op, ": got ", offsets.size(), " offsets for ", outs.size(), " outputs");
+  int64_t total = 0;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    TORCH_CHECK(outs[i].device().is_cpu() && outs[i].is_contiguous(), op, ": output ", i,
+                " must be a contiguous CPU tensor");
+    const int64_t n = (int64_t)outs[i].nbytes();
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] <= src.numel() && n <= src.numel() - offsets[i], op, ": output ", i, " (",
+                n, " bytes at ", offsets[i], ") reaches past src (", src.numel(), " bytes)");
+    total += n;
+  }
+  check_outputs_disjoint(op, outs);
+  const uint8_t* base = src.data_ptr<uint8_t>();
+  // One task per tensor; a second thread only pays for itself past ~1 MiB.
+  at::parallel_for(0, (int64_t)outs.size(), total >= (1 << 20) ? 1 : (int64_t)outs.size() + 1,
+                   [&](int64_t lo, int64_t hi) {
+                     for (int64_t i = lo; i < hi; ++i)
+                       if (outs[i].nbytes()) std::memcpy(outs[i].data_ptr(), base + offsets[i], outs[i].nbytes());
+                   });
+}
+
 }  // namespace cpu
 }  // namespace flocora
 
 TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("_copy_from_bytes_", &flocora::cpu::copy_from_bytes__cpu);
   m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu);
   m.impl("unpack_dequantize_into_", &flocora::cpu::unpack_dequantize_into__cpu);
+}
+
+// Any device's tensors (only addresses are read), and none at all.
+TORCH_LIBRARY_IMPL(flocora, CompositeImplicitAutograd, m) {
+  m.impl("_disjoint", [](at::TensorList ts) { return flocora::cpu::tensors_disjoint(ts); });
 }
