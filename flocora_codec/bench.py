@@ -55,6 +55,27 @@ def median_seconds(fn, repeats: int, min_seconds: float = 0.02) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int, min_seconds: float = 0.1) -> dict:
+    """Median seconds per call of each of ``fns``, timed in rounds that take
+    every function in turn, so that a drift of the machine's bandwidth during
+    the rounds hits all of them alike (ratios of these medians compare like
+    with like). Calls shorter than ``min_seconds / 20`` are batched."""
+    inner = {}
+    for key, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        inner[key] = max(1, int(min_seconds / 20 / max(time.perf_counter() - start, 1e-7)))
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[key]):
+                fn()
+            times[key].append((time.perf_counter() - start) / inner[key])
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def fresh_seconds(fn, repeats: int) -> float:
     """Median of single calls, each on memory the allocator has just handed
     back (the first call's output is freed before the next)."""
@@ -212,7 +233,7 @@ def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", r
 
     Returns the path of the markdown file.
     """
-    repeats = repeats or (7 if full else 5)
+    repeats = repeats or (15 if full else 7)
     sizes = [64 << 10, 1 << 20, 16 << 20] + ([64 << 20, 256 << 20] if full else [])
     all_bits = (1, 2, 3, 4, 5, 6, 7, 8) if full else (1, 2, 4, 8)
 
@@ -239,14 +260,15 @@ def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", r
     emit("## Encode (quantize + pack) and decode (unpack + dequantize): group 64, nearest, fp32 metadata")
     emit()
     emit(
-        "GB/s counts bytes read + written. Limits measured in the same run, again for every row just before its "
-        "timings: `copy` = `dst.copy_(x)` (r+w, into a reused tensor), `read` = `x.sum()` (bytes read). "
+        "GB/s counts bytes read + written; medians of rounds that time every column of a row in turn, so "
+        "the machine's drift hits all alike. Limits, measured in those rounds: `copy` = `dst.copy_(x)` (r+w, "
+        "into a reused tensor), `read` = `x.sum()` (bytes read). "
         "`% copy`: our GB/s over copy's; `% read` (encode): "
         "input consumed over `read`. Encode *into* reused outputs (`quantize_pack_into_`) and *allocating* "
         "(`quantize_pack`, a new output each call: past glibc's 32 MiB mmap threshold every call faults in fresh "
         "pages). Decode *into* a reused fp32 tensor (`decode_into`'s path) and *fresh* (a new output each call, "
         "single shot, page faults included). `vs compiled`: the faster of the two `torch.compile(dynamic=False)` "
-        "layouts (halves / interleaved) over ours, both allocating their output."
+        "layouts (halves / interleaved) over ours, in the same rounds, all allocating their output."
     )
     emit()
     emit(
@@ -259,29 +281,33 @@ def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", r
         x = torch.randn(n)
         dst = torch.empty_like(x)
         for bits in all_bits:
-            # The limits again for every row, just before the row's own timings:
-            # on a shared machine bandwidth drifts within a run.
-            copy_gbs = 8 * n / median_seconds(lambda: dst.copy_(x), repeats) / 1e9
-            read_gbs = 4 * n / median_seconds(lambda: x.sum(), repeats) / 1e9
+            packed, scales, offsets = ops.quantize_pack([x], bits, [GROUP])
+            fns = {
+                "copy": lambda: dst.copy_(x),
+                "read": lambda: x.sum(),
+                "enc": lambda: ops.quantize_pack([x], bits, [GROUP]),
+                "enc_into": lambda: ops.quantize_pack_into_([x], bits, [GROUP], packed, scales, offsets),
+                "into": lambda: ops.unpack_dequantize_into_([dst], packed, scales, offsets, bits, [GROUP]),
+                "dec": lambda: ops.unpack_dequantize(packed, scales, offsets, bits, [n], [GROUP]),
+            }
+            if compiled_at(nbytes, bits):
+                for k in ("q_interleaved", "q_halves"):
+                    fns[k] = lambda k=k: peers[k](x, bits, GROUP)
+                for k in ("dq_interleaved", "dq_halves"):
+                    fns[k] = lambda k=k: peers[k](packed, scales, offsets, bits, GROUP)
+            t = interleaved_medians(fns, repeats)
+            copy_gbs, read_gbs = 8 * n / t["copy"] / 1e9, 4 * n / t["read"] / 1e9
             if bits == 4:
                 curves.setdefault("copy_ (r+w)", []).append((nbytes, copy_gbs))
                 curves.setdefault("x.sum() (read)", []).append((nbytes, read_gbs))
             moved = 4 * n + (n * bits + 7) // 8 + 8 * n // GROUP
-            enc = median_seconds(lambda: ops.quantize_pack([x], bits, [GROUP]), repeats)
-            packed, scales, offsets = ops.quantize_pack([x], bits, [GROUP])
-            enc_into = median_seconds(lambda: ops.quantize_pack_into_([x], bits, [GROUP], packed, scales, offsets),
-                                      repeats)  # fmt: skip
-            into = median_seconds(lambda: ops.unpack_dequantize_into_([dst], packed, scales, offsets, bits, [GROUP]),
-                                  repeats)  # fmt: skip
+            enc, enc_into, into = t["enc"], t["enc_into"], t["into"]
             fresh = fresh_seconds(lambda: ops.unpack_dequantize(packed, scales, offsets, bits, [n], [GROUP]), repeats)
             vs_q = vs_dq = "-"
             if compiled_at(nbytes, bits):
-                cq = min(
-                    median_seconds(lambda: peers[k](x, bits, GROUP), repeats) for k in ("q_interleaved", "q_halves")
-                )
-                cdq = min(median_seconds(lambda: peers[k](packed, scales, offsets, bits, GROUP), repeats)
-                          for k in ("dq_interleaved", "dq_halves"))  # fmt: skip
-                vs_q, vs_dq = f"{cq / enc:.2f}x", f"{cdq / fresh:.2f}x"  # both allocate their output
+                cq = min(t["q_interleaved"], t["q_halves"])
+                cdq = min(t["dq_interleaved"], t["dq_halves"])
+                vs_q, vs_dq = f"{cq / enc:.2f}x", f"{cdq / t['dec']:.2f}x"  # all four allocate their output
                 if bits == 4:
                     curves.setdefault("torch.compile encode (best layout)", []).append((nbytes, moved / cq / 1e9))
                     curves.setdefault("torch.compile decode (best layout)", []).append((nbytes, moved / cdq / 1e9))
