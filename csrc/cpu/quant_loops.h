@@ -464,6 +464,7 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
     const float* xb = x + g0 * group;
     for (int j = 0; j < nb; ++j) {
       const float* xg = xb + j * group;
+      for (int64_t t = 0; t < k; t += 2) _mm_prefetch((const char*)(xg + 8 * t + 4096), _MM_HINT_T0);  // as avx512
       __m256 a = _mm256_loadu_ps(xg), mn0 = a, mx0 = a, mn1 = a, mx1 = a;
       int64_t t = 1;
       for (; t + 2 <= k; t += 2) {
@@ -787,6 +788,10 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
     // Range of each group, in registers; then all 16 at once.
     for (int j = 0; j < nb; ++j) {
       const float* xg = xb + j * group;
+      // 16 KiB ahead: reads stay in flight while this block's codes are
+      // computed (the hardware prefetcher alone left encode at ~70% of copy_
+      // past the caches; beyond the input's end a prefetch is a no-op).
+      for (int64_t t = 0; t < k; ++t) _mm_prefetch((const char*)(xg + 16 * t + 4096), _MM_HINT_T0);
       __m512 a = _mm512_loadu_ps(xg), mn0 = a, mx0 = a, mn1 = a, mx1 = a;
       int64_t t = 1;
       for (; t + 2 <= k; t += 2) {
