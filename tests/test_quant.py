@@ -437,7 +437,7 @@ def test_quantize_pack_into_opcheck():
 
 @pytest.mark.parametrize("group", [64, 48])
 def test_large_outputs_stream_the_same_values(cpu_isa, group):
-    # Outputs of 64 MiB and more are written with streaming stores where
+    # Outputs of 32 MiB and more are written with streaming stores where
     # 64-byte aligned; a misaligned view takes ordinary stores: same values.
     n = (64 << 20) // 4 + 16 * 5
     x = torch.randn(n)
