@@ -517,11 +517,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="sizes up to 256 MiB, every bit width, compiled peers at 1/2/4/8 bits (~3 min)",
+        help="sizes up to 256 MiB, every bit width, compiled peers at 1/2/4/8 bits (~2 min)",
     )
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR",
                         help="directory for the table and the plot (default: benchmarks/results)")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=None, help="timings per median (default 5 quick, 7 full)")
+    parser.add_argument("--repeats", type=int, default=None, help="timings per median (default 7 quick, 15 full)")
     parser.add_argument("--skip-huge", action="store_true", help="--full: skip the 1 GiB tensor")
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
 

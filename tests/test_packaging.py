@@ -84,6 +84,12 @@ def test_sdist_builds_a_wheel_that_works_away_from_the_checkout(built_dist, tmp_
     assert r.stdout.strip() == flocora_codec.__version__
     r = _run([sys.executable, "-m", "flocora_codec", "--version"], cwd=away, env=env)
     assert r.stdout.startswith(f"flocora-codec {flocora_codec.__version__} ") and "compiled ops" in r.stdout
+    # the benchmark runs from the plain install (one timing per median: a smoke run)
+    _run([sys.executable, "-m", "flocora_codec", "bench", "--out", "res", "--repeats", "1", "--no-plot"], cwd=away,
+         env=env)  # fmt: skip
+    (table,) = (away / "res").glob("cpu-*-quick.md")
+    text = table.read_text()
+    assert "| 16 MiB | 4 |" in text and "Whole messages" in text and "Top-k sparse encode" in text
 
 
 @pytest.mark.slow
