@@ -426,7 +426,7 @@ inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scal
 }
 
 // Min (kMin) or max of each of 8 vectors, lane g of the result from
-// v[(g % 4) * 2 + g / 4] (as avx512::reduce_transpose16, 8 lanes).
+// v[(g % 4) * 2 + g / 4]: as avx512::encode_groups_f32's reduction, 8 lanes.
 template <bool kMin>
 inline __m256 op8(__m256 a, __m256 b) {
   return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b);
@@ -738,29 +738,6 @@ inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
   scalar::pack<B>(codes + i, n - i, dst + (i / 8) * B);
 }
 
-// Min (kMin) or max of each of 16 vectors, lane g of the result from
-// v[(g % 4) * 4 + g / 4]: four rounds of 128-bit, 64-bit and 32-bit
-// shuffles halve the vectors and double the groups per vector; the slot
-// order makes the groups come out in order without a last permute.
-template <bool kMin>
-inline __m512 op16(__m512 a, __m512 b) {
-  return kMin ? _mm512_min_ps(a, b) : _mm512_max_ps(a, b);
-}
-template <bool kMin>
-inline __m512 reduce_transpose16(const __m512* v) {
-  __m512 w[8], x[4], y[2];
-  for (int i = 0; i < 8; ++i)
-    w[i] = op16<kMin>(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                      _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    x[i] = op16<kMin>(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
-                      _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    y[i] = op16<kMin>(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
-  __m512d a = _mm512_castps_pd(y[0]), b = _mm512_castps_pd(y[1]);
-  return op16<kMin>(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-}
-
 // 16 codes of flocora::quantize_nearest with float32 metadata, before the
 // clamp to `levels`: rounding (x - offset) * inv_scale to nearest even in one
 // conversion equals clamping then rounding (the bounds are integers), and
@@ -780,13 +757,22 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
   const __m512i runs = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __mmask16 bad = 0;
   __m512i raw_or = _mm512_setzero_si512();  // sign bit set iff some value was NaN
-  alignas(64) __m512 lo_slot[16], hi_slot[16];
   alignas(64) float off_of[16], inv_of[16];
+  struct Range16 {
+    __m512 lo, hi;
+  };
   for (int64_t g0 = 0; g0 < n; g0 += 16) {
     const int nb = (int)std::min<int64_t>(16, n - g0);
     const float* xb = x + g0 * group;
-    // Range of each group, in registers; then all 16 at once.
-    for (int j = 0; j < nb; ++j) {
+    // Range of each group in registers, merged as the groups come into one
+    // transposing reduction: four rounds of 128-bit, 128-bit, 32-bit and
+    // 64-bit shuffles halve the vectors and double the groups per vector.
+    // Taking group (s % 4) * 4 + s / 4 as slot s makes lane g of the result
+    // group g without a last permute.
+    Range16 first{};
+    auto leaf = [&](int s) -> Range16 {
+      const int j = (s % 4) * 4 + s / 4;
+      if (j >= nb) return first;  // unused slots repeat group 0 (slot 0, done first)
       const float* xg = xb + j * group;
       // 16 KiB ahead: reads stay in flight while this block's codes are
       // computed (the hardware prefetcher alone left encode at ~70% of copy_
@@ -806,18 +792,35 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
         mn0 = _mm512_min_ps(mn0, b);
         mx0 = _mm512_max_ps(mx0, b);
       }
-      const int slot = (j % 4) * 4 + j / 4;
-      lo_slot[slot] = _mm512_min_ps(mn0, mn1);
-      hi_slot[slot] = _mm512_max_ps(mx0, mx1);
-    }
-    for (int j = nb; j < 16; ++j) {  // unused slots repeat group 0
-      const int slot = (j % 4) * 4 + j / 4;
-      lo_slot[slot] = lo_slot[0];
-      hi_slot[slot] = hi_slot[0];
-    }
+      Range16 r{_mm512_min_ps(mn0, mn1), _mm512_max_ps(mx0, mx1)};
+      if (j == 0) first = r;
+      return r;
+    };
+    auto level1 = [&](int s) {  // slots s, s + 1
+      Range16 a = leaf(s), b = leaf(s + 1);
+      return Range16{_mm512_min_ps(_mm512_shuffle_f32x4(a.lo, b.lo, 0x44), _mm512_shuffle_f32x4(a.lo, b.lo, 0xEE)),
+                     _mm512_max_ps(_mm512_shuffle_f32x4(a.hi, b.hi, 0x44), _mm512_shuffle_f32x4(a.hi, b.hi, 0xEE))};
+    };
+    auto level2 = [&](int s) {  // slots s .. s + 3
+      Range16 a = level1(s), b = level1(s + 2);
+      return Range16{_mm512_min_ps(_mm512_shuffle_f32x4(a.lo, b.lo, 0x88), _mm512_shuffle_f32x4(a.lo, b.lo, 0xDD)),
+                     _mm512_max_ps(_mm512_shuffle_f32x4(a.hi, b.hi, 0x88), _mm512_shuffle_f32x4(a.hi, b.hi, 0xDD))};
+    };
+    auto level3 = [&](int s) {  // slots s .. s + 7
+      Range16 a = level2(s), b = level2(s + 4);
+      return Range16{_mm512_min_ps(_mm512_unpacklo_ps(a.lo, b.lo), _mm512_unpackhi_ps(a.lo, b.lo)),
+                     _mm512_max_ps(_mm512_unpacklo_ps(a.hi, b.hi), _mm512_unpackhi_ps(a.hi, b.hi))};
+    };
+    Range16 y0 = level3(0), y1 = level3(8);
+    auto level4 = [](__m512 a, __m512 b, bool is_min) {
+      __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+      __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+      return is_min ? _mm512_min_ps(lo, hi) : _mm512_max_ps(lo, hi);
+    };
+    const __m512 group_lo = level4(y0.lo, y1.lo, true), group_hi = level4(y0.hi, y1.hi, false);
     // affine_params of 16 groups (as avx2::params, 16 lanes).
-    __m512 o = _mm512_add_ps(reduce_transpose16<true>(lo_slot), zero);
-    __m512 range = _mm512_sub_ps(_mm512_add_ps(reduce_transpose16<false>(hi_slot), zero), o);
+    __m512 o = _mm512_add_ps(group_lo, zero);
+    __m512 range = _mm512_sub_ps(_mm512_add_ps(group_hi, zero), o);
     const __mmask16 valid = (__mmask16)((1u << nb) - 1);
     bad |= valid & (_mm512_cmp_ps_mask(_mm512_sub_ps(range, range), zero, _CMP_NEQ_UQ) |
                     _mm512_cmp_ps_mask(_mm512_sub_ps(o, o), zero, _CMP_NEQ_UQ));
