@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -188,6 +189,22 @@ def bnb_quantize(x: torch.Tensor):
 
 
 # ---- report -------------------------------------------------------------------------
+def code_revision() -> str:
+    """The git commit of the checkout this module runs from (and whether its
+    tracked files differ from it), or the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode == 0 and (root / ".git").exists():
+            status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
+            dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10)
+            state = "clean tree" if not dirty.stdout.strip() else "tracked files modified"
+            return f"git {head.stdout.strip()} ({state})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"flocora_codec {fc.__version__} (installed, no checkout)"
+
+
 def machine_description() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -256,6 +273,8 @@ def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", r
     emit("# flocora_codec CPU benchmark" + (" (--full)" if full else " (quick)"))
     emit()
     emit(f"Machine: {machine_description()}")
+    emit()
+    emit(f"Code: {code_revision()}; run as `flocora-codec bench{' --full' if full else ''}`.")
     emit()
     emit("## Encode (quantize + pack) and decode (unpack + dequantize): group 64, nearest, fp32 metadata")
     emit()
