@@ -34,6 +34,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -278,14 +279,6 @@ struct Chunk {
   int64_t rank0, share, out_cnt;
 };
 
-// Top-digit histogram of elements [begin, end) (at most kChunk); false if
-// any is NaN or Inf.
-template <Dt D>
-bool top_histogram(const void* x, int64_t begin, int64_t end, uint32_t* hist) {
-  std::fill(hist, hist + kTopBins, 0u);
-  return (top_histogram_into<D, false>(x, begin, end, hist, nullptr) >> kTopShift) < kNonFiniteTop;
-}
-
 // Copies the keys of [begin, end) whose top digit is `top` to stage; returns
 // how many, and *above the number whose top digit is larger. Block b of the
 // range gets bit b of `flags` iff it holds a key of top digit >= `top`: the
@@ -473,18 +466,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     uint8_t* idx_base = index.defined() ? index.data_ptr<uint8_t>() : nullptr;
     run_balanced(cost, [&](int64_t first, int64_t last) {
       std::vector<uint32_t> keys;  // a single tensor's keys, compacted by the select
-      uint32_t hist[kTopBins];
       int64_t h64[kTopBins];
+      // Chunks of one group (consecutive tasks) add up here and reach the
+      // shared histogram once: a merge per chunk (the many small tensors of a
+      // global top-k) cost more than their histograms, in contended atomics.
+      int64_t acc[kTopBins];
+      int32_t acc_group = -1;
+      auto flush = [&]() {
+        if (acc_group < 0) return;
+        int64_t* gh = ghist.data() + (int64_t)acc_group * kTopBins;
+        for (int b = 0; b < kTopBins; ++b)
+          if (acc[b]) __atomic_fetch_add(gh + b, acc[b], __ATOMIC_RELAXED);
+        acc_group = -1;
+      };
       for (int64_t task = first; task < last; ++task) {
         if (task >= nsingle) {
           const Chunk& c = chunks[task - nsingle];
           const EncTensor& t = ts[c.tensor];
-          bool ok = true;
-          dispatch_dt(t.dt, [&](auto d) { ok = top_histogram<decltype(d)::value>(t.x, c.begin, c.end, hist); });
-          if (!ok) __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
-          int64_t* gh = ghist.data() + (int64_t)c.group * kTopBins;
-          for (int b = 0; b < kTopBins; ++b)
-            if (hist[b]) __atomic_fetch_add(gh + b, (int64_t)hist[b], __ATOMIC_RELAXED);
+          if (c.group != acc_group) {
+            flush();
+            std::fill(acc, acc + kTopBins, 0);
+            acc_group = c.group;
+          }
+          uint32_t mx = 0;
+          dispatch_dt(t.dt, [&](auto d) {
+            mx = top_histogram_into<decltype(d)::value, false>(t.x, c.begin, c.end, acc, nullptr);
+          });
+          if ((mx >> kTopShift) >= kNonFiniteTop) __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           continue;
         }
         const EncTensor& t = ts[singles[task]];
@@ -504,6 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
           emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
       }
+      flush();
     });
   }
   check_finite_input(op, nonfinite);
@@ -529,7 +538,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     for (size_t c = 0; c < chunks.size(); ++c)
       cost[c] = groups[chunks[c].group].k ? chunks[c].end - chunks[c].begin : 0;
     run_balanced(cost, [&](int64_t first, int64_t last) {
-      std::vector<uint32_t> stage(kChunk);  // a chunk's candidates, before its slice is known
+      // a chunk's candidates, before its slice is known (uninitialized: zeroing
+      // 256 KiB per call cost more than a small message's candidates)
+      std::unique_ptr<uint32_t[]> stage(new uint32_t[kChunk]);
       for (int64_t ci = first; ci < last; ++ci) {
         Chunk& c = chunks[ci];
         const Group& g = groups[c.group];
@@ -537,12 +548,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
         dispatch_dt(t.dt, [&](auto d) {
-          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.data(), &c.above_top,
+          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
                                                    flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
         c.cand_off = g.cand_base + __atomic_fetch_add(&cursor[c.group], cnt, __ATOMIC_RELAXED);
-        std::copy(stage.begin(), stage.begin() + cnt, cands.begin() + c.cand_off);
+        std::copy(stage.get(), stage.get() + cnt, cands.begin() + c.cand_off);
       }
     });
   }
