@@ -213,7 +213,8 @@ def machine_description() -> str:
         pass
     isa = "reference (no compiled kernels)"
     if ops.BACKEND == "compiled":
-        isa = ("portable scalar", "AVX2", "AVX-512")[torch.ops.flocora._set_cpu_isa(-1)]
+        level = _forced_isa if _forced_isa is not None else torch.ops.flocora._set_cpu_isa(-1)
+        isa = ("portable scalar", "AVX2", "AVX-512")[level] + (" (forced)" if _forced_isa is not None else "")
     thp = ""
     try:
         thp = ", THP " + re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(
@@ -245,11 +246,33 @@ def fmt_size(nbytes: float) -> str:
 
 
 def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", repeats: int | None = None,
-        skip_huge: bool = False, plot: bool = True) -> Path:  # fmt: skip
+        skip_huge: bool = False, plot: bool = True, isa: str = "auto") -> Path:  # fmt: skip
     """Run the benchmark, print the table and write it (and the plot) under ``out_dir``.
 
     Returns the path of the markdown file.
     """
+    global _forced_isa
+    if isa != "auto":  # the loops of an older CPU, on this one (the table says which ran)
+        if ops.BACKEND != "compiled":
+            raise SystemExit("bench --isa needs the compiled kernels")
+        level = ISA_LEVELS[isa]
+        if torch.ops.flocora._set_cpu_isa(level) != level:
+            torch.ops.flocora._set_cpu_isa(-1)
+            raise SystemExit(f"bench --isa {isa}: this CPU cannot run those loops")
+        _forced_isa = level
+    try:
+        return _run(full, Path(out_dir), repeats, skip_huge, plot, isa)
+    finally:
+        if isa != "auto":
+            _forced_isa = None
+            torch.ops.flocora._set_cpu_isa(-1)
+
+
+ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+_forced_isa = None  # the level `run(isa=...)` forces while it runs
+
+
+def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     repeats = repeats or (15 if full else 7)
     sizes = [64 << 10, 1 << 20, 16 << 20] + ([64 << 20, 256 << 20] if full else [])
     all_bits = (1, 2, 3, 4, 5, 6, 7, 8) if full else (1, 2, 4, 8)
@@ -495,7 +518,7 @@ def run(full: bool = False, out_dir: str | os.PathLike = "benchmarks/results", r
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", machine_description().split(";")[0]).strip("-").lower()
-    stem += "" if full else "-quick"
+    stem += ("" if isa == "auto" else f"-{isa}") + ("" if full else "-quick")
     md = out_dir / f"{stem}.md"
     if plot:
         png = _plot(curves, out_dir / f"{stem}.png")
@@ -543,11 +566,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timings per median (default 7 quick, 15 full)")
     parser.add_argument("--skip-huge", action="store_true", help="--full: skip the 1 GiB tensor")
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--isa", choices=["auto", *ISA_LEVELS], default="auto",
+                        help="force the loops of one instruction set (default: the best this CPU has)")  # fmt: skip
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flocora-codec bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot)
+    run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot, args.isa)
     return 0

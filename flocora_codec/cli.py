@@ -423,7 +423,7 @@ def _decode(args) -> int:
 def _bench_cmd(args) -> int:
     from flocora_codec import bench
 
-    bench.run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot)
+    bench.run(args.full, args.out, args.repeats, args.skip_huge, not args.no_plot, args.isa)
     return EXIT_OK
 
 

@@ -263,7 +263,8 @@ def test_compact_messages_and_schemas(tmp_path, capsys):
 
 def test_bench_is_a_subcommand(capsys):
     assert cli.main(["bench", "--help"]) == 0
-    assert "--full" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--full" in out and "--isa {auto,scalar,avx2,avx512}" in out
 
 
 @pytest.mark.skipif(fc.ops.BACKEND != "compiled", reason="the benchmark's baselines are checked against the kernels")
