@@ -13,7 +13,6 @@ import ctypes
 import logging
 import math
 import platform
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -1026,11 +1025,18 @@ def decode_into(
 
 
 def _message_tensor(mv: memoryview) -> torch.Tensor:
-    """The message's bytes as a uint8 tensor, without a copy; only ever read
-    (torch warns that a read-only buffer could be written through it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mv, dtype=torch.uint8)
+    """The message's bytes as a uint8 tensor, without a copy; only ever read.
+
+    ``torch.frombuffer`` warns on a read-only buffer such as ``bytes`` (and
+    silencing it with ``warnings.catch_warnings`` is not thread-safe), so the
+    tensor wraps a ctypes view of the same memory, as ``_alloc_message`` does;
+    the caller holds the message while the tensor is in use.
+    """
+    n = len(mv)
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    addr = np.frombuffer(mv, dtype=np.uint8).ctypes.data
+    return torch.frombuffer((ctypes.c_ubyte * n).from_address(addr), dtype=torch.uint8)
 
 
 # ---- numpy ------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -310,3 +312,18 @@ def test_copy_from_bytes_checks_every_range_before_writing():
         ops.copy_from_bytes_([a, a[1:]], src, [0, 0])
     with pytest.raises(RuntimeError, match="2 offsets for 1 outputs"):
         ops.copy_from_bytes_([a], src, [0, 0])
+
+
+def test_raw_tensors_come_straight_from_a_read_only_message():
+    # bytes are read-only: the raw copy must neither warn nor write to them
+    m = {"w": torch.randn(5, 7), "steps": torch.tensor(3), "ids": torch.arange(10)}
+    data = fc.encode(m, fc.CodecSpec.raw())
+    before = bytes(data)
+    tg = {k: torch.zeros_like(v) for k, v in m.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc.decode_into(data, tg)
+        fc.decode_into(memoryview(bytearray(data))[0:], tg)
+    assert data == before
+    for k in m:
+        assert_same(tg[k], m[k])
