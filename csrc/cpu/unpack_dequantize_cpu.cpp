@@ -83,7 +83,12 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
       const UnpackTensor& t = lay.ts[pc.tensor];
       const at::ScalarType st = out[pc.tensor].st;
       const int64_t G = t.group, n = pc.end - pc.begin;
-      L.unpack[bits](src + t.byte_base + pc.begin * bits / 8, n, codes.data());
+      // 8-bit codes are the packed bytes themselves: read them in place.
+      const uint8_t* piece_codes = src + t.byte_base + pc.begin * bits / 8;
+      if (bits != 8) {
+        L.unpack[bits](piece_codes, n, codes.data());
+        piece_codes = codes.data();
+      }
       float* outf;
       if (st == at::kFloat && !accumulate) {
         outf = reinterpret_cast<float*>(out[pc.tensor].ptr) + pc.begin;
@@ -94,7 +99,7 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
       auto dequantize_range = [&](int64_t b, int64_t e) {  // elements [b, e) of the piece, group by group
         for (int64_t s = b; s < e;) {
           int64_t g = s / G, se = std::min(e, (g + 1) * G);
-          L.dequantize(codes.data() + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
+          L.dequantize(piece_codes + (s - pc.begin), se - s, meta_at(of, t.group_base + g),
                        meta_at(sc, t.group_base + g), outf + (s - pc.begin));
           s = se;
         }
@@ -103,7 +108,7 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
       if (whole_groups && G % 16 == 0 && g_in < g_out) {
         dequantize_range(pc.begin, g_in * G);
         const int64_t at = g_in * G - pc.begin;
-        L.decode_groups_f32(codes.data() + at, g_out - g_in, G, static_cast<const float*>(sc) + t.group_base + g_in,
+        L.decode_groups_f32(piece_codes + at, g_out - g_in, G, static_cast<const float*>(sc) + t.group_base + g_in,
                             static_cast<const float*>(of) + t.group_base + g_in, outf + at,
                             stream && outf != fbuf.data());
         dequantize_range(g_out * G, pc.end);
