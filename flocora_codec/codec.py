@@ -281,11 +281,12 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
     header = len(compact) if compact is not None else fmt.header_nbytes(record_list, entries, names_utf8)
     total = header + sum(e.metadata_len + e.index_len + e.payload_len for e in entries) + fmt.CHECKSUM_SIZE
     out, view = _alloc_message(total)
+    count_positions: dict[int, int] = {}
     if compact is not None:
         view[:header] = compact
         pos = header
     else:
-        pos = fmt.write_header(view, record_list, entries, names_utf8)
+        pos = fmt.write_header(view, record_list, entries, names_utf8, count_positions)
     out_t = None
     starts = []
     for i, e in enumerate(entries):
@@ -305,8 +306,11 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
             pos += len(piece)
     if pos != total - fmt.CHECKSUM_SIZE:  # sizes come from one formula; never send a short message
         raise RuntimeError(f"encode: wrote {pos} of {total - fmt.CHECKSUM_SIZE} bytes (internal size mismatch)")
-    if key is not None and not topk_groups:
-        _remember_plan(key, bytes(view[:header]), total, record_list, entries, specs, starts, affine_groups)
+    if key is not None:
+        _remember_plan(
+            key, bytes(view[:header]), total, record_list, entries, specs, starts, affine_groups, topk_groups,
+            schema.id if compact is not None else None, count_positions,
+        )  # fmt: skip
     fmt.CHECKSUM.pack_into(view, pos, fmt.crc32c(view[:pos]))
     return _finish(out, view)
 
@@ -314,10 +318,12 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
 # ---- encode plans -----------------------------------------------------------------
 # Round after round an FL client encodes tensors of the same names, dtypes and
 # shapes with the same spec: everything but the kernels' output is then the
-# same (codec records, groups, seeds, header bytes, section offsets). For
-# messages without top-k tensors (whose header holds data-dependent counts),
-# that layout is kept and the next encode of the same key only runs the
-# kernels and copies their output into place.
+# same (codec records, groups, seeds, header bytes, section sizes). That
+# layout is kept, and the next encode of the same key only runs the kernels
+# and copies their output into place. Top-k tensors are the exception: their
+# counts, index codes and section sizes depend on the data (a global top-k
+# splits its k differently each round), so a plan with top-k groups patches
+# those header fields and lays the sections out again on every encode.
 _ENCODE_PLANS: dict = {}
 _ENCODE_PLANS_SIZE = 16
 
@@ -330,17 +336,30 @@ class _AffinePlan:
     seeds: list
     names: list
     dtypes: set
-    pieces: (
-        list  # per member: (section start, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
-    )
+    pieces: list  # per member: (tensor position, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
+
+
+@dataclass
+class _TopkPlan:
+    rec: fmt.CodecRecord
+    global_scope: bool
+    members: list  # tensor positions in the message
 
 
 @dataclass
 class _EncodePlan:
-    header: bytes
-    total: int
+    header: bytes  # the whole header; with top-k groups, their fields are rewritten on each encode
+    total: int  # message bytes (without top-k groups: fixed)
     affine: list
-    raw: list  # (tensor position, section start, bytes)
+    raw: list  # (tensor position, bytes)
+    starts: list  # section start of each tensor (without top-k groups: fixed)
+    topk: list
+    entries: list  # the message's tensor entries (top-k ones are updated on each encode)
+    specs: list  # effective spec per tensor
+    section_bytes: list  # metadata + index + payload bytes per tensor (top-k ones: of the last encode)
+    record_list: list
+    compact_id: bytes | None  # schema id of a compact message
+    count_positions: dict  # full headers: tensor position -> offset of its top-k count field
 
 
 def _plan_key(tensors, spec, schema):
@@ -361,14 +380,15 @@ def _plan_key(tensors, spec, schema):
     return key
 
 
-def _remember_plan(key, header, total, record_list, entries, specs, starts, affine_groups):
+def _remember_plan(key, header, total, record_list, entries, specs, starts, affine_groups, topk_groups, compact_id,
+                   count_positions):  # fmt: skip
     affine = []
     for (rec, _), members in affine_groups.items():
         pieces, meta_pos, packed_pos = [], 0, 0
         for i in members:
             e = entries[i]
             half = e.metadata_len // 2
-            pieces.append((starts[i], half, meta_pos, e.payload_len, packed_pos))
+            pieces.append((i, half, meta_pos, e.payload_len, packed_pos))
             meta_pos += half
             packed_pos += e.payload_len
         affine.append(_AffinePlan(
@@ -376,11 +396,15 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
             [tensor_seed(specs[i].seed, entries[i].name) for i in members], [entries[i].name for i in members],
             {entries[i].dtype for i in members}, pieces,
         ))  # fmt: skip
-    raw = [(i, starts[i], e.payload_len) for i, e in enumerate(entries)
+    raw = [(i, e.payload_len) for i, e in enumerate(entries)
            if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
+    topk = [_TopkPlan(rec, sel is not None, list(members)) for (rec, _, sel), members in topk_groups.items()]
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
-    _ENCODE_PLANS[key] = _EncodePlan(header, total, affine, raw)
+    _ENCODE_PLANS[key] = _EncodePlan(
+        header, total, affine, raw, list(starts), topk, entries, specs,
+        [e.metadata_len + e.index_len + e.payload_len for e in entries], record_list, compact_id, count_positions,
+    )  # fmt: skip
 
 
 def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
@@ -398,16 +422,50 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             raise _kernel_failed("quantize_pack", g.names, xs, exc) from exc
         _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
         outputs.append((_host_bytes(packed), _host_bytes(scales), _host_bytes(offsets)))
-    out, view = _alloc_message(plan.total)
-    view[: len(plan.header)] = plan.header
+    header, total, starts = plan.header, plan.total, plan.starts
+    if plan.topk:
+        entries, parts = plan.entries, [None] * len(plan.entries)
+        for tp in plan.topk:
+            for i in tp.members:
+                parts[i] = []
+            _encode_topk(tp.rec, tp.global_scope, tp.members, entries, flat, plan.specs, parts)
+        sizes = list(plan.section_bytes)
+        for tp in plan.topk:
+            for i in tp.members:
+                e = entries[i]
+                e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel,
+                                                                               e.count)  # fmt: skip
+                sizes[i] = e.metadata_len + e.index_len + e.payload_len
+        if plan.compact_id is not None:
+            header = fmt.compact_header(plan.compact_id, plan.record_list, entries)
+        pos, starts = len(header), []
+        for n in sizes:
+            starts.append(pos)
+            pos += n
+        total = pos + fmt.CHECKSUM_SIZE
+    out, view = _alloc_message(total)
+    view[: len(header)] = header
     for g, (pb, sb, ob) in zip(plan.affine, outputs):
-        for pos, m, ma, n, na in g.pieces:
+        for i, m, ma, n, na in g.pieces:
+            pos = starts[i]
             view[pos : pos + m] = sb[ma : ma + m]
             view[pos + m : pos + 2 * m] = ob[ma : ma + m]
             view[pos + 2 * m : pos + 2 * m + n] = pb[na : na + n]
-    for i, pos, n in plan.raw:
-        view[pos : pos + n] = _host_bytes(flat[i])
-    end = plan.total - fmt.CHECKSUM_SIZE
+    for i, n in plan.raw:
+        view[starts[i] : starts[i] + n] = _host_bytes(flat[i])
+    if plan.topk:
+        for tp in plan.topk:
+            for i in tp.members:
+                if plan.compact_id is None:
+                    fmt.patch_topk_fields(view, plan.count_positions[i], entries[i])
+                pos = starts[i]
+                for piece in parts[i]:
+                    view[pos : pos + len(piece)] = piece
+                    pos += len(piece)
+                if pos != starts[i] + sizes[i]:  # sizes come from one formula; never send a short message
+                    raise RuntimeError(f"encode: wrote {pos - starts[i]} of {sizes[i]} bytes of tensor "
+                                       f"{entries[i].name!r} (internal size mismatch)")  # fmt: skip
+    end = total - fmt.CHECKSUM_SIZE
     fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
 
@@ -475,9 +533,10 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
     counts = counts.tolist()
     idx = _Slicer(index_bytes)
     for i, x, c in zip(members, xs, counts):
-        entries[i].count = c
-        entries[i].index_code = ops.choose_index_code(x.numel(), c)
-        parts[i].append(idx.take(ops.index_nbytes(x.numel(), c)))
+        e = entries[i]
+        e.count = c
+        e.index_code, nbytes = ops.index_code_and_nbytes(e.numel, c)
+        parts[i].append(idx.take(nbytes))
     if rec.values == fmt.VALUES_SIGN:
         _encode_sign_values(rec, members, entries, counts, values, parts)
         return

@@ -329,8 +329,11 @@ def header_nbytes(records, entries, names_utf8) -> int:
 _DEFAULT_LIMITS = DecodeLimits()
 
 
-def write_header(buf, records, entries, names_utf8) -> int:
-    """Pack preamble and tables into ``buf`` (writable buffer) at 0; return the end offset."""
+def write_header(buf, records, entries, names_utf8, count_positions: dict | None = None) -> int:
+    """Pack preamble and tables into ``buf`` (writable buffer) at 0; return the end offset.
+
+    ``count_positions``: filled with entry position -> offset of its top-k
+    count field (the three section lengths follow it), for patching later."""
     if len(records) > MAX_U16:
         raise ValueError(f"encode: {len(records)} distinct codecs exceed the format's {MAX_U16}")
     if len(entries) > MAX_U32:
@@ -341,7 +344,7 @@ def write_header(buf, records, entries, names_utf8) -> int:
     for r in records:
         CODEC_RECORD.pack_into(buf, pos, *r.pack())
         pos += CODEC_RECORD.size
-    for e, nb in zip(entries, names_utf8):
+    for i, (e, nb) in enumerate(zip(entries, names_utf8)):
         # The encoder holds itself to the default decode limits (tighter than
         # the format's u16/u8 fields), so that what it writes, a default
         # decoder accepts.
@@ -365,6 +368,8 @@ def write_header(buf, records, entries, names_utf8) -> int:
         _U16.pack_into(buf, pos, e.codec_index)
         pos += 2
         if records[e.codec_index].codec == CODEC_TOPK:
+            if count_positions is not None:
+                count_positions[i] = pos
             _COUNT.pack_into(buf, pos, e.count, e.index_code)
             pos += _COUNT.size
         _SECTIONS.pack_into(buf, pos, e.metadata_len, e.index_len, e.payload_len)
@@ -790,6 +795,13 @@ def _read_varint(rd: "_Reader", what: str) -> int:
             return value
         shift += 7
     raise FormatError(f"{what}: varint longer than 10 bytes")
+
+
+def patch_topk_fields(buf, pos: int, e: TensorEntry) -> None:
+    """Rewrite a top-k entry's count, index code and section lengths in a
+    header written by :func:`write_header` (``pos`` from its ``count_positions``)."""
+    _COUNT.pack_into(buf, pos, e.count, e.index_code)
+    _SECTIONS.pack_into(buf, pos + _COUNT.size, e.metadata_len, e.index_len, e.payload_len)
 
 
 def compact_header(schema_id: bytes, records, entries) -> bytes:

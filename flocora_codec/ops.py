@@ -113,10 +113,7 @@ def elias_fano_low_bits(n: int, k: int) -> int:
     """l = max{l : k * 2**l <= n} (0 when k == 0)."""
     if k <= 0:
         return 0
-    low = 0
-    while low < 62 and (k << (low + 1)) <= n:
-        low += 1
-    return low
+    return min(62, max(0, (n // k).bit_length() - 1))  # 2**l <= n / k  <=>  2**l <= n // k
 
 
 def bitmap_nbytes(n: int) -> int:
@@ -136,9 +133,13 @@ def choose_index_code(n: int, k: int) -> int:
 
 
 def index_nbytes(n: int, k: int) -> int:
-    if choose_index_code(n, k) == INDEX_BITMAP:
-        return bitmap_nbytes(n)
-    return elias_fano_nbytes(n, k)
+    return index_code_and_nbytes(n, k)[1]
+
+
+def index_code_and_nbytes(n: int, k: int) -> tuple[int, int]:
+    """(choose_index_code(n, k), index_nbytes(n, k)) in one step."""
+    bitmap, ef = (n + 7) // 8, elias_fano_nbytes(n, k)
+    return (INDEX_BITMAP, bitmap) if bitmap <= ef else (INDEX_ELIAS_FANO, ef)
 
 
 # ---- quantize + pack --------------------------------------------------------

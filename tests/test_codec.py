@@ -804,7 +804,44 @@ def test_a_planned_encode_writes_the_bytes_of_a_fresh_one(spec):
         fc.encode(bad, spec)
 
 
-def test_topk_messages_are_never_planned():
+TOPK_PLAN_SPECS = [
+    fc.CodecSpec(density=0.1),
+    fc.CodecSpec(density=0.2, topk_scope="global", values="float16"),
+    fc.CodecSpec(k=7, values="bfloat16"),
+    fc.CodecSpec(density=0.3, values="quantized", bits=4, granularity="group", group_size=16),
+    fc.CodecSpec(density=0.05, values="sign", topk_scope="global"),
+    fc.CodecSpec(bits=4, rules=(fc.Rule("lora_B", fc.CodecSpec(density=0.25, values="float16")), fc.Rule("*", "raw", max_ndim=1))),
+]
+
+
+@pytest.mark.parametrize("spec", TOPK_PLAN_SPECS)
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_planned_topk_encode_writes_the_bytes_of_a_fresh_one(spec, compact):
+    """Top-k counts, index codes and section sizes change with the data (a
+    global k splits differently each time): the plan rewrites them."""
+    schema = fc.Schema.build(_plan_inputs(0), spec) if compact else None
     codec_mod._ENCODE_PLANS.clear()
-    fc.encode({"w": torch.randn(10, 10)}, fc.CodecSpec(density=0.1))
-    assert not codec_mod._ENCODE_PLANS
+    first = fc.encode(_plan_inputs(0), spec, schema=schema)
+    assert codec_mod._ENCODE_PLANS  # remembered
+    inputs = [_plan_inputs(s) for s in (0, 1, 2)]
+    with torch.no_grad():
+        inputs[2]["lora_B"][:20] = 0.0  # ties and a different split of a global k
+    planned = [fc.encode(x, spec, schema=schema) for x in inputs]
+    fresh = []
+    for x in inputs:
+        codec_mod._ENCODE_PLANS.clear()
+        fresh.append(fc.encode(x, spec, schema=schema))
+    assert planned == fresh and planned[0] == first
+    assert len({len(m) for m in planned}) > 1 or spec.topk_scope == "tensor" or spec.values == "sign"
+    schemas = {schema.id: schema} if compact else None
+    for x, m in zip(inputs, planned):
+        out = fc.decode(m, schemas=schemas)
+        assert list(out) == list(x)
+    bad = _plan_inputs(3)
+    with torch.no_grad():
+        bad["lora_B"][1, 2] = float("inf")
+    fc.encode(_plan_inputs(3), spec, schema=schema)  # the plan is there
+    with pytest.raises(ValueError, match="'lora_B' has NaN or Inf"):
+        fc.encode(bad, spec, schema=schema)
+
+
