@@ -336,7 +336,8 @@ class _AffinePlan:
     seeds: list
     names: list
     dtypes: set
-    pieces: list  # per member: (tensor position, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
+    # per member: (tensor position, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
+    pieces: list
 
 
 @dataclass

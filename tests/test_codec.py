@@ -810,7 +810,9 @@ TOPK_PLAN_SPECS = [
     fc.CodecSpec(k=7, values="bfloat16"),
     fc.CodecSpec(density=0.3, values="quantized", bits=4, granularity="group", group_size=16),
     fc.CodecSpec(density=0.05, values="sign", topk_scope="global"),
-    fc.CodecSpec(bits=4, rules=(fc.Rule("lora_B", fc.CodecSpec(density=0.25, values="float16")), fc.Rule("*", "raw", max_ndim=1))),
+    fc.CodecSpec(
+        bits=4, rules=(fc.Rule("lora_B", fc.CodecSpec(density=0.25, values="float16")), fc.Rule("*", "raw", max_ndim=1))
+    ),
 ]
 
 
