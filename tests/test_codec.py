@@ -845,5 +845,3 @@ def test_a_planned_topk_encode_writes_the_bytes_of_a_fresh_one(spec, compact):
     fc.encode(_plan_inputs(3), spec, schema=schema)  # the plan is there
     with pytest.raises(ValueError, match="'lora_B' has NaN or Inf"):
         fc.encode(bad, spec, schema=schema)
-
-
