@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from flocora_codec import ops
 from flocora_codec import reference as R
-from tests.conftest import DEVICES, FLOAT_DTYPES
+from tests.conftest import _ISA_LEVELS, DEVICES, FLOAT_DTYPES, REFERENCE_BACKEND
 
 CHUNK = 65536  # kChunk in csrc/cpu/topk_encode_cpu.cpp
 
@@ -43,7 +43,7 @@ DENSITIES = [0.0, 0.001, 0.01, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9, 1.0]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", SIZES)
-def test_matches_reference_sizes_densities(device, n):
+def test_matches_reference_sizes_densities(device, n, cpu_isa):
     torch.manual_seed(n)
     x = torch.randn(n)
     # Large sizes (the chunked path) take fewer densities: the oracle sorts.
@@ -57,7 +57,7 @@ def test_matches_reference_sizes_densities(device, n):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("global_scope", [False, True])
-def test_matches_reference_dtypes_lists(device, dtype, global_scope):
+def test_matches_reference_dtypes_lists(device, dtype, global_scope, cpu_isa):
     torch.manual_seed(7)
     sizes = [5, 0, 1000, CHUNK + 5, 300, 2 * CHUNK]
     xs = [(torch.randn(s) * 10).to(dtype) for s in sizes]
@@ -70,7 +70,7 @@ def test_matches_reference_dtypes_lists(device, dtype, global_scope):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_many_small_tensors_one_call(device):
+def test_many_small_tensors_one_call(device, cpu_isa):
     # LoRA-like: dozens of tensors, most far below one chunk.
     g = torch.Generator().manual_seed(3)
     sizes = torch.randint(1, 5000, (40,), generator=g).tolist() + [CHUNK + 1, 70000]
@@ -95,10 +95,17 @@ def test_matches_reference_with_ties(data, sizes, dtype, global_scope, levels):
         ks = [data.draw(st.integers(0, sum(sizes)))]
     else:
         ks = [data.draw(st.integers(0, s)) for s in sizes]
-    _check(xs, ks, global_scope)
+    if REFERENCE_BACKEND:
+        _check(xs, ks, global_scope)
+        return
+    try:  # every build of the loops this CPU runs
+        for level in [lvl for lvl in _ISA_LEVELS.values() if torch.ops.flocora._set_cpu_isa(lvl) == lvl]:
+            _check(xs, ks, global_scope)
+    finally:
+        torch.ops.flocora._set_cpu_isa(-1)
 
 
-def test_large_candidate_buckets():
+def test_large_candidate_buckets(cpu_isa):
     # Every key in one top-digit bucket (|x| in [1, 1.125)), and then in one
     # second-digit bucket: the select must descend through all three digits.
     torch.manual_seed(0)
@@ -116,7 +123,7 @@ def test_large_candidate_buckets():
 # ---- selection semantics ------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [10, 1000, 3 * CHUNK + 3])
-def test_exact_top_k_and_tie_rule(device, n):
+def test_exact_top_k_and_tie_rule(device, n, cpu_isa):
     # Half the elements tie at |x| = 1 (either sign): the kept ties are the
     # lowest-indexed ones, every kept |x| >= every dropped |x|.
     g = torch.Generator().manual_seed(n)
@@ -138,7 +145,7 @@ def test_exact_top_k_and_tie_rule(device, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_global_ties_go_to_earlier_tensors(device):
+def test_global_ties_go_to_earlier_tensors(device, cpu_isa):
     xs = [torch.full((100,), -2.0), torch.ones(CHUNK + 10), torch.ones(50), torch.full((7,), 5.0)]
     counts, values, _ = ops.topk_encode([x.to(device) for x in xs], [120], global_scope=True)
     assert counts.tolist() == [100, 13, 0, 7]
@@ -147,7 +154,7 @@ def test_global_ties_go_to_earlier_tensors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_constant_and_signed_zero(device):
+def test_constant_and_signed_zero(device, cpu_isa):
     for n in [33, 2 * CHUNK + 1]:
         for x in [torch.zeros(n), -torch.zeros(n), torch.full((n,), -0.5)]:
             for k in [0, 1, n // 2, n] if n < CHUNK else [n // 2]:
@@ -609,7 +616,7 @@ def test_empty_list():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_random_bit_patterns(device, dtype):
+def test_random_bit_patterns(device, dtype, cpu_isa):
     # Every finite value of the dtype can occur: subnormals, huge magnitudes,
     # +-0; the keys must order them exactly like |x|.
     g = torch.Generator().manual_seed(17)

@@ -13,8 +13,10 @@
 
 #if defined(__GNUC__)
 #define FLOCORA_INLINE inline __attribute__((always_inline))
+#define FLOCORA_LAMBDA_INLINE __attribute__((always_inline))  // [&](...) FLOCORA_LAMBDA_INLINE { ... }
 #else
 #define FLOCORA_INLINE inline
+#define FLOCORA_LAMBDA_INLINE
 #endif
 
 namespace flocora {

@@ -41,6 +41,7 @@
 #include <flocora/host_checks.h>
 
 #include "bitstream.h"
+#include "quant_loops.h"
 #include "topk_common.h"
 
 namespace flocora {
@@ -279,101 +280,43 @@ struct Chunk {
   int64_t rank0, share, out_cnt;
 };
 
-// Copies the keys of [begin, end) whose top digit is `top` to stage; returns
-// how many, and *above the number whose top digit is larger. Block b of the
-// range gets bit b of `flags` iff it holds a key of top digit >= `top`: the
-// emit pass reads only those blocks (at low density, most blocks have none).
+// The two passes that touch every element after phase 1 (candidates, emit),
+// once generic and once with AVX-512 vector blocks, picked at run time.
+#define FLOCORA_TOPK_LOOPS generic_loops
+#define FLOCORA_TOPK_AVX512 0
+#include "topk_loops.h"
+#undef FLOCORA_TOPK_AVX512
+#undef FLOCORA_TOPK_LOOPS
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,popcnt,bmi,bmi2")
+#define FLOCORA_TOPK_LOOPS avx512_loops
+#define FLOCORA_TOPK_AVX512 1
+#include "topk_loops.h"
+#undef FLOCORA_TOPK_AVX512
+#undef FLOCORA_TOPK_LOOPS
+#pragma GCC pop_options
+#endif
+
+// The loops of the instruction set in use (tests force each one).
+bool use_avx512_loops() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxed)) == 2; }
+
 template <Dt D>
-int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above,
-                       uint64_t* flags) {
-  uint32_t keys[kBlock];
-  const int32_t lo = (int32_t)(top << kTopShift) - 1;
-  const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
-  int64_t cnt = 0, up = 0;
-  std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
-  for (int64_t i = begin; i < end; i += kBlock) {
-    int n = (int)std::min<int64_t>(kBlock, end - i);
-    load_keys<D>(x, i, n, keys);
-    uint32_t valid = valid_mask(n);
-    uint32_t ge = gt_mask(keys, lo) & valid;
-    if (!ge) continue;
-    const int64_t blk = (i - begin) / kBlock;
-    flags[blk >> 6] |= 1ull << (blk & 63);
-    uint32_t gt = gt_mask(keys, hi) & valid;
-    uint32_t in = ge & ~gt;
-    up += popcount64(gt);
-    while (in) {
-      stage[cnt++] = keys[__builtin_ctz(in)];
-      in &= in - 1;
-    }
-  }
-  *above = up;
-  return cnt;
+int64_t top_candidates(bool avx512, const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage,
+                       int64_t* above, uint64_t* flags) {
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  if (avx512) return avx512_loops::top_candidates<D>(x, begin, end, top, stage, above, flags);
+#endif
+  return generic_loops::top_candidates<D>(x, begin, end, top, stage, above, flags);
 }
 
-// Emits the kept elements of [begin, end) of tensor t (begin a multiple of
-// kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
-// vals[rank0...], the index code into the zeroed idx bytes of the tensor.
-// flags (or null: every block): the blocks that may hold a kept key.
 template <Dt D>
-void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0, float* vals,
-                uint8_t* idx, const uint64_t* flags) {
-  uint32_t bits[kBlock], keys[kBlock];
-  const bool bitmap = t.code == kIndexBitmap;
-  const int l = t.low_bits;
-  const uint64_t low_mask = l ? (~0ull >> (64 - l)) : 0;
-  FieldWriter low(idx, rank0 * (int64_t)l);
-  UnaryWriter high(idx + t.low_nbytes);
-  int64_t rank = rank0;
-  auto block = [&](int64_t i) {
-    int n = (int)std::min<int64_t>(kBlock, end - i);
-    load_bits<D>(t.x, i, n, bits);
-    for (int j = 0; j < kBlock; ++j) keys[j] = j < n ? (bits[j] & 0x7fffffffu) : 0u;
-    uint32_t valid = valid_mask(n);
-    uint32_t sel = gt_mask(keys, (int32_t)thr) & valid;
-    if (ties > 0) {
-      uint32_t eq = gt_mask(keys, (int32_t)thr - 1) & ~sel & valid;
-      while (eq && ties > 0) {
-        sel |= eq & (0u - eq);
-        eq &= eq - 1;
-        --ties;
-      }
-    }
-    if (!sel) return;
-    if (bitmap) {
-      idx[i >> 3] = (uint8_t)sel;
-      if (n > 8) idx[(i >> 3) + 1] = (uint8_t)(sel >> 8);
-    }
-    while (sel) {
-      int j = __builtin_ctz(sel);
-      sel &= sel - 1;
-      vals[rank] = bits_float(bits[j]);
-      if (!bitmap) {
-        uint64_t e = (uint64_t)(i + j);
-        low.put(e & low_mask, l);
-        high.set((int64_t)(e >> l) + rank);
-      }
-      ++rank;
-    }
-  };
-  if (flags) {
-    const int64_t nwords = (end - begin + kBlock * 64 - 1) / (kBlock * 64);
-    const int esize = D == kF32 ? 4 : 2;
-    for (int64_t w = 0; w < nwords; ++w) {
-      // Skipping blocks defeats the hardware prefetcher: fetch the next word's blocks now.
-      if (w + 1 < nwords)
-        for (uint64_t f = flags[w + 1]; f; f &= f - 1)
-          __builtin_prefetch(static_cast<const char*>(t.x) +
-                             esize * (begin + ((w + 1) * 64 + __builtin_ctzll(f)) * kBlock));
-      for (uint64_t f = flags[w]; f; f &= f - 1) block(begin + (w * 64 + __builtin_ctzll(f)) * kBlock);
-    }
-  } else {
-    for (int64_t i = begin; i < end; i += kBlock) block(i);
-  }
-  if (!bitmap) {
-    low.finish();
-    high.finish();
-  }
+void emit_range(bool avx512, const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0,
+                float* vals, uint8_t* idx, const uint64_t* flags) {
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  if (avx512) return avx512_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
+#endif
+  generic_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
 }
 
 }  // namespace
@@ -382,6 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
                                                                bool global_scope) {
   const char* op = "flocora::topk_encode";
   const int64_t nt = (int64_t)xs.size();
+  const bool avx512 = use_avx512_loops();
   const TopkInput in = topk_encode_input(op, xs, ks, global_scope, [&](const at::Tensor& x, size_t i) {
     TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
                 "; all tensors of one call must be on the CPU");
@@ -509,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         int64_t ties = 0;
         uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
         dispatch_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
+          emit_range<decltype(d)::value>(avx512, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
       }
       flush();
@@ -540,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     run_balanced(cost, [&](int64_t first, int64_t last) {
       // a chunk's candidates, before its slice is known (uninitialized: zeroing
       // 256 KiB per call cost more than a small message's candidates)
-      std::unique_ptr<uint32_t[]> stage(new uint32_t[kChunk]);
+      std::unique_ptr<uint32_t[]> stage(new uint32_t[kChunk + kBlock]);  // + a vector store's overhang
       for (int64_t ci = first; ci < last; ++ci) {
         Chunk& c = chunks[ci];
         const Group& g = groups[c.group];
@@ -548,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
         dispatch_dt(t.dt, [&](auto d) {
-          cnt = top_candidates<decltype(d)::value>(t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
+          cnt = top_candidates<decltype(d)::value>(avx512, t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
                                                    flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
@@ -629,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const Group& g = groups[c.group];
         const EncTensor& t = ts[c.tensor];
         dispatch_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
+          emit_range<decltype(d)::value>(avx512, t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
                                          idx_base + t.ioff, flags.data() + ci * kFlagWords);
         });
       }

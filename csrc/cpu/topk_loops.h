@@ -1,0 +1,167 @@
+// The per-element passes of topk_encode_cpu.cpp after phase 1: candidate
+// staging (phase 2) and emitting values and index codes (phase 4). Included
+// twice by that file, without an include guard: once as namespace
+// generic_loops, once as avx512_loops inside `#pragma GCC target("avx512f...")`
+// and FLOCORA_TOPK_AVX512 = 1 (g++ does not define __AVX512F__ for a pragma).
+// float32 blocks then take one masked compare per 16 keys and compress the
+// kept values in a register; float16 and
+// bfloat16, and CPUs without AVX-512, run the generic blocks. Both give the
+// same bytes (tests force each instruction set).
+// Expects from the includer: kBlock, load_keys, load_bits, gt_mask,
+// valid_mask, EncTensor, FieldWriter, UnaryWriter, FLOCORA_INLINE,
+// FLOCORA_LAMBDA_INLINE.
+
+namespace FLOCORA_TOPK_LOOPS {
+
+#if FLOCORA_TOPK_AVX512
+// 16 float32 elements from i as bits (lanes past n zero) and their magnitude keys.
+FLOCORA_INLINE __m512i load_block_f32(const void* x, int64_t i, __mmask16 valid, __m512i* keys) {
+  __m512i b = _mm512_maskz_loadu_epi32(valid, static_cast<const float*>(x) + i);
+  *keys = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff));
+  return b;
+}
+
+FLOCORA_INLINE __mmask16 lanes(int n) { return (__mmask16)(n >= 16 ? 0xffffu : ((1u << n) - 1u)); }
+#endif
+
+// Copies the keys of [begin, end) whose top digit is `top` to stage (room for
+// end - begin + kBlock keys); returns how many, and *above the number whose
+// top digit is larger. Block b of the range gets bit b of `flags` iff it
+// holds a key of top digit >= `top`: the emit pass reads only those blocks
+// (at low density, most blocks have none).
+template <Dt D>
+int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above,
+                       uint64_t* flags) {
+  const int32_t lo = (int32_t)(top << kTopShift) - 1;
+  const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
+  int64_t cnt = 0, up = 0;
+  std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
+#if FLOCORA_TOPK_AVX512
+  if (D == kF32) {
+    const __m512i lov = _mm512_set1_epi32(lo), hiv = _mm512_set1_epi32(hi);
+    for (int64_t i = begin; i < end; i += kBlock) {
+      __m512i keys;
+      load_block_f32(x, i, lanes((int)std::min<int64_t>(kBlock, end - i)), &keys);
+      const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, end - i));
+      __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);  // lo is -1 when top is 0
+      if (!ge) continue;
+      const int64_t blk = (i - begin) / kBlock;
+      flags[blk >> 6] |= 1ull << (blk & 63);
+      __mmask16 gt = _mm512_cmpgt_epi32_mask(keys, hiv);
+      up += __builtin_popcount(gt);
+      __mmask16 in = (__mmask16)(ge & ~gt);
+      // The stage is private to the task and has room for a whole block past cnt.
+      _mm512_storeu_si512(stage + cnt, _mm512_maskz_compress_epi32(in, keys));
+      cnt += __builtin_popcount(in);
+    }
+    *above = up;
+    return cnt;
+  }
+#endif
+  uint32_t keys[kBlock];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    int n = (int)std::min<int64_t>(kBlock, end - i);
+    load_keys<D>(x, i, n, keys);
+    uint32_t valid = valid_mask(n);
+    uint32_t ge = gt_mask(keys, lo) & valid;
+    if (!ge) continue;
+    const int64_t blk = (i - begin) / kBlock;
+    flags[blk >> 6] |= 1ull << (blk & 63);
+    uint32_t gt = gt_mask(keys, hi) & valid;
+    uint32_t in = ge & ~gt;
+    up += popcount64(gt);
+    while (in) {
+      stage[cnt++] = keys[__builtin_ctz(in)];
+      in &= in - 1;
+    }
+  }
+  *above = up;
+  return cnt;
+}
+
+// Emits the kept elements of [begin, end) of tensor t (begin a multiple of
+// kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
+// vals[rank0...], the index code into the zeroed idx bytes of the tensor.
+// flags (or null: every block): the blocks that may hold a kept key.
+template <Dt D>
+void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0, float* vals,
+                uint8_t* idx, const uint64_t* flags) {
+  const bool bitmap = t.code == kIndexBitmap;
+  const int l = t.low_bits;
+  const uint64_t low_mask = l ? (~0ull >> (64 - l)) : 0;
+  FieldWriter low(idx, rank0 * (int64_t)l);
+  UnaryWriter high(idx + t.low_nbytes);
+  int64_t rank = rank0;
+  // Index code of the kept lanes `sel` of the block at i; values are written by the caller.
+  auto code = [&](int64_t i, uint32_t sel, int n) FLOCORA_LAMBDA_INLINE {
+    if (bitmap) {
+      idx[i >> 3] = (uint8_t)sel;
+      if (n > 8) idx[(i >> 3) + 1] = (uint8_t)(sel >> 8);
+      return;
+    }
+    for (int64_t r = rank; sel; sel &= sel - 1, ++r) {
+      uint64_t e = (uint64_t)(i + __builtin_ctz(sel));
+      low.put(e & low_mask, l);
+      high.set((int64_t)(e >> l) + r);
+    }
+  };
+  // The first `ties` keys == thr join the keys > thr.
+  auto add_ties = [&](uint32_t sel, uint32_t eq) FLOCORA_LAMBDA_INLINE {
+    while (eq && ties > 0) {
+      sel |= eq & (0u - eq);
+      eq &= eq - 1;
+      --ties;
+    }
+    return sel;
+  };
+#if FLOCORA_TOPK_AVX512
+  const __m512i tv = _mm512_set1_epi32((int32_t)thr);
+#endif
+  uint32_t bits[kBlock], keys[kBlock];
+  auto block = [&](int64_t i) FLOCORA_LAMBDA_INLINE {
+    int n = (int)std::min<int64_t>(kBlock, end - i);
+#if FLOCORA_TOPK_AVX512
+    if (D == kF32) {
+      __m512i k;
+      __m512i b = load_block_f32(t.x, i, lanes(n), &k);
+      uint32_t sel = _mm512_cmpgt_epi32_mask(k, tv);  // lanes past the end hold key 0 <= thr
+      if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(lanes(n), k, tv));
+      if (!sel) return;
+      const int cnt = __builtin_popcount(sel);
+      // A masked store: the next slot of vals belongs to another task's block.
+      _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
+      code(i, sel, n);
+      rank += cnt;
+      return;
+    }
+#endif
+    load_bits<D>(t.x, i, n, bits);
+    for (int j = 0; j < kBlock; ++j) keys[j] = j < n ? (bits[j] & 0x7fffffffu) : 0u;
+    uint32_t valid = valid_mask(n);
+    uint32_t sel = gt_mask(keys, (int32_t)thr) & valid;
+    if (ties > 0) sel = add_ties(sel, gt_mask(keys, (int32_t)thr - 1) & ~sel & valid);
+    if (!sel) return;
+    code(i, sel, n);
+    for (; sel; sel &= sel - 1) vals[rank++] = bits_float(bits[__builtin_ctz(sel)]);
+  };
+  if (flags) {
+    const int64_t nwords = (end - begin + kBlock * 64 - 1) / (kBlock * 64);
+    const int esize = D == kF32 ? 4 : 2;
+    for (int64_t w = 0; w < nwords; ++w) {
+      // Skipping blocks defeats the hardware prefetcher: fetch the next word's blocks now.
+      if (w + 1 < nwords)
+        for (uint64_t f = flags[w + 1]; f; f &= f - 1)
+          __builtin_prefetch(static_cast<const char*>(t.x) +
+                             esize * (begin + ((w + 1) * 64 + __builtin_ctzll(f)) * kBlock));
+      for (uint64_t f = flags[w]; f; f &= f - 1) block(begin + (w * 64 + __builtin_ctzll(f)) * kBlock);
+    }
+  } else {
+    for (int64_t i = begin; i < end; i += kBlock) block(i);
+  }
+  if (!bitmap) {
+    low.finish();
+    high.finish();
+  }
+}
+
+}  // namespace FLOCORA_TOPK_LOOPS
