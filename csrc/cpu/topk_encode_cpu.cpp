@@ -170,90 +170,6 @@ FLOCORA_INLINE uint32_t gt_mask(const uint32_t* keys, int32_t t) {
 
 inline uint32_t valid_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
 
-// ---- radix select -------------------------------------------------------------
-// Digit d of a key: d = 0 bits 20..30, d = 1 bits 10..19, d = 2 bits 0..9.
-constexpr int kShift[3] = {20, 10, 0};
-constexpr int kBins[3] = {2048, 1024, 1024};
-
-// Scans a histogram from the top bin down for the bin holding the need-th
-// largest key; *need becomes its rank inside that bin.
-// highest: a bin at or above the highest non-empty one.
-int top_bin(const int64_t* hist, int highest, int64_t* need) {
-  int64_t cum = 0;
-  int b = highest;
-  for (; b > 0; --b) {
-    if (cum + hist[b] >= *need) break;
-    cum += hist[b];
-  }
-  *need -= cum;
-  return b;
-}
-
-// keys[0..m) agree on every digit above d; 1 <= need <= m. Returns T, the
-// need-th largest key, and *ties = need - #(keys > T): the number of keys
-// equal to T that belong to the top `need`. Compacts keys in place.
-// first_hist: the histogram of digit d when the caller has it already.
-// first_top: a bin at or above the highest non-empty one of first_hist.
-uint32_t select_inplace(uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist, int first_top,
-                        int64_t* ties) {
-  int64_t hist[kTopBins];
-  for (; d < 3; ++d) {
-    if (m <= kSmallSelect) {
-      std::nth_element(keys, keys + (need - 1), keys + m, std::greater<uint32_t>());
-      uint32_t t = keys[need - 1];
-      int64_t above = 0;
-      for (int64_t i = 0; i < m; ++i) above += keys[i] > t;
-      *ties = need - above;
-      return t;
-    }
-    const int s = kShift[d];
-    const uint32_t mask = (uint32_t)kBins[d] - 1;
-    const int64_t* h = first_hist;
-    int highest = first_hist ? first_top : kBins[d] - 1;
-    if (h == nullptr) {
-      std::fill(hist, hist + kBins[d], 0);
-      for (int64_t i = 0; i < m; ++i) ++hist[(keys[i] >> s) & mask];
-      h = hist;
-    }
-    first_hist = nullptr;
-    const uint32_t b = (uint32_t)top_bin(h, highest, &need);
-    int64_t j = 0;
-    for (int64_t i = 0; i < m; ++i) {  // j <= i: in place
-      uint32_t v = keys[i];
-      keys[j] = v;
-      j += ((v >> s) & mask) == b;
-    }
-    m = j;
-  }
-  *ties = need;  // all m keys are equal now
-  return keys[0];
-}
-
-// As select_inplace, but leaves src intact (the phased path still needs it to
-// count each chunk's candidates): the first digit copies out its bucket.
-uint32_t select_from(const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
-  std::vector<uint32_t> buf;
-  if (m <= kSmallSelect) {
-    buf.assign(src, src + m);
-    return select_inplace(buf.data(), m, need, d, nullptr, 0, ties);
-  }
-  int64_t hist[kTopBins];
-  const int s = kShift[d];
-  const uint32_t mask = (uint32_t)kBins[d] - 1;
-  std::fill(hist, hist + kBins[d], 0);
-  for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> s) & mask];
-  const uint32_t b = (uint32_t)top_bin(hist, kBins[d] - 1, &need);
-  buf.resize(hist[b]);
-  int64_t j = 0;
-  for (int64_t i = 0; i < m; ++i)
-    if (((src[i] >> s) & mask) == b) buf[j++] = src[i];
-  if (d == 2) {
-    *ties = need;
-    return buf[0];
-  }
-  return select_inplace(buf.data(), j, need, d + 1, nullptr, 0, ties);
-}
-
 // ---- encode plan ---------------------------------------------------------------
 struct EncTensor : TopkOutput {  // + where its values and index code go
   const void* x;
@@ -317,6 +233,94 @@ void emit_range(bool avx512, const EncTensor& t, int64_t begin, int64_t end, uin
   if (avx512) return avx512_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
 #endif
   generic_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
+}
+
+// Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
+// returns how many. keys has room for m + kBlock.
+int64_t keep_bucket(bool avx512, uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+  if (avx512) return avx512_loops::keep_bucket(keys, m, s, mask, b);
+#endif
+  return generic_loops::keep_bucket(keys, m, s, mask, b);
+}
+
+// ---- radix select -------------------------------------------------------------
+// Digit d of a key: d = 0 bits 20..30, d = 1 bits 10..19, d = 2 bits 0..9.
+constexpr int kShift[3] = {20, 10, 0};
+constexpr int kBins[3] = {2048, 1024, 1024};
+
+// Scans a histogram from the top bin down for the bin holding the need-th
+// largest key; *need becomes its rank inside that bin.
+// highest: a bin at or above the highest non-empty one.
+int top_bin(const int64_t* hist, int highest, int64_t* need) {
+  int64_t cum = 0;
+  int b = highest;
+  for (; b > 0; --b) {
+    if (cum + hist[b] >= *need) break;
+    cum += hist[b];
+  }
+  *need -= cum;
+  return b;
+}
+
+// keys[0..m) agree on every digit above d; 1 <= need <= m. Returns T, the
+// need-th largest key, and *ties = need - #(keys > T): the number of keys
+// equal to T that belong to the top `need`. Compacts keys in place.
+// first_hist: the histogram of digit d when the caller has it already.
+// first_top: a bin at or above the highest non-empty one of first_hist.
+uint32_t select_inplace(bool avx512, uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist,
+                        int first_top, int64_t* ties) {
+  int64_t hist[kTopBins];
+  for (; d < 3; ++d) {
+    if (m <= kSmallSelect) {
+      std::nth_element(keys, keys + (need - 1), keys + m, std::greater<uint32_t>());
+      uint32_t t = keys[need - 1];
+      int64_t above = 0;
+      for (int64_t i = 0; i < m; ++i) above += keys[i] > t;
+      *ties = need - above;
+      return t;
+    }
+    const int s = kShift[d];
+    const uint32_t mask = (uint32_t)kBins[d] - 1;
+    const int64_t* h = first_hist;
+    int highest = first_hist ? first_top : kBins[d] - 1;
+    if (h == nullptr) {
+      std::fill(hist, hist + kBins[d], 0);
+      for (int64_t i = 0; i < m; ++i) ++hist[(keys[i] >> s) & mask];
+      h = hist;
+    }
+    first_hist = nullptr;
+    const uint32_t b = (uint32_t)top_bin(h, highest, &need);
+    m = keep_bucket(avx512, keys, m, s, mask, b);
+  }
+  *ties = need;  // all m keys are equal now
+  return keys[0];
+}
+
+// As select_inplace, but leaves src intact (the phased path still needs it to
+// count each chunk's candidates): the first digit copies out its bucket.
+uint32_t select_from(bool avx512, const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
+  std::vector<uint32_t> buf;
+  if (m <= kSmallSelect) {
+    buf.resize(m + kBlock);  // + keep_bucket's overhang
+    std::copy(src, src + m, buf.begin());
+    return select_inplace(avx512, buf.data(), m, need, d, nullptr, 0, ties);
+  }
+  int64_t hist[kTopBins];
+  const int s = kShift[d];
+  const uint32_t mask = (uint32_t)kBins[d] - 1;
+  std::fill(hist, hist + kBins[d], 0);
+  for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> s) & mask];
+  const uint32_t b = (uint32_t)top_bin(hist, kBins[d] - 1, &need);
+  buf.resize(hist[b] + kBlock);  // + keep_bucket's overhang
+  int64_t j = 0;
+  for (int64_t i = 0; i < m; ++i)
+    if (((src[i] >> s) & mask) == b) buf[j++] = src[i];
+  if (d == 2) {
+    *ties = need;
+    return buf[0];
+  }
+  return select_inplace(avx512, buf.data(), j, need, d + 1, nullptr, 0, ties);
 }
 
 }  // namespace
@@ -451,9 +455,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         }
         if (t.count == 0) continue;
         int64_t ties = 0;
-        uint32_t thr = select_inplace(keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
+        uint32_t thr = select_inplace(avx512, keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
         dispatch_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(avx512, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
+          emit_range<decltype(d)::value>(avx512, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff,
+                                         nullptr);
         });
       }
       flush();
@@ -509,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     for (int64_t g = lo; g < hi; ++g) {
       Group& gr = groups[g];
       if (gr.k == 0) continue;
-      gr.t = select_from(cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
+      gr.t = select_from(avx512, cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
     }
   });
 

@@ -24,6 +24,31 @@ FLOCORA_INLINE __m512i load_block_f32(const void* x, int64_t i, __mmask16 valid,
 FLOCORA_INLINE __mmask16 lanes(int n) { return (__mmask16)(n >= 16 ? 0xffffu : ((1u << n) - 1u)); }
 #endif
 
+// Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
+// returns how many. keys has room for m + kBlock.
+inline int64_t keep_bucket(uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
+  int64_t j = 0;
+#if FLOCORA_TOPK_AVX512
+  const __m512i maskv = _mm512_set1_epi32((int)mask), bv = _mm512_set1_epi32((int)b);
+  const __m128i shift = _mm_cvtsi32_si128(s);
+  for (int64_t i = 0; i < m; i += kBlock) {
+    const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, m - i));
+    __m512i v = _mm512_maskz_loadu_epi32(valid, keys + i);
+    __mmask16 in = _mm512_mask_cmpeq_epi32_mask(valid, _mm512_and_si512(_mm512_srl_epi32(v, shift), maskv), bv);
+    // j <= i: the store reaches at most keys[i + 15], already loaded.
+    _mm512_storeu_si512(keys + j, _mm512_maskz_compress_epi32(in, v));
+    j += __builtin_popcount(in);
+  }
+#else
+  for (int64_t i = 0; i < m; ++i) {  // j <= i: in place
+    uint32_t v = keys[i];
+    keys[j] = v;
+    j += ((v >> s) & mask) == b;
+  }
+#endif
+  return j;
+}
+
 // Copies the keys of [begin, end) whose top digit is `top` to stage (room for
 // end - begin + kBlock keys); returns how many, and *above the number whose
 // top digit is larger. Block b of the range gets bit b of `flags` iff it
