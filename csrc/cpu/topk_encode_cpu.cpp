@@ -408,7 +408,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   {
     const int64_t nsingle = (int64_t)singles.size();
     std::vector<int64_t> cost(nsingle + chunks.size());
-    for (int64_t s = 0; s < nsingle; ++s) cost[s] = ts[singles[s]].n + 64;  // + fixed cost of a task
+    // A single runs the whole selection (histogram, select, emit: about 3x a
+    // chunk's histogram pass) plus a fixed cost per task.
+    for (int64_t s = 0; s < nsingle; ++s) cost[s] = 3 * ts[singles[s]].n + 64;
     for (size_t c = 0; c < chunks.size(); ++c) cost[nsingle + c] = chunks[c].end - chunks[c].begin + 64;
     float* vals_base = values.defined() ? values.data_ptr<float>() : nullptr;
     uint8_t* idx_base = index.defined() ? index.data_ptr<uint8_t>() : nullptr;
