@@ -196,52 +196,63 @@ struct Chunk {
   int64_t rank0, share, out_cnt;
 };
 
-// The two passes that touch every element after phase 1 (candidates, emit),
-// once generic and once with AVX-512 vector blocks, picked at run time.
+// The passes that touch every element or candidate after the histograms
+// (compaction, candidates, emit): generic, AVX2 and AVX-512 builds of one
+// source, picked at run time like the quantization loops.
 #define FLOCORA_TOPK_LOOPS generic_loops
-#define FLOCORA_TOPK_AVX512 0
+#define FLOCORA_TOPK_ISA 0
 #include "topk_loops.h"
-#undef FLOCORA_TOPK_AVX512
+#undef FLOCORA_TOPK_ISA
 #undef FLOCORA_TOPK_LOOPS
 #if defined(FLOCORA_X86) && defined(__GNUC__)
 #pragma GCC push_options
+#pragma GCC target("avx2,popcnt,bmi,bmi2")
+#define FLOCORA_TOPK_LOOPS avx2_loops
+#define FLOCORA_TOPK_ISA 1
+#include "topk_loops.h"
+#undef FLOCORA_TOPK_ISA
+#undef FLOCORA_TOPK_LOOPS
+#pragma GCC pop_options
+#pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,popcnt,bmi,bmi2")
 #define FLOCORA_TOPK_LOOPS avx512_loops
-#define FLOCORA_TOPK_AVX512 1
+#define FLOCORA_TOPK_ISA 2
 #include "topk_loops.h"
-#undef FLOCORA_TOPK_AVX512
+#undef FLOCORA_TOPK_ISA
 #undef FLOCORA_TOPK_LOOPS
 #pragma GCC pop_options
 #endif
 
-// The loops of the instruction set in use (tests force each one).
-bool use_avx512_loops() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxed)) == 2; }
+// The instruction set in use: 0 generic, 1 AVX2, 2 AVX-512 (tests force each one).
+int topk_isa() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxed)); }
+
+#if defined(FLOCORA_X86) && defined(__GNUC__)
+#define FLOCORA_TOPK_DISPATCH(isa, call)       \
+  do {                                         \
+    if ((isa) == 2) return avx512_loops::call; \
+    if ((isa) == 1) return avx2_loops::call;   \
+    return generic_loops::call;                \
+  } while (0)
+#else
+#define FLOCORA_TOPK_DISPATCH(isa, call) return generic_loops::call
+#endif
 
 template <Dt D>
-int64_t top_candidates(bool avx512, const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage,
+int64_t top_candidates(int isa, const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage,
                        int64_t* above, uint64_t* flags) {
-#if defined(FLOCORA_X86) && defined(__GNUC__)
-  if (avx512) return avx512_loops::top_candidates<D>(x, begin, end, top, stage, above, flags);
-#endif
-  return generic_loops::top_candidates<D>(x, begin, end, top, stage, above, flags);
+  FLOCORA_TOPK_DISPATCH(isa, top_candidates<D>(x, begin, end, top, stage, above, flags));
 }
 
 template <Dt D>
-void emit_range(bool avx512, const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0,
+void emit_range(int isa, const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, int64_t ties, int64_t rank0,
                 float* vals, uint8_t* idx, const uint64_t* flags) {
-#if defined(FLOCORA_X86) && defined(__GNUC__)
-  if (avx512) return avx512_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
-#endif
-  generic_loops::emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags);
+  FLOCORA_TOPK_DISPATCH(isa, emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags));
 }
 
 // Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
 // returns how many. keys has room for m + kBlock.
-int64_t keep_bucket(bool avx512, uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
-#if defined(FLOCORA_X86) && defined(__GNUC__)
-  if (avx512) return avx512_loops::keep_bucket(keys, m, s, mask, b);
-#endif
-  return generic_loops::keep_bucket(keys, m, s, mask, b);
+int64_t keep_bucket(int isa, uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
+  FLOCORA_TOPK_DISPATCH(isa, keep_bucket(keys, m, s, mask, b));
 }
 
 // ---- radix select -------------------------------------------------------------
@@ -268,7 +279,7 @@ int top_bin(const int64_t* hist, int highest, int64_t* need) {
 // equal to T that belong to the top `need`. Compacts keys in place.
 // first_hist: the histogram of digit d when the caller has it already.
 // first_top: a bin at or above the highest non-empty one of first_hist.
-uint32_t select_inplace(bool avx512, uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist,
+uint32_t select_inplace(int isa, uint32_t* keys, int64_t m, int64_t need, int d, const int64_t* first_hist,
                         int first_top, int64_t* ties) {
   int64_t hist[kTopBins];
   for (; d < 3; ++d) {
@@ -291,7 +302,7 @@ uint32_t select_inplace(bool avx512, uint32_t* keys, int64_t m, int64_t need, in
     }
     first_hist = nullptr;
     const uint32_t b = (uint32_t)top_bin(h, highest, &need);
-    m = keep_bucket(avx512, keys, m, s, mask, b);
+    m = keep_bucket(isa, keys, m, s, mask, b);
   }
   *ties = need;  // all m keys are equal now
   return keys[0];
@@ -299,12 +310,12 @@ uint32_t select_inplace(bool avx512, uint32_t* keys, int64_t m, int64_t need, in
 
 // As select_inplace, but leaves src intact (the phased path still needs it to
 // count each chunk's candidates): the first digit copies out its bucket.
-uint32_t select_from(bool avx512, const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
+uint32_t select_from(int isa, const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
   std::vector<uint32_t> buf;
   if (m <= kSmallSelect) {
     buf.resize(m + kBlock);  // + keep_bucket's overhang
     std::copy(src, src + m, buf.begin());
-    return select_inplace(avx512, buf.data(), m, need, d, nullptr, 0, ties);
+    return select_inplace(isa, buf.data(), m, need, d, nullptr, 0, ties);
   }
   int64_t hist[kTopBins];
   const int s = kShift[d];
@@ -320,7 +331,7 @@ uint32_t select_from(bool avx512, const uint32_t* src, int64_t m, int64_t need, 
     *ties = need;
     return buf[0];
   }
-  return select_inplace(avx512, buf.data(), j, need, d + 1, nullptr, 0, ties);
+  return select_inplace(isa, buf.data(), j, need, d + 1, nullptr, 0, ties);
 }
 
 }  // namespace
@@ -329,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
                                                                bool global_scope) {
   const char* op = "flocora::topk_encode";
   const int64_t nt = (int64_t)xs.size();
-  const bool avx512 = use_avx512_loops();
+  const int isa = topk_isa();
   const TopkInput in = topk_encode_input(op, xs, ks, global_scope, [&](const at::Tensor& x, size_t i) {
     TORCH_CHECK(x.device().is_cpu(), op, ": tensor ", i, " is on ", x.device(),
                 "; all tensors of one call must be on the CPU");
@@ -457,10 +468,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         }
         if (t.count == 0) continue;
         int64_t ties = 0;
-        uint32_t thr = select_inplace(avx512, keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
+        uint32_t thr = select_inplace(isa, keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
         dispatch_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(avx512, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff,
-                                         nullptr);
+          emit_range<decltype(d)::value>(isa, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
       }
       flush();
@@ -499,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
         dispatch_dt(t.dt, [&](auto d) {
-          cnt = top_candidates<decltype(d)::value>(avx512, t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
+          cnt = top_candidates<decltype(d)::value>(isa, t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
                                                    flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
@@ -516,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     for (int64_t g = lo; g < hi; ++g) {
       Group& gr = groups[g];
       if (gr.k == 0) continue;
-      gr.t = select_from(avx512, cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
+      gr.t = select_from(isa, cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
     }
   });
 
@@ -580,7 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         const Group& g = groups[c.group];
         const EncTensor& t = ts[c.tensor];
         dispatch_dt(t.dt, [&](auto d) {
-          emit_range<decltype(d)::value>(avx512, t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
+          emit_range<decltype(d)::value>(isa, t, c.begin, c.end, g.t, c.share, c.rank0, vals_base + t.voff,
                                          idx_base + t.ioff, flags.data() + ci * kFlagWords);
         });
       }

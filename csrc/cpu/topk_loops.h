@@ -1,19 +1,21 @@
-// The per-element passes of topk_encode_cpu.cpp after phase 1: candidate
-// staging (phase 2) and emitting values and index codes (phase 4). Included
-// twice by that file, without an include guard: once as namespace
-// generic_loops, once as avx512_loops inside `#pragma GCC target("avx512f...")`
-// and FLOCORA_TOPK_AVX512 = 1 (g++ does not define __AVX512F__ for a pragma).
-// float32 blocks then take one masked compare per 16 keys and compress the
-// kept values in a register; float16 and
-// bfloat16, and CPUs without AVX-512, run the generic blocks. Both give the
-// same bytes (tests force each instruction set).
-// Expects from the includer: kBlock, load_keys, load_bits, gt_mask,
-// valid_mask, EncTensor, FieldWriter, UnaryWriter, FLOCORA_INLINE,
+// The per-element passes of topk_encode_cpu.cpp after the histograms: the
+// select's bucket compaction, candidate staging (phase 2) and emitting values
+// and index codes (phase 4). Included three times by that file, without an
+// include guard, as namespaces generic_loops, avx2_loops and avx512_loops,
+// the last two inside `#pragma GCC target(...)`, with FLOCORA_TOPK_ISA = 0, 1,
+// 2 (g++ defines no __AVX2__ or __AVX512F__ for a pragma). AVX-512: float32
+// blocks take one masked compare per 16 keys, and kept keys and values are
+// compressed in a register. AVX2: kept keys are compressed 8 at a time
+// through a permutation table. float16 and bfloat16 blocks, and the emit pass
+// on AVX2, run the generic blocks (built for the target). All give the same
+// bytes (tests force each instruction set).
+// Expects from the includer: kBlock, kTopShift, load_keys, load_bits,
+// gt_mask, valid_mask, EncTensor, FieldWriter, UnaryWriter, FLOCORA_INLINE,
 // FLOCORA_LAMBDA_INLINE.
 
 namespace FLOCORA_TOPK_LOOPS {
 
-#if FLOCORA_TOPK_AVX512
+#if FLOCORA_TOPK_ISA == 2
 // 16 float32 elements from i as bits (lanes past n zero) and their magnitude keys.
 FLOCORA_INLINE __m512i load_block_f32(const void* x, int64_t i, __mmask16 valid, __m512i* keys) {
   __m512i b = _mm512_maskz_loadu_epi32(valid, static_cast<const float*>(x) + i);
@@ -24,11 +26,34 @@ FLOCORA_INLINE __m512i load_block_f32(const void* x, int64_t i, __mmask16 valid,
 FLOCORA_INLINE __mmask16 lanes(int n) { return (__mmask16)(n >= 16 ? 0xffffu : ((1u << n) - 1u)); }
 #endif
 
+#if FLOCORA_TOPK_ISA == 1
+// For each 8-bit mask, the lane numbers of its set bits, lowest first, one per nibble.
+struct Compress8Table {
+  uint32_t lanes[256];
+  constexpr Compress8Table() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      uint32_t packed = 0;
+      for (int j = 0, k = 0; j < 8; ++j)
+        if ((m >> j) & 1) packed |= (uint32_t)j << (4 * k++);
+      lanes[m] = packed;
+    }
+  }
+};
+constexpr Compress8Table kCompress8{};
+
+// The lanes of v selected by the 8-bit mask m, moved to the front (the rest undefined).
+FLOCORA_INLINE __m256i compress8(__m256i v, uint32_t m) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32((int)kCompress8.lanes[m]), shifts);
+  return _mm256_permutevar8x32_epi32(v, idx);  // uses the low 3 bits of each index
+}
+#endif
+
 // Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
 // returns how many. keys has room for m + kBlock.
 inline int64_t keep_bucket(uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
   int64_t j = 0;
-#if FLOCORA_TOPK_AVX512
+#if FLOCORA_TOPK_ISA == 2
   const __m512i maskv = _mm512_set1_epi32((int)mask), bv = _mm512_set1_epi32((int)b);
   const __m128i shift = _mm_cvtsi32_si128(s);
   for (int64_t i = 0; i < m; i += kBlock) {
@@ -40,7 +65,20 @@ inline int64_t keep_bucket(uint32_t* keys, int64_t m, int s, uint32_t mask, uint
     j += __builtin_popcount(in);
   }
 #else
-  for (int64_t i = 0; i < m; ++i) {  // j <= i: in place
+  int64_t i = 0;
+#if FLOCORA_TOPK_ISA == 1
+  const __m256i maskv = _mm256_set1_epi32((int)mask), bv = _mm256_set1_epi32((int)b);
+  const __m128i shift = _mm_cvtsi32_si128(s);
+  for (; i + 8 <= m; i += 8) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    __m256i eq = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srl_epi32(v, shift), maskv), bv);
+    uint32_t in = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(eq));
+    // j <= i: the store reaches at most keys[i + 7], already loaded.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), compress8(v, in));
+    j += __builtin_popcount(in);
+  }
+#endif
+  for (; i < m; ++i) {  // j <= i: in place
     uint32_t v = keys[i];
     keys[j] = v;
     j += ((v >> s) & mask) == b;
@@ -61,7 +99,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, 
   const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
   int64_t cnt = 0, up = 0;
   std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
-#if FLOCORA_TOPK_AVX512
+#if FLOCORA_TOPK_ISA == 2
   if (D == kF32) {
     const __m512i lov = _mm512_set1_epi32(lo), hiv = _mm512_set1_epi32(hi);
     for (int64_t i = begin; i < end; i += kBlock) {
@@ -95,10 +133,20 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, 
     uint32_t gt = gt_mask(keys, hi) & valid;
     uint32_t in = ge & ~gt;
     up += popcount64(gt);
+#if FLOCORA_TOPK_ISA == 1
+    // The stage is private to the task and has room for a whole block past cnt.
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t half = (in >> (8 * h)) & 0xffu;
+      __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + 8 * h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(stage + cnt), compress8(k, half));
+      cnt += __builtin_popcount(half);
+    }
+#else
     while (in) {
       stage[cnt++] = keys[__builtin_ctz(in)];
       in &= in - 1;
     }
+#endif
   }
   *above = up;
   return cnt;
@@ -139,13 +187,13 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
     }
     return sel;
   };
-#if FLOCORA_TOPK_AVX512
+#if FLOCORA_TOPK_ISA == 2
   const __m512i tv = _mm512_set1_epi32((int32_t)thr);
 #endif
   uint32_t bits[kBlock], keys[kBlock];
   auto block = [&](int64_t i) FLOCORA_LAMBDA_INLINE {
     int n = (int)std::min<int64_t>(kBlock, end - i);
-#if FLOCORA_TOPK_AVX512
+#if FLOCORA_TOPK_ISA == 2
     if (D == kF32) {
       __m512i k;
       __m512i b = load_block_f32(t.x, i, lanes(n), &k);
