@@ -845,3 +845,20 @@ def test_a_planned_topk_encode_writes_the_bytes_of_a_fresh_one(spec, compact):
     fc.encode(_plan_inputs(3), spec, schema=schema)  # the plan is there
     with pytest.raises(ValueError, match="'lora_B' has NaN or Inf"):
         fc.encode(bad, spec, schema=schema)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_matches_isfinite(dtype):
+    """The integer-bits finiteness check the top-k paths use, against torch.isfinite."""
+    g = torch.Generator().manual_seed(0)
+    for special in (float("inf"), float("-inf"), float("nan"), 1.0, -0.0, 65504.0, 3e38):
+        for n in (1, 17, 1000):
+            t = (torch.randn(n, generator=g) * 100).to(dtype)
+            t[n // 2] = special
+            assert codec_mod._all_finite(t) == bool(torch.isfinite(t).all())
+            assert codec_mod._all_finite(t[::3]) == bool(torch.isfinite(t[::3]).all())  # non-contiguous
+    assert codec_mod._all_finite(torch.empty(0, dtype=dtype))
+    if dtype.itemsize == 2:  # every bit pattern
+        every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+        for piece in every.split(61):
+            assert codec_mod._all_finite(piece) == bool(torch.isfinite(piece).all())
