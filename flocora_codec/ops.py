@@ -17,6 +17,7 @@ the same bytes, much slower, CPU only, with one warning at import.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -138,6 +139,17 @@ def index_nbytes(n: int, k: int) -> int:
 
 def index_code_and_nbytes(n: int, k: int) -> tuple[int, int]:
     """(choose_index_code(n, k), index_nbytes(n, k)) in one step."""
+    if type(n) is int and type(k) is int:  # not the symbolic sizes of fake tensors
+        return _index_code_and_nbytes_cached(n, k)
+    return _index_code_and_nbytes(n, k)
+
+
+@functools.lru_cache(maxsize=8192)  # an encode asks twice per top-k tensor; FL rounds repeat (n, k)
+def _index_code_and_nbytes_cached(n: int, k: int) -> tuple[int, int]:
+    return _index_code_and_nbytes(n, k)
+
+
+def _index_code_and_nbytes(n, k):
     bitmap, ef = (n + 7) // 8, elias_fano_nbytes(n, k)
     return (INDEX_BITMAP, bitmap) if bitmap <= ef else (INDEX_ELIAS_FANO, ef)
 
