@@ -387,6 +387,7 @@ class _EncodePlan:
     record_list: list
     compact_id: bytes | None  # schema id of a compact message
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
+    ranges: list | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
 
 
 def _plan_key(tensors, spec, schema):
@@ -436,7 +437,7 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
 
 def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     flat = [t.detach() if t.requires_grad else t for t in tensors.values()]
-    outputs = []
+    outputs: list = []  # packed, scales, offsets of each affine group
     for g in plan.affine:  # every kernel runs (and may refuse its input) before the message is allocated
         xs = [_as_kernel_input(flat[i]) for i in g.members]
         meta = fmt.META_CODES[g.rec.meta_dtype]
@@ -448,7 +449,7 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         except ValueError as exc:
             raise _kernel_failed("quantize_pack", g.names, xs, exc) from exc
         _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
-        outputs.append((_host_bytes(packed), _host_bytes(scales), _host_bytes(offsets)))
+        outputs += (packed, scales, offsets)
     header, total, starts = plan.header, plan.total, plan.starts
     if plan.topk:
         entries, parts = plan.entries, [None] * len(plan.entries)
@@ -472,14 +473,21 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         total = pos + fmt.CHECKSUM_SIZE
     out, view = _alloc_message(total)
     view[: len(header)] = header
-    for g, (pb, sb, ob) in zip(plan.affine, outputs):
-        for i, m, ma, n, na in g.pieces:
-            pos = starts[i]
-            view[pos : pos + m] = sb[ma : ma + m]
-            view[pos + m : pos + 2 * m] = ob[ma : ma + m]
-            view[pos + 2 * m : pos + 2 * m + n] = pb[na : na + n]
-    for i, n in plan.raw:
-        view[starts[i] : starts[i] + n] = _host_bytes(flat[i])
+    # Kernel outputs and raw tensors into place: one call, byte ranges fixed by the layout.
+    ranges = plan.ranges if not plan.topk else None
+    if ranges is None:
+        ranges = []
+        for gi, g in enumerate(plan.affine):
+            for i, m, ma, n, na in g.pieces:  # scales, offsets, packed codes
+                pos = starts[i]
+                ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
+        for r, (i, n) in enumerate(plan.raw):
+            ranges += (len(outputs) + r, 0, starts[i], n)
+        if not plan.topk:
+            plan.ranges = ranges
+    raw = [flat[i] for i, _ in plan.raw]
+    outputs += [t if t.is_contiguous() else t.contiguous() for t in raw]
+    ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
     if plan.topk:
         for tp in plan.topk:
             for i in tp.members:

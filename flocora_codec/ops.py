@@ -346,6 +346,57 @@ def _copy_from_bytes_fake(outs, src, offsets):
     return None
 
 
+def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int]) -> None:
+    """Byte ranges of ``srcs`` into ``dst`` (a contiguous uint8 CPU tensor), in
+    place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte
+    offset, bytes)``. Every range is checked before any write; dst ranges must
+    not overlap each other, nor any source ``dst``."""
+    srcs, ranges = list(srcs), [int(r) for r in ranges]
+    if BACKEND == "reference":
+        _copy_to_bytes_reference(dst, srcs, ranges)
+        return
+    torch.ops.flocora._copy_to_bytes_(dst, srcs, ranges)
+
+
+def _copy_to_bytes_reference(dst, srcs, ranges):
+    op = "flocora::_copy_to_bytes_"
+    if dst.device.type != "cpu" or dst.dtype != torch.uint8 or not dst.is_contiguous():
+        raise RuntimeError(f"{op}: dst must be a contiguous uint8 CPU tensor")
+    if len(ranges) % 4:
+        raise RuntimeError(
+            f"{op}: ranges must be quadruples (source, offset, dst offset, bytes); got {len(ranges)} numbers"
+        )
+    for i, t in enumerate(srcs):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise RuntimeError(f"{op}: source {i} must be a contiguous CPU tensor")
+        if t.nbytes and not _spans_disjoint([t.view(-1).view(torch.uint8), dst]):
+            raise RuntimeError(f"{op}: source {i} overlaps dst")
+    quads = [ranges[j : j + 4] for j in range(0, len(ranges), 4)]
+    spans = []
+    for r, (s, so, d, n) in enumerate(quads):
+        if not 0 <= s < len(srcs):
+            raise RuntimeError(f"{op}: range {r} names source {s} of {len(srcs)}")
+        sn = srcs[s].nbytes
+        if n < 0 or so < 0 or so > sn or n > sn - so:
+            raise RuntimeError(f"{op}: range {r} ({n} bytes at {so}) reaches past source {s} ({sn} bytes)")
+        if d < 0 or d > dst.numel() or n > dst.numel() - d:
+            raise RuntimeError(f"{op}: range {r} ({n} bytes at {d}) reaches past dst ({dst.numel()} bytes)")
+        if n:
+            spans.append((d, d + n))
+    spans.sort()
+    for a, b in zip(spans, spans[1:]):
+        if b[0] < a[1]:
+            raise RuntimeError(f"{op}: dst ranges overlap at byte {b[0]}")
+    for s, so, d, n in quads:
+        if n:
+            dst[d : d + n].copy_(srcs[s].reshape(-1).view(torch.uint8)[so : so + n])
+
+
+@_register_fake("flocora::_copy_to_bytes_")
+def _copy_to_bytes_fake(dst, srcs, ranges):
+    return None
+
+
 # ---- top-k sparse -----------------------------------------------------------
 def topk_encode(
     xs: Sequence[torch.Tensor], ks: Sequence[int], *, global_scope: bool = False

@@ -314,6 +314,37 @@ def test_copy_from_bytes_checks_every_range_before_writing():
         ops.copy_from_bytes_([a], src, [0, 0])
 
 
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_copy_to_bytes_checks_every_range_before_writing(impl):
+    copy = ops.copy_to_bytes_ if impl == "op" else ops._copy_to_bytes_reference
+    if impl == "op" and ops.BACKEND == "reference":
+        pytest.skip("reference backend")
+    dst = torch.zeros(32, dtype=torch.uint8)
+    a, b = torch.arange(4, dtype=torch.float32), torch.arange(3, dtype=torch.int16)
+    copy(dst, [a, b], [1, 2, 0, 4, 0, 4, 10, 12, 1, 0, 28, 0])  # an empty range anywhere in bounds
+    assert torch.equal(dst[:4], b.view(torch.uint8)[2:6]) and torch.equal(dst[10:22], a.view(torch.uint8)[4:])
+    assert not dst[4:10].any() and not dst[22:].any()
+    before = dst.clone()
+    bad = [
+        ([0, 0, 0, 4, 1, 0, 30, 6], "range 1 .6 bytes at 30. reaches past dst .32 bytes."),
+        ([0, 0, 0, 4, 1, 2, 8, 6], "range 1 .6 bytes at 2. reaches past source 1 .6 bytes."),
+        ([0, 0, 0, 4, 2, 0, 8, 1], "range 1 names source 2 of 2"),
+        ([0, 0, 0, 8, 1, 0, 7, 2], "dst ranges overlap at byte 7"),
+        ([0, 0, -1, 4], "reaches past dst"),
+        ([0, 0, 0], "quadruples"),
+    ]
+    for ranges, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            copy(dst, [a, b], ranges)
+        assert torch.equal(dst, before)  # nothing written, not even the valid first range
+    with pytest.raises(RuntimeError, match="source 0 must be a contiguous CPU tensor"):
+        copy(dst, [torch.zeros(4, 2)[:, 0]], [])
+    with pytest.raises(RuntimeError, match="source 0 overlaps dst"):
+        copy(dst, [dst[4:8]], [0, 0, 0, 4])
+    with pytest.raises(RuntimeError, match="dst must be a contiguous uint8 CPU tensor"):
+        copy(dst.view(torch.int8), [a], [])
+
+
 def test_raw_tensors_come_straight_from_a_read_only_message():
     # bytes are read-only: the raw copy must neither warn nor write to them
     m = {"w": torch.randn(5, 7), "steps": torch.tensor(3), "ids": torch.arange(10)}

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -227,10 +228,52 @@ void copy_from_bytes__cpu(at::TensorList outs, const at::Tensor& src, at::IntArr
                    });
 }
 
+void copy_to_bytes__cpu(const at::Tensor& dst, at::TensorList srcs, at::IntArrayRef ranges) {
+  const char* op = "flocora::_copy_to_bytes_";
+  TORCH_CHECK(dst.device().is_cpu() && dst.scalar_type() == at::kByte && dst.is_contiguous(), op,
+              ": dst must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(ranges.size() % 4 == 0, op, ": ranges must be quadruples (source, offset, dst offset, bytes); got ",
+              ranges.size(), " numbers");
+  const uintptr_t dst_lo = (uintptr_t)dst.data_ptr(), dst_hi = dst_lo + (uintptr_t)dst.numel();
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    TORCH_CHECK(srcs[i].device().is_cpu() && srcs[i].is_contiguous(), op, ": source ", i,
+                " must be a contiguous CPU tensor");
+    const uintptr_t lo = (uintptr_t)srcs[i].data_ptr(), hi = lo + (uintptr_t)srcs[i].nbytes();
+    TORCH_CHECK(srcs[i].nbytes() == 0 || hi <= dst_lo || lo >= dst_hi, op, ": source ", i, " overlaps dst");
+  }
+  const int64_t nr = (int64_t)ranges.size() / 4;
+  std::vector<std::pair<int64_t, int64_t>> spans;  // dst [begin, end) of each range
+  spans.reserve(nr);
+  int64_t total = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t s = ranges[4 * r], so = ranges[4 * r + 1], d = ranges[4 * r + 2], n = ranges[4 * r + 3];
+    TORCH_CHECK(s >= 0 && s < (int64_t)srcs.size(), op, ": range ", r, " names source ", s, " of ", srcs.size());
+    const int64_t sn = (int64_t)srcs[s].nbytes();
+    TORCH_CHECK(n >= 0 && so >= 0 && so <= sn && n <= sn - so, op, ": range ", r, " (", n, " bytes at ", so,
+                ") reaches past source ", s, " (", sn, " bytes)");
+    TORCH_CHECK(d >= 0 && d <= dst.numel() && n <= dst.numel() - d, op, ": range ", r, " (", n, " bytes at ", d,
+                ") reaches past dst (", dst.numel(), " bytes)");
+    if (n) spans.emplace_back(d, d + n);
+    total += n;
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k)
+    TORCH_CHECK(spans[k].first >= spans[k - 1].second, op, ": dst ranges overlap at byte ", spans[k].first);
+  uint8_t* out = dst.data_ptr<uint8_t>();
+  // A second thread only pays for itself past ~1 MiB.
+  at::parallel_for(0, nr, total >= (1 << 20) ? 1 : nr + 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r)
+      if (ranges[4 * r + 3])
+        std::memcpy(out + ranges[4 * r + 2],
+                    static_cast<const uint8_t*>(srcs[ranges[4 * r]].data_ptr()) + ranges[4 * r + 1], ranges[4 * r + 3]);
+  });
+}
+
 }  // namespace cpu
 }  // namespace flocora
 
 TORCH_LIBRARY_IMPL(flocora, CPU, m) {
+  m.impl("_copy_to_bytes_", &flocora::cpu::copy_to_bytes__cpu);
   m.impl("_copy_from_bytes_", &flocora::cpu::copy_from_bytes__cpu);
   m.impl("unpack_dequantize", &flocora::cpu::unpack_dequantize_cpu);
   m.impl("unpack_dequantize_into_", &flocora::cpu::unpack_dequantize_into__cpu);
