@@ -376,9 +376,17 @@ inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
         _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
     c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00000000FFFFFFFFll)),
                         _mm256_slli_epi64(_mm256_srli_epi64(c, 32), 4 * B));
-    alignas(32) uint64_t lanes[4];
-    _mm256_store_si256((__m256i*)lanes, c);
-    for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lanes[j], B);
+    // Each lane's B bytes from a register. Where 8 bytes from this unit are
+    // still this call's (whole bytes of n*B bits), store all 8: the next unit
+    // overwrites the extra ones (a B-byte store is two or three narrow ones).
+    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    const uint64_t lane[4] = {(uint64_t)_mm_cvtsi128_si64(lo), (uint64_t)_mm_extract_epi64(lo, 1),
+                              (uint64_t)_mm_cvtsi128_si64(hi), (uint64_t)_mm_extract_epi64(hi, 1)};
+    if (B * (u + 3) + 8 <= n * B / 8) {
+      for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lane[j], 8);
+    } else {
+      for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lane[j], B);
+    }
   }
   scalar::pack<B>(codes + 8 * u, n - 8 * u, dst + B * u);
 }
