@@ -56,11 +56,23 @@ struct FieldWriter {
       put(v >> 32, nb - 32);
       return;
     }
-    acc |= v << nacc;
+    acc |= v << nacc;  // nacc < 32 before, so at most 63 bits
     nacc += nb;
+    if (nacc < 32) return;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (!first) {  // four whole bytes of this task's at once (one branch per 32 bits)
+      const uint32_t word = (uint32_t)acc;
+      std::memcpy(base + byte, &word, 4);
+      byte += 4;
+      acc >>= 32;
+      nacc -= 32;
+      return;
+    }
+#endif
     flush_full();
   }
   void finish() {
+    flush_full();
     if (nacc > 0) atomic_or_byte(base + byte, (uint8_t)acc);
   }
 };
@@ -69,28 +81,37 @@ struct FieldWriter {
 // unary part); shared first/last byte as in FieldWriter.
 struct UnaryWriter {
   uint8_t* base;
-  int64_t cur = -1;
-  uint8_t v = 0;
+  int64_t cur = -1;  // the 64-bit word (of the stream, from base) being filled
+  uint64_t v = 0;
   bool first = true;
   explicit UnaryWriter(uint8_t* b) : base(b) {}
+  // The first word may begin, and the last one end, in a neighbour's bytes:
+  // their nonzero bytes are OR-ed in one by one; a word in between is all ours.
+  void flush_shared() {
+    for (int k = 0; k < 8; ++k) atomic_or_byte(base + 8 * cur + k, (uint8_t)(v >> (8 * k)));
+  }
   void set(int64_t q) {
-    int64_t b = q >> 3;
-    if (b != cur) {
+    int64_t w = q >> 6;
+    if (w != cur) {
       if (cur >= 0) {
         if (first) {
-          atomic_or_byte(base + cur, v);
+          flush_shared();
           first = false;
         } else {
-          base[cur] = v;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+          std::memcpy(base + 8 * cur, &v, 8);
+#else
+          for (int k = 0; k < 8; ++k) base[8 * cur + k] = (uint8_t)(v >> (8 * k));
+#endif
         }
       }
-      cur = b;
+      cur = w;
       v = 0;
     }
-    v |= (uint8_t)(1u << (q & 7));
+    v |= 1ull << (q & 63);
   }
   void finish() {
-    if (cur >= 0) atomic_or_byte(base + cur, v);
+    if (cur >= 0) flush_shared();
   }
 };
 
