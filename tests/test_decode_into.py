@@ -358,3 +358,12 @@ def test_raw_tensors_come_straight_from_a_read_only_message():
     assert data == before
     for k in m:
         assert_same(tg[k], m[k])
+
+
+@pytest.mark.skipif(ops.BACKEND == "reference", reason="the compiled op's registration")
+def test_byte_movers_opcheck():
+    dst = torch.zeros(40, dtype=torch.uint8)
+    srcs = [torch.arange(6, dtype=torch.float32), torch.arange(5, dtype=torch.int16)]
+    torch.library.opcheck(torch.ops.flocora._copy_to_bytes_.default, (dst, srcs, [0, 4, 0, 20, 1, 0, 24, 10]))
+    outs = [torch.zeros(3), torch.zeros(2, dtype=torch.int16)]
+    torch.library.opcheck(torch.ops.flocora._copy_from_bytes_.default, (outs, dst, [0, 12]))
