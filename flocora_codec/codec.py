@@ -451,19 +451,37 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
         outputs += (packed, scales, offsets)
     header, total, starts = plan.header, plan.total, plan.starts
+    # Top-k sections: plain values become byte ranges of the kernel's outputs
+    # (pieces[i]: (source, offset, bytes) in order); sign and quantized values
+    # come as byte views, copied below.
+    pieces, views = {}, {}
     if plan.topk:
-        entries, parts = plan.entries, [None] * len(plan.entries)
-        for tp in plan.topk:
-            for i in tp.members:
-                parts[i] = []
-            _encode_topk(tp.rec, tp.global_scope, tp.members, entries, flat, plan.specs, parts)
+        entries = plan.entries
         sizes = list(plan.section_bytes)
         for tp in plan.topk:
-            for i in tp.members:
+            if tp.rec.values in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED):
+                parts = {i: [] for i in tp.members}
+                _encode_topk(tp.rec, tp.global_scope, tp.members, entries, flat, plan.specs, parts)
+                views.update(parts)
+                for i in tp.members:
+                    e = entries[i]
+                    e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel,
+                                                                                   e.count)  # fmt: skip
+                    sizes[i] = e.metadata_len + e.index_len + e.payload_len
+                continue
+            counts, values, index_bytes, index_lens = _topk_select(tp.global_scope, tp.members, entries, flat,
+                                                                   plan.specs)  # fmt: skip
+            converted = _plain_topk_values(tp.rec, tp.members, entries, counts, values)
+            isrc, vsrc = len(outputs), len(outputs) + 1
+            outputs += (index_bytes, converted)
+            itemsize, ioff, voff = converted.element_size(), 0, 0
+            for i, c, nb in zip(tp.members, counts, index_lens):
                 e = entries[i]
-                e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel,
-                                                                               e.count)  # fmt: skip
-                sizes[i] = e.metadata_len + e.index_len + e.payload_len
+                e.metadata_len, e.index_len, e.payload_len = 0, nb, c * itemsize
+                sizes[i] = nb + c * itemsize
+                pieces[i] = ((isrc, ioff, nb), (vsrc, voff, c * itemsize))
+                ioff += nb
+                voff += c * itemsize
         if plan.compact_id is not None:
             header = fmt.compact_header(plan.compact_id, plan.record_list, entries)
         pos, starts = len(header), []
@@ -481,6 +499,11 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             for i, m, ma, n, na in g.pieces:  # scales, offsets, packed codes
                 pos = starts[i]
                 ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
+        for i, tensor_pieces in pieces.items():
+            pos = starts[i]
+            for src, off, n in tensor_pieces:
+                ranges += (src, off, pos, n)
+                pos += n
         for r, (i, n) in enumerate(plan.raw):
             ranges += (len(outputs) + r, 0, starts[i], n)
         if not plan.topk:
@@ -493,8 +516,10 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             for i in tp.members:
                 if plan.compact_id is None:
                     fmt.patch_topk_fields(view, plan.count_positions[i], entries[i])
+                if i not in views:
+                    continue
                 pos = starts[i]
-                for piece in parts[i]:
+                for piece in views[i]:
                     view[pos : pos + len(piece)] = piece
                     pos += len(piece)
                 if pos != starts[i] + sizes[i]:  # sizes come from one formula; never send a short message
@@ -554,8 +579,10 @@ def _values_name(rec: fmt.CodecRecord) -> str:
     return fmt.VALUE_NAMES[rec.values]
 
 
-def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
-    names = [entries[i].name for i in members]
+def _topk_select(global_scope, members, entries, flat, specs):
+    """The top-k kernel over ``members``; sets each entry's count and index
+    code. Returns (counts as a list, float32 values, index bytes, index
+    bytes per member)."""
     xs = [_as_kernel_input(flat[i]) for i in members]
     if global_scope:
         ks = [_topk_count(specs[members[0]], sum(x.numel() for x in xs))]
@@ -564,35 +591,48 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
     try:
         counts, values, index_bytes = ops.topk_encode(xs, ks, global_scope=global_scope)
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
-        raise _kernel_failed("topk_encode", names, xs, exc) from exc
+        raise _kernel_failed("topk_encode", [entries[i].name for i in members], xs, exc) from exc
     counts = counts.tolist()
-    idx = _Slicer(index_bytes)
-    for i, x, c in zip(members, xs, counts):
+    index_lens = []
+    for i, c in zip(members, counts):
         e = entries[i]
         e.count = c
         e.index_code, nbytes = ops.index_code_and_nbytes(e.numel, c)
+        index_lens.append(nbytes)
+    return counts, values, index_bytes, index_lens
+
+
+def _plain_topk_values(rec, members, entries, counts, values) -> torch.Tensor:
+    """Kept values in the record's value dtype (float32/float16/bfloat16),
+    refused where that dtype, or a narrower tensor dtype, cannot hold them."""
+    vdtype = fmt.VALUE_DTYPES[rec.values]
+    converted = values.to(vdtype)
+    narrower = {entries[i].dtype for i in members} - {torch.float32, torch.float64, vdtype}
+    # bfloat16 rounds 65504 up to 65536: inf as float16
+    if not (_all_finite(converted) and all(_all_finite(converted.to(dtype)) for dtype in narrower)):
+        bad = ~torch.isfinite(converted)
+        for dtype in narrower:
+            bad |= ~torch.isfinite(converted.to(dtype))
+        # float16 tops out at 65504: refuse rather than send inf
+        bad = torch.split(bad, counts)
+        name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
+        raise ValueError(f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values")
+    return converted
+
+
+def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
+    counts, values, index_bytes, index_lens = _topk_select(global_scope, members, entries, flat, specs)
+    idx = _Slicer(index_bytes)
+    for i, nbytes in zip(members, index_lens):
         parts[i].append(idx.take(nbytes))
     if rec.values == fmt.VALUES_SIGN:
         _encode_sign_values(rec, members, entries, counts, values, parts)
         return
     if rec.values != fmt.VALUES_QUANTIZED:
-        vdtype = fmt.VALUE_DTYPES[rec.values]
-        converted = values.to(vdtype)
-        narrower = {entries[i].dtype for i in members} - {torch.float32, torch.float64, vdtype}
-        # bfloat16 rounds 65504 up to 65536: inf as float16
-        if not (_all_finite(converted) and all(_all_finite(converted.to(dtype)) for dtype in narrower)):
-            bad = ~torch.isfinite(converted)
-            for dtype in narrower:
-                bad |= ~torch.isfinite(converted.to(dtype))
-            # float16 tops out at 65504: refuse rather than send inf
-            bad = torch.split(bad, counts)
-            name = next(entries[i].name for i, b in zip(members, bad) if bool(b.any()))
-            raise ValueError(
-                f"encode: tensor {name!r} has values beyond the range of {_values_name(rec)} sparse values"
-            )
-        vals = _Slicer(converted)
+        vals = _Slicer(_plain_topk_values(rec, members, entries, counts, values))
+        itemsize = fmt.VALUE_DTYPES[rec.values].itemsize
         for i, c in zip(members, counts):
-            parts[i].append(vals.take(c * vdtype.itemsize))
+            parts[i].append(vals.take(c * itemsize))
         return
     # Quantized values: each tensor's values vector is one 1-D tensor; one call for all.
     nz = [(i, c) for i, c in zip(members, counts) if c]

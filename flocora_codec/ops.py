@@ -351,7 +351,9 @@ def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequ
     place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte
     offset, bytes)``. Every range is checked before any write; dst ranges must
     not overlap each other, nor any source ``dst``."""
-    srcs, ranges = list(srcs), [int(r) for r in ranges]
+    srcs = list(srcs)
+    if type(ranges) is not list or (ranges and type(ranges[0]) is not int):  # the codec passes a list of ints
+        ranges = [int(r) for r in ranges]
     if BACKEND == "reference":
         _copy_to_bytes_reference(dst, srcs, ranges)
         return
