@@ -381,9 +381,9 @@ class _EncodePlan:
     raw: list  # (tensor position, bytes)
     starts: list  # section start of each tensor (without top-k groups: fixed)
     topk: list
-    entries: list  # the message's tensor entries (top-k ones are updated on each encode)
+    entries: list  # the message's tensor entries (an encode updates copies of the top-k ones)
     specs: list  # effective spec per tensor
-    section_bytes: list  # metadata + index + payload bytes per tensor (top-k ones: of the last encode)
+    section_bytes: list  # metadata + index + payload bytes per tensor (top-k ones: of the first encode)
     record_list: list
     compact_id: bytes | None  # schema id of a compact message
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
@@ -456,7 +456,13 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     # come as byte views, copied below.
     pieces, views = {}, {}
     if plan.topk:
-        entries = plan.entries
+        # The plan is shared (threads may encode with it at once): this
+        # encode's counts and section sizes go into copies of the top-k entries.
+        entries = list(plan.entries)
+        for tp in plan.topk:
+            for i in tp.members:
+                e = entries[i]  # count, index code and section lengths are set below
+                entries[i] = fmt.TensorEntry(e.name, e.dtype, e.shape, e.codec_index, numel=e.numel)
         sizes = list(plan.section_bytes)
         for tp in plan.topk:
             if tp.rec.values in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED):

@@ -866,3 +866,34 @@ def test_all_finite_matches_isfinite(dtype):
         every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
         for piece in every.split(61):
             assert codec_mod._all_finite(piece) == bool(torch.isfinite(piece).all())
+
+
+def test_planned_topk_encodes_in_threads_write_their_own_bytes():
+    """The plan is shared; each encode's top-k counts and sections are its own."""
+    import threading
+
+    spec = fc.CodecSpec(density=0.1, topk_scope="global", values="float16")
+    inputs = [_plan_inputs(s) for s in range(6)]
+    for x in inputs[::2]:
+        with torch.no_grad():
+            x["lora_B"].mul_(50.0)  # a different split of the global k
+    codec_mod._ENCODE_PLANS.clear()
+    want = []
+    for x in inputs:
+        codec_mod._ENCODE_PLANS.clear()
+        want.append(fc.encode(x, spec))
+    fc.encode(inputs[0], spec)  # the plan every thread shares
+    wrong = []
+
+    def work(t):
+        for r in range(40):
+            j = (t + r) % len(inputs)
+            if fc.encode(inputs[j], spec) != want[j]:
+                wrong.append(j)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not wrong
