@@ -399,6 +399,27 @@ def test_quantize_pack_into_writes_what_quantize_pack_returns(cpu_isa, stochasti
             assert torch.equal(_bits(got) if got.is_floating_point() else got, _bits(w) if w.is_floating_point() else w)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_writes_only_its_own_bytes(cpu_isa, bits):
+    # The vector packers store whole registers and rely on later stores to
+    # overwrite what a store wrote past its own bytes: the bytes around the
+    # output must stay as they were, on every width and every shape the
+    # one-pass loop takes (whole 64-code units, 16-code units, runs of
+    # groups of 16 and 32 with an odd count, a short last group) and the
+    # separate pack pass (groups of 7 and 40000).
+    torch.manual_seed(bits)
+    for group, numel in ONE_PASS[:5] + [(16, 16 * 5), (32, 32 * 3), (64, 64), (7, 999), (40000, 40000)]:
+        xs = [torch.randn(numel), torch.randn(numel // 2 + 16)]
+        groups = [group, 16]
+        nbytes = sum(ops.packed_nbytes(x.numel(), bits) for x in xs)
+        guard = torch.full((nbytes + 256,), 0xA5, dtype=torch.uint8)
+        packed = guard[128 : 128 + nbytes]
+        _, scales, offsets = _outputs_for(xs, bits, groups)
+        ops.quantize_pack_into_(xs, bits, groups, packed, scales, offsets)
+        assert torch.equal(packed, ops.quantize_pack(xs, bits, groups)[0]), (group, numel)
+        assert (guard[:128] == 0xA5).all() and (guard[128 + nbytes :] == 0xA5).all(), (group, numel)
+
+
 def test_quantize_pack_into_refuses_bad_outputs_before_writing():
     xs = [torch.randn(100), torch.randn(64)]
     packed, scales, offsets = _outputs_for(xs, 4, [64, 64])

@@ -20,6 +20,14 @@
 #define FLOCORA_X86 1
 #endif
 
+// On a lambda of a hot loop: GCC leaves large lambdas with several call
+// sites out of line, which costs their loops their registers.
+#if defined(__GNUC__)
+#define FLOCORA_INLINE __attribute__((always_inline))
+#else
+#define FLOCORA_INLINE
+#endif
+
 namespace flocora {
 namespace cpu {
 
@@ -43,14 +51,15 @@ struct QuantLoops {
   void (*dequantize)(const uint8_t* codes, int64_t n, float offset, float scale, float* out);
   void (*half_to_float)(const uint16_t* src, int64_t n, float* dst);
   void (*float_to_half)(const float* src, int64_t n, uint16_t* dst);
-  // Range, parameters and codes of n whole groups of `group` floats (a
-  // multiple of 16), nearest rounding, float32 metadata, in one pass over
-  // each group: stores scale[g], offset[g] and one code per byte. nullptr
+  // Range, parameters, codes and packing of n whole groups of `group`
+  // floats (a multiple of 16), nearest rounding, float32 metadata, in one
+  // pass over each group: stores scale[g], offset[g] and the n*group*bits/8
+  // packed bytes at `packed`, using codes[0..n*group) as scratch. nullptr
   // in builds without one. False if a value is not finite or a group's
-  // parameters do not fit: the caller then redoes the groups on the checked
-  // path, which names the error.
+  // parameters do not fit (the bytes written are then unspecified): the
+  // caller redoes the groups on the checked path, which names the error.
   bool (*encode_groups_f32)(const float* x, int64_t n, int64_t group, int bits, float* scale, float* offset,
-                            uint8_t* codes);
+                            uint8_t* codes, uint8_t* packed);
   // Float32 values of n whole groups of `group` codes (a multiple of 16),
   // float32 metadata; stream: non-temporal stores where `out` is 64-byte
   // aligned (for outputs far larger than the caches). nullptr in builds
@@ -362,30 +371,41 @@ inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p
   scalar::quantize_stochastic(x + i, n - i, p, levels, key, index_lo + (uint32_t)i, codes + i);
 }
 
-// 32 codes (4 x 64-bit lanes of 8 codes) squeezed in parallel.
+// 32 codes (4 x 64-bit lanes of 8 codes) at a time, squeezed as
+// avx512::squeeze64: two multiply-adds join neighbours (pairs into 16-bit
+// lanes, quads into 32-bit lanes), a shift and a select join the two halves
+// of each 64-bit lane; a byte shuffle then puts each 128-bit lane's 2*B
+// packed bytes at its start.
 template <int B>
 inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  static_assert(B >= 1 && B <= 7, "8-bit codes are stored as they are");
+  // unsigned multipliers times signed codes (codes < 2^7 fit; 2^7 does not fit a signed byte)
+  const __m256i pair = _mm256_set1_epi16((short)(1 | (1 << B) << 8));
+  const __m256i quad = _mm256_set1_epi32(1 | (1 << (2 * B)) << 16);
+  const __m256i low = _mm256_set1_epi64x((long long)((1ull << (4 * B)) - 1));
+  alignas(32) int8_t order[32];
+  for (int k = 0; k < 32; ++k) order[k] = (int8_t)(k % 16 < 2 * B ? (k % 16 / B) * 8 + k % 16 % B : -1);
+  const __m256i gather = _mm256_load_si256((const __m256i*)order);
+  const int64_t nbytes = (n * B + 7) / 8;
   int64_t u = 0, units = n / 8;
   for (; u + 4 <= units; u += 4) {
     __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 8 * u));
-    c = _mm256_or_si256(
-        _mm256_and_si256(c, _mm256_set1_epi64x(0x00FF00FF00FF00FFll)),
-        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFF00FF00FF00FF00ull)), 8 - B));
-    c = _mm256_or_si256(
-        _mm256_and_si256(c, _mm256_set1_epi64x(0x0000FFFF0000FFFFll)),
-        _mm256_srli_epi64(_mm256_and_si256(c, _mm256_set1_epi64x((long long)0xFFFF0000FFFF0000ull)), 16 - 2 * B));
-    c = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi64x(0x00000000FFFFFFFFll)),
-                        _mm256_slli_epi64(_mm256_srli_epi64(c, 32), 4 * B));
-    // Each lane's B bytes from a register. Where 8 bytes from this unit are
-    // still this call's (whole bytes of n*B bits), store all 8: the next unit
-    // overwrites the extra ones (a B-byte store is two or three narrow ones).
-    const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-    const uint64_t lane[4] = {(uint64_t)_mm_cvtsi128_si64(lo), (uint64_t)_mm_extract_epi64(lo, 1),
-                              (uint64_t)_mm_cvtsi128_si64(hi), (uint64_t)_mm_extract_epi64(hi, 1)};
-    if (B * (u + 3) + 8 <= n * B / 8) {
-      for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lane[j], 8);
+    __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(pair, c), quad);  // 4 codes per 32-bit lane, 4B bits
+    __m256i hi = _mm256_srli_epi64(d, 32 - 4 * B);                       // the upper lane's codes from bit 4B on
+    d = _mm256_shuffle_epi8(_mm256_or_si256(_mm256_and_si256(d, low), _mm256_andnot_si256(low, hi)), gather);
+    const __m128i first = _mm256_castsi256_si128(d), second = _mm256_extracti128_si256(d, 1);
+    uint8_t* o = dst + B * u;
+    // 16-byte stores where they stay inside this call's bytes: the next
+    // stores overwrite what each wrote past its 2*B bytes.
+    if (B * u + 2 * B + 16 <= nbytes) {
+      _mm_storeu_si128((__m128i*)o, first);
+      _mm_storeu_si128((__m128i*)(o + 2 * B), second);
     } else {
-      for (int j = 0; j < 4; ++j) memcpy(dst + B * (u + j), &lane[j], B);
+      alignas(16) uint8_t bytes[32];
+      _mm_store_si128((__m128i*)bytes, first);
+      _mm_store_si128((__m128i*)(bytes + 16), second);
+      memcpy(o, bytes, 2 * B);
+      memcpy(o + 2 * B, bytes + 16, 2 * B);
     }
   }
   scalar::pack<B>(codes + 8 * u, n - 8 * u, dst + B * u);
@@ -465,10 +485,25 @@ inline __m256i nearest8_unclamped(__m256 x, __m256 off, __m256 inv) {
   return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(x, off), inv));
 }
 
-// avx512::encode_groups_f32, 8 groups a block.
+inline void pack_width(int bits, const uint8_t* codes, int64_t n, uint8_t* dst) {
+  switch (bits) {
+    case 1: pack<1>(codes, n, dst); break;
+    case 2: pack<2>(codes, n, dst); break;
+    case 3: pack<3>(codes, n, dst); break;
+    case 4: pack<4>(codes, n, dst); break;
+    case 5: pack<5>(codes, n, dst); break;
+    case 6: pack<6>(codes, n, dst); break;
+    case 7: pack<7>(codes, n, dst); break;
+    default: break;
+  }
+}
+
+// avx512::encode_groups_f32, 8 groups a block; the codes are staged in
+// `codes` and packed at the end (8-bit codes go straight to `packed`).
 inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
-                              uint8_t* codes) {
-  const int64_t k = group / 8;  // vectors per group
+                              uint8_t* codes, uint8_t* packed) {
+  if (bits == 8) codes = packed;  // 8-bit codes are the packed bytes
+  const int64_t k = group / 8;    // vectors per group
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
   const __m256i lev = _mm256_set1_epi32((1 << bits) - 1);
@@ -549,7 +584,11 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
       for (; t < k; ++t) store_codes8(clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv)), cg + 8 * t);
     }
   }
-  return _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
+  const bool ok = _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
+  // One pack of all codes after the loop: packing each block while its codes
+  // were in L1 measured 6% slower (a call and a short tail per block).
+  if (ok && bits < 8) pack_width(bits, codes, n * group, packed);
+  return ok;
 }
 
 inline void decode_groups_f32(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
@@ -715,19 +754,31 @@ inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p
   }
 }
 
+// Constants of squeeze64 for width B (1..7).
+struct Squeeze {
+  __m512i pair, quad, low;
+  __m128i shift;
+  explicit Squeeze(int B)
+      // unsigned multipliers times signed codes (codes < 2^7 fit; 2^7 does not fit a signed byte)
+      : pair(_mm512_set1_epi16((short)(1 | (1 << B) << 8))),
+        quad(_mm512_set1_epi32(1 | (1 << (2 * B)) << 16)),
+        low(_mm512_set1_epi64((long long)((1ull << (4 * B)) - 1))),
+        shift(_mm_cvtsi32_si128(32 - 4 * B)) {}
+};
+
 // 64 codes -> 8*B bytes: two multiply-adds join neighbours (pairs into
 // 16-bit lanes, then quads into 32-bit lanes), a shift and a bit select join
-// the two halves of each 64-bit lane (8 codes, 8*B bits), and one byte
-// permute gathers the low B bytes of the 8 lanes. Codes must be < 2^B.
-template <int B>
-inline __m512i squeeze64(__m512i c) {
-  static_assert(B >= 1 && B <= 7, "8-bit codes are stored as they are");
-  // unsigned multipliers times signed codes (codes < 2^7 fit; 2^7 does not fit a signed byte)
-  const __m512i pair = _mm512_set1_epi16((short)(1 | (1 << B) << 8));
-  const __m512i quad = _mm512_set1_epi32(1 | (1 << (2 * B)) << 16);
-  __m512i d = _mm512_madd_epi16(_mm512_maddubs_epi16(pair, c), quad);  // 4 codes per 32-bit lane, 4B bits
-  __m512i hi = _mm512_srli_epi64(d, 32 - 4 * B);                       // the upper lane's codes from bit 4B on
-  return _mm512_ternarylogic_epi64(d, hi, _mm512_set1_epi64((long long)((1ull << (4 * B)) - 1)), 0xE4);  // c ? a : b
+// the two halves of each 64-bit lane (8 codes, 8*B bits); the caller's byte
+// permute then gathers the low B bytes of the 8 lanes. Codes must be < 2^B.
+inline __m512i squeeze64(__m512i c, const Squeeze& s) {
+  __m512i d = _mm512_madd_epi16(_mm512_maddubs_epi16(s.pair, c), s.quad);  // 4 codes per 32-bit lane, 4B bits
+  __m512i hi = _mm512_srl_epi64(d, s.shift);                               // the upper lane's codes from bit 4B on
+  return _mm512_ternarylogic_epi64(d, hi, s.low, 0xE4);                    // c ? a : b
+}
+// squeeze64 of 16 codes (the low 128 bits).
+inline __m128i squeeze16(__m128i c, const Squeeze& s) {
+  __m128i d = _mm_madd_epi16(_mm_maddubs_epi16(_mm512_castsi512_si128(s.pair), c), _mm512_castsi512_si128(s.quad));
+  return _mm_ternarylogic_epi64(d, _mm_srl_epi64(d, s.shift), _mm512_castsi512_si128(s.low), 0xE4);
 }
 
 template <int B>
@@ -739,6 +790,8 @@ inline __m512i gather_packed_bytes() {
 
 template <int B>
 inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  static_assert(B >= 1 && B <= 7, "8-bit codes are stored as they are");
+  const Squeeze sq(B);
   const __m512i gather = gather_packed_bytes<B>();
   const __mmask64 keep = (__mmask64)((1ull << (8 * B)) - 1);
   int64_t i = 0;
@@ -746,11 +799,11 @@ inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
   // (the next units overwrite them); masked stores only at the end.
   for (; i + 64 <= n && (i / 8) * B + 64 <= (n / 8) * B; i += 64) {
     __m512i c = _mm512_loadu_si512((const void*)(codes + i));
-    _mm512_storeu_si512((void*)(dst + (i / 8) * B), _mm512_permutexvar_epi8(gather, squeeze64<B>(c)));
+    _mm512_storeu_si512((void*)(dst + (i / 8) * B), _mm512_permutexvar_epi8(gather, squeeze64(c, sq)));
   }
   for (; i + 64 <= n; i += 64) {
     __m512i c = _mm512_loadu_si512((const void*)(codes + i));
-    _mm512_mask_storeu_epi8(dst + (i / 8) * B, keep, _mm512_permutexvar_epi8(gather, squeeze64<B>(c)));
+    _mm512_mask_storeu_epi8(dst + (i / 8) * B, keep, _mm512_permutexvar_epi8(gather, squeeze64(c, sq)));
   }
   scalar::pack<B>(codes + i, n - i, dst + (i / 8) * B);
 }
@@ -764,21 +817,63 @@ inline __m512i nearest16_unclamped(__m512 x, __m512 off, __m512 inv) {
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
-                              uint8_t* codes) {
+// Byte permutes that finish encode_groups_f32's code units, per width:
+// `unit[B]` takes the 8*B packed bytes of 64 codes out of a squeezed vector,
+// `single[B]` the 2*B bytes of 16 (0x80: a zero byte).
+struct PackedUnitTables {
+  alignas(64) uint8_t unit[9][64];
+  alignas(16) uint8_t single[9][16];
+};
+inline const PackedUnitTables& packed_unit_tables() {
+  static const PackedUnitTables tables = [] {
+    PackedUnitTables t{};
+    for (int b = 1; b <= 8; ++b) {
+      for (int o = 0; o < 8 * b; ++o) {
+        if (b % 2 == 0) {
+          // Even widths squeeze the packs' interleaved layout as it is: 4
+          // codes are b/2 whole bytes, so runs of 4 land in whole bytes
+          // and this permute puts them in order. Byte 16*lane + 4*u + w of
+          // the layout holds code 16*u + 4*lane + w (see store64).
+          const int half = b / 2, run = o / half, w = o % half, u = run / 4, lane = run % 4;
+          t.unit[b][o] = (uint8_t)((2 * lane + u / 2) * 8 + (u % 2) * half + w);
+        } else {
+          t.unit[b][o] = (uint8_t)((o / b) * 8 + o % b);  // as gather_packed_bytes
+        }
+      }
+      for (int o = 0; o < 16; ++o) t.single[b][o] = (uint8_t)(o < 2 * b ? (o / b) * 8 + o % b : 0x80);
+    }
+    return t;
+  }();
+  return tables;
+}
+
+// encode_groups_f32 of one width.
+template <int bits>
+inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* scale_out, float* offset_out,
+                               uint8_t* packed) {
   const int64_t k = group / 16;  // vectors per group
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 levels = _mm512_set1_ps((float)((1 << bits) - 1)), fmin = _mm512_set1_ps(kFloatMinNormal);
   const __m512i lev = _mm512_set1_epi32((1 << bits) - 1);
-  // 4 vectors of 16 codes -> 64 bytes in order: the two packs interleave 4-lane runs, vpermd undoes it.
+  // Puts the 4-lane runs the two packs interleave in order (odd widths).
   const __m512i runs = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const PackedUnitTables& tables = packed_unit_tables();
+  const __m512i unit_gather = _mm512_load_si512((const void*)tables.unit[bits]);
+  const __m128i single_gather = _mm_load_si128((const __m128i*)tables.single[bits]);
+  const Squeeze sq(bits < 8 ? bits : 1);
+  constexpr bool odd = bits % 2 == 1, squeeze = bits < 8;
+  const __mmask64 unit_keep = bits == 8 ? ~(__mmask64)0 : (__mmask64)((1ull << (8 * bits)) - 1);
+  const __mmask16 single_keep = (__mmask16)((1u << (2 * bits)) - 1);
+  const uint8_t* const packed_end = packed + (uint64_t)(n * group) / 8 * bits;  // group is a multiple of 16
   __mmask16 bad = 0;
-  __m512i raw_or = _mm512_setzero_si512();  // sign bit set iff some value was NaN
-  alignas(64) float off_of[16], inv_of[16];
+  __m512i raw_or = _mm512_setzero_si512();         // sign bit set iff some value was NaN
+  alignas(64) float off_of[2][16], inv_of[2][16];  // this block's and the next's
   struct Range16 {
     __m512 lo, hi;
   };
-  for (int64_t g0 = 0; g0 < n; g0 += 16) {
+  // Range and parameters of the 16 groups from g0 on (stores their scale
+  // and offset).
+  auto range_params = [&](int64_t g0, float* off_out, float* inv_out) FLOCORA_INLINE {
     const int nb = (int)std::min<int64_t>(16, n - g0);
     const float* xb = x + g0 * group;
     // Range of each group in registers, merged as the groups come into one
@@ -787,7 +882,7 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
     // Taking group (s % 4) * 4 + s / 4 as slot s makes lane g of the result
     // group g without a last permute.
     Range16 first{};
-    auto leaf = [&](int s) -> Range16 {
+    auto leaf = [&](int s) FLOCORA_INLINE -> Range16 {
       const int j = (s % 4) * 4 + s / 4;
       if (j >= nb) return first;  // unused slots repeat group 0 (slot 0, done first)
       const float* xg = xb + j * group;
@@ -813,23 +908,23 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
       if (j == 0) first = r;
       return r;
     };
-    auto level1 = [&](int s) {  // slots s, s + 1
+    auto level1 = [&](int s) FLOCORA_INLINE {  // slots s, s + 1
       Range16 a = leaf(s), b = leaf(s + 1);
       return Range16{_mm512_min_ps(_mm512_shuffle_f32x4(a.lo, b.lo, 0x44), _mm512_shuffle_f32x4(a.lo, b.lo, 0xEE)),
                      _mm512_max_ps(_mm512_shuffle_f32x4(a.hi, b.hi, 0x44), _mm512_shuffle_f32x4(a.hi, b.hi, 0xEE))};
     };
-    auto level2 = [&](int s) {  // slots s .. s + 3
+    auto level2 = [&](int s) FLOCORA_INLINE {  // slots s .. s + 3
       Range16 a = level1(s), b = level1(s + 2);
       return Range16{_mm512_min_ps(_mm512_shuffle_f32x4(a.lo, b.lo, 0x88), _mm512_shuffle_f32x4(a.lo, b.lo, 0xDD)),
                      _mm512_max_ps(_mm512_shuffle_f32x4(a.hi, b.hi, 0x88), _mm512_shuffle_f32x4(a.hi, b.hi, 0xDD))};
     };
-    auto level3 = [&](int s) {  // slots s .. s + 7
+    auto level3 = [&](int s) FLOCORA_INLINE {  // slots s .. s + 7
       Range16 a = level2(s), b = level2(s + 4);
       return Range16{_mm512_min_ps(_mm512_unpacklo_ps(a.lo, b.lo), _mm512_unpackhi_ps(a.lo, b.lo)),
                      _mm512_max_ps(_mm512_unpacklo_ps(a.hi, b.hi), _mm512_unpackhi_ps(a.hi, b.hi))};
     };
     Range16 y0 = level3(0), y1 = level3(8);
-    auto level4 = [](__m512 a, __m512 b, bool is_min) {
+    auto level4 = [](__m512 a, __m512 b, bool is_min) FLOCORA_INLINE {
       __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
       __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
       return is_min ? _mm512_min_ps(lo, hi) : _mm512_max_ps(lo, hi);
@@ -846,16 +941,49 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
     __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, zero, _CMP_GT_OQ), one, scale);
     _mm512_mask_storeu_ps(scale_out + g0, valid, scale);
     _mm512_mask_storeu_ps(offset_out + g0, valid, o);
-    _mm512_store_ps(off_of, o);
-    _mm512_store_ps(inv_of, inv);
-    // Codes, while the block is still in L1.
-    uint8_t* cb = codes + g0 * group;
-    auto store64 = [&](__m512i q0, __m512i q1, __m512i q2, __m512i q3, uint8_t* dst) {
+    _mm512_store_ps(off_out, o);
+    _mm512_store_ps(inv_out, inv);
+  };
+  auto codes_of = [&](int64_t g0, const float* off_of, const float* inv_of) FLOCORA_INLINE {
+    const int nb = (int)std::min<int64_t>(16, n - g0);
+    const float* xb = x + g0 * group;
+    // Codes, while the block is still in L1, packed on the way out. Widths
+    // 1, 2, 4 and 8 store exactly their bytes; at the others, the bytes a
+    // full store writes past its unit belong to later units of this call,
+    // which overwrite them, and only stores near the end are masked.
+    const int64_t code_base = g0 * group;  // code index of the block's first value
+    auto store64 = [&](__m512i q0, __m512i q1, __m512i q2, __m512i q3, int64_t code) FLOCORA_INLINE {
       raw_or = _mm512_ternarylogic_epi32(raw_or, q0, q1, 0xFE);  // a | b | c
       raw_or = _mm512_ternarylogic_epi32(raw_or, q2, q3, 0xFE);
       __m512i w01 = _mm512_packus_epi32(_mm512_min_epu32(q0, lev), _mm512_min_epu32(q1, lev));
       __m512i w23 = _mm512_packus_epi32(_mm512_min_epu32(q2, lev), _mm512_min_epu32(q3, lev));
-      _mm512_storeu_si512((void*)dst, _mm512_permutexvar_epi32(runs, _mm512_packus_epi16(w01, w23)));
+      // Byte 16*lane + 4*u + w: code 16*u + 4*lane + w.
+      __m512i c = _mm512_packus_epi16(w01, w23);
+      if constexpr (odd)
+        c = _mm512_permutexvar_epi32(runs, c);  // 4 odd-width codes end mid-byte: squeeze them in order
+      if constexpr (squeeze) c = squeeze64(c, sq);
+      c = _mm512_permutexvar_epi8(unit_gather, c);
+      uint8_t* dst = packed + ((uint64_t)code >> 3) * bits;
+      // Exact stores where a register part holds 8*bits bytes.
+      if constexpr (bits == 8) {
+        _mm512_storeu_si512((void*)dst, c);
+      } else if constexpr (bits == 4) {
+        _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(c));
+      } else if constexpr (bits == 2) {
+        _mm_storeu_si128((__m128i*)dst, _mm512_castsi512_si128(c));
+      } else if constexpr (bits == 1) {
+        _mm_storel_epi64((__m128i*)dst, _mm512_castsi512_si128(c));
+      } else if (dst + 64 <= packed_end) {
+        _mm512_storeu_si512((void*)dst, c);
+      } else {
+        _mm512_mask_storeu_epi8(dst, unit_keep, c);
+      }
+    };
+    auto store16 = [&](__m512i q, int64_t code) FLOCORA_INLINE {
+      raw_or = _mm512_or_si512(raw_or, q);
+      __m128i c = _mm512_cvtepi32_epi8(_mm512_min_epu32(q, lev));
+      if constexpr (squeeze) c = _mm_shuffle_epi8(squeeze16(c, sq), single_gather);
+      _mm_mask_storeu_epi8(packed + ((uint64_t)code >> 3) * bits, single_keep, c);
     };
     if (k <= 2 && (nb * k) % 4 == 0) {  // groups of 16 or 32: 4 or 2 groups per 64 codes
       const int shift = k == 2 ? 1 : 0;
@@ -866,13 +994,13 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
           q[u] = nearest16_unclamped(_mm512_loadu_ps(xb + 16 * (v + u)), _mm512_set1_ps(off_of[j]),
                                      _mm512_set1_ps(inv_of[j]));
         }
-        store64(q[0], q[1], q[2], q[3], cb + 16 * v);
+        store64(q[0], q[1], q[2], q[3], code_base + 16 * v);
       }
-      continue;
+      return;
     }
     for (int j = 0; j < nb; ++j) {
       const float* xg = xb + j * group;
-      uint8_t* cg = cb + j * group;
+      const int64_t cg = code_base + j * group;
       const __m512 off = _mm512_set1_ps(off_of[j]), iv = _mm512_set1_ps(inv_of[j]);
       int64_t t = 0;
       for (; t + 4 <= k; t += 4)
@@ -880,14 +1008,34 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
                 nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 16), off, iv),
                 nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 32), off, iv),
                 nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t + 48), off, iv), cg + 16 * t);
-      for (; t < k; ++t) {
-        __m512i q = nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t), off, iv);
-        raw_or = _mm512_or_si512(raw_or, q);
-        _mm_storeu_si128((__m128i*)(cg + 16 * t), _mm512_cvtepi32_epi8(_mm512_min_epu32(q, lev)));
-      }
+      for (; t < k; ++t) store16(nearest16_unclamped(_mm512_loadu_ps(xg + 16 * t), off, iv), cg + 16 * t);
     }
+  };
+  // The next block's range and parameters before this block's codes: their
+  // long chain of shuffles and divisions then overlaps the codes. (One call
+  // site each, so that both stay inlined.)
+  for (int64_t g0 = -16, b = 1; g0 < n; g0 += 16, b ^= 1) {
+    if (g0 + 16 < n) range_params(g0 + 16, off_of[b ^ 1], inv_of[b ^ 1]);
+    if (g0 >= 0) codes_of(g0, off_of[b], inv_of[b]);
   }
   return bad == 0 && _mm512_cmplt_epi32_mask(raw_or, _mm512_setzero_si512()) == 0;
+}
+
+// Range, parameters, codes and packing in one pass: the packed bytes of each
+// 64 codes go straight to `packed` (no code buffer in between). `codes` is
+// unused (the AVX2 build stages its codes there).
+inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
+                              uint8_t* /*codes*/, uint8_t* packed) {
+  switch (bits) {
+    case 1: return encode_groups_bits<1>(x, n, group, scale_out, offset_out, packed);
+    case 2: return encode_groups_bits<2>(x, n, group, scale_out, offset_out, packed);
+    case 3: return encode_groups_bits<3>(x, n, group, scale_out, offset_out, packed);
+    case 4: return encode_groups_bits<4>(x, n, group, scale_out, offset_out, packed);
+    case 5: return encode_groups_bits<5>(x, n, group, scale_out, offset_out, packed);
+    case 6: return encode_groups_bits<6>(x, n, group, scale_out, offset_out, packed);
+    case 7: return encode_groups_bits<7>(x, n, group, scale_out, offset_out, packed);
+    default: return encode_groups_bits<8>(x, n, group, scale_out, offset_out, packed);
+  }
 }
 
 // 64 codes from 8*B bytes: a byte permute gives 64-bit lane u the bytes

@@ -232,7 +232,8 @@ void quantize_pack_run(const char* op, at::TensorList xs, int64_t bits, bool sto
       if (one_pass && t.group % 16 == 0 && len >= t.group) {
         const int64_t whole = len / t.group;
         if (L.encode_groups_f32(xf, whole, t.group, (int)bits, meta.f32_scale + t.group_base + g0,
-                                meta.f32_offset + t.group_base + g0, codes.get()))
+                                meta.f32_offset + t.group_base + g0, codes.get(),
+                                out + t.byte_base + task.begin * bits / 8))
           done = whole;
       }
       const int64_t rest_begin = task.begin + done * t.group;
@@ -250,7 +251,8 @@ void quantize_pack_run(const char* op, at::TensorList xs, int64_t bits, bool sto
         meta.store(t.group_base + g0 + done + j, params[j].scale, params[j].offset, sh_buf[j], oh_buf[j]);
       quantize_range(t, rest_begin, task.end, xf + (rest_begin - task.begin), codes.get() + (rest_begin - task.begin),
                      params.get(), g0 + done);
-      pack_codes(t, task.begin, task.end, codes.get());
+      // The one-pass loop packed its groups (a multiple of 16 values: whole bytes).
+      pack_codes(t, rest_begin, task.end, codes.get() + (rest_begin - task.begin));
     }
   });
 
