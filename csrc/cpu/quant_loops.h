@@ -301,12 +301,14 @@ inline void store_codes8(__m256i q, uint8_t* dst) {
 }
 
 // 32 int32 lanes (4 vectors, values 0..255) -> 32 bytes in order.
-inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* dst) {
+inline __m256i codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
   __m256i a = _mm256_packs_epi32(q0, q1);  // per 128-bit lane: q0lo q1lo | q0hi q1hi
   __m256i b = _mm256_packs_epi32(q2, q3);
   __m256i c = _mm256_packus_epi16(a, b);
-  c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256((__m256i*)dst, c);
+  return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+inline void store_codes32(__m256i q0, __m256i q1, __m256i q2, __m256i q3, uint8_t* dst) {
+  _mm256_storeu_si256((__m256i*)dst, codes32(q0, q1, q2, q3));
 }
 
 // The same operations as flocora::quantize_nearest, 8 lanes at a time.
@@ -371,43 +373,58 @@ inline void quantize_stochastic(const float* x, int64_t n, const AffineParams& p
   scalar::quantize_stochastic(x + i, n - i, p, levels, key, index_lo + (uint32_t)i, codes + i);
 }
 
-// 32 codes (4 x 64-bit lanes of 8 codes) at a time, squeezed as
-// avx512::squeeze64: two multiply-adds join neighbours (pairs into 16-bit
-// lanes, quads into 32-bit lanes), a shift and a select join the two halves
-// of each 64-bit lane; a byte shuffle then puts each 128-bit lane's 2*B
-// packed bytes at its start.
+// 32 codes (4 x 64-bit lanes of 8 codes) -> each 128-bit lane's 2*B packed
+// bytes at its start, squeezed as avx512::squeeze64: two multiply-adds join
+// neighbours (pairs into 16-bit lanes, quads into 32-bit lanes), a shift
+// and a select join the two halves of each 64-bit lane, a byte shuffle
+// gathers the low B bytes of the two 64-bit lanes.
 template <int B>
-inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+struct Squeeze32 {
   static_assert(B >= 1 && B <= 7, "8-bit codes are stored as they are");
   // unsigned multipliers times signed codes (codes < 2^7 fit; 2^7 does not fit a signed byte)
-  const __m256i pair = _mm256_set1_epi16((short)(1 | (1 << B) << 8));
-  const __m256i quad = _mm256_set1_epi32(1 | (1 << (2 * B)) << 16);
-  const __m256i low = _mm256_set1_epi64x((long long)((1ull << (4 * B)) - 1));
-  alignas(32) int8_t order[32];
-  for (int k = 0; k < 32; ++k) order[k] = (int8_t)(k % 16 < 2 * B ? (k % 16 / B) * 8 + k % 16 % B : -1);
-  const __m256i gather = _mm256_load_si256((const __m256i*)order);
-  const int64_t nbytes = (n * B + 7) / 8;
-  int64_t u = 0, units = n / 8;
-  for (; u + 4 <= units; u += 4) {
-    __m256i c = _mm256_loadu_si256((const __m256i*)(codes + 8 * u));
+  __m256i pair = _mm256_set1_epi16((short)(1 | (1 << B) << 8));
+  __m256i quad = _mm256_set1_epi32(1 | (1 << (2 * B)) << 16);
+  __m256i low = _mm256_set1_epi64x((long long)((1ull << (4 * B)) - 1));
+  __m256i gather;
+  Squeeze32() {
+    alignas(32) int8_t order[32];
+    for (int k = 0; k < 32; ++k) order[k] = (int8_t)(k % 16 < 2 * B ? (k % 16 / B) * 8 + k % 16 % B : -1);
+    gather = _mm256_load_si256((const __m256i*)order);
+  }
+  __m256i operator()(__m256i c) const {
     __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(pair, c), quad);  // 4 codes per 32-bit lane, 4B bits
     __m256i hi = _mm256_srli_epi64(d, 32 - 4 * B);                       // the upper lane's codes from bit 4B on
-    d = _mm256_shuffle_epi8(_mm256_or_si256(_mm256_and_si256(d, low), _mm256_andnot_si256(low, hi)), gather);
-    const __m128i first = _mm256_castsi256_si128(d), second = _mm256_extracti128_si256(d, 1);
-    uint8_t* o = dst + B * u;
-    // 16-byte stores where they stay inside this call's bytes: the next
-    // stores overwrite what each wrote past its 2*B bytes.
-    if (B * u + 2 * B + 16 <= nbytes) {
-      _mm_storeu_si128((__m128i*)o, first);
-      _mm_storeu_si128((__m128i*)(o + 2 * B), second);
-    } else {
-      alignas(16) uint8_t bytes[32];
-      _mm_store_si128((__m128i*)bytes, first);
-      _mm_store_si128((__m128i*)(bytes + 16), second);
-      memcpy(o, bytes, 2 * B);
-      memcpy(o + 2 * B, bytes + 16, 2 * B);
-    }
+    return _mm256_shuffle_epi8(_mm256_or_si256(_mm256_and_si256(d, low), _mm256_andnot_si256(low, hi)), gather);
   }
+};
+
+// Stores the 4*B bytes of a Squeeze32 result at o. room: the 2*B + 16
+// bytes from o are the caller's to write (two 16-byte stores, the second
+// overwriting what the first wrote past its 2*B bytes; the bytes past 4*B
+// are left for later stores to overwrite).
+template <int B>
+inline void store_squeezed32(__m256i d, uint8_t* o, bool room) {
+  const __m128i first = _mm256_castsi256_si128(d), second = _mm256_extracti128_si256(d, 1);
+  if (room) {
+    _mm_storeu_si128((__m128i*)o, first);
+    _mm_storeu_si128((__m128i*)(o + 2 * B), second);
+  } else {
+    alignas(16) uint8_t bytes[32];
+    _mm_store_si128((__m128i*)bytes, first);
+    _mm_store_si128((__m128i*)(bytes + 16), second);
+    memcpy(o, bytes, 2 * B);
+    memcpy(o + 2 * B, bytes + 16, 2 * B);
+  }
+}
+
+template <int B>
+inline void pack(const uint8_t* codes, int64_t n, uint8_t* dst) {
+  const Squeeze32<B> squeeze;
+  const int64_t nbytes = (n * B + 7) / 8;
+  int64_t u = 0, units = n / 8;
+  for (; u + 4 <= units; u += 4)
+    store_squeezed32<B>(squeeze(_mm256_loadu_si256((const __m256i*)(codes + 8 * u))), dst + B * u,
+                        B * u + 2 * B + 16 <= nbytes);
   scalar::pack<B>(codes + 8 * u, n - 8 * u, dst + B * u);
 }
 
@@ -485,35 +502,23 @@ inline __m256i nearest8_unclamped(__m256 x, __m256 off, __m256 inv) {
   return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(x, off), inv));
 }
 
-inline void pack_width(int bits, const uint8_t* codes, int64_t n, uint8_t* dst) {
-  switch (bits) {
-    case 1: pack<1>(codes, n, dst); break;
-    case 2: pack<2>(codes, n, dst); break;
-    case 3: pack<3>(codes, n, dst); break;
-    case 4: pack<4>(codes, n, dst); break;
-    case 5: pack<5>(codes, n, dst); break;
-    case 6: pack<6>(codes, n, dst); break;
-    case 7: pack<7>(codes, n, dst); break;
-    default: break;
-  }
-}
-
-// avx512::encode_groups_f32, 8 groups a block; the codes are staged in
-// `codes` and packed at the end (8-bit codes go straight to `packed`).
-inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
-                              uint8_t* codes, uint8_t* packed) {
-  if (bits == 8) codes = packed;  // 8-bit codes are the packed bytes
-  const int64_t k = group / 8;    // vectors per group
+// avx512::encode_groups_bits, 8 groups a block and 32 codes a unit.
+template <int bits>
+inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* scale_out, float* offset_out,
+                               uint8_t* packed) {
+  const int64_t k = group / 8;  // vectors per group, even (group is a multiple of 16)
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
   const __m256i lev = _mm256_set1_epi32((1 << bits) - 1);
+  const Squeeze32 < bits<8 ? bits : 1> squeeze;
+  const uint8_t* const packed_end = packed + (uint64_t)(n * group) / 8 * bits;
   __m256 bad = zero;
-  __m256i raw_or = _mm256_setzero_si256();  // sign bit set iff some value was NaN
-  alignas(32) __m256 lo_slot[8], hi_slot[8];
-  alignas(32) float off_of[8], inv_of[8];
-  for (int64_t g0 = 0; g0 < n; g0 += 8) {
+  __m256i raw_or = _mm256_setzero_si256();       // sign bit set iff some value was NaN
+  alignas(32) float off_of[2][8], inv_of[2][8];  // this block's and the next's
+  auto range_params = [&](int64_t g0, float* off_out, float* inv_out) FLOCORA_INLINE {
     const int nb = (int)std::min<int64_t>(8, n - g0);
     const float* xb = x + g0 * group;
+    alignas(32) __m256 lo_slot[8], hi_slot[8];
     for (int j = 0; j < nb; ++j) {
       const float* xg = xb + j * group;
       for (int64_t t = 0; t < k; t += 2) _mm_prefetch((const char*)(xg + 8 * t + 4096), _MM_HINT_T0);  // as avx512
@@ -552,43 +557,92 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
     __m256 inv = _mm256_and_ps(_mm256_div_ps(one, scale), _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));
     _mm256_maskstore_ps(scale_out + g0, _mm256_castps_si256(valid), scale);
     _mm256_maskstore_ps(offset_out + g0, _mm256_castps_si256(valid), o);
-    _mm256_store_ps(off_of, o);
-    _mm256_store_ps(inv_of, inv);
-    uint8_t* cb = codes + g0 * group;
-    auto clamp = [&](__m256i q) {
+    _mm256_store_ps(off_out, o);
+    _mm256_store_ps(inv_out, inv);
+  };
+  auto codes_of = [&](int64_t g0, const float* off_of, const float* inv_of) FLOCORA_INLINE {
+    const int nb = (int)std::min<int64_t>(8, n - g0);
+    const float* xb = x + g0 * group;
+    const int64_t code_base = g0 * group;  // code index of the block's first value
+    auto clamp = [&](__m256i q) FLOCORA_INLINE {
       raw_or = _mm256_or_si256(raw_or, q);
       return _mm256_min_epu32(q, lev);
+    };
+    // Codes packed on the way out (as avx512::encode_groups_bits).
+    auto store32 = [&](__m256i q0, __m256i q1, __m256i q2, __m256i q3, int64_t code) FLOCORA_INLINE {
+      const __m256i c = codes32(clamp(q0), clamp(q1), clamp(q2), clamp(q3));
+      if constexpr (bits == 8) {
+        _mm256_storeu_si256((__m256i*)(packed + code), c);
+      } else {
+        uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
+        store_squeezed32<bits>(squeeze(c), o, o + 2 * bits + 16 <= packed_end);
+      }
+    };
+    auto store16 = [&](__m256i q0, __m256i q1, int64_t code) FLOCORA_INLINE {  // the first 16 codes of a unit
+      const __m256i c = codes32(clamp(q0), clamp(q1), _mm256_setzero_si256(), _mm256_setzero_si256());
+      if constexpr (bits == 8) {
+        _mm_storeu_si128((__m128i*)(packed + code), _mm256_castsi256_si128(c));
+      } else {
+        uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
+        const __m128i d = _mm256_castsi256_si128(squeeze(c));
+        if (o + 16 <= packed_end) {
+          _mm_storeu_si128((__m128i*)o, d);
+        } else {
+          alignas(16) uint8_t bytes[16];
+          _mm_store_si128((__m128i*)bytes, d);
+          memcpy(o, bytes, 2 * bits);
+        }
+      }
     };
     if (k == 2 && nb % 2 == 0) {  // groups of 16: two groups per 32 codes
       for (int v = 0; v < nb * 2; v += 4) {
         __m256i q[4];
         for (int u = 0; u < 4; ++u) {
           const int j = (v + u) >> 1;
-          q[u] = clamp(nearest8_unclamped(_mm256_loadu_ps(xb + 8 * (v + u)), _mm256_set1_ps(off_of[j]),
-                                          _mm256_set1_ps(inv_of[j])));
+          q[u] = nearest8_unclamped(_mm256_loadu_ps(xb + 8 * (v + u)), _mm256_set1_ps(off_of[j]),
+                                    _mm256_set1_ps(inv_of[j]));
         }
-        store_codes32(q[0], q[1], q[2], q[3], cb + 8 * v);
+        store32(q[0], q[1], q[2], q[3], code_base + 8 * v);
       }
-      continue;
+      return;
     }
     for (int j = 0; j < nb; ++j) {
       const float* xg = xb + j * group;
-      uint8_t* cg = cb + j * group;
+      const int64_t cg = code_base + j * group;
       const __m256 off = _mm256_set1_ps(off_of[j]), iv = _mm256_set1_ps(inv_of[j]);
       int64_t t = 0;
       for (; t + 4 <= k; t += 4)
-        store_codes32(clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv)),
-                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 8), off, iv)),
-                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 16), off, iv)),
-                      clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 24), off, iv)), cg + 8 * t);
-      for (; t < k; ++t) store_codes8(clamp(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv)), cg + 8 * t);
+        store32(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv),
+                nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 8), off, iv),
+                nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 16), off, iv),
+                nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 24), off, iv), cg + 8 * t);
+      if (t < k)  // k is even: two vectors left
+        store16(nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t), off, iv),
+                nearest8_unclamped(_mm256_loadu_ps(xg + 8 * t + 8), off, iv), cg + 8 * t);
     }
+  };
+  // The next block's range and parameters before this block's codes (as
+  // avx512::encode_groups_bits).
+  for (int64_t g0 = -8, b = 1; g0 < n; g0 += 8, b ^= 1) {
+    if (g0 + 8 < n) range_params(g0 + 8, off_of[b ^ 1], inv_of[b ^ 1]);
+    if (g0 >= 0) codes_of(g0, off_of[b], inv_of[b]);
   }
-  const bool ok = _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
-  // One pack of all codes after the loop: packing each block while its codes
-  // were in L1 measured 6% slower (a call and a short tail per block).
-  if (ok && bits < 8) pack_width(bits, codes, n * group, packed);
-  return ok;
+  return _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
+}
+
+// avx512::encode_groups_f32 (the AVX2 build).
+inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
+                              uint8_t* /*codes*/, uint8_t* packed) {
+  switch (bits) {
+    case 1: return encode_groups_bits<1>(x, n, group, scale_out, offset_out, packed);
+    case 2: return encode_groups_bits<2>(x, n, group, scale_out, offset_out, packed);
+    case 3: return encode_groups_bits<3>(x, n, group, scale_out, offset_out, packed);
+    case 4: return encode_groups_bits<4>(x, n, group, scale_out, offset_out, packed);
+    case 5: return encode_groups_bits<5>(x, n, group, scale_out, offset_out, packed);
+    case 6: return encode_groups_bits<6>(x, n, group, scale_out, offset_out, packed);
+    case 7: return encode_groups_bits<7>(x, n, group, scale_out, offset_out, packed);
+    default: return encode_groups_bits<8>(x, n, group, scale_out, offset_out, packed);
+  }
 }
 
 inline void decode_groups_f32(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
