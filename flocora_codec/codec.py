@@ -14,7 +14,7 @@ import logging
 import math
 import platform
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -371,6 +371,7 @@ class _TopkPlan:
     rec: fmt.CodecRecord
     global_scope: bool
     members: list  # tensor positions in the message
+    numels: list  # of the members
 
 
 @dataclass
@@ -388,6 +389,7 @@ class _EncodePlan:
     compact_id: bytes | None  # schema id of a compact message
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
     ranges: list | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
+    topk_positions: list = field(default_factory=list)  # top-k tensors in message order (compact counts)
 
 
 def _plan_key(tensors, spec, schema):
@@ -395,9 +397,9 @@ def _plan_key(tensors, spec, schema):
     (anything but CPU strided tensors named by str; the slow path then
     raises its own errors)."""
     items = []
-    cpu, strided = torch.device("cpu"), torch.strided
+    strided = torch.strided
     for name, t in tensors.items():
-        if type(name) is not str or not isinstance(t, torch.Tensor) or t.layout != strided or t.device != cpu:
+        if type(name) is not str or not isinstance(t, torch.Tensor) or not t.is_cpu or t.layout is not strided:
             return None
         items.append((name, t.dtype, t.shape))
     key = (spec, None if schema is None else schema.id, tuple(items))
@@ -426,12 +428,14 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
         ))  # fmt: skip
     raw = [(i, e.payload_len) for i, e in enumerate(entries)
            if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
-    topk = [_TopkPlan(rec, sel is not None, list(members)) for (rec, _, sel), members in topk_groups.items()]
+    topk = [_TopkPlan(rec, sel is not None, list(members), [entries[i].numel for i in members])
+            for (rec, _, sel), members in topk_groups.items()]  # fmt: skip
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
     _ENCODE_PLANS[key] = _EncodePlan(
         header, total, affine, raw, list(starts), topk, entries, specs,
         [e.metadata_len + e.index_len + e.payload_len for e in entries], record_list, compact_id, count_positions,
+        topk_positions=[i for i, e in enumerate(entries) if record_list[e.codec_index].codec == fmt.CODEC_TOPK],
     )  # fmt: skip
 
 
@@ -455,41 +459,42 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     # (pieces[i]: (source, offset, bytes) in order); sign and quantized values
     # come as byte views, copied below.
     pieces, views = {}, {}
+    # The plan is shared (threads may encode with it at once): this encode's
+    # top-k fields (count, index code, section lengths) stay in `fields`.
+    fields: dict = {}
     if plan.topk:
-        # The plan is shared (threads may encode with it at once): this
-        # encode's counts and section sizes go into copies of the top-k entries.
-        entries = list(plan.entries)
-        for tp in plan.topk:
-            for i in tp.members:
-                e = entries[i]  # count, index code and section lengths are set below
-                entries[i] = fmt.TensorEntry(e.name, e.dtype, e.shape, e.codec_index, numel=e.numel)
         sizes = list(plan.section_bytes)
         for tp in plan.topk:
             if tp.rec.values in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED):
+                entries = list(plan.entries)
+                for i in tp.members:
+                    e = entries[i]  # count and index code are set by _encode_topk
+                    entries[i] = fmt.TensorEntry(e.name, e.dtype, e.shape, e.codec_index, numel=e.numel)
                 parts = {i: [] for i in tp.members}
                 _encode_topk(tp.rec, tp.global_scope, tp.members, entries, flat, plan.specs, parts)
                 views.update(parts)
                 for i in tp.members:
                     e = entries[i]
-                    e.metadata_len, e.index_len, e.payload_len = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel,
-                                                                                   e.count)  # fmt: skip
-                    sizes[i] = e.metadata_len + e.index_len + e.payload_len
+                    lens = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel, e.count)
+                    fields[i] = (e.count, e.index_code, *lens)
+                    sizes[i] = sum(lens)
                 continue
-            counts, values, index_bytes, index_lens = _topk_select(tp.global_scope, tp.members, entries, flat,
-                                                                   plan.specs)  # fmt: skip
-            converted = _plain_topk_values(tp.rec, tp.members, entries, counts, values)
+            counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs)
+            converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values)
             isrc, vsrc = len(outputs), len(outputs) + 1
             outputs += (index_bytes, converted)
             itemsize, ioff, voff = converted.element_size(), 0, 0
-            for i, c, nb in zip(tp.members, counts, index_lens):
-                e = entries[i]
-                e.metadata_len, e.index_len, e.payload_len = 0, nb, c * itemsize
-                sizes[i] = nb + c * itemsize
-                pieces[i] = ((isrc, ioff, nb), (vsrc, voff, c * itemsize))
+            for i, n, c in zip(tp.members, tp.numels, counts):
+                code, nb = ops.index_code_and_nbytes(n, c)
+                nv = c * itemsize
+                fields[i] = (c, code, 0, nb, nv)
+                sizes[i] = nb + nv
+                pieces[i] = ((isrc, ioff, nb), (vsrc, voff, nv))
                 ioff += nb
-                voff += c * itemsize
+                voff += nv
         if plan.compact_id is not None:
-            header = fmt.compact_header(plan.compact_id, plan.record_list, entries)
+            counts = [fields[i][0] if i in fields else plan.entries[i].count for i in plan.topk_positions]
+            header = fmt.compact_header_of_counts(plan.compact_id, counts)  # (empty tensors: in no top-k group)
         pos, starts = len(header), []
         for n in sizes:
             starts.append(pos)
@@ -517,20 +522,17 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     raw = [flat[i] for i, _ in plan.raw]
     outputs += [t if t.is_contiguous() else t.contiguous() for t in raw]
     ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
-    if plan.topk:
-        for tp in plan.topk:
-            for i in tp.members:
-                if plan.compact_id is None:
-                    fmt.patch_topk_fields(view, plan.count_positions[i], entries[i])
-                if i not in views:
-                    continue
-                pos = starts[i]
-                for piece in views[i]:
-                    view[pos : pos + len(piece)] = piece
-                    pos += len(piece)
-                if pos != starts[i] + sizes[i]:  # sizes come from one formula; never send a short message
-                    raise RuntimeError(f"encode: wrote {pos - starts[i]} of {sizes[i]} bytes of tensor "
-                                       f"{entries[i].name!r} (internal size mismatch)")  # fmt: skip
+    if plan.compact_id is None:
+        for i, f in fields.items():
+            fmt.patch_topk_fields(view, plan.count_positions[i], *f)
+    for i, tensor_views in views.items():
+        pos = starts[i]
+        for piece in tensor_views:
+            view[pos : pos + len(piece)] = piece
+            pos += len(piece)
+        if pos != starts[i] + sizes[i]:  # sizes come from one formula; never send a short message
+            raise RuntimeError(f"encode: wrote {pos - starts[i]} of {sizes[i]} bytes of tensor "
+                               f"{plan.entries[i].name!r} (internal size mismatch)")  # fmt: skip
     end = total - fmt.CHECKSUM_SIZE
     fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
@@ -585,20 +587,26 @@ def _values_name(rec: fmt.CodecRecord) -> str:
     return fmt.VALUE_NAMES[rec.values]
 
 
-def _topk_select(global_scope, members, entries, flat, specs):
-    """The top-k kernel over ``members``; sets each entry's count and index
-    code. Returns (counts as a list, float32 values, index bytes, index
-    bytes per member)."""
+def _topk_kernel(global_scope, members, entries, flat, specs):
+    """The top-k kernel over ``members``: (counts as a list, float32 values,
+    index bytes)."""
     xs = [_as_kernel_input(flat[i]) for i in members]
     if global_scope:
-        ks = [_topk_count(specs[members[0]], sum(x.numel() for x in xs))]
+        ks = [_topk_count(specs[members[0]], sum(entries[i].numel for i in members))]
     else:
-        ks = [_topk_count(specs[i], x.numel()) for i, x in zip(members, xs)]
+        ks = [_topk_count(specs[i], entries[i].numel) for i in members]
     try:
         counts, values, index_bytes = ops.topk_encode(xs, ks, global_scope=global_scope)
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
         raise _kernel_failed("topk_encode", [entries[i].name for i in members], xs, exc) from exc
-    counts = counts.tolist()
+    return counts.tolist(), values, index_bytes
+
+
+def _topk_select(global_scope, members, entries, flat, specs):
+    """The top-k kernel over ``members``; sets each entry's count and index
+    code. Returns (counts as a list, float32 values, index bytes, index
+    bytes per member)."""
+    counts, values, index_bytes = _topk_kernel(global_scope, members, entries, flat, specs)
     index_lens = []
     for i, c in zip(members, counts):
         e = entries[i]

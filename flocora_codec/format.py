@@ -55,6 +55,7 @@ _U16 = struct.Struct("<H")
 _U8U8 = struct.Struct("<BB")
 _SECTIONS = struct.Struct("<QQQ")
 _COUNT = struct.Struct("<QB")
+_TOPK_FIELDS = struct.Struct("<QBQQQ")  # _COUNT then _SECTIONS, as they follow each other in an entry
 # name_len + dtype + ndim + codec_index + three section lengths
 MIN_TENSOR_RECORD = 2 + 1 + 1 + 2 + _SECTIONS.size
 MIN_SCHEMA_RECORD = 2 + 1 + 1 + 2  # name_len + dtype + ndim + codec_index
@@ -797,17 +798,24 @@ def _read_varint(rd: "_Reader", what: str) -> int:
     raise FormatError(f"{what}: varint longer than 10 bytes")
 
 
-def patch_topk_fields(buf, pos: int, e: TensorEntry) -> None:
+def patch_topk_fields(buf, pos: int, count: int, index_code: int, metadata_len: int, index_len: int,
+                      payload_len: int) -> None:  # fmt: skip
     """Rewrite a top-k entry's count, index code and section lengths in a
     header written by :func:`write_header` (``pos`` from its ``count_positions``)."""
-    _COUNT.pack_into(buf, pos, e.count, e.index_code)
-    _SECTIONS.pack_into(buf, pos + _COUNT.size, e.metadata_len, e.index_len, e.payload_len)
+    _TOPK_FIELDS.pack_into(buf, pos, count, index_code, metadata_len, index_len, payload_len)
 
 
 def compact_header(schema_id: bytes, records, entries) -> bytes:
     """Fixed part and varint top-k counts of a compact message (FORMAT.md 6.2)."""
+    return compact_header_of_counts(
+        schema_id, [e.count for e in entries if records[e.codec_index].codec == CODEC_TOPK]
+    )
+
+
+def compact_header_of_counts(schema_id: bytes, topk_counts) -> bytes:
+    """:func:`compact_header` from the top-k tensors' counts, in message order."""
     head = MAGIC + struct.pack("<HH", COMPACT_VERSION, 0) + schema_id
-    return head + b"".join(_varint(e.count) for e in entries if records[e.codec_index].codec == CODEC_TOPK)
+    return head + b"".join(_varint(c) for c in topk_counts)
 
 
 def compact_schema_id(data) -> bytes | None:

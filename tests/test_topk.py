@@ -120,6 +120,49 @@ def test_large_candidate_buckets(cpu_isa):
             _check([y, y[: n // 2]], [k], True)
 
 
+# Selections over at least 2^18 elements histogram every 8th element only and
+# take the candidates of a bracket around the sample's estimate (kSampleMin,
+# kSampleStride in csrc/cpu/topk_encode_cpu.cpp); a bracket that misses T is
+# redone from a full histogram. These inputs make the sample lie.
+def _misleading_samples(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g)
+    sampled_big, sampled_small = x.clone(), x.clone()
+    sampled_big[::8] = 1000.0 + torch.rand(len(x[::8]), generator=g)  # the sample sees only the largest keys
+    sampled_small[::8] = 1e-3 * torch.rand(len(x[::8]), generator=g)  # ... only the smallest
+    spread = x * torch.where(torch.arange(n) % 8 == 0, 1e-6, 1.0)  # ... keys far below the rest
+    return [t.to(dtype) for t in (sampled_big, sampled_small, spread)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sampled_bracket_that_misses_is_redone(cpu_isa, dtype):
+    n = 2**18 + 1000
+    for x in _misleading_samples(n, dtype):
+        for density in (0.001, 0.2, 0.5):
+            k = int(n * density)
+            _check([x], [k])
+            _check([x[: n // 3], x[n // 3 :]], [k], True)
+
+
+def test_sampled_selection_matches_reference(cpu_isa):
+    # The bracket holds T (no redo) on ordinary data, with ties at T.
+    torch.manual_seed(5)
+    x = torch.randn(2**18 + 77)
+    x[::5] = x[7]
+    for density in (0.001, 0.1, 0.3):
+        _check([x], [int(x.numel() * density)])
+    _check([x[:1000], x[1000:]], [5000], True)
+
+
+def test_sampled_selection_sees_non_finite_values_the_sample_skips(cpu_isa):
+    for bad in [float("nan"), float("inf")]:
+        xs = [torch.randn(5000), torch.randn(5 * CHUNK)]
+        xs[1][8 * 1000 + 5] = bad  # not a sampled position
+        for ks, gs in [([100], True), ([10, 100], False)]:
+            with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
+                ops.topk_encode(xs, ks, global_scope=gs)
+
+
 # ---- selection semantics ------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [10, 1000, 3 * CHUNK + 3])

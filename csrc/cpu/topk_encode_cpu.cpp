@@ -31,6 +31,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -56,6 +57,16 @@ constexpr int kTopShift = 20;                         // top digit: key bits 20.
 constexpr int kTopBins = 2048;
 constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
 constexpr int64_t kSmallSelect = 256;                         // candidates few enough for nth_element
+// Groups of at least kSampleMin elements histogram every kSampleStride-th
+// element only, and take the candidates of a bracket of top-digit bins
+// around the sample's estimate of the threshold (checked: a bracket that
+// misses is redone from a full histogram).
+constexpr int64_t kSampleMin = 1 << 18;
+constexpr int64_t kSampleStride = 8;
+// The sample's histogram takes 13 key bits (1/32 of an octave) instead of 11:
+// a narrower bracket holds fewer candidates.
+constexpr int kFineShift = 18;
+constexpr int kFineBins = 8192;
 
 // Loads N elements starting at i as float32 bits.
 template <Dt D, int N>
@@ -150,6 +161,12 @@ uint32_t top_histogram_into(const void* x, int64_t begin, int64_t end, H* hist, 
   return (uint32_t)top << kTopShift;  // the top digit of the largest key is all the callers use
 }
 
+// Histogram of the top 13 key bits of every kSampleStride-th element of [begin, end), added to hist.
+template <Dt D>
+void sampled_histogram_into(const void* x, int64_t begin, int64_t end, uint32_t* hist) {
+  for (int64_t i = begin; i < end; i += kSampleStride) ++hist[key_at<D>(x, i) >> kFineShift];
+}
+
 // Bit j set iff keys[j] > t, for 16 keys (signed compare: keys are < 2^31,
 // and t may be -1 to mean "every key").
 FLOCORA_INLINE uint32_t gt_mask(const uint32_t* keys, int32_t t) {
@@ -180,11 +197,13 @@ struct EncTensor : TopkOutput {  // + where its values and index code go
 struct Group {  // one selection: a tensor (per-tensor scope) or all tensors
   int64_t k;
   int64_t first_chunk, nchunks;
-  int64_t need;  // rank of T inside the top-digit bucket
-  uint32_t top;  // the top digit of T
+  int64_t need;  // rank of T among the candidates
   int64_t cand_base, cand_count;
-  uint32_t t;    // threshold key
-  int64_t ties;  // keys == T to keep
+  uint32_t t;            // threshold key
+  int64_t ties;          // keys == T to keep
+  int64_t n = 0;         // elements
+  bool sampled = false;  // phase 1 histogrammed a sample: the bracket may miss T
+  int32_t lo, hi;        // candidates: keys with lo < key <= hi
 };
 
 struct Chunk {
@@ -238,9 +257,9 @@ int topk_isa() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxe
 #endif
 
 template <Dt D>
-int64_t top_candidates(int isa, const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage,
-                       int64_t* above, uint64_t* flags) {
-  FLOCORA_TOPK_DISPATCH(isa, top_candidates<D>(x, begin, end, top, stage, above, flags));
+int64_t top_candidates(int isa, const void* x, int64_t begin, int64_t end, int32_t lo, int32_t hi, uint32_t* stage,
+                       int64_t* above, uint32_t* max_key, uint64_t* flags) {
+  FLOCORA_TOPK_DISPATCH(isa, top_candidates<D>(x, begin, end, lo, hi, stage, above, max_key, flags));
 }
 
 template <Dt D>
@@ -371,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     }
   };
   if (global_scope) {
-    groups.push_back(Group{ks[0], 0, 0, 0, 0, 0, 0, 0, 0});
+    groups.push_back(Group{ks[0], 0, 0, 0, 0, 0, 0, 0});
     for (int32_t i = 0; i < nt; ++i) add_chunks(i, 0);
     groups[0].nchunks = (int64_t)chunks.size();
   } else {
@@ -381,12 +400,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         singles.push_back(i);
         continue;
       }
-      Group g{ks[i], (int64_t)chunks.size(), 0, 0, 0, 0, 0, 0, 0};
+      Group g{ks[i], (int64_t)chunks.size(), 0, 0, 0, 0, 0, 0};
       add_chunks(i, (int32_t)groups.size());
       g.nchunks = (int64_t)chunks.size() - g.first_chunk;
       groups.push_back(g);
     }
   }
+
+  std::vector<int64_t> sample_n(groups.size(), 0);  // elements a sampled group's histogram counts
+  for (const Chunk& c : chunks) {
+    groups[c.group].n += c.end - c.begin;
+    sample_n[c.group] += (c.end - c.begin + kSampleStride - 1) / kSampleStride;
+  }
+  std::vector<int32_t> fine_of(groups.size(), -1);  // a sampled group's row of fine_hist
+  int32_t nsampled = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    Group& gr = groups[g];
+    gr.sampled = gr.k > 0 && gr.n >= kSampleMin && 2 * gr.k <= gr.n;
+    if (gr.sampled) fine_of[g] = nsampled++;
+  }
+  std::vector<int64_t> fine_hist((size_t)nsampled * kFineBins, 0);
 
   at::Tensor counts = at::empty({nt}, at::TensorOptions().dtype(at::kLong));
   int64_t* counts_p = counts.data_ptr<int64_t>();
@@ -422,7 +455,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     // A single runs the whole selection (histogram, select, emit: about 3x a
     // chunk's histogram pass) plus a fixed cost per task.
     for (int64_t s = 0; s < nsingle; ++s) cost[s] = 3 * ts[singles[s]].n + 64;
-    for (size_t c = 0; c < chunks.size(); ++c) cost[nsingle + c] = chunks[c].end - chunks[c].begin + 64;
+    for (size_t c = 0; c < chunks.size(); ++c)
+      cost[nsingle + c] =
+          (chunks[c].end - chunks[c].begin) / (groups[chunks[c].group].sampled ? kSampleStride : 1) + 64;
     float* vals_base = values.defined() ? values.data_ptr<float>() : nullptr;
     uint8_t* idx_base = index.defined() ? index.data_ptr<uint8_t>() : nullptr;
     run_balanced(cost, [&](int64_t first, int64_t last) {
@@ -433,21 +468,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       // global top-k) cost more than their histograms, in contended atomics.
       int64_t acc[kTopBins];
       int32_t acc_group = -1;
+      std::unique_ptr<uint32_t[]> fine_acc;  // the same for sampled groups, allocated when one comes
       auto flush = [&]() {
         if (acc_group < 0) return;
-        int64_t* gh = ghist.data() + (int64_t)acc_group * kTopBins;
-        for (int b = 0; b < kTopBins; ++b)
-          if (acc[b]) __atomic_fetch_add(gh + b, acc[b], __ATOMIC_RELAXED);
+        if (groups[acc_group].sampled) {
+          int64_t* fh = fine_hist.data() + (int64_t)fine_of[acc_group] * kFineBins;
+          for (int b = 0; b < kFineBins; ++b)
+            if (fine_acc[b]) __atomic_fetch_add(fh + b, (int64_t)fine_acc[b], __ATOMIC_RELAXED);
+        } else {
+          int64_t* gh = ghist.data() + (int64_t)acc_group * kTopBins;
+          for (int b = 0; b < kTopBins; ++b)
+            if (acc[b]) __atomic_fetch_add(gh + b, acc[b], __ATOMIC_RELAXED);
+        }
         acc_group = -1;
       };
       for (int64_t task = first; task < last; ++task) {
         if (task >= nsingle) {
           const Chunk& c = chunks[task - nsingle];
           const EncTensor& t = ts[c.tensor];
+          const bool sampled = groups[c.group].sampled;
           if (c.group != acc_group) {
             flush();
-            std::fill(acc, acc + kTopBins, 0);
+            if (!sampled) {
+              std::fill(acc, acc + kTopBins, 0);
+            } else {
+              if (!fine_acc) fine_acc.reset(new uint32_t[kFineBins]);  // counts of < 2^32 samples
+              std::fill(fine_acc.get(), fine_acc.get() + kFineBins, 0u);
+            }
             acc_group = c.group;
+          }
+          if (sampled) {  // non-finite keys are caught by phase 2's largest key
+            dispatch_dt(
+                t.dt, [&](auto d) { sampled_histogram_into<decltype(d)::value>(t.x, c.begin, c.end, fine_acc.get()); });
+            continue;
           }
           uint32_t mx = 0;
           dispatch_dt(t.dt, [&](auto d) {
@@ -478,26 +531,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   }
   check_finite_input(op, nonfinite);
 
-  // Top digit of each group's threshold, and room for its candidates.
+  // The top-digit bins of each group's candidates, and room for them.
+  auto exact_bin = [&](size_t g) {  // the bin of T, from a full histogram
+    Group& gr = groups[g];
+    gr.need = gr.k;
+    const uint32_t b = (uint32_t)top_bin(ghist.data() + g * kTopBins, kTopBins - 1, &gr.need);
+    gr.lo = (int32_t)(b << kTopShift) - 1;  // -1 for bin 0: every key
+    gr.hi = (int32_t)((b << kTopShift) | ((1u << kTopShift) - 1));
+    gr.cand_count = ghist[g * kTopBins + b];
+  };
   int64_t ncand = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
     Group& gr = groups[g];
     gr.cand_base = ncand;
     if (gr.k == 0) continue;
-    gr.need = gr.k;
-    gr.top = (uint32_t)top_bin(ghist.data() + g * kTopBins, kTopBins - 1, &gr.need);
-    gr.cand_count = ghist[g * kTopBins + gr.top];
-    ncand += gr.cand_count;
+    if (!gr.sampled) {
+      exact_bin(g);
+      ncand += gr.cand_count;
+      continue;
+    }
+    // T's rank in the sample is about r = k * sample / n, with a standard
+    // deviation below sqrt(r): bins whose sample counts above them stay
+    // under r - 5 sd hold fewer than k keys, and down to r + 5 sd, at least k.
+    const int64_t* h = fine_hist.data() + (int64_t)fine_of[g] * kFineBins;
+    const double r = (double)gr.k * (double)sample_n[g] / (double)gr.n, margin = 5.0 * std::sqrt(r) + 16.0;
+    int64_t cum = 0;
+    int b = kFineBins - 1;
+    gr.hi = 0x7fffffff;
+    for (bool hi_found = false; b > 0; --b) {
+      cum += h[b];
+      if (!hi_found && (double)cum >= r - margin) {
+        gr.hi = (int32_t)(((uint32_t)b << kFineShift) | ((1u << kFineShift) - 1));
+        hi_found = true;
+      }
+      if ((double)cum >= r + margin) break;
+    }
+    gr.lo = (int32_t)((uint32_t)b << kFineShift) - 1;
+    gr.cand_count = gr.n;  // a bound until phase 2 counts them
+    ncand += gr.n;
   }
 
-  // ---- phase 2: candidates (keys in the threshold's top bucket) per chunk.
-  std::vector<uint32_t> cands(ncand);
+  // ---- phase 2: candidates (keys in the groups' candidate bins) per chunk.
+  // Uninitialized: a sampled group reserves room for all its elements and
+  // touches only the pages its candidates fill.
+  std::unique_ptr<uint32_t[]> cands(new uint32_t[ncand + 1]);
   std::vector<uint64_t> flags(chunks.size() * kFlagWords);  // blocks worth emitting, per chunk
   std::vector<int64_t> cursor(groups.size(), 0);
-  {
+  std::vector<uint32_t> chunk_max(chunks.size(), 0);  // largest key of each chunk
+  auto stage_candidates = [&](const std::vector<char>& of_group) {
     std::vector<int64_t> cost(chunks.size());
     for (size_t c = 0; c < chunks.size(); ++c)
-      cost[c] = groups[chunks[c].group].k ? chunks[c].end - chunks[c].begin : 0;
+      cost[c] = groups[chunks[c].group].k && of_group[chunks[c].group] ? chunks[c].end - chunks[c].begin : 0;
     run_balanced(cost, [&](int64_t first, int64_t last) {
       // a chunk's candidates, before its slice is known (uninitialized: zeroing
       // 256 KiB per call cost more than a small message's candidates)
@@ -505,18 +589,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       for (int64_t ci = first; ci < last; ++ci) {
         Chunk& c = chunks[ci];
         const Group& g = groups[c.group];
-        if (g.k == 0) continue;
+        if (g.k == 0 || !of_group[c.group]) continue;
         const EncTensor& t = ts[c.tensor];
         int64_t cnt = 0;
         dispatch_dt(t.dt, [&](auto d) {
-          cnt = top_candidates<decltype(d)::value>(isa, t.x, c.begin, c.end, g.top, stage.get(), &c.above_top,
-                                                   flags.data() + ci * kFlagWords);
+          cnt = top_candidates<decltype(d)::value>(isa, t.x, c.begin, c.end, g.lo, g.hi, stage.get(), &c.above_top,
+                                                   &chunk_max[ci], flags.data() + ci * kFlagWords);
         });
         c.cand_cnt = cnt;
         c.cand_off = g.cand_base + __atomic_fetch_add(&cursor[c.group], cnt, __ATOMIC_RELAXED);
-        std::copy(stage.get(), stage.get() + cnt, cands.begin() + c.cand_off);
+        std::copy(stage.get(), stage.get() + cnt, cands.get() + c.cand_off);
       }
     });
+  };
+  stage_candidates(std::vector<char>(groups.size(), 1));
+  for (uint32_t m : chunk_max) nonfinite |= m >= 0x7f800000u;  // sampled groups' first look at every key
+  check_finite_input(op, nonfinite);
+
+  // A sampled group's bracket holds T iff fewer than k keys lie above it and
+  // at least k from its bottom up; else its candidates come again from the
+  // bin of a full histogram.
+  std::vector<char> redo(groups.size(), 0);
+  bool any_redo = false;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    Group& gr = groups[g];
+    if (!gr.sampled) continue;
+    int64_t above = 0, cand = 0;
+    for (int64_t ci = gr.first_chunk; ci < gr.first_chunk + gr.nchunks; ++ci) {
+      above += chunks[ci].above_top;
+      cand += chunks[ci].cand_cnt;
+    }
+    if (above < gr.k && above + cand >= gr.k) {
+      gr.need = gr.k - above;
+      gr.cand_count = cand;
+    } else {
+      redo[g] = 1;
+      any_redo = true;
+    }
+  }
+  if (any_redo) {
+    std::vector<int64_t> cost(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c) cost[c] = redo[chunks[c].group] ? chunks[c].end - chunks[c].begin : 0;
+    for (size_t g = 0; g < groups.size(); ++g)
+      if (redo[g]) std::fill(ghist.begin() + g * kTopBins, ghist.begin() + (g + 1) * kTopBins, 0);
+    run_balanced(cost, [&](int64_t first, int64_t last) {
+      int64_t acc[kTopBins];
+      for (int64_t ci = first; ci < last; ++ci) {
+        const Chunk& c = chunks[ci];
+        if (!redo[c.group]) continue;
+        std::fill(acc, acc + kTopBins, 0);
+        dispatch_dt(ts[c.tensor].dt, [&](auto d) {
+          top_histogram_into<decltype(d)::value, false>(ts[c.tensor].x, c.begin, c.end, acc, nullptr);
+        });
+        int64_t* gh = ghist.data() + (int64_t)c.group * kTopBins;
+        for (int b = 0; b < kTopBins; ++b)
+          if (acc[b]) __atomic_fetch_add(gh + b, acc[b], __ATOMIC_RELAXED);
+      }
+    });
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (!redo[g]) continue;
+      exact_bin(g);
+      cursor[g] = 0;
+    }
+    stage_candidates(redo);
   }
 
   // Threshold of each group from its candidates.
@@ -526,7 +661,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     for (int64_t g = lo; g < hi; ++g) {
       Group& gr = groups[g];
       if (gr.k == 0) continue;
-      gr.t = select_from(isa, cands.data() + gr.cand_base, gr.cand_count, gr.need, 1, &gr.ties);
+      // Candidates within one top-digit bin agree on that digit: the select starts below it.
+      const bool one_bin = gr.lo >= 0 && ((uint32_t)(gr.lo + 1) >> kTopShift) == ((uint32_t)gr.hi >> kTopShift);
+      gr.t = select_from(isa, cands.get() + gr.cand_base, gr.cand_count, gr.need, one_bin ? 1 : 0, &gr.ties);
     }
   });
 
@@ -539,7 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       const Group& g = groups[c.group];
       if (g.k == 0) continue;
       int64_t above = 0, eq = 0;
-      const uint32_t* p = cands.data() + c.cand_off;
+      const uint32_t* p = cands.get() + c.cand_off;
       for (int64_t i = 0; i < c.cand_cnt; ++i) {
         above += p[i] > g.t;
         eq += p[i] == g.t;

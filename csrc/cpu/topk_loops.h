@@ -87,26 +87,26 @@ inline int64_t keep_bucket(uint32_t* keys, int64_t m, int s, uint32_t mask, uint
   return j;
 }
 
-// Copies the keys of [begin, end) whose top digit is `top` to stage (room for
-// end - begin + kBlock keys); returns how many, and *above the number whose
-// top digit is larger. Block b of the range gets bit b of `flags` iff it
-// holds a key of top digit >= `top`: the emit pass reads only those blocks
-// (at low density, most blocks have none).
+// Copies the keys of [begin, end) with lo < key <= hi to stage (room for
+// end - begin + kBlock keys); returns how many, *above the number of keys >
+// hi and *max_key the largest key. Block b of the range gets bit b of
+// `flags` iff it holds a key > lo: the emit pass reads only those blocks
+// (at low density, most blocks have none). lo may be -1: every key.
 template <Dt D>
-int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, uint32_t* stage, int64_t* above,
-                       uint64_t* flags) {
-  const int32_t lo = (int32_t)(top << kTopShift) - 1;
-  const int32_t hi = (int32_t)((top << kTopShift) | ((1u << kTopShift) - 1));
+int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, int32_t hi, uint32_t* stage,
+                       int64_t* above, uint32_t* max_key, uint64_t* flags) {
   int64_t cnt = 0, up = 0;
   std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
 #if FLOCORA_TOPK_ISA == 2
   if (D == kF32) {
     const __m512i lov = _mm512_set1_epi32(lo), hiv = _mm512_set1_epi32(hi);
+    __m512i mx = _mm512_setzero_si512();
     for (int64_t i = begin; i < end; i += kBlock) {
       __m512i keys;
-      load_block_f32(x, i, lanes((int)std::min<int64_t>(kBlock, end - i)), &keys);
+      load_block_f32(x, i, lanes((int)std::min<int64_t>(kBlock, end - i)), &keys);  // lanes past the end: key 0
+      mx = _mm512_max_epu32(mx, keys);
       const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, end - i));
-      __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);  // lo is -1 when top is 0
+      __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);
       if (!ge) continue;
       const int64_t blk = (i - begin) / kBlock;
       flags[blk >> 6] |= 1ull << (blk & 63);
@@ -118,13 +118,16 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, 
       cnt += __builtin_popcount(in);
     }
     *above = up;
+    *max_key = _mm512_reduce_max_epu32(mx);
     return cnt;
   }
 #endif
   uint32_t keys[kBlock];
+  uint32_t mx = 0;
   for (int64_t i = begin; i < end; i += kBlock) {
     int n = (int)std::min<int64_t>(kBlock, end - i);
     load_keys<D>(x, i, n, keys);
+    for (int j = 0; j < n; ++j) mx = std::max(mx, keys[j]);
     uint32_t valid = valid_mask(n);
     uint32_t ge = gt_mask(keys, lo) & valid;
     if (!ge) continue;
@@ -149,6 +152,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, uint32_t top, 
 #endif
   }
   *above = up;
+  *max_key = mx;
   return cnt;
 }
 
