@@ -993,8 +993,13 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     __m512 scale = _mm512_div_ps(range, levels);
     scale = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(scale, fmin, _CMP_GE_OQ), scale);
     __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, zero, _CMP_GT_OQ), one, scale);
-    _mm512_mask_storeu_ps(scale_out + g0, valid, scale);
-    _mm512_mask_storeu_ps(offset_out + g0, valid, o);
+    if (nb == 16) {  // masked stores to lines not yet cached slowed the loop past the caches
+      _mm512_storeu_ps(scale_out + g0, scale);
+      _mm512_storeu_ps(offset_out + g0, o);
+    } else {
+      _mm512_mask_storeu_ps(scale_out + g0, valid, scale);
+      _mm512_mask_storeu_ps(offset_out + g0, valid, o);
+    }
     _mm512_store_ps(off_out, o);
     _mm512_store_ps(inv_out, inv);
   };
