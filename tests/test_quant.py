@@ -456,6 +456,25 @@ def test_quantize_pack_into_opcheck():
     torch.library.opcheck(torch.ops.flocora.quantize_pack_into_.default, (xs, 3, [5, 64], True, [1, 2], *outs))
 
 
+def test_inputs_past_the_caches_encode_alike_on_every_isa():
+    # From 32 MiB of input on, AVX-512 CPUs run the AVX2 one-pass loop
+    # (kPastCachesBytes): the bytes must not depend on the choice.
+    n = (32 << 20) // 4 + 16 * 7
+    x = torch.randn(n)
+    levels = [lvl for lvl in (0, 1, 2) if torch.ops.flocora._set_cpu_isa(lvl) == lvl]
+    try:
+        for bits in (3, 4):
+            outs = []
+            for lvl in levels:
+                torch.ops.flocora._set_cpu_isa(lvl)
+                outs.append(ops.quantize_pack([x, x[:1000]], bits, [64, 16]))
+            for got in outs[1:]:
+                for a, b in zip(got, outs[0]):
+                    assert torch.equal(a, b), bits
+    finally:
+        torch.ops.flocora._set_cpu_isa(-1)
+
+
 @pytest.mark.parametrize("group", [64, 48])
 def test_large_outputs_stream_the_same_values(cpu_isa, group):
     # Outputs of 32 MiB and more are written with streaming stores where

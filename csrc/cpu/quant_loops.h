@@ -1237,13 +1237,13 @@ inline int cpu_isa_for(int level) {
   return level < 0 ? best : (level < best ? level : best);
 }
 
-// The loops of the instruction set in use.
-inline const QuantLoops& loops() {
+// The loops of instruction set `isa` (0, 1 or 2; one this CPU runs).
+inline const QuantLoops& loops_at(int isa) {
   static const QuantLoops scalar_loops = scalar::loops();
 #if defined(FLOCORA_X86) && defined(__GNUC__)
   static const QuantLoops avx2_loops = avx2::loops();
   static const QuantLoops avx512_loops = avx512::loops();
-  switch (cpu_isa_for(g_isa_override.load(std::memory_order_relaxed))) {
+  switch (isa) {
     case 2: return avx512_loops;
     case 1: return avx2_loops;
     default: break;
@@ -1251,6 +1251,15 @@ inline const QuantLoops& loops() {
 #endif
   return scalar_loops;
 }
+
+// The instruction set in use and its loops.
+inline int cpu_isa() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxed)); }
+inline const QuantLoops& loops() { return loops_at(cpu_isa()); }
+
+// Inputs or outputs of a call at least this large stream from and to memory
+// rather than the caches: the L3 of the machines measured. A fixed size, as
+// sysconf's L3 size is the host's in a VM (384 MiB on the one measured).
+constexpr int64_t kPastCachesBytes = 32ll << 20;
 
 // Work split of both quant kernels: tasks of about kQuantChunk elements over
 // all tensors of a call. A task is ~10 us of work; waking a second thread for

@@ -243,7 +243,7 @@ struct Chunk {
 #endif
 
 // The instruction set in use: 0 generic, 1 AVX2, 2 AVX-512 (tests force each one).
-int topk_isa() { return cpu_isa_for(g_isa_override.load(std::memory_order_relaxed)); }
+int topk_isa() { return cpu_isa(); }
 
 #if defined(FLOCORA_X86) && defined(__GNUC__)
 #define FLOCORA_TOPK_DISPATCH(isa, call)       \

@@ -32,9 +32,8 @@ namespace {
 
 // Outputs from 32 MiB on are written with streaming stores (measured on a
 // 32 MiB L3: 16 MiB outputs decode at 75% of copy_ with ordinary stores and
-// 54% streaming; 32 MiB ones at 70% and 95%). A fixed size, as sysconf's L3
-// size is the host's in a VM (384 MiB on the one measured).
-constexpr int64_t kStreamBytes = 32ll << 20;
+// 54% streaming; 32 MiB ones at 70% and 95%).
+constexpr int64_t kStreamBytes = kPastCachesBytes;
 
 // Where one tensor's elements go: contiguous memory of a float dtype.
 struct OutSpan {
