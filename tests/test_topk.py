@@ -156,11 +156,12 @@ def test_sampled_selection_matches_reference(cpu_isa):
 
 def test_sampled_selection_sees_non_finite_values_the_sample_skips(cpu_isa):
     for bad in [float("nan"), float("inf")]:
-        xs = [torch.randn(5000), torch.randn(5 * CHUNK)]
-        xs[1][8 * 1000 + 5] = bad  # not a sampled position
-        for ks, gs in [([100], True), ([10, 100], False)]:
-            with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
-                ops.topk_encode(xs, ks, global_scope=gs)
+        for where in (8 * 1000 + 5, 8 * 1001 + 5):  # not sampled; in either half of a 16-key block
+            xs = [torch.randn(5000), torch.randn(5 * CHUNK)]
+            xs[1][where] = bad
+            for ks, gs in [([100], True), ([10, 100], False)]:
+                with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
+                    ops.topk_encode(xs, ks, global_scope=gs)
 
 
 # ---- selection semantics ------------------------------------------------------------

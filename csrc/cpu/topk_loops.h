@@ -5,10 +5,11 @@
 // the last two inside `#pragma GCC target(...)`, with FLOCORA_TOPK_ISA = 0, 1,
 // 2 (g++ defines no __AVX2__ or __AVX512F__ for a pragma). AVX-512: float32
 // blocks take one masked compare per 16 keys, and kept keys and values are
-// compressed in a register. AVX2: kept keys are compressed 8 at a time
-// through a permutation table. float16 and bfloat16 blocks, and the emit pass
-// on AVX2, run the generic blocks (built for the target). All give the same
-// bytes (tests force each instruction set).
+// compressed in a register. AVX2: whole float32 blocks take two 8-key
+// compares, and kept keys and values are compressed 8 at a time through a
+// permutation table. float16 and bfloat16 blocks, and the last part block,
+// run the generic blocks (built for the target). All give the same bytes
+// (tests force each instruction set).
 // Expects from the includer: kBlock, kTopShift, load_keys, load_bits,
 // gt_mask, valid_mask, EncTensor, FieldWriter, UnaryWriter, FLOCORA_INLINE,
 // FLOCORA_LAMBDA_INLINE.
@@ -40,6 +41,9 @@ struct Compress8Table {
   }
 };
 constexpr Compress8Table kCompress8{};
+
+// Bit j set iff lane j of the compare result c is set.
+FLOCORA_INLINE uint32_t lane_mask(__m256i c) { return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(c)); }
 
 // The lanes of v selected by the 8-bit mask m, moved to the front (the rest undefined).
 FLOCORA_INLINE __m256i compress8(__m256i v, uint32_t m) {
@@ -124,10 +128,38 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
 #endif
   uint32_t keys[kBlock];
   uint32_t mx = 0;
-  for (int64_t i = begin; i < end; i += kBlock) {
+  int64_t i = begin;
+#if FLOCORA_TOPK_ISA == 1
+  if (D == kF32) {  // whole float32 blocks: two 8-key vectors, kept keys compressed through the table
+    const __m256i lov = _mm256_set1_epi32(lo), hiv = _mm256_set1_epi32(hi), magnitude = _mm256_set1_epi32(0x7fffffff);
+    __m256i mxv = _mm256_setzero_si256();
+    for (; i + kBlock <= end; i += kBlock) {
+      const float* p = static_cast<const float*>(x) + i;
+      const __m256i k0 = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), magnitude);
+      const __m256i k1 = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)), magnitude);
+      mxv = _mm256_max_epu32(mxv, _mm256_max_epu32(k0, k1));
+      const uint32_t ge = lane_mask(_mm256_cmpgt_epi32(k0, lov)) | lane_mask(_mm256_cmpgt_epi32(k1, lov)) << 8;
+      if (!ge) continue;
+      const int64_t blk = (i - begin) / kBlock;
+      flags[blk >> 6] |= 1ull << (blk & 63);
+      const uint32_t gt = lane_mask(_mm256_cmpgt_epi32(k0, hiv)) | lane_mask(_mm256_cmpgt_epi32(k1, hiv)) << 8;
+      up += __builtin_popcount(gt);
+      const uint32_t in = ge & ~gt;
+      // The stage is private to the task and has room for a whole block past cnt.
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(stage + cnt), compress8(k0, in & 0xffu));
+      cnt += __builtin_popcount(in & 0xffu);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(stage + cnt), compress8(k1, in >> 8));
+      cnt += __builtin_popcount(in >> 8);
+    }
+    alignas(32) uint32_t lanes8[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes8), mxv);
+    for (uint32_t v : lanes8) mx = std::max(mx, v);
+  }
+#endif
+  for (; i < end; i += kBlock) {
     int n = (int)std::min<int64_t>(kBlock, end - i);
     load_keys<D>(x, i, n, keys);
-    for (int j = 0; j < n; ++j) mx = std::max(mx, keys[j]);
+    for (int j = 0; j < kBlock; ++j) mx = std::max(mx, keys[j]);  // keys past n are 0
     uint32_t valid = valid_mask(n);
     uint32_t ge = gt_mask(keys, lo) & valid;
     if (!ge) continue;
@@ -209,6 +241,29 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
       code(i, sel, n);
       rank += cnt;
+      return;
+    }
+#endif
+#if FLOCORA_TOPK_ISA == 1
+    if (D == kF32 && n == kBlock) {
+      const float* p = static_cast<const float*>(t.x) + i;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
+      const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), tv = _mm256_set1_epi32((int32_t)thr);
+      const __m256i k0 = _mm256_and_si256(b0, magnitude), k1 = _mm256_and_si256(b1, magnitude);
+      uint32_t sel = lane_mask(_mm256_cmpgt_epi32(k0, tv)) | lane_mask(_mm256_cmpgt_epi32(k1, tv)) << 8;
+      if (ties > 0)
+        sel = add_ties(sel, lane_mask(_mm256_cmpeq_epi32(k0, tv)) | lane_mask(_mm256_cmpeq_epi32(k1, tv)) << 8);
+      if (!sel) return;
+      // Masked stores: the slots past this block's values belong to another task's block.
+      const int lo_cnt = __builtin_popcount(sel & 0xffu), hi_cnt = __builtin_popcount(sel >> 8);
+      const __m256i first = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      _mm256_maskstore_epi32(reinterpret_cast<int*>(vals + rank), _mm256_cmpgt_epi32(_mm256_set1_epi32(lo_cnt), first),
+                             compress8(b0, sel & 0xffu));
+      _mm256_maskstore_epi32(reinterpret_cast<int*>(vals + rank + lo_cnt),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(hi_cnt), first), compress8(b1, sel >> 8));
+      code(i, sel, n);
+      rank += lo_cnt + hi_cnt;
       return;
     }
 #endif
