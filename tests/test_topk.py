@@ -164,6 +164,24 @@ def test_sampled_selection_sees_non_finite_values_the_sample_skips(cpu_isa):
                     ops.topk_encode(xs, ks, global_scope=gs)
 
 
+def test_inputs_past_the_caches_select_alike_on_every_isa():
+    # From 32 MiB of input on, AVX-512 CPUs run the AVX2 passes
+    # (kPastCachesBytes): the output must not depend on the choice.
+    x = torch.randn((32 << 20) // 4 + 77)
+    levels = [lvl for lvl in _ISA_LEVELS.values() if torch.ops.flocora._set_cpu_isa(lvl) == lvl]
+    try:
+        for ks, gs in [([x.numel() // 100], False), ([x.numel() // 10], True)]:
+            outs = []
+            for lvl in levels:
+                torch.ops.flocora._set_cpu_isa(lvl)
+                outs.append(ops.topk_encode([x, x[:100]], ks + ([] if gs else [5]), global_scope=gs))
+            for got in outs[1:]:
+                for a, b in zip(got, outs[0]):
+                    assert torch.equal(a, b)
+    finally:
+        torch.ops.flocora._set_cpu_isa(-1)
+
+
 # ---- selection semantics ------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [10, 1000, 3 * CHUNK + 3])
