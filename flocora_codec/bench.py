@@ -335,8 +335,8 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
         "(`out.copy_(...)`, which the compiled kernel stores into directly), timed in the same rounds as ours; "
         "*alloc*: the faster of the two layouts (halves / interleaved), allocating its output as the allocating "
         "op does. Past 32 MiB every allocating call faults in fresh pages, and both sides run at the speed of "
-        "the page faults. On AVX-512 CPUs, inputs of 32 MiB and more are encoded by the AVX2 one-pass loop, "
-        "which reads memory faster there."
+        "the page faults. On AVX-512 CPUs, inputs of 32 MiB and more are encoded by the AVX2 one-pass loop "
+        "(and top-k by the AVX2 passes), which read memory faster there."
     )
     emit()
     emit(
