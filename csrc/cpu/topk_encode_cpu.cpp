@@ -6,10 +6,14 @@
 // sign, monotonic in |x|), never a sort. The threshold T and the number of
 // ties to keep are found digit by digit (11 + 10 + 10 bits):
 //   phase 1  per chunk: histogram of the top digit (fits in L1), merged into
-//            the group's histogram; NaN/Inf show up in its top bins.
-//   phase 2  per chunk: the keys of the top digit's threshold bucket are
-//            copied out (a small fraction of the data); the rest of the
-//            select runs on those candidates only.
+//            the group's histogram; NaN/Inf show up in its top bins. Groups
+//            of kSampleMin elements or more histogram every kSampleStride-th
+//            element only, on 13 key bits, for a bracket of keys around T.
+//   phase 2  per chunk: the keys of the threshold's top-digit bucket (or of
+//            the bracket) are copied out (a small fraction of the data); the
+//            rest of the select runs on those candidates only. A bracket is
+//            checked by the counts and redone from a full histogram if it
+//            misses T; the largest key of each chunk catches NaN/Inf there.
 //   phase 3  per chunk: from its candidates alone, the number of keys > T and
 //            == T; a prefix sum over chunks then fixes each chunk's output
 //            slice and its share of the ties (ties go to the lowest index).
