@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include <flocora/affine.h>
 
@@ -54,12 +55,12 @@ struct QuantLoops {
   // Range, parameters, codes and packing of n whole groups of `group`
   // floats (a multiple of 16), nearest rounding, float32 metadata, in one
   // pass over each group: stores scale[g], offset[g] and the n*group*bits/8
-  // packed bytes at `packed`, using codes[0..n*group) as scratch. nullptr
-  // in builds without one. False if a value is not finite or a group's
-  // parameters do not fit (the bytes written are then unspecified): the
-  // caller redoes the groups on the checked path, which names the error.
+  // packed bytes at `packed`. nullptr in builds without one. False if a
+  // value is not finite or a group's parameters do not fit (the bytes
+  // written are then unspecified): the caller redoes the groups on the
+  // checked path, which names the error.
   bool (*encode_groups_f32)(const float* x, int64_t n, int64_t group, int bits, float* scale, float* offset,
-                            uint8_t* codes, uint8_t* packed);
+                            uint8_t* packed);
   // Float32 values of n whole groups of `group` codes (a multiple of 16),
   // float32 metadata; stream: non-temporal stores where `out` is 64-byte
   // aligned (for outputs far larger than the caches). nullptr in builds
@@ -67,6 +68,22 @@ struct QuantLoops {
   void (*decode_groups_f32)(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
                             float* out, bool stream);
 };
+
+// fn(std::integral_constant<int, bits>{}) for bits 1..8: a width as a
+// template argument.
+template <typename Fn>
+inline auto with_width(int bits, Fn&& fn) {
+  switch (bits) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
 
 namespace scalar {
 
@@ -632,17 +649,10 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
 
 // avx512::encode_groups_f32 (the AVX2 build).
 inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
-                              uint8_t* /*codes*/, uint8_t* packed) {
-  switch (bits) {
-    case 1: return encode_groups_bits<1>(x, n, group, scale_out, offset_out, packed);
-    case 2: return encode_groups_bits<2>(x, n, group, scale_out, offset_out, packed);
-    case 3: return encode_groups_bits<3>(x, n, group, scale_out, offset_out, packed);
-    case 4: return encode_groups_bits<4>(x, n, group, scale_out, offset_out, packed);
-    case 5: return encode_groups_bits<5>(x, n, group, scale_out, offset_out, packed);
-    case 6: return encode_groups_bits<6>(x, n, group, scale_out, offset_out, packed);
-    case 7: return encode_groups_bits<7>(x, n, group, scale_out, offset_out, packed);
-    default: return encode_groups_bits<8>(x, n, group, scale_out, offset_out, packed);
-  }
+                              uint8_t* packed) {
+  return with_width(bits, [&](auto width) {
+    return encode_groups_bits<decltype(width)::value>(x, n, group, scale_out, offset_out, packed);
+  });
 }
 
 inline void decode_groups_f32(const uint8_t* codes, int64_t n, int64_t group, const float* scale, const float* offset,
@@ -1081,20 +1091,12 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
 }
 
 // Range, parameters, codes and packing in one pass: the packed bytes of each
-// 64 codes go straight to `packed` (no code buffer in between). `codes` is
-// unused (the AVX2 build stages its codes there).
+// 64 codes go straight to `packed` (no code buffer in between).
 inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
-                              uint8_t* /*codes*/, uint8_t* packed) {
-  switch (bits) {
-    case 1: return encode_groups_bits<1>(x, n, group, scale_out, offset_out, packed);
-    case 2: return encode_groups_bits<2>(x, n, group, scale_out, offset_out, packed);
-    case 3: return encode_groups_bits<3>(x, n, group, scale_out, offset_out, packed);
-    case 4: return encode_groups_bits<4>(x, n, group, scale_out, offset_out, packed);
-    case 5: return encode_groups_bits<5>(x, n, group, scale_out, offset_out, packed);
-    case 6: return encode_groups_bits<6>(x, n, group, scale_out, offset_out, packed);
-    case 7: return encode_groups_bits<7>(x, n, group, scale_out, offset_out, packed);
-    default: return encode_groups_bits<8>(x, n, group, scale_out, offset_out, packed);
-  }
+                              uint8_t* packed) {
+  return with_width(bits, [&](auto width) {
+    return encode_groups_bits<decltype(width)::value>(x, n, group, scale_out, offset_out, packed);
+  });
 }
 
 // 64 codes from 8*B bytes: a byte permute gives 64-bit lane u the bytes

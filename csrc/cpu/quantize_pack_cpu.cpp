@@ -240,8 +240,7 @@ void quantize_pack_run(const char* op, at::TensorList xs, int64_t bits, bool sto
       if (one_pass && t.group % 16 == 0 && len >= t.group) {
         const int64_t whole = len / t.group;
         if (encode_groups_f32(xf, whole, t.group, (int)bits, meta.f32_scale + t.group_base + g0,
-                              meta.f32_offset + t.group_base + g0, codes.get(),
-                              out + t.byte_base + task.begin * bits / 8))
+                              meta.f32_offset + t.group_base + g0, out + t.byte_base + task.begin * bits / 8))
           done = whole;
       }
       const int64_t rest_begin = task.begin + done * t.group;
