@@ -807,9 +807,7 @@ def patch_topk_fields(buf, pos: int, count: int, index_code: int, metadata_len: 
 
 def compact_header(schema_id: bytes, records, entries) -> bytes:
     """Fixed part and varint top-k counts of a compact message (FORMAT.md 6.2)."""
-    return compact_header_of_counts(
-        schema_id, [e.count for e in entries if records[e.codec_index].codec == CODEC_TOPK]
-    )
+    return compact_header_of_counts(schema_id, [e.count for e in entries if records[e.codec_index].codec == CODEC_TOPK])
 
 
 def compact_header_of_counts(schema_id: bytes, topk_counts) -> bytes:
