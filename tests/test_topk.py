@@ -432,6 +432,34 @@ def test_decode_add_matches_reference(device, out_dtype, values_dtype):
         assert g.dtype == out_dtype and torch.equal(g.cpu(), w)
 
 
+OUT_CHUNK = 1 << 14  # kOutChunk in csrc/cpu/sparse_decode_cpu.cpp: output elements per write task
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES + [torch.float64])
+def test_assign_writes_every_element(device, out_dtype):
+    # Assigning zeroes each output chunk by chunk as it scatters: targets full
+    # of NaN must come back as the reference, whatever the sizes (on, off and
+    # across the chunk line), counts (none, few, all) and the value dtype.
+    torch.manual_seed(5)
+    sizes = [OUT_CHUNK, OUT_CHUNK + 1, 3 * OUT_CHUNK - 1, 5, 40000, 2 * OUT_CHUNK, 1]
+    ks = [0, 3, 3 * OUT_CHUNK - 1, 5, 4000, 1, 0]
+    xs = [torch.randn(n) for n in sizes]
+    counts, values, index = ops.topk_encode(xs, ks)
+    c = counts.tolist()
+    for vdtype in FLOAT_DTYPES:
+        v = values.to(vdtype)
+        want = R.sparse_decode(index, v, sizes, c, out_dtype)
+        outs = [torch.full((n,), float("nan"), dtype=out_dtype, device=device) for n in sizes]
+        ops.sparse_decode_into_(outs, index.to(device), v.to(device), c, accumulate=False)
+        assert torch.equal(torch.cat(outs).cpu().view(-1), want), vdtype
+        # The allocating decode writes every element too (its output is not zeroed first):
+        # fill the memory it is likely to get back with NaN.
+        junk = torch.full((sum(sizes),), float("nan"), dtype=out_dtype)
+        del junk
+        assert torch.equal(ops.sparse_decode(index.to(device), v.to(device), sizes, c, out_dtype).cpu(), want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_add_non_contiguous(device):
     xs = [torch.randn(30, 40), torch.randn(9)]

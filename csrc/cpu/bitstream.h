@@ -131,7 +131,10 @@ inline uint64_t load_word8(const uint8_t* p) {
 #endif
 }
 
-// Sequential reader of fixed-width fields of an LSB-first stream.
+// Sequential reader of fixed-width fields of an LSB-first stream. Away from
+// the end it refills 8 bytes at a time (the bits it keeps above `nacc` are
+// those of the bytes from `byte` on, so OR-ing them in again changes nothing);
+// the last 7 bytes are read one at a time, and past the end reads zeros.
 struct FieldReader {
   const uint8_t* p;
   int64_t nbytes, byte;
@@ -141,17 +144,25 @@ struct FieldReader {
     int skip = (int)(pos & 7);
     if (skip) get(skip);
   }
-  uint64_t get(int nb) {  // nb <= 62
+  void refill() {  // to at least 57 bits
+    if (byte + 8 <= nbytes) {
+      acc |= load_word8(p + byte) << nacc;
+      byte += (63 - nacc) >> 3;
+      nacc |= 56;
+      return;
+    }
+    for (; nacc <= 56; ++byte, nacc += 8) acc |= (uint64_t)(byte < nbytes ? p[byte] : 0) << nacc;
+  }
+  FLOCORA_INLINE uint64_t get(int nb) {  // nb <= 62
     if (nb == 0) return 0;
-    if (nb > 32) {
-      uint64_t lo = get(32);
-      return lo | (get(nb - 32) << 32);
+    if (nb > 56) {
+      uint64_t lo = get_upto56(32);
+      return lo | (get_upto56(nb - 32) << 32);
     }
-    while (nacc < nb) {
-      acc |= (uint64_t)(byte < nbytes ? p[byte] : 0) << nacc;
-      ++byte;
-      nacc += 8;
-    }
+    return get_upto56(nb);
+  }
+  FLOCORA_INLINE uint64_t get_upto56(int nb) {  // 1 <= nb <= 56
+    if (nacc < nb) refill();
     uint64_t v = acc & (~0ull >> (64 - nb));
     acc >>= nb;
     nacc -= nb;

@@ -8,15 +8,18 @@
 // kPieceBytes: a pass counts the set bits of each piece (the ranks), a second
 // expands every set bit to its index and checks range and order. Errors are
 // raised in the order padding, bit count, decoded indices, for the lowest
-// failing tensor; only then are the values scattered into the outputs.
+// failing tensor; only then are the outputs written: by chunks of kOutChunk
+// elements, each zeroed (unless adding) and then given its values while it is
+// still in cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -31,7 +34,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPieceBytes = 1 << 13;  // unary-stream bytes per task
-constexpr int64_t kScatterChunk = 1 << 16;
 
 struct DecPiece {
   int32_t tensor;
@@ -157,23 +159,22 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
   return plan;
 }
 
-inline float value_at(const void* v, Dt vt, int64_t i) {
-  switch (vt) {
-    case kF32: return static_cast<const float*>(v)[i];
-    case kF16: return bits_float(half_as_float_bits(static_cast<const uint16_t*>(v)[i]));
-    default: return bf16_to_float(static_cast<const uint16_t*>(v)[i]);
-  }
+template <Dt VT>
+FLOCORA_INLINE float value_at(const void* v, int64_t i) {
+  if constexpr (VT == kF32) return static_cast<const float*>(v)[i];
+  if constexpr (VT == kF16) return bits_float(half_as_float_bits(static_cast<const uint16_t*>(v)[i]));
+  return bf16_to_float(static_cast<const uint16_t*>(v)[i]);
 }
 
 // out[idx[j]] = v[j] (or +=, computed in float32, float64 for float64 outputs,
 // then rounded to nearest even once), for j in [a, b).
-template <bool Add>
-void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt vt, int64_t a, int64_t b) {
+template <bool Add, Dt VT>
+void scatter_values(void* out, at::ScalarType st, const int64_t* idx, const void* v, int64_t a, int64_t b) {
   switch (st) {
     case at::kFloat: {
       float* o = static_cast<float*>(out);
       for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
+        float x = value_at<VT>(v, j);
         o[idx[j]] = Add ? add_rn(o[idx[j]], x) : x;
       }
       break;
@@ -181,7 +182,7 @@ void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt
     case at::kDouble: {
       double* o = static_cast<double*>(out);
       for (int64_t j = a; j < b; ++j) {
-        double x = (double)value_at(v, vt, j);
+        double x = (double)value_at<VT>(v, j);
         o[idx[j]] = Add ? o[idx[j]] + x : x;
       }
       break;
@@ -189,7 +190,7 @@ void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt
     case at::kHalf: {
       uint16_t* o = static_cast<uint16_t*>(out);
       for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
+        float x = value_at<VT>(v, j);
         o[idx[j]] = float_to_half_rn(Add ? add_rn(half_to_float(o[idx[j]]), x) : x);
       }
       break;
@@ -197,7 +198,7 @@ void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt
     default: {
       uint16_t* o = static_cast<uint16_t*>(out);
       for (int64_t j = a; j < b; ++j) {
-        float x = value_at(v, vt, j);
+        float x = value_at<VT>(v, j);
         o[idx[j]] = float_to_bf16_rn(Add ? add_rn(bf16_to_float(o[idx[j]]), x) : x);
       }
       break;
@@ -205,25 +206,73 @@ void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt
   }
 }
 
+template <bool Add>
+void scatter(void* out, at::ScalarType st, const int64_t* idx, const void* v, Dt vt, int64_t a, int64_t b) {
+  switch (vt) {
+    case kF32: return scatter_values<Add, kF32>(out, st, idx, v, a, b);
+    case kF16: return scatter_values<Add, kF16>(out, st, idx, v, a, b);
+    default: return scatter_values<Add, kBF16>(out, st, idx, v, a, b);
+  }
+}
+
+// A task of the write phase: output elements [o0, o1) of one tensor and the
+// values [a, b) that land there. Assigning, a task zeroes its range (still in
+// cache when its values are scattered into it), so every output element is
+// written by exactly one task and the outputs need no zeroing pass of their
+// own; adding, a task touches only its values.
 struct ScatterTask {
   int32_t tensor;
+  int64_t o0, o1;
   int64_t a, b;
 };
 
+constexpr int64_t kOutChunk = 1 << 14;  // output elements per task (64 KiB of float32: within L2)
+
 std::vector<ScatterTask> scatter_tasks(const DecodePlan& plan) {
   std::vector<ScatterTask> tasks;
+  const int64_t* idx = plan.idx.data();
   for (size_t i = 0; i < plan.lay.ts.size(); ++i) {
     const SparseTensor& t = plan.lay.ts[i];
-    for (int64_t a = 0; a < t.k; a += kScatterChunk)
-      tasks.push_back({(int32_t)i, t.vbase + a, t.vbase + std::min(t.k, a + kScatterChunk)});
+    const int64_t* first = idx + t.vbase;  // this tensor's indices, increasing (validated)
+    int64_t a = t.vbase;
+    for (int64_t o0 = 0; o0 < t.n; o0 += kOutChunk) {
+      const int64_t o1 = std::min(t.n, o0 + kOutChunk);
+      const int64_t b = o1 == t.n ? t.vbase + t.k : (std::lower_bound(first + (a - t.vbase), first + t.k, o1) - idx);
+      tasks.push_back({(int32_t)i, o0, o1, a, b});
+      a = b;
+    }
   }
   return tasks;
 }
 
-std::vector<int64_t> scatter_cost(const std::vector<ScatterTask>& tasks) {
+std::vector<int64_t> scatter_cost(const std::vector<ScatterTask>& tasks, bool accumulate) {
   std::vector<int64_t> cost(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) cost[i] = tasks[i].b - tasks[i].a;
+  // A scattered value costs about as much as zeroing 8 elements.
+  for (size_t i = 0; i < tasks.size(); ++i)
+    cost[i] = 8 * (tasks[i].b - tasks[i].a) + (accumulate ? 0 : tasks[i].o1 - tasks[i].o0);
   return cost;
+}
+
+// The write phase: tensor i's output starts at ptr_of(i), of dtype type_of(i).
+template <typename PtrOf, typename TypeOf>
+void write_values(const DecodePlan& plan, const void* v, Dt vt, bool accumulate, const PtrOf& ptr_of,
+                  const TypeOf& type_of) {
+  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
+  const int64_t* idx = plan.idx.data();
+  run_balanced(scatter_cost(tasks, accumulate), [&](int64_t lo, int64_t hi) {
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      const ScatterTask& t = tasks[ti];
+      char* out = static_cast<char*>(ptr_of(t.tensor));
+      const at::ScalarType st = type_of(t.tensor);
+      if (accumulate) {
+        scatter<true>(out, st, idx, v, vt, t.a, t.b);
+      } else {
+        const int64_t es = (int64_t)c10::elementSize(st);
+        std::memset(out + es * t.o0, 0, es * (t.o1 - t.o0));  // +0.0 in every float dtype
+        scatter<false>(out, st, idx, v, vt, t.a, t.b);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -234,24 +283,19 @@ at::Tensor sparse_decode_cpu(const at::Tensor& index_bytes, const at::Tensor& va
   const Dt vt = sparse_decode_dtypes(op, dtype, values_in);
   DecodePlan plan = decode_plan(op, index_bytes, values_in, numels, counts);
   at::Tensor values = values_in.contiguous();
-  at::Tensor out = at::zeros({plan.lay.total_numel}, at::TensorOptions().dtype(dtype));
+  at::Tensor out = at::empty({plan.lay.total_numel}, at::TensorOptions().dtype(dtype));  // every element written below
   char* base = static_cast<char*>(out.data_ptr());
   const int64_t es = out.element_size();
-  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
-  const void* v = values.data_ptr();
-  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
-    for (int64_t ti = lo; ti < hi; ++ti) {
-      const ScatterTask& t = tasks[ti];
-      scatter<false>(base + es * plan.lay.ts[t.tensor].obase, dtype, plan.idx.data(), v, vt, t.a, t.b);
-    }
-  });
+  write_values(
+      plan, values.data_ptr(), vt, false, [&](int32_t i) { return base + es * plan.lay.ts[i].obase; },
+      [&](int32_t) { return dtype; });
   return out;
 }
 
 namespace {
 
-// Validates every index code, then (only then) zeroes the outputs unless
-// accumulate, and scatters (assign) or adds the values.
+// Validates every index code, then (only then) writes the outputs: zeros and
+// the values (assign), or the values added.
 void sparse_decode_outs(const char* op, at::TensorList outs, const at::Tensor& index_bytes, const at::Tensor& values_in,
                         at::IntArrayRef counts, bool accumulate) {
   const Dt vt = sparse_decode_add_outputs(op, outs, counts, values_in, [&](const at::Tensor& out, size_t i) {
@@ -269,21 +313,12 @@ void sparse_decode_outs(const char* op, at::TensorList outs, const at::Tensor& i
       work[i] = outs[i];
     else
       work[i] = accumulate ? outs[i].contiguous() : at::empty_like(outs[i], at::MemoryFormat::Contiguous);
-    if (!accumulate) work[i].zero_();
   }
   std::vector<void*> ptr(outs.size());
   for (size_t i = 0; i < outs.size(); ++i) ptr[i] = numels[i] ? work[i].data_ptr() : nullptr;
-  const std::vector<ScatterTask> tasks = scatter_tasks(plan);
-  const void* v = values.data_ptr();
-  run_balanced(scatter_cost(tasks), [&](int64_t lo, int64_t hi) {
-    for (int64_t ti = lo; ti < hi; ++ti) {
-      const ScatterTask& t = tasks[ti];
-      if (accumulate)
-        scatter<true>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
-      else
-        scatter<false>(ptr[t.tensor], work[t.tensor].scalar_type(), plan.idx.data(), v, vt, t.a, t.b);
-    }
-  });
+  write_values(
+      plan, values.data_ptr(), vt, accumulate, [&](int32_t i) { return ptr[i]; },
+      [&](int32_t i) { return work[i].scalar_type(); });
   for (size_t i = 0; i < outs.size(); ++i)
     if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
 }
