@@ -15,6 +15,7 @@ import math
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -456,9 +457,10 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         outputs += (packed, scales, offsets)
     header, total, starts = plan.header, plan.total, plan.starts
     # Top-k sections: plain values become byte ranges of the kernel's outputs
-    # (pieces[i]: (source, offset, bytes) in order); sign and quantized values
-    # come as byte views, copied below.
-    pieces, views = {}, {}
+    # (`plain`, per group: members, the output positions of the index bytes
+    # and of the values, each member's index and value bytes); sign and
+    # quantized values come as byte views, copied below.
+    plain, views = [], {}
     # The plan is shared (threads may encode with it at once): this encode's
     # top-k fields (count, index code, section lengths) stay in `fields`.
     fields: dict = {}
@@ -481,25 +483,20 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
                 continue
             counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs)
             converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values)
-            isrc, vsrc = len(outputs), len(outputs) + 1
-            outputs += (index_bytes, converted)
-            itemsize, ioff, voff = converted.element_size(), 0, 0
-            for i, n, c in zip(tp.members, tp.numels, counts):
-                code, nb = ops.index_code_and_nbytes(n, c)
-                nv = c * itemsize
+            itemsize = converted.element_size()
+            codes = ops.index_codes_and_nbytes(tp.numels, counts)
+            index_lens = [nb for _, nb in codes]
+            value_lens = [c * itemsize for c in counts]
+            for i, c, (code, nb), nv in zip(tp.members, counts, codes, value_lens):
                 fields[i] = (c, code, 0, nb, nv)
                 sizes[i] = nb + nv
-                pieces[i] = ((isrc, ioff, nb), (vsrc, voff, nv))
-                ioff += nb
-                voff += nv
+            plain.append((tp.members, len(outputs), len(outputs) + 1, index_lens, value_lens))
+            outputs += (index_bytes, converted)
         if plan.compact_id is not None:
             counts = [fields[i][0] if i in fields else plan.entries[i].count for i in plan.topk_positions]
             header = fmt.compact_header_of_counts(plan.compact_id, counts)  # (empty tensors: in no top-k group)
-        pos, starts = len(header), []
-        for n in sizes:
-            starts.append(pos)
-            pos += n
-        total = pos + fmt.CHECKSUM_SIZE
+        starts = list(accumulate(sizes, initial=len(header)))
+        total = starts.pop() + fmt.CHECKSUM_SIZE
     out, view = _alloc_message(total)
     view[: len(header)] = header
     # Kernel outputs and raw tensors into place: one call, byte ranges fixed by the layout.
@@ -510,21 +507,21 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             for i, m, ma, n, na in g.pieces:  # scales, offsets, packed codes
                 pos = starts[i]
                 ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
-        for i, tensor_pieces in pieces.items():
-            pos = starts[i]
-            for src, off, n in tensor_pieces:
-                ranges += (src, off, pos, n)
-                pos += n
+        for members, isrc, vsrc, index_lens, value_lens in plain:  # index code, then values, of each member
+            ioffs, voffs = accumulate(index_lens, initial=0), accumulate(value_lens, initial=0)
+            for i, ioff, nb, voff, nv in zip(members, ioffs, index_lens, voffs, value_lens):
+                pos = starts[i]
+                ranges += (isrc, ioff, pos, nb, vsrc, voff, pos + nb, nv)
+        first_raw = len(outputs)
         for r, (i, n) in enumerate(plan.raw):
-            ranges += (len(outputs) + r, 0, starts[i], n)
+            ranges += (first_raw + r, 0, starts[i], n)
         if not plan.topk:
             plan.ranges = ranges
     raw = [flat[i] for i, _ in plan.raw]
     outputs += [t if t.is_contiguous() else t.contiguous() for t in raw]
     ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
     if plan.compact_id is None:
-        for i, f in fields.items():
-            fmt.patch_topk_fields(view, plan.count_positions[i], *f)
+        fmt.patch_topk_fields_many(view, plan.count_positions, fields)
     for i, tensor_views in views.items():
         pos = starts[i]
         for piece in tensor_views:
@@ -1157,7 +1154,10 @@ def decode_into(
     # sparse_decode_into_ call below before it writes anything, so it goes first.
     if s_outs:
         try:
-            ops.sparse_decode_into_(s_outs, torch.cat(s_index), torch.cat(s_values), s_counts, accumulate=add)
+            index_bytes, values = (
+                (s_index[0], s_values[0]) if len(s_index) == 1 else (torch.cat(s_index), torch.cat(s_values))
+            )
+            ops.sparse_decode_into_(s_outs, index_bytes, values, s_counts, accumulate=add)
         except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
             raise FormatError(f"sparse_decode rejected the index codes of {s_names}: {exc}") from exc
     for outs, packed, scales, offsets, bits, gs in affine_calls:

@@ -805,6 +805,14 @@ def patch_topk_fields(buf, pos: int, count: int, index_code: int, metadata_len: 
     _TOPK_FIELDS.pack_into(buf, pos, count, index_code, metadata_len, index_len, payload_len)
 
 
+def patch_topk_fields_many(buf, positions, fields) -> None:
+    """:func:`patch_topk_fields` of each ``i: (count, index_code, metadata_len,
+    index_len, payload_len)`` of ``fields``, at ``positions[i]``."""
+    pack_into = _TOPK_FIELDS.pack_into
+    for i, f in fields.items():
+        pack_into(buf, positions[i], *f)
+
+
 def compact_header(schema_id: bytes, records, entries) -> bytes:
     """Fixed part and varint top-k counts of a compact message (FORMAT.md 6.2)."""
     return compact_header_of_counts(schema_id, [e.count for e in entries if records[e.codec_index].codec == CODEC_TOPK])

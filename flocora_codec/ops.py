@@ -144,6 +144,11 @@ def index_code_and_nbytes(n: int, k: int) -> tuple[int, int]:
     return _index_code_and_nbytes(n, k)
 
 
+def index_codes_and_nbytes(numels: Sequence[int], counts: Sequence[int]) -> list[tuple[int, int]]:
+    """:func:`index_code_and_nbytes` of each (numel, count) pair of plain ints."""
+    return list(map(_index_code_and_nbytes_cached, numels, counts))
+
+
 @functools.lru_cache(maxsize=8192)  # an encode asks twice per top-k tensor; FL rounds repeat (n, k)
 def _index_code_and_nbytes_cached(n: int, k: int) -> tuple[int, int]:
     return _index_code_and_nbytes(n, k)
