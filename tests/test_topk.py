@@ -364,6 +364,8 @@ def test_sizes_past_int32():
             ef = 0 if k == 0 else -(-k * low // 8) + -(-(((n - 1) >> low) + k) // 8)
             assert ops.elias_fano_nbytes(n, k) == ef
             assert ops.index_nbytes(n, k) == min(-(-n // 8), ef)
+            code = ops.INDEX_BITMAP if -(-n // 8) <= ef else ops.INDEX_ELIAS_FANO
+            assert ops.index_codes_and_nbytes([n, n], [k, k]) == [(code, min(-(-n // 8), ef))] * 2
     # The kernel checks sizes in int64 before it allocates anything:
     # 2^40 elements, 1 kept -> Elias-Fano with l = 40: 5 + 1 bytes.
     with pytest.raises(RuntimeError, match="index_bytes has 7 bytes, numels and counts need 6"):
