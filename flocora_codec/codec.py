@@ -893,8 +893,8 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     raw_groups, empty, groups = _decode_layout(pm)
     out: dict[str, torch.Tensor] = dict.fromkeys([e.name for e in pm.entries])  # the table order
     for dtype, members, spans in raw_groups:
-        for e, t in zip(members, _raw_tensors(mv, dtype, members, spans)):
-            out[e.name] = t if device.type == "cpu" else t.to(device)
+        tensors = _raw_tensors(mv, dtype, members, spans)
+        out.update(zip([e.name for e in members], tensors if device.type == "cpu" else [t.to(device) for t in tensors]))
     for e in empty:
         out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
 
