@@ -18,7 +18,8 @@
 //            == T; a prefix sum over chunks then fixes each chunk's output
 //            slice and its share of the ties (ties go to the lowest index).
 //   phase 4  per chunk: emit values and the index code (bitmap bytes, or the
-//            Elias-Fano low/high bit streams) straight into the outputs.
+//            Elias-Fano low/high bit streams, written from batches of kept
+//            positions) straight into the outputs.
 // So the input is read three times, and nothing is allocated in hot loops.
 // A tensor that fits in one chunk (per-tensor scope) runs all of this in one
 // task on a private key buffer, so a LoRA state dict of many small tensors

@@ -4,10 +4,11 @@
 // include guard, as namespaces generic_loops, avx2_loops and avx512_loops,
 // the last two inside `#pragma GCC target(...)`, with FLOCORA_TOPK_ISA = 0, 1,
 // 2 (g++ defines no __AVX2__ or __AVX512F__ for a pragma). AVX-512: float32
-// blocks take one masked compare per 16 keys, and kept keys and values are
-// compressed in a register. AVX2: whole float32 blocks take two 8-key
-// compares, and kept keys and values are compressed 8 at a time through a
-// permutation table. float16 and bfloat16 blocks, and the last part block,
+// blocks take one masked compare per 16 keys, and kept keys, values and
+// positions are compressed in a register. AVX2: whole float32 blocks take two
+// 8-key compares, and kept keys, values and positions are compressed 8 at a
+// time through a permutation table. Elias-Fano fields are written from the
+// batched positions, not block by block. float16 and bfloat16 blocks, and the last part block,
 // run the generic blocks (built for the target). All give the same bytes
 // (tests force each instruction set).
 // Expects from the includer: kBlock, kTopShift, load_keys, load_bits,
@@ -188,6 +189,20 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
   return cnt;
 }
 
+// Kept elements batched for their Elias-Fano fields (emit_range).
+constexpr int kPosBatch = 512;
+
+// The Elias-Fano fields of elements base + pos[0..n), of ranks rank, rank + 1, ...
+__attribute__((noinline)) inline void write_elias_fano(FieldWriter& low, UnaryWriter& high, int64_t base,
+                                                       const int32_t* pos, int n, int64_t rank, int l,
+                                                       uint64_t low_mask) {
+  for (int j = 0; j < n; ++j) {
+    const uint64_t e = (uint64_t)(base + pos[j]);
+    low.put(e & low_mask, l);
+    high.set((int64_t)(e >> l) + rank + j);
+  }
+}
+
 // Emits the kept elements of [begin, end) of tensor t (begin a multiple of
 // kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
 // vals[rank0...], the index code into the zeroed idx bytes of the tensor.
@@ -201,6 +216,18 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
   FieldWriter low(idx, rank0 * (int64_t)l);
   UnaryWriter high(idx + t.low_nbytes);
   int64_t rank = rank0;
+  // Elias-Fano: the blocks append the offsets (from begin; a range is at most
+  // kChunk elements) of their kept elements, and the fields are written a
+  // batch at a time in a loop of known length. Written block by block, each
+  // block's loop ended on its own count: a branch the predictor misses.
+  int32_t pos[kPosBatch + kBlock];
+  int npos = 0;
+  int64_t ef_rank = rank0;
+  auto flush_positions = [&]() FLOCORA_LAMBDA_INLINE {
+    write_elias_fano(low, high, begin, pos, npos, ef_rank, l, low_mask);
+    ef_rank += npos;
+    npos = 0;
+  };
   // Index code of the kept lanes `sel` of the block at i; values are written by the caller.
   auto code = [&](int64_t i, uint32_t sel, int n) FLOCORA_LAMBDA_INLINE {
     if (bitmap) {
@@ -208,11 +235,8 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       if (n > 8) idx[(i >> 3) + 1] = (uint8_t)(sel >> 8);
       return;
     }
-    for (int64_t r = rank; sel; sel &= sel - 1, ++r) {
-      uint64_t e = (uint64_t)(i + __builtin_ctz(sel));
-      low.put(e & low_mask, l);
-      high.set((int64_t)(e >> l) + r);
-    }
+    for (; sel; sel &= sel - 1) pos[npos++] = (int32_t)(i - begin + __builtin_ctz(sel));
+    if (npos >= kPosBatch) flush_positions();
   };
   // The first `ties` keys == thr join the keys > thr.
   auto add_ties = [&](uint32_t sel, uint32_t eq) FLOCORA_LAMBDA_INLINE {
@@ -239,8 +263,16 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       const int cnt = __builtin_popcount(sel);
       // A masked store: the next slot of vals belongs to another task's block.
       _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
-      code(i, sel, n);
       rank += cnt;
+      if (bitmap) {
+        code(i, sel, n);
+        return;
+      }
+      const __m512i offsets = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(i - begin)),
+                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      _mm512_storeu_si512(pos + npos, _mm512_maskz_compress_epi32((__mmask16)sel, offsets));  // pos has kBlock spare
+      npos += cnt;
+      if (npos >= kPosBatch) flush_positions();
       return;
     }
 #endif
@@ -262,8 +294,18 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
                              compress8(b0, sel & 0xffu));
       _mm256_maskstore_epi32(reinterpret_cast<int*>(vals + rank + lo_cnt),
                              _mm256_cmpgt_epi32(_mm256_set1_epi32(hi_cnt), first), compress8(b1, sel >> 8));
-      code(i, sel, n);
       rank += lo_cnt + hi_cnt;
+      if (bitmap) {
+        code(i, sel, n);
+        return;
+      }
+      const __m256i offsets = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(i - begin)), first);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + npos), compress8(offsets, sel & 0xffu));  // kBlock spare
+      npos += lo_cnt;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + npos),
+                          compress8(_mm256_add_epi32(offsets, _mm256_set1_epi32(8)), sel >> 8));
+      npos += hi_cnt;
+      if (npos >= kPosBatch) flush_positions();
       return;
     }
 #endif
@@ -291,6 +333,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
     for (int64_t i = begin; i < end; i += kBlock) block(i);
   }
   if (!bitmap) {
+    flush_positions();
     low.finish();
     high.finish();
   }
