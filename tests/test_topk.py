@@ -120,8 +120,9 @@ def test_large_candidate_buckets(cpu_isa):
             _check([y, y[: n // 2]], [k], True)
 
 
-# Selections over at least 2^18 elements histogram every 8th element only and
-# take the candidates of a bracket around the sample's estimate (kSampleMin,
+# Selections over at least 2^16 elements that run in chunks (a tensor past one
+# chunk, a global selection) histogram every 8th element only and take the
+# candidates of a bracket around the sample's estimate (kSampleMin,
 # kSampleStride in csrc/cpu/topk_encode_cpu.cpp); a bracket that misses T is
 # redone from a full histogram. These inputs make the sample lie.
 def _misleading_samples(n, dtype):
@@ -136,12 +137,12 @@ def _misleading_samples(n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sampled_bracket_that_misses_is_redone(cpu_isa, dtype):
-    n = 2**18 + 1000
-    for x in _misleading_samples(n, dtype):
-        for density in (0.001, 0.2, 0.5):
-            k = int(n * density)
-            _check([x], [k])
-            _check([x[: n // 3], x[n // 3 :]], [k], True)
+    for n in (CHUNK + 1000, 2**18 + 1000):
+        for x in _misleading_samples(n, dtype):
+            for density in (0.001, 0.2, 0.5):
+                k = int(n * density)
+                _check([x], [k])
+                _check([x[: n // 3], x[n // 3 :]], [k], True)
 
 
 def test_sampled_selection_matches_reference(cpu_isa):
@@ -151,6 +152,7 @@ def test_sampled_selection_matches_reference(cpu_isa):
     x[::5] = x[7]
     for density in (0.001, 0.1, 0.3):
         _check([x], [int(x.numel() * density)])
+        _check([x[: CHUNK + 5]], [int((CHUNK + 5) * density)])
     _check([x[:1000], x[1000:]], [5000], True)
 
 
