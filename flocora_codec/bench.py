@@ -499,6 +499,7 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
         ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
         ("raw", fc.CodecSpec.raw()),
         ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
+        ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
     ]:
         data = fc.encode(state, spec)
         enc = median_seconds(lambda: fc.encode(state, spec), repeats)

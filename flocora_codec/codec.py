@@ -373,6 +373,7 @@ class _TopkPlan:
     global_scope: bool
     members: list  # tensor positions in the message
     numels: list  # of the members
+    ks: list  # the counts asked of the kernel (fixed by the specs and numels)
 
 
 @dataclass
@@ -429,7 +430,8 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
         ))  # fmt: skip
     raw = [(i, e.payload_len) for i, e in enumerate(entries)
            if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
-    topk = [_TopkPlan(rec, sel is not None, list(members), [entries[i].numel for i in members])
+    topk = [_TopkPlan(rec, sel is not None, list(members), [entries[i].numel for i in members],
+                      _topk_counts_asked(sel is not None, members, entries, specs))
             for (rec, _, sel), members in topk_groups.items()]  # fmt: skip
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
@@ -481,7 +483,8 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
                     fields[i] = (e.count, e.index_code, *lens)
                     sizes[i] = sum(lens)
                 continue
-            counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs)
+            counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs,
+                                                       tp.ks)  # fmt: skip
             converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values)
             itemsize = converted.element_size()
             codes = ops.index_codes_and_nbytes(tp.numels, counts)
@@ -584,14 +587,19 @@ def _values_name(rec: fmt.CodecRecord) -> str:
     return fmt.VALUE_NAMES[rec.values]
 
 
-def _topk_kernel(global_scope, members, entries, flat, specs):
-    """The top-k kernel over ``members``: (counts as a list, float32 values,
-    index bytes)."""
-    xs = [_as_kernel_input(flat[i]) for i in members]
+def _topk_counts_asked(global_scope, members, entries, specs) -> list:
+    """The kernel's ``ks``: one count for a global group, else one per member."""
     if global_scope:
-        ks = [_topk_count(specs[members[0]], sum(entries[i].numel for i in members))]
-    else:
-        ks = [_topk_count(specs[i], entries[i].numel) for i in members]
+        return [_topk_count(specs[members[0]], sum(entries[i].numel for i in members))]
+    return [_topk_count(specs[i], entries[i].numel) for i in members]
+
+
+def _topk_kernel(global_scope, members, entries, flat, specs, ks=None):
+    """The top-k kernel over ``members``: (counts as a list, float32 values,
+    index bytes). ``ks``: :func:`_topk_counts_asked`, if known."""
+    xs = [_as_kernel_input(flat[i]) for i in members]
+    if ks is None:
+        ks = _topk_counts_asked(global_scope, members, entries, specs)
     try:
         counts, values, index_bytes = ops.topk_encode(xs, ks, global_scope=global_scope)
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
