@@ -34,6 +34,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPieceBytes = 1 << 13;  // unary-stream bytes per task
+constexpr int64_t kPosBatch = 512;        // set-bit positions decoded at a time
 
 struct DecPiece {
   int32_t tensor;
@@ -115,30 +116,64 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
   int64_t* out_idx = plan.idx.data();
   for (size_t pi = 0; pi < pieces.size(); ++pi) pcost[pi] = 8 * (pieces[pi].b1 - pieces[pi].b0) + 4 * pieces[pi].pop;
   run_balanced(pcost, [&](int64_t lo, int64_t hi) {
+    int64_t pos[kPosBatch + 128];  // set-bit positions awaiting decode (+ room for whole rounds of 8)
     for (int64_t pi = lo; pi < hi; ++pi) {
       DecPiece& p = pieces[pi];
       const SparseTensor& t = ts[p.tensor];
       const uint8_t* s = src + t.ubase;
-      const bool ef = t.code == kIndexEliasFano;
-      FieldReader low(src + t.ibase, t.low_nbytes, p.rank0 * (int64_t)t.low_bits);
+      const int low_bits = t.code == kIndexEliasFano ? t.low_bits : -1;  // -1: a bitmap
+      const int64_t n = t.n;
+      int64_t* dst = out_idx + t.vbase + p.rank0;  // this piece's indices (no other piece writes here)
+      FieldReader low(src + t.ibase, t.low_nbytes, p.rank0 * (int64_t)std::max(low_bits, 0));
       int64_t r = p.rank0, prev = -1;
       bool bad_order = false, bad_range = false;
+      // The set bits' positions are batched, then decoded into indices and
+      // checked in a loop of known length: a loop per 64-bit word ended on
+      // each word's own count, a branch the predictor misses (Elias-Fano
+      // adapter set: 101-104 -> 90-98 us).
+      auto drain = [&](int64_t count) {
+        if (low_bits < 0) {
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t e = pos[j];
+            bad_range |= e >= n;
+            bad_order |= e <= prev;
+            prev = e;
+            dst[j] = e;
+          }
+        } else {
+          for (int64_t j = 0; j < count; ++j) {
+            const int64_t e = ((pos[j] - (r + j)) << low_bits) | (int64_t)low.get(low_bits);
+            bad_range |= e >= n;
+            bad_order |= e <= prev;
+            prev = e;
+            dst[j] = e;
+          }
+        }
+        if (count && p.first < 0) p.first = dst[0];
+        dst += count;
+        r += count;
+      };
+      int64_t npos = 0;
       for (int64_t b = p.b0; b < p.b1; b += 8) {
-        int64_t nb = std::min<int64_t>(8, p.b1 - b);
+        const int64_t nb = std::min<int64_t>(8, p.b1 - b);
         uint64_t w = nb == 8 ? load_word8(s + b) : load_word(s + b, nb);
-        while (w) {
-          int64_t q = b * 8 + __builtin_ctzll(w);
-          w &= w - 1;
-          int64_t e = q;
-          if (ef) e = ((q - r) << t.low_bits) | (int64_t)low.get(t.low_bits);
-          bad_range |= e >= t.n;
-          bad_order |= e <= prev;
-          prev = e;
-          if (p.first < 0) p.first = e;
-          out_idx[t.vbase + r] = e;
-          ++r;
+        const int cnt = popcount64(w);
+        const int64_t base = b * 8;
+        // Rounds of 8 positions (those past cnt are overwritten later): the
+        // loop ends on a count, not on each bit.
+        int64_t* d = pos + npos;
+        for (int i = 0; i < cnt; i += 8, d += 8)
+          for (int k = 0; k < 8; ++k) {
+            d[k] = base + __builtin_ctzll(w | (1ull << 63));  // (the OR: defined for w == 0; 63 is never read)
+            w &= w - 1;
+          }
+        npos += cnt;
+        if (npos >= kPosBatch) {
+          drain(npos);
+          npos = 0;
         }
       }
+      drain(npos);
       p.last = prev;
       if (bad_range)
         set_error(errs, p.tensor, kIdxOutOfRange);
