@@ -7,11 +7,11 @@
 // blocks take one masked compare per 16 keys, and kept keys, values and
 // positions are compressed in a register. AVX2: whole float32 blocks take two
 // 8-key compares, and kept keys, values and positions are compressed 8 at a
-// time through a permutation table. Elias-Fano fields are written from the
-// batched positions, not block by block. float16 and bfloat16 blocks, and the last part block,
-// run the generic blocks (built for the target). All give the same bytes
-// (tests force each instruction set).
-// Expects from the includer: kBlock, kTopShift, load_keys, load_bits,
+// time through a permutation table. float16 and bfloat16 blocks, and the last
+// part block, run the generic blocks (built for the target). Elias-Fano fields
+// are written from batches of kept positions, not block by block. All give
+// the same bytes (tests force each instruction set).
+// Expects from the includer: kBlock, kChunk, kTopShift, load_keys, load_bits,
 // gt_mask, valid_mask, EncTensor, FieldWriter, UnaryWriter, FLOCORA_INLINE,
 // FLOCORA_LAMBDA_INLINE.
 
@@ -189,8 +189,10 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
   return cnt;
 }
 
-// Kept elements batched for their Elias-Fano fields (emit_range).
+// Kept elements batched for their Elias-Fano fields (emit_range), as int32
+// offsets within a range of at most kChunk elements.
 constexpr int kPosBatch = 512;
+static_assert(kChunk <= INT32_MAX, "emit_range keeps positions as int32 offsets");
 
 // The Elias-Fano fields of elements base + pos[0..n), of ranks rank, rank + 1, ...
 __attribute__((noinline)) inline void write_elias_fano(FieldWriter& low, UnaryWriter& high, int64_t base,
