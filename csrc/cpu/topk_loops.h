@@ -195,14 +195,20 @@ constexpr int kPosBatch = 512;
 static_assert(kChunk <= INT32_MAX, "emit_range keeps positions as int32 offsets");
 
 // The Elias-Fano fields of elements base + pos[0..n), of ranks rank, rank + 1, ...
-__attribute__((noinline)) inline void write_elias_fano(FieldWriter& low, UnaryWriter& high, int64_t base,
+// The writers are copied in and out: their byte stores could alias them, so
+// working on the callers' objects would reload their state after every store.
+__attribute__((noinline)) inline void write_elias_fano(FieldWriter& low_out, UnaryWriter& high_out, int64_t base,
                                                        const int32_t* pos, int n, int64_t rank, int l,
                                                        uint64_t low_mask) {
+  FieldWriter low = low_out;
+  UnaryWriter high = high_out;
   for (int j = 0; j < n; ++j) {
     const uint64_t e = (uint64_t)(base + pos[j]);
     low.put(e & low_mask, l);
     high.set((int64_t)(e >> l) + rank + j);
   }
+  low_out = low;
+  high_out = high;
 }
 
 // Emits the kept elements of [begin, end) of tensor t (begin a multiple of
