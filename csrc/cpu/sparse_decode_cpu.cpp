@@ -141,13 +141,15 @@ DecodePlan decode_plan(const char* op, const at::Tensor& index_bytes, const at::
             dst[j] = e;
           }
         } else {
+          FieldReader lows = low;  // a copy: the stores to dst could alias the reader, forcing reloads
           for (int64_t j = 0; j < count; ++j) {
-            const int64_t e = ((pos[j] - (r + j)) << low_bits) | (int64_t)low.get(low_bits);
+            const int64_t e = ((pos[j] - (r + j)) << low_bits) | (int64_t)lows.get(low_bits);
             bad_range |= e >= n;
             bad_order |= e <= prev;
             prev = e;
             dst[j] = e;
           }
+          low = lows;
         }
         if (count && p.first < 0) p.first = dst[0];
         dst += count;
