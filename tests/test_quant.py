@@ -316,11 +316,12 @@ def test_every_cpu_isa_writes_the_scalar_bytes_at_every_length(stochastic):
 def _awkward_groups(numel, group, seed):
     """Random values with the groups the one-pass loop must get exactly right:
     constant, all zero with -0.0, a range too small to invert, the minimum or
-    maximum in the first or last lane, and float32's largest finite range."""
+    maximum in the first or last lane, float32's largest finite range, every
+    value negative, -0.0 the maximum and +0.0 the minimum."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(numel, generator=g) * 3
     ngroups = numel // group
-    for j, kind in zip(range(0, ngroups, 3), range(6)):
+    for j, kind in zip(range(0, ngroups, 3), range(9)):
         s = slice(j * group, (j + 1) * group)
         if kind == 0:
             x[s] = 1.25
@@ -336,6 +337,14 @@ def _awkward_groups(numel, group, seed):
             x[s] = x[s] * 1e36
         elif kind == 5:
             x[s] = torch.linspace(-1.7e38, 1.7e38, group)
+        elif kind == 6:  # every value negative
+            x[s] = -x[s].abs() - 1
+        elif kind == 7:  # no value above -0.0, which is the maximum
+            x[s] = -x[s].abs()
+            x[j * group + group // 3] = -0.0
+        elif kind == 8:  # no value below +0.0, which is the minimum
+            x[s] = x[s].abs()
+            x[j * group + 1] = 0.0
     return x
 
 
@@ -353,17 +362,28 @@ def test_one_pass_groups_match_reference(cpu_isa, bits, group, numel):
     _check_against_reference(x, bits, group)
 
 
+# float32 bit patterns of NaNs of either sign (quiet, and the smallest and
+# largest payloads) and of the infinities: a loop that finds the range from
+# the values' bits as integers must order each above every finite value.
+NON_FINITE_BITS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800000, 0xFF800000]
+
+
 @pytest.mark.parametrize("group", [16, 32, 64, 80])
 @pytest.mark.parametrize("where", ["first", "lane", "last group"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_one_pass_groups_name_non_finite_input(cpu_isa, group, where, bad):
-    # Every position of a group: the loop finds NaN only through its codes.
+@pytest.mark.parametrize("bad_bits", NON_FINITE_BITS, ids=hex)
+@pytest.mark.parametrize("sign", ["mixed", "negative", "positive"])
+def test_one_pass_groups_name_non_finite_input(cpu_isa, group, where, bad_bits, sign):
+    # Every position of a group, among values of either sign or of one sign
+    # only: a loop may find NaN through the range or through the codes.
     n = group * 40 + group // 2
+    bad = torch.tensor([bad_bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
     for pos in {"first": [0, group * 17], "lane": [5, group * 3 + 17], "last group": [n - 1]}[where]:
-        x = torch.randn(n)
+        x = torch.randn(n, generator=torch.Generator().manual_seed(pos))
+        x = {"mixed": x, "negative": -x.abs() - 0.5, "positive": x.abs() + 0.5}[sign]
         x[pos] = bad
-        with pytest.raises(ValueError, match="input has NaN or Inf values"):
-            ops.quantize_pack([x], 4, [group])
+        for bits in (1, 4, 8):
+            with pytest.raises(ValueError, match="input has NaN or Inf values"):
+                ops.quantize_pack([x], bits, [group])
 
 
 def test_one_pass_groups_name_unfit_ranges(cpu_isa):

@@ -496,27 +496,79 @@ inline void dequantize(const uint8_t* codes, int64_t n, float offset, float scal
   scalar::dequantize(codes + i, n - i, offset, scale, out + i);
 }
 
-// Min (kMin) or max of each of 8 vectors, lane g of the result from
-// v[(g % 4) * 2 + g / 4]: as avx512::encode_groups_f32's reduction, 8 lanes.
-template <bool kMin>
-inline __m256 op8(__m256 a, __m256 b) {
-  return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b);
-}
-template <bool kMin>
-inline __m256 reduce_transpose8(const __m256* v) {
-  __m256 w[4], x[2];
-  for (int i = 0; i < 4; ++i)
-    w[i] = op8<kMin>(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
-                     _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
-  for (int i = 0; i < 2; ++i)
-    x[i] = op8<kMin>(_mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm256_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-  return op8<kMin>(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD));
+// op of each of 8 vectors, lane g of the result from v[(g % 4) * 2 + g / 4]:
+// as avx512::encode_groups_f32's reduction, 8 lanes. The shuffles move whole
+// 32-bit lanes, so the vectors may hold float bits or integers alike.
+template <typename Op>
+inline __m256i reduce_transpose8(const __m256i* v, Op op) {
+  auto f = [](__m256i a) { return _mm256_castsi256_ps(a); };
+  auto i = [](__m256 a) { return _mm256_castps_si256(a); };
+  __m256i w[4], x[2];
+  for (int j = 0; j < 4; ++j)
+    w[j] = op(i(_mm256_permute2f128_ps(f(v[2 * j]), f(v[2 * j + 1]), 0x20)),
+              i(_mm256_permute2f128_ps(f(v[2 * j]), f(v[2 * j + 1]), 0x31)));
+  for (int j = 0; j < 2; ++j)
+    x[j] = op(i(_mm256_shuffle_ps(f(w[2 * j]), f(w[2 * j + 1]), 0x44)),
+              i(_mm256_shuffle_ps(f(w[2 * j]), f(w[2 * j + 1]), 0xEE)));
+  return op(i(_mm256_shuffle_ps(f(x[0]), f(x[1]), 0x88)), i(_mm256_shuffle_ps(f(x[0]), f(x[1]), 0xDD)));
 }
 
 // avx512::nearest16_unclamped, 8 lanes (the conversion rounds as MXCSR says:
 // to nearest even unless a caller changed it, as the scalar loop's 2^23 trick).
 inline __m256i nearest8_unclamped(__m256 x, __m256 off, __m256 inv) {
   return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(x, off), inv));
+}
+
+// The bytes of 32 codes (q0..q3: int32 codes 0..255) in "split" order, as
+// two packs leave them: 128-bit lane l holds, for q0, q1, q2, q3 in turn,
+// the codes of its lanes 4l..4l+3.
+inline __m256i codes_split32(__m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  return _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+}
+inline __m256i split_to_order(__m256i c) {
+  return _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// 32 codes of B = 1, 2 or 4 bits in split order -> their 4*B packed bytes at
+// the start of the result. The codes fill whole bytes of each 32-bit lane
+// (B = 2, 4) or one bit of a mask (B = 1), so multiply-adds and one byte
+// shuffle do what Squeeze32 needs shifts and selects for. With q2 = q3 = 0
+// the first 2*B bytes are the packed first 16 codes.
+template <int B>
+inline __m128i pack_split32(__m256i c) {
+  static_assert(B == 1 || B == 2 || B == 4, "other widths take Squeeze32");
+  if constexpr (B == 4) {
+    // Byte pairs -> c0 + 16*c1 per 16-bit lane; one byte each: lane l then
+    // holds two bytes per source vector, which the shuffle interleaves with
+    // lane 1's.
+    const __m256i m = _mm256_maddubs_epi16(c, _mm256_set1_epi16(1 | 16 << 8));
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi16(m, m), 0x08);  // lane 0's 8 bytes, lane 1's
+    return _mm_shuffle_epi8(_mm256_castsi256_si128(p),
+                            _mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15));
+  } else if constexpr (B == 2) {
+    // Four codes -> one byte per 32-bit lane (c0 + 4*c1 + 16*c2 + 64*c3).
+    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi16(1 | 4 << 8)),
+                                        _mm256_set1_epi32(1 | 16 << 16));
+    const __m256i g = _mm256_shuffle_epi8(
+        d, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
+                            -1, -1, -1, -1, -1, -1, -1, -1));
+    return _mm_unpacklo_epi8(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
+  } else {
+    return _mm_cvtsi32_si128(_mm256_movemask_epi8(_mm256_slli_epi16(split_to_order(c), 7)));
+  }
+}
+
+// The first N bytes of v at o (N = 2, 4, 8 or 16).
+template <int N>
+inline void store_first(__m128i v, uint8_t* o) {
+  if constexpr (N == 16) {
+    _mm_storeu_si128((__m128i*)o, v);
+  } else if constexpr (N == 8) {
+    _mm_storel_epi64((__m128i*)o, v);
+  } else {
+    const uint32_t w = (uint32_t)_mm_cvtsi128_si32(v);
+    memcpy(o, &w, N);
+  }
 }
 
 // avx512::encode_groups_bits, 8 groups a block and 32 codes a unit.
@@ -526,44 +578,67 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
   const int64_t k = group / 8;  // vectors per group, even (group is a multiple of 16)
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
-  const __m256i lev = _mm256_set1_epi32((1 << bits) - 1);
-  const Squeeze32 < bits<8 ? bits : 1> squeeze;
+  const __m256i lev8 = _mm256_set1_epi8((char)((1 << bits) - 1));
+  const Squeeze32 < bits<8 ? bits : 1> squeeze;  // widths 3, 5, 6, 7
   const uint8_t* const packed_end = packed + (uint64_t)(n * group) / 8 * bits;
   __m256 bad = zero;
-  __m256i raw_or = _mm256_setzero_si256();       // sign bit set iff some value was NaN
   alignas(32) float off_of[2][8], inv_of[2][8];  // this block's and the next's
   auto range_params = [&](int64_t g0, float* off_out, float* inv_out) FLOCORA_INLINE {
     const int nb = (int)std::min<int64_t>(8, n - g0);
     const float* xb = x + g0 * group;
-    alignas(32) __m256 lo_slot[8], hi_slot[8];
-    for (int j = 0; j < nb; ++j) {
-      const float* xg = xb + j * group;
-      for (int64_t t = 0; t < k; t += 2) _mm_prefetch((const char*)(xg + 8 * t + 4096), _MM_HINT_T0);  // as avx512
-      __m256 a = _mm256_loadu_ps(xg), mn0 = a, mx0 = a, mn1 = a, mx1 = a;
-      int64_t t = 1;
-      for (; t + 2 <= k; t += 2) {
-        __m256 b = _mm256_loadu_ps(xg + 8 * t), c = _mm256_loadu_ps(xg + 8 * t + 8);
-        mn0 = _mm256_min_ps(mn0, b);
-        mx0 = _mm256_max_ps(mx0, b);
-        mn1 = _mm256_min_ps(mn1, c);
-        mx1 = _mm256_max_ps(mx1, c);
+    // The range from integer min/max of the values' bits, which run on every
+    // vector pipe (float min/max share two pipes with the codes' subtract and
+    // conversion). As signed integers, non-negative floats order as floats and
+    // negative ones in reverse; so the largest float is the signed maximum if
+    // that is non-negative (else every value is negative, and it is the
+    // smallest as unsigned), the smallest float is the unsigned maximum if its
+    // sign is set (else the unsigned minimum). NaN bits order above Inf's in
+    // both, so a NaN reaches the range and fails the check below.
+    alignas(32) __m256i smax_slot[8], umax_slot[8], umin_slot[8];
+    // kc: the vectors per group, fixed for the common groups (a loop of
+    // one vector per turn spends more on its counter than on the work).
+    auto groups_range = [&](auto kc) FLOCORA_INLINE {
+      const int64_t kk = decltype(kc)::value > 0 ? decltype(kc)::value : k;
+      for (int j = 0; j < nb; ++j) {
+        const float* xg = xb + j * group;
+        for (int64_t t = 0; t < kk; t += 2) _mm_prefetch((const char*)(xg + 8 * t + 4096), _MM_HINT_T0);  // as avx512
+        const __m256i a = _mm256_loadu_si256((const __m256i*)xg);
+        __m256i smax = a, umax = a, umin = a;
+        for (int64_t t = 1; t < kk; ++t) {
+          const __m256i b = _mm256_loadu_si256((const __m256i*)(xg + 8 * t));
+          smax = _mm256_max_epi32(smax, b);
+          umax = _mm256_max_epu32(umax, b);
+          umin = _mm256_min_epu32(umin, b);
+        }
+        const int slot = (j % 4) * 2 + j / 4;
+        smax_slot[slot] = smax;
+        umax_slot[slot] = umax;
+        umin_slot[slot] = umin;
       }
-      if (t < k) {
-        __m256 b = _mm256_loadu_ps(xg + 8 * t);
-        mn0 = _mm256_min_ps(mn0, b);
-        mx0 = _mm256_max_ps(mx0, b);
-      }
-      const int slot = (j % 4) * 2 + j / 4;
-      lo_slot[slot] = _mm256_min_ps(mn0, mn1);
-      hi_slot[slot] = _mm256_max_ps(mx0, mx1);
-    }
+    };
+    if (k == 8)
+      groups_range(std::integral_constant<int, 8>{});
+    else if (k == 4)
+      groups_range(std::integral_constant<int, 4>{});
+    else if (k == 16)
+      groups_range(std::integral_constant<int, 16>{});
+    else
+      groups_range(std::integral_constant<int, 0>{});
     for (int j = nb; j < 8; ++j) {  // unused slots repeat group 0
       const int slot = (j % 4) * 2 + j / 4;
-      lo_slot[slot] = lo_slot[0];
-      hi_slot[slot] = hi_slot[0];
+      smax_slot[slot] = smax_slot[0];
+      umax_slot[slot] = umax_slot[0];
+      umin_slot[slot] = umin_slot[0];
     }
-    __m256 o = _mm256_add_ps(reduce_transpose8<true>(lo_slot), zero);
-    __m256 range = _mm256_sub_ps(_mm256_add_ps(reduce_transpose8<false>(hi_slot), zero), o);
+    const __m256 smax = _mm256_castsi256_ps(
+        reduce_transpose8(smax_slot, [](__m256i p, __m256i q) { return _mm256_max_epi32(p, q); }));
+    const __m256 umax = _mm256_castsi256_ps(
+        reduce_transpose8(umax_slot, [](__m256i p, __m256i q) { return _mm256_max_epu32(p, q); }));
+    const __m256 umin = _mm256_castsi256_ps(
+        reduce_transpose8(umin_slot, [](__m256i p, __m256i q) { return _mm256_min_epu32(p, q); }));
+    const __m256 lo = _mm256_blendv_ps(umin, umax, umax), hi = _mm256_blendv_ps(smax, umin, smax);
+    __m256 o = _mm256_add_ps(lo, zero);
+    __m256 range = _mm256_sub_ps(_mm256_add_ps(hi, zero), o);
     alignas(32) static const int32_t first[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     const __m256 valid = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(first + 8 - nb)));
     bad = _mm256_or_ps(bad,
@@ -572,8 +647,13 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     __m256 scale = _mm256_div_ps(range, levels);
     scale = _mm256_and_ps(scale, _mm256_cmp_ps(scale, fmin, _CMP_GE_OQ));
     __m256 inv = _mm256_and_ps(_mm256_div_ps(one, scale), _mm256_cmp_ps(scale, zero, _CMP_GT_OQ));
-    _mm256_maskstore_ps(scale_out + g0, _mm256_castps_si256(valid), scale);
-    _mm256_maskstore_ps(offset_out + g0, _mm256_castps_si256(valid), o);
+    if (nb == 8) {  // a masked store costs tens of cycles on AMD CPUs
+      _mm256_storeu_ps(scale_out + g0, scale);
+      _mm256_storeu_ps(offset_out + g0, o);
+    } else {
+      _mm256_maskstore_ps(scale_out + g0, _mm256_castps_si256(valid), scale);
+      _mm256_maskstore_ps(offset_out + g0, _mm256_castps_si256(valid), o);
+    }
     _mm256_store_ps(off_out, o);
     _mm256_store_ps(inv_out, inv);
   };
@@ -581,27 +661,36 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     const int nb = (int)std::min<int64_t>(8, n - g0);
     const float* xb = x + g0 * group;
     const int64_t code_base = g0 * group;  // code index of the block's first value
-    auto clamp = [&](__m256i q) FLOCORA_INLINE {
-      raw_or = _mm256_or_si256(raw_or, q);
-      return _mm256_min_epu32(q, lev);
+    // Codes packed on the way out (as avx512::encode_groups_bits). No check
+    // for NaN here: the range pass has failed any group holding one. The
+    // byte clamp costs one op per 32 codes and keeps a code within its
+    // width whatever the rounding mode.
+    auto clamped_split32 = [&](__m256i q0, __m256i q1, __m256i q2, __m256i q3) FLOCORA_INLINE {
+      const __m256i c = codes_split32(q0, q1, q2, q3);
+      return bits < 8 ? _mm256_min_epu8(c, lev8) : c;
     };
-    // Codes packed on the way out (as avx512::encode_groups_bits).
+    constexpr bool kByteLanes = bits == 1 || bits == 2 || bits == 4;
     auto store32 = [&](__m256i q0, __m256i q1, __m256i q2, __m256i q3, int64_t code) FLOCORA_INLINE {
-      const __m256i c = codes32(clamp(q0), clamp(q1), clamp(q2), clamp(q3));
+      const __m256i c = clamped_split32(q0, q1, q2, q3);
+      uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
       if constexpr (bits == 8) {
-        _mm256_storeu_si256((__m256i*)(packed + code), c);
+        _mm256_storeu_si256((__m256i*)o, split_to_order(c));
+      } else if constexpr (kByteLanes) {
+        store_first<4 * bits>(pack_split32<bits>(c), o);
       } else {
-        uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
-        store_squeezed32<bits>(squeeze(c), o, o + 2 * bits + 16 <= packed_end);
+        store_squeezed32<bits>(squeeze(split_to_order(c)), o, o + 2 * bits + 16 <= packed_end);
       }
     };
     auto store16 = [&](__m256i q0, __m256i q1, int64_t code) FLOCORA_INLINE {  // the first 16 codes of a unit
-      const __m256i c = codes32(clamp(q0), clamp(q1), _mm256_setzero_si256(), _mm256_setzero_si256());
+      const __m256i zero_codes = _mm256_setzero_si256();
+      const __m256i c = clamped_split32(q0, q1, zero_codes, zero_codes);
+      uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
       if constexpr (bits == 8) {
-        _mm_storeu_si128((__m128i*)(packed + code), _mm256_castsi256_si128(c));
+        _mm_storeu_si128((__m128i*)o, _mm256_castsi256_si128(split_to_order(c)));
+      } else if constexpr (kByteLanes) {
+        store_first<2 * bits>(pack_split32<bits>(c), o);
       } else {
-        uint8_t* o = packed + ((uint64_t)code >> 3) * bits;
-        const __m128i d = _mm256_castsi256_si128(squeeze(c));
+        const __m128i d = _mm256_castsi256_si128(squeeze(split_to_order(c)));
         if (o + 16 <= packed_end) {
           _mm_storeu_si128((__m128i*)o, d);
         } else {
@@ -644,7 +733,7 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     if (g0 + 8 < n) range_params(g0 + 8, off_of[b ^ 1], inv_of[b ^ 1]);
     if (g0 >= 0) codes_of(g0, off_of[b], inv_of[b]);
   }
-  return _mm256_movemask_ps(bad) == 0 && _mm256_movemask_ps(_mm256_castsi256_ps(raw_or)) == 0;
+  return _mm256_movemask_ps(bad) == 0;
 }
 
 // avx512::encode_groups_f32 (the AVX2 build).
