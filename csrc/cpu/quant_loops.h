@@ -547,11 +547,11 @@ inline __m128i pack_split32(__m256i c) {
                             _mm_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15));
   } else if constexpr (B == 2) {
     // Four codes -> one byte per 32-bit lane (c0 + 4*c1 + 16*c2 + 64*c3).
-    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi16(1 | 4 << 8)),
-                                        _mm256_set1_epi32(1 | 16 << 16));
-    const __m256i g = _mm256_shuffle_epi8(
-        d, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
-                            -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256i d =
+        _mm256_madd_epi16(_mm256_maddubs_epi16(c, _mm256_set1_epi16(1 | 4 << 8)), _mm256_set1_epi32(1 | 16 << 16));
+    const __m256i g =
+        _mm256_shuffle_epi8(d, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8,
+                                                12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
     return _mm_unpacklo_epi8(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
   } else {
     return _mm_cvtsi32_si128(_mm256_movemask_epi8(_mm256_slli_epi16(split_to_order(c), 7)));
@@ -630,12 +630,12 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
       umax_slot[slot] = umax_slot[0];
       umin_slot[slot] = umin_slot[0];
     }
-    const __m256 smax = _mm256_castsi256_ps(
-        reduce_transpose8(smax_slot, [](__m256i p, __m256i q) { return _mm256_max_epi32(p, q); }));
-    const __m256 umax = _mm256_castsi256_ps(
-        reduce_transpose8(umax_slot, [](__m256i p, __m256i q) { return _mm256_max_epu32(p, q); }));
-    const __m256 umin = _mm256_castsi256_ps(
-        reduce_transpose8(umin_slot, [](__m256i p, __m256i q) { return _mm256_min_epu32(p, q); }));
+    const __m256 smax =
+        _mm256_castsi256_ps(reduce_transpose8(smax_slot, [](__m256i p, __m256i q) { return _mm256_max_epi32(p, q); }));
+    const __m256 umax =
+        _mm256_castsi256_ps(reduce_transpose8(umax_slot, [](__m256i p, __m256i q) { return _mm256_max_epu32(p, q); }));
+    const __m256 umin =
+        _mm256_castsi256_ps(reduce_transpose8(umin_slot, [](__m256i p, __m256i q) { return _mm256_min_epu32(p, q); }));
     const __m256 lo = _mm256_blendv_ps(umin, umax, umax), hi = _mm256_blendv_ps(smax, umin, smax);
     __m256 o = _mm256_add_ps(lo, zero);
     __m256 range = _mm256_sub_ps(_mm256_add_ps(hi, zero), o);
