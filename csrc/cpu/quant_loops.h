@@ -981,8 +981,14 @@ inline const PackedUnitTables& packed_unit_tables() {
   static const PackedUnitTables tables = [] {
     PackedUnitTables t{};
     for (int b = 1; b <= 8; ++b) {
-      for (int o = 0; o < 8 * b; ++o) {
-        if (b % 2 == 0) {
+      for (int o = 0; o < (b == 1 ? 64 : 8 * b); ++o) {
+        if (b == 1) {
+          // store64 puts one-bit codes in order, still bytes, and takes
+          // their mask. Byte 16*lane + 4*u + w of the packs' layout holds
+          // code 16*u + 4*lane + w.
+          const int u = o / 16, lane = o % 16 / 4, w = o % 4;
+          t.unit[b][o] = (uint8_t)(16 * lane + 4 * u + w);
+        } else if (b % 2 == 0) {
           // Even widths squeeze the packs' interleaved layout as it is: 4
           // codes are b/2 whole bytes, so runs of 4 land in whole bytes
           // and this permute puts them in order. Byte 16*lane + 4*u + w of
@@ -1008,6 +1014,7 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 levels = _mm512_set1_ps((float)((1 << bits) - 1)), fmin = _mm512_set1_ps(kFloatMinNormal);
   const __m512i lev = _mm512_set1_epi32((1 << bits) - 1);
+  const __m512i lev8 = _mm512_set1_epi8((char)((1 << bits) - 1));
   // Puts the 4-lane runs the two packs interleave in order (odd widths).
   const __m512i runs = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const PackedUnitTables& tables = packed_unit_tables();
@@ -1111,17 +1118,23 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     // which overwrite them, and only stores near the end are masked.
     const int64_t code_base = g0 * group;  // code index of the block's first value
     auto store64 = [&](__m512i q0, __m512i q1, __m512i q2, __m512i q3, int64_t code) FLOCORA_INLINE {
+      // Byte 16*lane + 4*u + w: code 16*u + 4*lane + w. Codes are clamped
+      // as bytes (one op for 64 codes).
       raw_or = _mm512_ternarylogic_epi32(raw_or, q0, q1, 0xFE);  // a | b | c
       raw_or = _mm512_ternarylogic_epi32(raw_or, q2, q3, 0xFE);
-      __m512i w01 = _mm512_packus_epi32(_mm512_min_epu32(q0, lev), _mm512_min_epu32(q1, lev));
-      __m512i w23 = _mm512_packus_epi32(_mm512_min_epu32(q2, lev), _mm512_min_epu32(q3, lev));
-      // Byte 16*lane + 4*u + w: code 16*u + 4*lane + w.
-      __m512i c = _mm512_packus_epi16(w01, w23);
+      __m512i c = _mm512_packus_epi16(_mm512_packus_epi32(q0, q1), _mm512_packus_epi32(q2, q3));
+      if constexpr (bits < 8) c = _mm512_min_epu8(c, lev8);
+      uint8_t* dst = packed + ((uint64_t)code >> 3) * bits;
+      if constexpr (bits == 1) {  // codes in order, one bit each
+        c = _mm512_permutexvar_epi8(unit_gather, c);
+        const uint64_t mask = _mm512_test_epi8_mask(c, c);
+        memcpy(dst, &mask, 8);
+        return;
+      }
       if constexpr (odd)
         c = _mm512_permutexvar_epi32(runs, c);  // 4 odd-width codes end mid-byte: squeeze them in order
       if constexpr (squeeze) c = squeeze64(c, sq);
       c = _mm512_permutexvar_epi8(unit_gather, c);
-      uint8_t* dst = packed + ((uint64_t)code >> 3) * bits;
       // Exact stores where a register part holds 8*bits bytes.
       if constexpr (bits == 8) {
         _mm512_storeu_si512((void*)dst, c);
@@ -1129,8 +1142,6 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
         _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(c));
       } else if constexpr (bits == 2) {
         _mm_storeu_si128((__m128i*)dst, _mm512_castsi512_si128(c));
-      } else if constexpr (bits == 1) {
-        _mm_storel_epi64((__m128i*)dst, _mm512_castsi512_si128(c));
       } else if (dst + 64 <= packed_end) {
         _mm512_storeu_si512((void*)dst, c);
       } else {
