@@ -37,7 +37,9 @@ def _decode(counts, values, index_bytes, xs, dtype=torch.float32):
 
 
 # ---- encode == reference ------------------------------------------------------------
-SIZES = [1, 7, 16, 17, 100, 1000, 4099, CHUNK, CHUNK + 1, 3 * CHUNK + 77]
+# 8191 / 8192 / 20003: a single tensor's histogram on either side of its
+# sub-histograms' threshold, with a vector tail.
+SIZES = [1, 7, 16, 17, 100, 1000, 4099, 8191, 8192, 20003, CHUNK, CHUNK + 1, 3 * CHUNK + 77]
 DENSITIES = [0.0, 0.001, 0.01, 0.1, 0.2, 0.25, 0.3, 0.5, 0.9, 1.0]
 
 
@@ -258,11 +260,12 @@ def test_non_contiguous_any_shape(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("n", [50, CHUNK + 50])
-def test_nonfinite_raises(device, dtype, n):
+@pytest.mark.parametrize("n", [50, 8192 + 50, CHUNK + 50])
+@pytest.mark.parametrize("where", ["vector", "tail"])
+def test_nonfinite_raises(device, dtype, n, where, cpu_isa):
     for bad in [float("nan"), float("inf"), -float("inf")]:
         x = torch.randn(n).to(dtype)
-        x[n - 3] = bad
+        x[{"vector": n // 2 + 1, "tail": n - 3}[where]] = bad
         for ks, gs in [([0], False), ([5], False), ([n], False), ([5], True)]:
             with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
                 ops.topk_encode([x.to(device)], ks, global_scope=gs)

@@ -276,6 +276,38 @@ void emit_range(int isa, const EncTensor& t, int64_t begin, int64_t end, uint32_
   FLOCORA_TOPK_DISPATCH(isa, emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags));
 }
 
+void keys_f32(int isa, const float* x, int64_t n, uint32_t* keys, uint32_t* lo, uint32_t* hi) {
+  FLOCORA_TOPK_DISPATCH(isa, keys_f32(x, n, keys, lo, hi));
+}
+
+// top_histogram_into with Keep, for a whole float32 tensor, from a vector
+// pass that stores the keys and finds their smallest and largest: only the
+// bins between those two are cleared and summed (a single's values span a
+// few octaves, a few dozen of the 2048 bins), and the increments read the
+// stored keys. hist must be zero. Returns the largest key.
+uint32_t single_histogram_f32(int isa, const float* x, int64_t n, int64_t* hist, uint32_t* keys) {
+  uint32_t lo = 0, hi = 0;
+  keys_f32(isa, x, n, keys, &lo, &hi);
+  if (n == 0) return 0;
+  const int b0 = (int)(lo >> kTopShift), b1 = (int)(hi >> kTopShift);
+  if (n < 8192) {  // small: one histogram (as top_histogram_into)
+    for (int64_t i = 0; i < n; ++i) ++hist[keys[i] >> kTopShift];
+    return hi;
+  }
+  uint32_t sub[4][kTopBins];  // only [b0, b1] of each is used
+  for (auto& h : sub) std::fill(h + b0, h + b1 + 1, 0u);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++sub[0][keys[i] >> kTopShift];
+    ++sub[1][keys[i + 1] >> kTopShift];
+    ++sub[2][keys[i + 2] >> kTopShift];
+    ++sub[3][keys[i + 3] >> kTopShift];
+  }
+  for (; i < n; ++i) ++sub[0][keys[i] >> kTopShift];
+  for (int b = b0; b <= b1; ++b) hist[b] += (int64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+  return hi;
+}
+
 // Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
 // returns how many. keys has room for m + kBlock.
 int64_t keep_bucket(int isa, uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
@@ -526,8 +558,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
         std::fill(h64, h64 + kTopBins, 0);
         uint32_t mx = 0;
-        dispatch_dt(t.dt,
-                    [&](auto d) { mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
+        if (t.dt == kF32)
+          mx = single_histogram_f32(isa, static_cast<const float*>(t.x), t.n, h64, keys.data());
+        else
+          dispatch_dt(
+              t.dt, [&](auto d) { mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
         if ((mx >> kTopShift) >= kNonFiniteTop) {
           __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           continue;

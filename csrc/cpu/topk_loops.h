@@ -54,6 +54,49 @@ FLOCORA_INLINE __m256i compress8(__m256i v, uint32_t m) {
 }
 #endif
 
+// Magnitude keys of float32 x[0..n) to keys[0..n); returns the smallest and
+// largest (single_histogram clears and sums only the bins between them).
+inline void keys_f32(const float* x, int64_t n, uint32_t* keys, uint32_t* lo, uint32_t* hi) {
+  uint32_t mn = 0xffffffffu, mx = 0;
+  int64_t i = 0;
+#if FLOCORA_TOPK_ISA == 2
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i vmn = _mm512_set1_epi32(-1), vmx = _mm512_setzero_si512();
+  for (; i + 16 <= n; i += 16) {
+    const __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void*)(x + i)), abs_mask);
+    _mm512_storeu_si512((void*)(keys + i), k);
+    vmn = _mm512_min_epu32(vmn, k);
+    vmx = _mm512_max_epu32(vmx, k);
+  }
+  mn = _mm512_reduce_min_epu32(vmn);
+  mx = _mm512_reduce_max_epu32(vmx);
+#elif FLOCORA_TOPK_ISA == 1
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  __m256i vmn = _mm256_set1_epi32(-1), vmx = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i)), abs_mask);
+    _mm256_storeu_si256((__m256i*)(keys + i), k);
+    vmn = _mm256_min_epu32(vmn, k);
+    vmx = _mm256_max_epu32(vmx, k);
+  }
+  alignas(32) uint32_t lanes_mn[8], lanes_mx[8];
+  _mm256_store_si256((__m256i*)lanes_mn, vmn);
+  _mm256_store_si256((__m256i*)lanes_mx, vmx);
+  for (int j = 0; j < 8; ++j) {
+    mn = std::min(mn, lanes_mn[j]);
+    mx = std::max(mx, lanes_mx[j]);
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t k = float_bits(x[i]) & 0x7fffffffu;
+    keys[i] = k;
+    mn = std::min(mn, k);
+    mx = std::max(mx, k);
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
 // Keeps keys[0..m) whose digit (key >> s) & mask is b, in order, in place;
 // returns how many. keys has room for m + kBlock.
 inline int64_t keep_bucket(uint32_t* keys, int64_t m, int s, uint32_t mask, uint32_t b) {
