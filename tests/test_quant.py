@@ -1,6 +1,8 @@
 """quantize_pack / unpack_dequantize against the pure-PyTorch reference."""
 
+import ctypes
 import math
+import mmap
 
 import pytest
 import torch
@@ -493,6 +495,46 @@ def test_inputs_past_the_caches_encode_alike_on_every_isa():
                     assert torch.equal(a, b), bits
     finally:
         torch.ops.flocora._set_cpu_isa(-1)
+
+
+# Tensors of several 16384-element pieces whose groups do not divide a piece:
+# each piece decodes its whole groups from the packed bytes and the part
+# groups at its ends from unpacked codes.
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("group", [16, 48, 80, 576, 4608])
+def test_decode_across_pieces_matches_reference(cpu_isa, bits, group):
+    n = 16384 * 3 + group * 2 + 16
+    x = torch.randn(n, generator=torch.Generator().manual_seed(group + bits))
+    p, s, o = ops.quantize_pack([x], bits, [group])
+    want = R.unpack_dequantize(p, s, o, bits, n, group, torch.float32)
+    assert torch.equal(ops.unpack_dequantize(p, s, o, bits, [n], [group]), want)
+    base = torch.randn(n)
+    out = base.clone()
+    ops.unpack_dequantize_into_([out], p, s, o, bits, [group], accumulate=True)
+    assert torch.equal(out, base + want)
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_decode_reads_no_byte_past_the_packed_codes(cpu_isa, bits):
+    # The packed codes end right where an inaccessible page begins: a load
+    # past them (the vector loops read 8 bytes where they may) would fault.
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(addr + page, page, 0) == 0  # PROT_NONE
+    try:
+        group, n = 64, 64 * 12
+        x = torch.randn(n)
+        p, s, o = ops.quantize_pack([x], bits, [group])
+        guarded = torch.frombuffer(region, dtype=torch.uint8, count=p.numel(), offset=page - p.numel())
+        guarded.copy_(p)
+        got = ops.unpack_dequantize(guarded, s, o, bits, [n], [group])
+        assert torch.equal(got, ops.unpack_dequantize(p, s, o, bits, [n], [group]))
+        del guarded
+    finally:
+        libc.mprotect(addr + page, page, 3)  # PROT_READ | PROT_WRITE: the mapping can be closed
 
 
 @pytest.mark.parametrize("group", [64, 48])

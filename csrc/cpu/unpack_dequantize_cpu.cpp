@@ -48,6 +48,7 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
                  int64_t bits, const std::vector<OutSpan>& out, bool accumulate, bool fresh_output) {
   const bool meta_half = lay.meta_half;
   const uint8_t* src = packed.data_ptr<uint8_t>();
+  const uint8_t* const src_end = src + packed.numel();
   const void* sc = scales.data_ptr();
   const void* of = offsets.data_ptr();
   auto meta_at = [&](const void* base, int64_t g) {
@@ -84,9 +85,23 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
       const at::ScalarType st = out[pc.tensor].st;
       const int64_t G = t.group, n = pc.end - pc.begin;
       // 8-bit codes are the packed bytes themselves: read them in place.
-      const uint8_t* piece_codes = src + t.byte_base + pc.begin * bits / 8;
+      const uint8_t* const piece_packed = src + t.byte_base + pc.begin * bits / 8;
+      const uint8_t* piece_codes = piece_packed;
+      const int64_t g_in = (pc.begin + G - 1) / G, g_out = pc.end / G;  // the piece's whole groups
+      const bool whole = whole_groups && G % 16 == 0 && g_in < g_out;
+      // Whole groups of narrower codes decode from the packed bytes where the
+      // loops can; only the codes of the part groups at either end go
+      // through the bytes buffer (each end starts on a byte: a piece starts
+      // at a multiple of kQuantChunk, a whole group at a multiple of 16).
+      const bool fused = whole && bits != 8 && L.decode_groups_packed_f32 != nullptr;
       if (bits != 8) {
-        L.unpack[bits](piece_codes, n, codes.data());
+        if (fused) {
+          L.unpack[bits](piece_packed, g_in * G - pc.begin, codes.data());
+          const int64_t tail = g_out * G - pc.begin;
+          L.unpack[bits](piece_packed + tail * bits / 8, n - tail, codes.data() + tail);
+        } else {
+          L.unpack[bits](piece_packed, n, codes.data());
+        }
         piece_codes = codes.data();
       }
       float* outf;
@@ -104,13 +119,17 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
           s = se;
         }
       };
-      const int64_t g_in = (pc.begin + G - 1) / G, g_out = pc.end / G;  // the piece's whole groups
-      if (whole_groups && G % 16 == 0 && g_in < g_out) {
+      if (whole) {
         dequantize_range(pc.begin, g_in * G);
         const int64_t at = g_in * G - pc.begin;
-        L.decode_groups_f32(piece_codes + at, g_out - g_in, G, static_cast<const float*>(sc) + t.group_base + g_in,
-                            static_cast<const float*>(of) + t.group_base + g_in, outf + at,
-                            stream && outf != fbuf.data());
+        const float* group_sc = static_cast<const float*>(sc) + t.group_base + g_in;
+        const float* group_of = static_cast<const float*>(of) + t.group_base + g_in;
+        const bool stream_out = stream && outf != fbuf.data();
+        if (fused)
+          L.decode_groups_packed_f32(piece_packed + at * bits / 8, (int)bits, g_out - g_in, G, group_sc, group_of,
+                                     outf + at, stream_out, src_end);
+        else
+          L.decode_groups_f32(piece_codes + at, g_out - g_in, G, group_sc, group_of, outf + at, stream_out);
         dequantize_range(g_out * G, pc.end);
       } else {
         dequantize_range(pc.begin, pc.end);
