@@ -816,6 +816,34 @@ def _affine_inputs(mv, rec, members, counts, out_dtype, spans=None):
     return packed, scales, offsets
 
 
+def _view_plan(members):
+    """How a flat tensor holding ``members`` back to back becomes their
+    tensors: None to split it (every member 1-D), else each member's shape,
+    contiguous strides and element offset, for one ``as_strided`` call each
+    (a Python-level ``view`` per member after a split costs twice as much)."""
+    if all(len(e.shape) == 1 for e in members):
+        return None
+    plan, offset = [], 0
+    for e in members:
+        shape = tuple(e.shape)
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= max(d, 1)
+        plan.append((shape, tuple(reversed(strides)), offset))
+        offset += e.numel
+    return plan
+
+
+def _split_members(flat: torch.Tensor, numels, plan) -> list:
+    """A group's tensors from ``flat`` (their ``numels`` elements back to
+    back), as views, by its ``_view_plan``."""
+    if plan is None:
+        return list(torch.split(flat, numels))
+    base = flat.storage_offset()
+    return [flat.as_strided(shape, strides, base + offset) for shape, strides, offset in plan]
+
+
 def _decode_layout(pm: fmt.ParsedMessage):
     """What decoding ``pm`` takes besides the message's bytes, worked out once
     per parsed header (a repeated header reuses its ParsedMessage, so this too):
@@ -842,8 +870,9 @@ def _decode_layout(pm: fmt.ParsedMessage):
             extra = (gs, _affine_spans(rec, members, numels))
         else:
             extra = None
-        glist.append((rec, dtype, members, numels, extra))
-    raws = [(dtype, members, [(e.payload_offset, e.payload_len) for e in members]) for dtype, members in raw.items()]
+        glist.append((rec, dtype, members, numels, extra, _view_plan(members)))
+    raws = [(dtype, members, [(e.payload_offset, e.payload_len) for e in members], _view_plan(members))
+            for dtype, members in raw.items()]  # fmt: skip
     lay = pm._decode_layout = (raws, empty, glist)
     return lay
 
@@ -900,13 +929,13 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     device = torch.device(device) if device is not None else torch.device("cpu")
     raw_groups, empty, groups = _decode_layout(pm)
     out: dict[str, torch.Tensor] = dict.fromkeys([e.name for e in pm.entries])  # the table order
-    for dtype, members, spans in raw_groups:
-        tensors = _raw_tensors(mv, dtype, members, spans)
+    for dtype, members, spans, view_plan in raw_groups:
+        tensors = _raw_tensors(mv, dtype, members, spans, view_plan)
         out.update(zip([e.name for e in members], tensors if device.type == "cpu" else [t.to(device) for t in tensors]))
     for e in empty:
         out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
 
-    for rec, dtype, members, numels, extra in groups:
+    for rec, dtype, members, numels, extra, view_plan in groups:
         kdtype = torch.float32 if dtype == torch.float64 else dtype
         if rec.codec == fmt.CODEC_AFFINE:
             gs, spans = extra
@@ -926,20 +955,18 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
                 ) from exc
         if dtype != kdtype:
             dense = dense.to(dtype)
-        for e, t in zip(members, torch.split(dense, numels)):
-            out[e.name] = t if len(e.shape) == 1 else t.view(e.shape)
+        out.update(zip([e.name for e in members], _split_members(dense, numels, view_plan)))
     return out
 
 
-def _raw_tensors(mv, dtype, members, spans) -> list:
+def _raw_tensors(mv, dtype, members, spans, view_plan) -> list:
     """The raw tensors ``members`` (all of ``dtype``, at ``spans``), checked:
-    one copy out of the message for all of them, then one split."""
+    one copy out of the message for all of them, then views of it."""
     flat = _gather(mv, spans)
     if dtype == torch.bool and bool((flat > 1).any()):
         name = next(e.name for e in members if any(b > 1 for b in mv[e.payload_offset : e.end]))
         raise FormatError(f"tensor {name!r}: bool elements must be 0 or 1")
-    parts = torch.split(flat.view(dtype), [e.numel for e in members])
-    return [t if len(e.shape) == 1 else t.view(e.shape) for e, t in zip(members, parts)]
+    return _split_members(flat.view(dtype), [e.numel for e in members], view_plan)
 
 
 def _as_view(data) -> memoryview:
@@ -1132,13 +1159,13 @@ def decode_into(
     s_outs, s_index, s_values, s_counts, s_names = [], [], [], [], []
     raw_groups, _, groups = _decode_layout(pm)  # empty tensors: nothing to write
     target_of = dict(zip(names, targets))
-    for dtype, members, spans in raw_groups:
+    for dtype, members, spans, view_plan in raw_groups:
         outs = [target_of[e.name] for e in members]
         if not add and dtype != torch.bool and all(t.is_contiguous() for t in outs):  # no check of the values
             raw_direct += [(t, e.payload_offset) for t, e in zip(outs, members)]
         else:
-            writes.append((outs, _raw_tensors(mv, dtype, members, spans)))
-    for rec, dtype, members, numels, extra in groups:
+            writes.append((outs, _raw_tensors(mv, dtype, members, spans, view_plan)))
+    for rec, dtype, members, numels, extra, _ in groups:
         outs = [target_of[e.name] for e in members]
         if rec.codec == fmt.CODEC_AFFINE:
             gs, spans = extra

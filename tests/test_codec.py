@@ -593,6 +593,36 @@ def test_decoded_tensors_are_independent_of_the_message():
     assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+@pytest.mark.parametrize(
+    "spec", [fc.CodecSpec.raw(), fc.CodecSpec(), fc.CodecSpec(density=0.5)], ids=["raw", "4-bit", "top-50%"]
+)
+def test_decoded_tensors_of_every_shape_are_disjoint_contiguous_views(spec):
+    # A group's tensors come out as views of one buffer (one as_strided each
+    # where some tensor is not 1-D): shapes of every rank, empty dims
+    # between full tensors, none overlapping another.
+    g = torch.Generator().manual_seed(5)
+    state = {
+        "a": torch.randn(3, 4, generator=g),
+        "s": torch.randn((), generator=g),
+        "e": torch.empty(0, 3),
+        "v": torch.randn(7, generator=g),
+        "c": torch.randn(2, 3, 4, generator=g),
+        "z": torch.empty(4, 0, 2),
+        "b": torch.randn(5, 2, generator=g),
+    }
+    out = fc.decode(fc.encode(state, spec))
+    assert list(out) == list(state)
+    for name, t in out.items():
+        assert t.shape == state[name].shape and t.is_contiguous(), name
+        if spec.bits is None:
+            assert torch.equal(t, state[name]), name
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in out.values() if t.numel())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    before = {k: t.clone() for k, t in out.items()}
+    out["c"].fill_(7.0)
+    assert all(torch.equal(out[k], before[k]) for k in out if k != "c")
+
+
 def test_requires_grad_input():
     w = sample((4, 8)).requires_grad_()
     out = fc.decode(fc.encode({"w": w}, fc.CodecSpec(bits=8)))["w"]
