@@ -412,12 +412,20 @@ struct Squeeze32 {
   __m256i gather;
   Squeeze32() {
     alignas(32) int8_t order[32];
-    for (int k = 0; k < 32; ++k) order[k] = (int8_t)(k % 16 < 2 * B ? (k % 16 / B) * 8 + k % 16 % B : -1);
+    for (int k = 0; k < 32; ++k) {
+      const int j = k % 16, q = j / B, r = j % B;  // byte r of 64-bit lane q of the 128-bit lane
+      // Width 6: the 3 bytes of each 32-bit half, gathered as they are.
+      order[k] = (int8_t)(j >= 2 * B ? -1 : B == 6 ? q * 8 + (r < 3 ? r : r + 1) : q * 8 + r);
+    }
     gather = _mm256_load_si256((const __m256i*)order);
   }
   __m256i operator()(__m256i c) const {
     __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(pair, c), quad);  // 4 codes per 32-bit lane, 4B bits
+    if constexpr (B == 6) return _mm256_shuffle_epi8(d, gather);         // 4B = 24 bits: whole bytes, no join
     __m256i hi = _mm256_srli_epi64(d, 32 - 4 * B);                       // the upper lane's codes from bit 4B on
+    // Up to 4 bits the shift moves nothing of the lower lane's codes (4B
+    // bits, below 32 - 4B): a plain or joins the halves.
+    if constexpr (4 * B <= 32 - 4 * B) return _mm256_shuffle_epi8(_mm256_or_si256(d, hi), gather);
     return _mm256_shuffle_epi8(_mm256_or_si256(_mm256_and_si256(d, low), _mm256_andnot_si256(low, hi)), gather);
   }
 };
