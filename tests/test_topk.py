@@ -15,6 +15,8 @@ from flocora_codec import reference as R
 from tests.conftest import _ISA_LEVELS, DEVICES, FLOAT_DTYPES, REFERENCE_BACKEND
 
 CHUNK = 65536  # kChunk in csrc/cpu/topk_encode_cpu.cpp
+SINGLE_MAX = 1 << 17  # kSingleMax: per-tensor selections up to this many elements run in one task
+SINGLE_SAMPLE_MIN = 2048  # kSingleSampleMin: from here, Elias-Fano coded singles are sampled and staged
 
 
 def _bits(t):
@@ -122,9 +124,10 @@ def test_large_candidate_buckets(cpu_isa):
             _check([y, y[: n // 2]], [k], True)
 
 
-# Selections over at least 2^16 elements that run in chunks (a tensor past one
-# chunk, a global selection) histogram every 8th element only and take the
-# candidates of a bracket around the sample's estimate (kSampleMin,
+# Selections over at least 2^16 elements that run in chunks (a tensor past
+# SINGLE_MAX, a global selection), and single tensors of SINGLE_SAMPLE_MIN
+# elements or more coded by Elias-Fano, histogram every 8th element only and
+# take the candidates of a bracket around the sample's estimate (kSampleMin,
 # kSampleStride in csrc/cpu/topk_encode_cpu.cpp); a bracket that misses T is
 # redone from a full histogram. These inputs make the sample lie.
 def _misleading_samples(n, dtype):
@@ -139,9 +142,9 @@ def _misleading_samples(n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sampled_bracket_that_misses_is_redone(cpu_isa, dtype):
-    for n in (CHUNK + 1000, 2**18 + 1000):
+    for n in (SINGLE_SAMPLE_MIN, 5003, CHUNK + 1000, SINGLE_MAX + 1000):
         for x in _misleading_samples(n, dtype):
-            for density in (0.001, 0.2, 0.5):
+            for density in (0.001, 0.01, 0.2, 0.5):
                 k = int(n * density)
                 _check([x], [k])
                 _check([x[: n // 3], x[n // 3 :]], [k], True)
@@ -161,11 +164,37 @@ def test_sampled_selection_matches_reference(cpu_isa):
 def test_sampled_selection_sees_non_finite_values_the_sample_skips(cpu_isa):
     for bad in [float("nan"), float("inf")]:
         for where in (8 * 1000 + 5, 8 * 1001 + 5):  # not sampled; in either half of a 16-key block
-            xs = [torch.randn(5000), torch.randn(5 * CHUNK)]
-            xs[1][where] = bad
-            for ks, gs in [([100], True), ([10, 100], False)]:
-                with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
-                    ops.topk_encode(xs, ks, global_scope=gs)
+            for n in (5 * CHUNK, 20003):  # a chunked group, a sampled single
+                xs = [torch.randn(5000), torch.randn(n)]
+                xs[1][where] = bad
+                for ks, gs in [([100], True), ([10, 100], False)]:
+                    with pytest.raises(ValueError, match="^flocora::topk_encode: input has NaN or Inf values"):
+                        ops.topk_encode(xs, ks, global_scope=gs)
+
+
+def test_sampled_keys_on_the_edges_of_fine_bins(cpu_isa):
+    # A bracket's ends are fine-bin edges (keys with their low 18 bits all
+    # ones or all zeros): a key on an edge belongs to exactly one side.
+    g = torch.Generator().manual_seed(11)
+    for n in (SINGLE_SAMPLE_MIN + 5, 20003, CHUNK + 3, SINGLE_MAX + 5):
+        bits = torch.randn(n, generator=g).view(torch.int32)
+        for edge in (bits | 0x3FFFF, bits & ~0x3FFFF):
+            x = edge.view(torch.float32)
+            for density in (0.001, 0.05, 0.1):
+                _check([x], [int(n * density)])
+
+
+@pytest.mark.parametrize("levels", [2, 5, 1000])
+def test_sampled_singles_with_ties(levels, cpu_isa):
+    # Few distinct magnitudes, both signs, +-0: T has many equal keys, the
+    # first of which are kept in index order; staged and emitted in blocks of
+    # 16 (AVX-512) or 8 (AVX2) with a tail.
+    g = torch.Generator().manual_seed(levels)
+    for n in (SINGLE_SAMPLE_MIN, SINGLE_SAMPLE_MIN + 9, 20003, CHUNK + 3):
+        for dtype in FLOAT_DTYPES:
+            x = (torch.randint(-levels, levels + 1, (n,), generator=g).float() * 0.25).to(dtype)
+            for density in (0.0005, 0.01, 0.1, 0.15):
+                _check([x], [max(1, int(n * density))])
 
 
 def test_inputs_past_the_caches_select_alike_on_every_isa():

@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <vector>
 
 #include <flocora/affine.h>
@@ -59,6 +61,35 @@ inline void run_balanced(const std::vector<int64_t>& cost, const Fn& fn) {
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q)
       if (bound[q] < bound[q + 1]) fn(bound[q], bound[q + 1]);
+  });
+}
+
+// Hands tasks 0..n-1 out one at a time, the costliest first, to every thread
+// as it comes free: fn(take) runs once per thread (so it can set up its
+// scratch once) and calls take() for its next task, -1 when none is left.
+// For task sizes that vary a lot (the tensors of a per-tensor top-k), where
+// run_balanced's fixed runs left one thread waiting on the other.
+template <typename Fn>
+inline void run_claimed(const std::vector<int64_t>& cost, const Fn& fn) {
+  const int64_t ntasks = (int64_t)cost.size();
+  if (ntasks == 0) return;
+  std::vector<int64_t> order(ntasks);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  auto take = [&]() -> int64_t {
+    const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+    return i < ntasks ? order[i] : -1;
+  };
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  if (total < kInlineWork || at::get_num_threads() == 1 || at::in_parallel_region() || ntasks == 1) {
+    fn(take);
+    return;
+  }
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), ntasks);
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) fn(take);
   });
 }
 

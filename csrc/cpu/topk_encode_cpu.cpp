@@ -21,9 +21,15 @@
 //            Elias-Fano low/high bit streams, written from batches of kept
 //            positions) straight into the outputs.
 // So the input is read three times, and nothing is allocated in hot loops.
-// A tensor that fits in one chunk (per-tensor scope) runs all of this in one
-// task on a private key buffer, so a LoRA state dict of many small tensors
-// costs one parallel region and a few microseconds per tensor.
+// A tensor of at most kSingleMax elements (per-tensor scope) is a "single":
+// one task does its whole selection, so a LoRA state dict of many small
+// tensors costs one parallel region, whose tasks threads claim largest first.
+// A single of kSingleSampleMin elements or more with an Elias-Fano code (the
+// densities sparsification uses) takes a bracket from a sample as above,
+// then reads x once more: the bits and positions of its keys above the
+// bracket's bottom are staged (a small share of x), the select runs on those
+// within the bracket, and the emit reads the stage, not x. Other singles
+// histogram all their keys (stored to a private buffer) and select from them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -61,7 +67,17 @@ constexpr int64_t kFlagWords = kChunk / kBlock / 64;  // block flags per chunk
 constexpr int kTopShift = 20;                         // top digit: key bits 20..30 (bit 31 is the sign, cleared)
 constexpr int kTopBins = 2048;
 constexpr uint32_t kNonFiniteTop = 0x7f800000u >> kTopShift;  // top bins of Inf and NaN
-constexpr int64_t kSmallSelect = 256;                         // candidates few enough for nth_element
+// Elias-Fano coded singles from kSingleSampleMin on are sampled and staged
+// (ResNet-18 adapter set, per tensor 10%, 2 threads: 0.26 -> 0.13 ms; 1%:
+// 0.19 -> 0.10 ms); bitmap coded ones (dense) are not: staging a third of x
+// or more cost more than reading it again. A single may have up to
+// kSingleMax elements: phased, a tensor cost five parallel regions, and even
+// alone it is faster on one thread (2^17 elements, 2 threads, phased against
+// single: 10% 90 -> 53 us, 30% 87 -> 80 us; at 200k elements, with buffers
+// of 12 bytes an element past the L2, phased wins).
+constexpr int64_t kSingleMax = 1 << 17;
+constexpr int64_t kSingleSampleMin = 2048;
+constexpr int64_t kSmallSelect = 256;  // candidates few enough for nth_element
 // Groups of at least kSampleMin elements histogram every kSampleStride-th
 // element only, and take the candidates of a bracket of top-digit bins
 // around the sample's estimate of the threshold (checked: a bracket that
@@ -175,6 +191,45 @@ void sampled_histogram_into(const void* x, int64_t begin, int64_t end, uint32_t*
   for (int64_t i = begin; i < end; i += kSampleStride) ++hist[key_at<D>(x, i) >> kFineShift];
 }
 
+// Histogram of the top 13 key bits of every kSampleStride-th element of
+// x[0..n), added to hist; returns the highest bin it touched (bins above it
+// stay as they were) and sets *lowest to the lowest one.
+template <Dt D>
+int sampled_histogram_span(const void* x, int64_t n, uint32_t* hist, int* lowest) {
+  uint32_t lo = kFineBins - 1, hi = 0;
+  for (int64_t i = 0; i < n; i += kSampleStride) {
+    const uint32_t b = key_at<D>(x, i) >> kFineShift;
+    ++hist[b];
+    lo = std::min(lo, b);
+    hi = std::max(hi, b);
+  }
+  *lowest = (int)lo;
+  return (int)hi;
+}
+
+// The candidates' bracket (lo, hi] around T, the k-th largest of n keys, from
+// a histogram h of `sample` of them (every kSampleStride-th) on fine bins, no
+// bin above `top` non-empty. T's rank in the sample is about r = k * sample /
+// n, with a standard deviation below sqrt(r): bins whose sample counts above
+// them stay under r - 5 sd hold fewer than k keys, and down to r + 5 sd, at
+// least k. Probable, not certain: the callers check it by the counts.
+template <typename H>
+void sample_bracket(const H* h, int top, int64_t k, int64_t sample, int64_t n, int32_t* lo, int32_t* hi) {
+  const double r = (double)k * (double)sample / (double)n, margin = 5.0 * std::sqrt(r) + 16.0;
+  int64_t cum = 0;
+  int b = top;
+  *hi = 0x7fffffff;
+  for (bool hi_found = false; b > 0; --b) {
+    cum += (int64_t)h[b];
+    if (!hi_found && (double)cum >= r - margin) {
+      *hi = (int32_t)(((uint32_t)b << kFineShift) | ((1u << kFineShift) - 1));
+      hi_found = true;
+    }
+    if ((double)cum >= r + margin) break;
+  }
+  *lo = (int32_t)((uint32_t)b << kFineShift) - 1;  // -1 for bin 0: every key
+}
+
 // Bit j set iff keys[j] > t, for 16 keys (signed compare: keys are < 2^31,
 // and t may be -1 to mean "every key").
 FLOCORA_INLINE uint32_t gt_mask(const uint32_t* keys, int32_t t) {
@@ -276,6 +331,21 @@ void emit_range(int isa, const EncTensor& t, int64_t begin, int64_t end, uint32_
   FLOCORA_TOPK_DISPATCH(isa, emit_range<D>(t, begin, end, thr, ties, rank0, vals, idx, flags));
 }
 
+template <Dt D>
+int64_t stage_above(int isa, const void* x, int64_t n, int32_t lo, int32_t hi, uint32_t* bits_out, int32_t* pos_out,
+                    int64_t* above, uint32_t* max_key) {
+  FLOCORA_TOPK_DISPATCH(isa, stage_above<D>(x, n, lo, hi, bits_out, pos_out, above, max_key));
+}
+
+int64_t bracket_keys(int isa, const uint32_t* bits, int64_t m, int32_t hi, uint32_t* keys) {
+  FLOCORA_TOPK_DISPATCH(isa, bracket_keys(bits, m, hi, keys));
+}
+
+void emit_staged(int isa, const EncTensor& t, const uint32_t* bits, const int32_t* pos, int64_t m, uint32_t thr,
+                 int64_t ties, float* vals, uint8_t* idx) {
+  FLOCORA_TOPK_DISPATCH(isa, emit_staged(t, bits, pos, m, thr, ties, vals, idx));
+}
+
 void keys_f32(int isa, const float* x, int64_t n, uint32_t* keys, uint32_t* lo, uint32_t* hi) {
   FLOCORA_TOPK_DISPATCH(isa, keys_f32(x, n, keys, lo, hi));
 }
@@ -333,6 +403,16 @@ int top_bin(const int64_t* hist, int highest, int64_t* need) {
   return b;
 }
 
+// T, the need-th largest of keys[0..m), and *ties (as select_inplace) by nth_element.
+uint32_t select_small(uint32_t* keys, int64_t m, int64_t need, int64_t* ties) {
+  std::nth_element(keys, keys + (need - 1), keys + m, std::greater<uint32_t>());
+  const uint32_t t = keys[need - 1];
+  int64_t above = 0;
+  for (int64_t i = 0; i < m; ++i) above += keys[i] > t;
+  *ties = need - above;
+  return t;
+}
+
 // keys[0..m) agree on every digit above d; 1 <= need <= m. Returns T, the
 // need-th largest key, and *ties = need - #(keys > T): the number of keys
 // equal to T that belong to the top `need`. Compacts keys in place.
@@ -342,22 +422,21 @@ uint32_t select_inplace(int isa, uint32_t* keys, int64_t m, int64_t need, int d,
                         int first_top, int64_t* ties) {
   int64_t hist[kTopBins];
   for (; d < 3; ++d) {
-    if (m <= kSmallSelect) {
-      std::nth_element(keys, keys + (need - 1), keys + m, std::greater<uint32_t>());
-      uint32_t t = keys[need - 1];
-      int64_t above = 0;
-      for (int64_t i = 0; i < m; ++i) above += keys[i] > t;
-      *ties = need - above;
-      return t;
-    }
+    if (m <= kSmallSelect) return select_small(keys, m, need, ties);
     const int s = kShift[d];
     const uint32_t mask = (uint32_t)kBins[d] - 1;
     const int64_t* h = first_hist;
     int highest = first_hist ? first_top : kBins[d] - 1;
     if (h == nullptr) {
       std::fill(hist, hist + kBins[d], 0);
-      for (int64_t i = 0; i < m; ++i) ++hist[(keys[i] >> s) & mask];
+      uint32_t top = 0;  // the scan starts here, not at the last of 2048 bins
+      for (int64_t i = 0; i < m; ++i) {
+        const uint32_t bin = (keys[i] >> s) & mask;
+        ++hist[bin];
+        top = std::max(top, bin);
+      }
       h = hist;
+      highest = (int)top;
     }
     first_hist = nullptr;
     const uint32_t b = (uint32_t)top_bin(h, highest, &need);
@@ -365,6 +444,50 @@ uint32_t select_inplace(int isa, uint32_t* keys, int64_t m, int64_t need, int d,
   }
   *ties = need;  // all m keys are equal now
   return keys[0];
+}
+
+// As select_inplace, for keys[0..m) that all lie in (lo, hi] (a sampled
+// bracket, which spans a few fine bins, not whole digits): each round's digit
+// is the bits that tell the keys of the current range apart (up to 11, fewer
+// for fewer keys), counted in
+// four interleaved sub-histograms cleared over that range only (candidates
+// crowd into few bins: one counter per bin serialized on its increments).
+uint32_t select_in_range(int isa, uint32_t* keys, int64_t m, int64_t need, uint32_t lo, uint32_t hi, int64_t* ties) {
+  uint32_t sub[4][kTopBins];
+  while (m > kSmallSelect) {
+    if (lo == hi) {  // every key equal
+      *ties = need;
+      return keys[0];
+    }
+    // About m / 8 bins (at most 2048): the scan over the bins stays cheaper
+    // than the counting, and the next round gets a few keys per bin.
+    const uint32_t max_bins = (uint32_t)std::min<int64_t>(kTopBins, std::max<int64_t>(64, m / 8));
+    int s = 0;
+    while ((hi >> s) - (lo >> s) >= max_bins) ++s;
+    const uint32_t base = lo >> s;
+    const int nb = (int)((hi >> s) - base) + 1;
+    for (auto& h : sub) std::fill(h, h + nb, 0u);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      ++sub[0][(keys[i] >> s) - base];
+      ++sub[1][(keys[i + 1] >> s) - base];
+      ++sub[2][(keys[i + 2] >> s) - base];
+      ++sub[3][(keys[i + 3] >> s) - base];
+    }
+    for (; i < m; ++i) ++sub[0][(keys[i] >> s) - base];
+    int64_t cum = 0;
+    int b = nb - 1;
+    for (; b > 0; --b) {
+      const int64_t c = (int64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
+      if (cum + c >= need) break;
+      cum += c;
+    }
+    need -= cum;
+    m = keep_bucket(isa, keys, m, s, 0xffffffffu, base + (uint32_t)b);
+    lo = (base + (uint32_t)b) << s;
+    hi = lo | ((1u << s) - 1);  // s == 0: lo == hi, the loop's first test ends it
+  }
+  return select_small(keys, m, need, ties);
 }
 
 // As select_inplace, but leaves src intact (the phased path still needs it to
@@ -419,8 +542,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   for (const EncTensor& t : ts) input_bytes += t.n * (t.dt == kF32 ? 4 : 2);
   if (isa == 2 && input_bytes >= kPastCachesBytes) isa = 1;
 
-  // Groups and chunks. Per-tensor scope: a tensor of at most kChunk elements
-  // is one self-contained task ("single"); larger ones are phased groups.
+  // Groups and chunks. Per-tensor scope: a tensor of at most kSingleMax
+  // elements is one self-contained task ("single"); larger ones are phased
+  // groups.
   std::vector<Group> groups;
   std::vector<Chunk> chunks;
   std::vector<int32_t> singles;
@@ -441,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
   } else {
     for (int32_t i = 0; i < nt; ++i) {
       if (ts[i].n == 0) continue;
-      if (ts[i].n <= kChunk) {
+      if (ts[i].n <= kSingleMax) {
         singles.push_back(i);
         continue;
       }
@@ -505,8 +629,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
           (chunks[c].end - chunks[c].begin) / (groups[chunks[c].group].sampled ? kSampleStride : 1) + 64;
     float* vals_base = values.defined() ? values.data_ptr<float>() : nullptr;
     uint8_t* idx_base = index.defined() ? index.data_ptr<uint8_t>() : nullptr;
-    run_balanced(cost, [&](int64_t first, int64_t last) {
-      std::vector<uint32_t> keys;  // a single tensor's keys, compacted by the select
+    run_claimed(cost, [&](const auto& take) {
+      // A single tensor's keys, compacted by the select (uninitialized: every
+      // use writes before it reads, and zeroing it cost a few us a call).
+      std::unique_ptr<uint32_t[]> keys;
+      std::unique_ptr<uint32_t[]> single_fine;  // a sampled single's fine histogram
+      std::unique_ptr<uint32_t[]> stage_bits;   // and its elements above the bracket's bottom
+      std::unique_ptr<int32_t[]> stage_pos;
       int64_t h64[kTopBins];
       // Chunks of one group (consecutive tasks) add up here and reach the
       // shared histogram once: a merge per chunk (the many small tensors of a
@@ -527,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         }
         acc_group = -1;
       };
-      for (int64_t task = first; task < last; ++task) {
+      for (int64_t task; (task = take()) >= 0;) {
         if (task >= nsingle) {
           const Chunk& c = chunks[task - nsingle];
           const EncTensor& t = ts[c.tensor];
@@ -555,21 +684,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
           continue;
         }
         const EncTensor& t = ts[singles[task]];
-        if ((int64_t)keys.size() < t.n + kBlock) keys.resize(std::max<int64_t>(t.n, max_single) + kBlock);
+        if (!keys) keys.reset(new uint32_t[max_single + kBlock]);  // + keep_bucket's and the stores' overhang
+        if (t.count > 0 && t.n >= kSingleSampleMin && t.code == kIndexEliasFano) {
+          // As a sampled group, in one task: a bracket from a sample, the
+          // candidates in it (stored to keys), the select among them.
+          if (!single_fine) {
+            single_fine.reset(new uint32_t[kFineBins]());  // kept zero between tensors
+            stage_bits.reset(new uint32_t[max_single + kBlock]);
+            stage_pos.reset(new int32_t[max_single + kBlock]);
+          }
+          int low_bin = 0, top_bin_seen = 0;
+          dispatch_dt(t.dt, [&](auto d) {
+            top_bin_seen = sampled_histogram_span<decltype(d)::value>(t.x, t.n, single_fine.get(), &low_bin);
+          });
+          int32_t lo = 0, hi = 0;
+          sample_bracket(single_fine.get(), top_bin_seen, t.count, (t.n + kSampleStride - 1) / kSampleStride, t.n, &lo,
+                         &hi);
+          std::fill(single_fine.get() + low_bin, single_fine.get() + top_bin_seen + 1, 0u);
+          int64_t above = 0, staged = 0;
+          uint32_t max_key = 0;
+          dispatch_dt(t.dt, [&](auto d) {
+            staged = stage_above<decltype(d)::value>(isa, t.x, t.n, lo, hi, stage_bits.get(), stage_pos.get(), &above,
+                                                     &max_key);
+          });
+          if (max_key >= 0x7f800000u) {
+            __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
+            continue;
+          }
+          if (above < t.count && staged >= t.count) {  // T is in the bracket
+            const int64_t cand = bracket_keys(isa, stage_bits.get(), staged, hi, keys.get());
+            int64_t ties = 0;
+            const uint32_t thr =
+                select_in_range(isa, keys.get(), cand, t.count - above, (uint32_t)(lo + 1), (uint32_t)hi, &ties);
+            emit_staged(isa, t, stage_bits.get(), stage_pos.get(), staged, thr, ties, vals_base + t.voff,
+                        idx_base + t.ioff);
+            continue;
+          }
+          // The bracket missed T: the full histogram below.
+        }
         std::fill(h64, h64 + kTopBins, 0);
         uint32_t mx = 0;
         if (t.dt == kF32)
-          mx = single_histogram_f32(isa, static_cast<const float*>(t.x), t.n, h64, keys.data());
+          mx = single_histogram_f32(isa, static_cast<const float*>(t.x), t.n, h64, keys.get());
         else
-          dispatch_dt(
-              t.dt, [&](auto d) { mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.data()); });
+          dispatch_dt(t.dt,
+                      [&](auto d) { mx = top_histogram_into<decltype(d)::value, true>(t.x, 0, t.n, h64, keys.get()); });
         if ((mx >> kTopShift) >= kNonFiniteTop) {
           __atomic_store_n(&nonfinite, true, __ATOMIC_RELAXED);
           continue;
         }
         if (t.count == 0) continue;
         int64_t ties = 0;
-        uint32_t thr = select_inplace(isa, keys.data(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
+        uint32_t thr = select_inplace(isa, keys.get(), t.n, t.count, 0, h64, (int)(mx >> kTopShift), &ties);
         dispatch_dt(t.dt, [&](auto d) {
           emit_range<decltype(d)::value>(isa, t, 0, t.n, thr, ties, 0, vals_base + t.voff, idx_base + t.ioff, nullptr);
         });
@@ -598,23 +764,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       ncand += gr.cand_count;
       continue;
     }
-    // T's rank in the sample is about r = k * sample / n, with a standard
-    // deviation below sqrt(r): bins whose sample counts above them stay
-    // under r - 5 sd hold fewer than k keys, and down to r + 5 sd, at least k.
-    const int64_t* h = fine_hist.data() + (int64_t)fine_of[g] * kFineBins;
-    const double r = (double)gr.k * (double)sample_n[g] / (double)gr.n, margin = 5.0 * std::sqrt(r) + 16.0;
-    int64_t cum = 0;
-    int b = kFineBins - 1;
-    gr.hi = 0x7fffffff;
-    for (bool hi_found = false; b > 0; --b) {
-      cum += h[b];
-      if (!hi_found && (double)cum >= r - margin) {
-        gr.hi = (int32_t)(((uint32_t)b << kFineShift) | ((1u << kFineShift) - 1));
-        hi_found = true;
-      }
-      if ((double)cum >= r + margin) break;
-    }
-    gr.lo = (int32_t)((uint32_t)b << kFineShift) - 1;
+    sample_bracket(fine_hist.data() + (int64_t)fine_of[g] * kFineBins, kFineBins - 1, gr.k, sample_n[g], gr.n, &gr.lo,
+                   &gr.hi);
     gr.cand_count = gr.n;  // a bound until phase 2 counts them
     ncand += gr.n;
   }

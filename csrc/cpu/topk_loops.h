@@ -155,9 +155,10 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
       mx = _mm512_max_epu32(mx, keys);
       const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, end - i));
       __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);
-      if (!ge) continue;
+      // No branch on ge: near the threshold of a dense selection, blocks
+      // with and without candidates alternate at random.
       const int64_t blk = (i - begin) / kBlock;
-      flags[blk >> 6] |= 1ull << (blk & 63);
+      flags[blk >> 6] |= (uint64_t)(ge != 0) << (blk & 63);
       __mmask16 gt = _mm512_cmpgt_epi32_mask(keys, hiv);
       up += __builtin_popcount(gt);
       __mmask16 in = (__mmask16)(ge & ~gt);
@@ -232,26 +233,172 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
   return cnt;
 }
 
+// A sampled single's one pass over its input: the float32 bits and the
+// positions of its elements with key > lo go to bits_out and pos_out (room
+// for n + kBlock each), in order; returns how many. *above: the number of
+// keys > hi; *max_key: the largest key. The select and the emit then read
+// these (a small share of x at the densities sparsification uses) instead
+// of x again. lo may be -1: every element.
+template <Dt D>
+int64_t stage_above(const void* x, int64_t n, int32_t lo, int32_t hi, uint32_t* bits_out, int32_t* pos_out,
+                    int64_t* above, uint32_t* max_key) {
+  int64_t cnt = 0, up = 0;
+  int64_t i = 0;
+  uint32_t mx = 0;
+#if FLOCORA_TOPK_ISA == 2
+  if (D == kF32) {
+    const __m512i lov = _mm512_set1_epi32(lo), hiv = _mm512_set1_epi32(hi);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i mxv = _mm512_setzero_si512();
+    for (; i < n; i += kBlock) {
+      const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, n - i));
+      __m512i keys;
+      const __m512i b = load_block_f32(x, i, valid, &keys);  // lanes past the end: key 0
+      mxv = _mm512_max_epu32(mxv, keys);
+      // No branches on the masks: near the threshold of a dense selection
+      // they change at random from block to block.
+      const __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);
+      up += __builtin_popcount(_mm512_cmpgt_epi32_mask(keys, hiv));
+      _mm512_storeu_si512(bits_out + cnt, _mm512_maskz_compress_epi32(ge, b));
+      _mm512_storeu_si512(pos_out + cnt,
+                          _mm512_maskz_compress_epi32(ge, _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), iota)));
+      cnt += __builtin_popcount(ge);
+    }
+    *above = up;
+    *max_key = _mm512_reduce_max_epu32(mxv);
+    return cnt;
+  }
+#endif
+#if FLOCORA_TOPK_ISA == 1
+  if (D == kF32) {  // whole blocks: two 8-lane halves, compressed through the table
+    const __m256i lov = _mm256_set1_epi32(lo), hiv = _mm256_set1_epi32(hi), magnitude = _mm256_set1_epi32(0x7fffffff);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i mxv = _mm256_setzero_si256();
+    for (; i + kBlock <= n; i += kBlock) {
+      const float* p = static_cast<const float*>(x) + i;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8));
+      const __m256i k0 = _mm256_and_si256(b0, magnitude), k1 = _mm256_and_si256(b1, magnitude);
+      mxv = _mm256_max_epu32(mxv, _mm256_max_epu32(k0, k1));
+      const uint32_t ge0 = lane_mask(_mm256_cmpgt_epi32(k0, lov)), ge1 = lane_mask(_mm256_cmpgt_epi32(k1, lov));
+      up += __builtin_popcount(lane_mask(_mm256_cmpgt_epi32(k0, hiv)) | lane_mask(_mm256_cmpgt_epi32(k1, hiv)) << 8);
+      const __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int32_t)i), iota);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits_out + cnt), compress8(b0, ge0));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos_out + cnt), compress8(at, ge0));
+      cnt += __builtin_popcount(ge0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits_out + cnt), compress8(b1, ge1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos_out + cnt),
+                          compress8(_mm256_add_epi32(at, _mm256_set1_epi32(8)), ge1));
+      cnt += __builtin_popcount(ge1);
+    }
+    alignas(32) uint32_t lanes8[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes8), mxv);
+    for (uint32_t v : lanes8) mx = std::max(mx, v);
+  }
+#endif
+  uint32_t bits[kBlock];
+  for (; i < n; i += kBlock) {
+    const int m = (int)std::min<int64_t>(kBlock, n - i);
+    load_bits<D>(x, i, m, bits);
+    for (int j = 0; j < m; ++j) {
+      const uint32_t k = bits[j] & 0x7fffffffu;
+      mx = std::max(mx, k);
+      up += (int32_t)k > hi;
+      bits_out[cnt] = bits[j];
+      pos_out[cnt] = (int32_t)(i + j);
+      cnt += (int32_t)k > lo;
+    }
+  }
+  *above = up;
+  *max_key = mx;
+  return cnt;
+}
+
+// Keys of the staged bits bits[0..m) that are at most hi (the rest of the
+// stage is > lo already): the candidates the select runs on, to keys.
+inline int64_t bracket_keys(const uint32_t* bits, int64_t m, int32_t hi, uint32_t* keys) {
+  int64_t cnt = 0;
+  int64_t i = 0;
+#if FLOCORA_TOPK_ISA == 2
+  const __m512i hiv = _mm512_set1_epi32(hi), magnitude = _mm512_set1_epi32(0x7fffffff);
+  for (; i < m; i += kBlock) {
+    const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, m - i));
+    const __m512i k = _mm512_and_si512(_mm512_maskz_loadu_epi32(valid, bits + i), magnitude);
+    const __mmask16 in = _mm512_mask_cmple_epi32_mask(valid, k, hiv);
+    _mm512_storeu_si512(keys + cnt, _mm512_maskz_compress_epi32(in, k));
+    cnt += __builtin_popcount(in);
+  }
+#elif FLOCORA_TOPK_ISA == 1
+  const __m256i hiv = _mm256_set1_epi32(hi), magnitude = _mm256_set1_epi32(0x7fffffff);
+  for (; i + 8 <= m; i += 8) {
+    const __m256i k = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i)), magnitude);
+    const uint32_t in = lane_mask(_mm256_cmpgt_epi32(k, hiv)) ^ 0xffu;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + cnt), compress8(k, in));
+    cnt += __builtin_popcount(in);
+  }
+#endif
+  for (; i < m; ++i) {
+    const uint32_t k = bits[i] & 0x7fffffffu;
+    keys[cnt] = k;
+    cnt += (int32_t)k <= hi;
+  }
+  return cnt;
+}
+
 // Kept elements batched for their Elias-Fano fields (emit_range), as int32
 // offsets within a range of at most kChunk elements.
 constexpr int kPosBatch = 512;
 static_assert(kChunk <= INT32_MAX, "emit_range keeps positions as int32 offsets");
 
 // The Elias-Fano fields of elements base + pos[0..n), of ranks rank, rank + 1, ...
-// The writers are copied in and out: their byte stores could alias them, so
-// working on the callers' objects would reload their state after every store.
-__attribute__((noinline)) inline void write_elias_fano(FieldWriter& low_out, UnaryWriter& high_out, int64_t base,
+// Until both writers are past their first (shared) byte or word, their own
+// put/set run; then their state lives in locals (working on the writers'
+// fields, the compiler reloaded and spilled them around every store, which
+// might alias them), and low fields up to 32 bits go out 4 bytes at a time.
+__attribute__((noinline)) inline void write_elias_fano(FieldWriter& low, UnaryWriter& high, int64_t base,
                                                        const int32_t* pos, int n, int64_t rank, int l,
                                                        uint64_t low_mask) {
-  FieldWriter low = low_out;
-  UnaryWriter high = high_out;
-  for (int j = 0; j < n; ++j) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  constexpr bool little_endian = true;  // the word stores below
+#else
+  constexpr bool little_endian = false;
+#endif
+  int j = 0;
+  for (; j < n && (!little_endian || low.first || high.first || l > 32); ++j) {
     const uint64_t e = (uint64_t)(base + pos[j]);
     low.put(e & low_mask, l);
     high.set((int64_t)(e >> l) + rank + j);
   }
-  low_out = low;
-  high_out = high;
+  if (j == n) return;
+  uint64_t acc = low.acc, word = high.v;
+  int nacc = low.nacc;  // < 32 between puts
+  uint8_t* low_at = low.base + low.byte;
+  int64_t cur = high.cur;
+  uint8_t* const high_base = high.base;
+  for (; j < n; ++j) {
+    const uint64_t e = (uint64_t)(base + pos[j]);
+    acc |= (e & low_mask) << nacc;  // at most 63 bits
+    nacc += l;
+    if (nacc >= 32) {  // four whole bytes of this range's alone
+      const uint32_t w32 = (uint32_t)acc;
+      std::memcpy(low_at, &w32, 4);
+      low_at += 4;
+      acc >>= 32;
+      nacc -= 32;
+    }
+    const int64_t q = (int64_t)(e >> l) + rank + j;
+    if ((q >> 6) != cur) {  // cur is past the first word: all this range's
+      std::memcpy(high_base + 8 * cur, &word, 8);
+      cur = q >> 6;
+      word = 0;
+    }
+    word |= 1ull << (q & 63);
+  }
+  low.acc = acc;
+  low.nacc = nacc;
+  low.byte = low_at - low.base;
+  high.cur = cur;
+  high.v = word;
 }
 
 // Emits the kept elements of [begin, end) of tensor t (begin a multiple of
@@ -310,7 +457,8 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       __m512i b = load_block_f32(t.x, i, lanes(n), &k);
       uint32_t sel = _mm512_cmpgt_epi32_mask(k, tv);  // lanes past the end hold key 0 <= thr
       if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(lanes(n), k, tv));
-      if (!sel) return;
+      // No branch on sel (unpredictable in a dense selection): an empty
+      // block stores nothing and moves nothing on.
       const int cnt = __builtin_popcount(sel);
       // A masked store: the next slot of vals belongs to another task's block.
       _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
@@ -388,6 +536,93 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
     low.finish();
     high.finish();
   }
+}
+
+// Emits a sampled single from its stage (stage_above: bits and positions of
+// m elements, in index order): every element with key > thr and the first
+// `ties` with key == thr. Values go to vals[0...], the Elias-Fano code into
+// the zeroed idx bytes of the tensor, which this task alone writes. (Bitmap
+// coded tensors are dense: staging their elements costs more than reading
+// x again, and emit_range writes their bitmap a block at a time.)
+inline void emit_staged(const EncTensor& t, const uint32_t* bits, const int32_t* pos, int64_t m, uint32_t thr,
+                        int64_t ties, float* vals, uint8_t* idx) {
+  const int l = t.low_bits;
+  const uint64_t low_mask = l ? (~0ull >> (64 - l)) : 0;
+  FieldWriter low(idx, 0);
+  UnaryWriter high(idx + t.low_nbytes);
+  int32_t batch[kPosBatch + kBlock];  // kept positions, + a vector store's overhang
+  int nbatch = 0;
+  int64_t rank = 0, batch_rank = 0;
+  auto flush = [&]() FLOCORA_LAMBDA_INLINE {
+    write_elias_fano(low, high, 0, batch, nbatch, batch_rank, l, low_mask);
+    batch_rank += nbatch;
+    nbatch = 0;
+  };
+  // The first `ties` keys == thr join the keys > thr.
+  auto add_ties = [&](uint32_t sel, uint32_t eq) FLOCORA_LAMBDA_INLINE {
+    while (eq && ties > 0) {
+      sel |= eq & (0u - eq);
+      eq &= eq - 1;
+      --ties;
+    }
+    return sel;
+  };
+  int64_t i = 0;
+#if FLOCORA_TOPK_ISA == 2
+  {
+    const __m512i tv = _mm512_set1_epi32((int32_t)thr), magnitude = _mm512_set1_epi32(0x7fffffff);
+    for (; i < m; i += kBlock) {
+      const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, m - i));
+      const __m512i b = _mm512_maskz_loadu_epi32(valid, bits + i);
+      const __m512i k = _mm512_and_si512(b, magnitude);
+      uint32_t sel = _mm512_mask_cmpgt_epi32_mask(valid, k, tv);
+      if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(valid, k, tv));
+      const int cnt = __builtin_popcount(sel);
+      // A masked store: the slots past this tensor's values are another task's.
+      _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
+      _mm512_storeu_si512(batch + nbatch,
+                          _mm512_maskz_compress_epi32((__mmask16)sel, _mm512_maskz_loadu_epi32(valid, pos + i)));
+      rank += cnt;
+      nbatch += cnt;
+      if (nbatch >= kPosBatch) flush();
+    }
+  }
+#elif FLOCORA_TOPK_ISA == 1
+  {
+    const __m256i tv = _mm256_set1_epi32((int32_t)thr), magnitude = _mm256_set1_epi32(0x7fffffff);
+    const __m256i first = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; i + 8 <= m; i += 8) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+      const __m256i k = _mm256_and_si256(b, magnitude);
+      uint32_t sel = lane_mask(_mm256_cmpgt_epi32(k, tv));
+      if (ties > 0) sel = add_ties(sel, lane_mask(_mm256_cmpeq_epi32(k, tv)));
+      const int cnt = __builtin_popcount(sel);
+      // A masked store: the slots past this tensor's values are another task's.
+      _mm256_maskstore_epi32(reinterpret_cast<int*>(vals + rank), _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), first),
+                             compress8(b, sel));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(batch + nbatch),
+                          compress8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + i)), sel));
+      rank += cnt;
+      nbatch += cnt;
+      if (nbatch >= kPosBatch) flush();
+    }
+  }
+#endif
+  for (; i < m; ++i) {
+    const uint32_t k = bits[i] & 0x7fffffffu;
+    bool keep = k > thr;
+    if (!keep && k == thr && ties > 0) {
+      keep = true;
+      --ties;
+    }
+    if (!keep) continue;
+    vals[rank++] = bits_float(bits[i]);
+    batch[nbatch++] = pos[i];
+    if (nbatch >= kPosBatch) flush();
+  }
+  flush();
+  low.finish();
+  high.finish();
 }
 
 }  // namespace FLOCORA_TOPK_LOOPS
