@@ -390,8 +390,12 @@ class _EncodePlan:
     record_list: list
     compact_id: bytes | None  # schema id of a compact message
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
-    ranges: list | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
+    ranges: torch.Tensor | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
     topk_positions: list = field(default_factory=list)  # top-k tensors in message order (compact counts)
+    # Per-tensor top-k groups with plain values keep the counts asked of them,
+    # so their layout is fixed too: (header with its top-k fields, total,
+    # starts, ranges), once known.
+    fixed_topk_layout: tuple | None = None
 
 
 def _plan_key(tensors, spec, schema):
@@ -466,7 +470,15 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     # The plan is shared (threads may encode with it at once): this encode's
     # top-k fields (count, index code, section lengths) stay in `fields`.
     fields: dict = {}
-    if plan.topk:
+    fixed = plan.fixed_topk_layout
+    if fixed is not None:
+        for tp in plan.topk:
+            counts, values, index_bytes = _topk_kernel(False, tp.members, plan.entries, flat, plan.specs, tp.ks)
+            if counts != tp.ks:  # the kernel's contract for a per-tensor selection
+                raise RuntimeError(f"encode: top-k kept {counts} elements, not the {tp.ks} asked (internal error)")
+            outputs += (index_bytes, _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values))
+        header, total, starts, ranges = fixed
+    elif plan.topk:
         sizes = list(plan.section_bytes)
         for tp in plan.topk:
             if tp.rec.values in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED):
@@ -503,7 +515,8 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     out, view = _alloc_message(total)
     view[: len(header)] = header
     # Kernel outputs and raw tensors into place: one call, byte ranges fixed by the layout.
-    ranges = plan.ranges if not plan.topk else None
+    if fixed is None:
+        ranges = plan.ranges if not plan.topk else None
     if ranges is None:
         ranges = []
         for gi, g in enumerate(plan.affine):
@@ -518,13 +531,16 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         first_raw = len(outputs)
         for r, (i, n) in enumerate(plan.raw):
             ranges += (first_raw + r, 0, starts[i], n)
+        ranges = torch.tensor(ranges, dtype=torch.int64)
         if not plan.topk:
             plan.ranges = ranges
     raw = [flat[i] for i, _ in plan.raw]
     outputs += [t if t.is_contiguous() else t.contiguous() for t in raw]
     ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
-    if plan.compact_id is None:
+    if plan.compact_id is None and fixed is None:
         fmt.patch_topk_fields_many(view, plan.count_positions, fields)
+    if fixed is None and plan.topk and all(_fixed_topk_layout(tp) for tp in plan.topk):
+        plan.fixed_topk_layout = (bytes(view[: len(header)]), total, starts, ranges)
     for i, tensor_views in views.items():
         pos = starts[i]
         for piece in tensor_views:
@@ -536,6 +552,12 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     end = total - fmt.CHECKSUM_SIZE
     fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
+
+
+def _fixed_topk_layout(tp: _TopkPlan) -> bool:
+    """Whether a top-k group's counts, index codes and section sizes are
+    those of its plan on every encode: per tensor, plain values."""
+    return not tp.global_scope and tp.rec.values not in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED)
 
 
 def _writable_tensor(view: memoryview) -> torch.Tensor:

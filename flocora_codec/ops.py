@@ -351,14 +351,15 @@ def _copy_from_bytes_fake(outs, src, offsets):
     return None
 
 
-def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int]) -> None:
+def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int] | torch.Tensor) -> None:
     """Byte ranges of ``srcs`` into ``dst`` (a contiguous uint8 CPU tensor), in
     place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte
-    offset, bytes)``. Every range is checked before any write; dst ranges must
-    not overlap each other, nor any source ``dst``."""
+    offset, bytes)``, as ints or a 1-D int64 CPU tensor (what an encode plan
+    keeps: no conversion per call). Every range is checked before any write;
+    dst ranges must not overlap each other, nor any source ``dst``."""
     srcs = list(srcs)
-    if type(ranges) is not list or (ranges and type(ranges[0]) is not int):  # the codec passes a list of ints
-        ranges = [int(r) for r in ranges]
+    if not isinstance(ranges, torch.Tensor):
+        ranges = torch.tensor([int(r) for r in ranges], dtype=torch.int64)
     if BACKEND == "reference":
         _copy_to_bytes_reference(dst, srcs, ranges)
         return
@@ -369,6 +370,10 @@ def _copy_to_bytes_reference(dst, srcs, ranges):
     op = "flocora::_copy_to_bytes_"
     if dst.device.type != "cpu" or dst.dtype != torch.uint8 or not dst.is_contiguous():
         raise RuntimeError(f"{op}: dst must be a contiguous uint8 CPU tensor")
+    if isinstance(ranges, torch.Tensor):
+        if ranges.device.type != "cpu" or ranges.dtype != torch.int64 or ranges.dim() != 1:
+            raise RuntimeError(f"{op}: ranges must be a contiguous 1-D int64 CPU tensor")
+        ranges = ranges.tolist()
     if len(ranges) % 4:
         raise RuntimeError(
             f"{op}: ranges must be quadruples (source, offset, dst offset, bytes); got {len(ranges)} numbers"

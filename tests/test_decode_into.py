@@ -343,6 +343,11 @@ def test_copy_to_bytes_checks_every_range_before_writing(impl):
         copy(dst, [dst[4:8]], [0, 0, 0, 4])
     with pytest.raises(RuntimeError, match="dst must be a contiguous uint8 CPU tensor"):
         copy(dst.view(torch.int8), [a], [])
+    for ranges in (torch.tensor([0, 0, 0, 4], dtype=torch.int32), torch.zeros(2, 4, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="ranges must be a contiguous 1-D int64 CPU tensor"):
+            copy(dst, [a], ranges)
+    copy(dst, [a], torch.tensor([0, 0, 0, 4]))  # as a tensor, the ranges an encode plan keeps
+    assert torch.equal(dst[:4], a.view(torch.uint8)[:4])
 
 
 def test_raw_tensors_come_straight_from_a_read_only_message():
@@ -364,6 +369,7 @@ def test_raw_tensors_come_straight_from_a_read_only_message():
 def test_byte_movers_opcheck():
     dst = torch.zeros(40, dtype=torch.uint8)
     srcs = [torch.arange(6, dtype=torch.float32), torch.arange(5, dtype=torch.int16)]
-    torch.library.opcheck(torch.ops.flocora._copy_to_bytes_.default, (dst, srcs, [0, 4, 0, 20, 1, 0, 24, 10]))
+    ranges = torch.tensor([0, 4, 0, 20, 1, 0, 24, 10])
+    torch.library.opcheck(torch.ops.flocora._copy_to_bytes_.default, (dst, srcs, ranges))
     outs = [torch.zeros(3), torch.zeros(2, dtype=torch.int16)]
     torch.library.opcheck(torch.ops.flocora._copy_from_bytes_.default, (outs, dst, [0, 12]))

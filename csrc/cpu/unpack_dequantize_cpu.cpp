@@ -246,10 +246,14 @@ void copy_from_bytes__cpu(at::TensorList outs, const at::Tensor& src, at::IntArr
                    });
 }
 
-void copy_to_bytes__cpu(const at::Tensor& dst, at::TensorList srcs, at::IntArrayRef ranges) {
+void copy_to_bytes__cpu(const at::Tensor& dst, at::TensorList srcs, const at::Tensor& ranges_t) {
   const char* op = "flocora::_copy_to_bytes_";
   TORCH_CHECK(dst.device().is_cpu() && dst.scalar_type() == at::kByte && dst.is_contiguous(), op,
               ": dst must be a contiguous uint8 CPU tensor");
+  TORCH_CHECK(ranges_t.device().is_cpu() && ranges_t.scalar_type() == at::kLong && ranges_t.dim() == 1 &&
+                  ranges_t.is_contiguous(),
+              op, ": ranges must be a contiguous 1-D int64 CPU tensor");
+  const at::IntArrayRef ranges(ranges_t.data_ptr<int64_t>(), (size_t)ranges_t.numel());
   TORCH_CHECK(ranges.size() % 4 == 0, op, ": ranges must be quadruples (source, offset, dst offset, bytes); got ",
               ranges.size(), " numbers");
   const uintptr_t dst_lo = (uintptr_t)dst.data_ptr(), dst_hi = dst_lo + (uintptr_t)dst.numel();
