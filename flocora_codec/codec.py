@@ -15,7 +15,8 @@ import math
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, chain, repeat
+from operator import add
 
 import numpy as np
 import torch
@@ -502,9 +503,10 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             codes = ops.index_codes_and_nbytes(tp.numels, counts)
             index_lens = [nb for _, nb in codes]
             value_lens = [c * itemsize for c in counts]
-            for i, c, (code, nb), nv in zip(tp.members, counts, codes, value_lens):
-                fields[i] = (c, code, 0, nb, nv)
-                sizes[i] = nb + nv
+            # (C-level iteration: a Python loop over a group's tensors cost ~0.5 us each)
+            fields.update(zip(tp.members, zip(counts, [c for c, _ in codes], repeat(0), index_lens, value_lens)))
+            for i, n in zip(tp.members, map(add, index_lens, value_lens)):
+                sizes[i] = n
             plain.append((tp.members, len(outputs), len(outputs) + 1, index_lens, value_lens))
             outputs += (index_bytes, converted)
         if plan.compact_id is not None:
@@ -525,12 +527,13 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
                 ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
         for members, isrc, vsrc, index_lens, value_lens in plain:  # index code, then values, of each member
             ioffs, voffs = accumulate(index_lens, initial=0), accumulate(value_lens, initial=0)
-            for i, ioff, nb, voff, nv in zip(members, ioffs, index_lens, voffs, value_lens):
-                pos = starts[i]
-                ranges += (isrc, ioff, pos, nb, vsrc, voff, pos + nb, nv)
+            at = [starts[i] for i in members]
+            ranges += chain.from_iterable(zip(repeat(isrc), ioffs, at, index_lens, repeat(vsrc), voffs,
+                                              map(add, at, index_lens), value_lens))  # fmt: skip
         first_raw = len(outputs)
-        for r, (i, n) in enumerate(plan.raw):
-            ranges += (first_raw + r, 0, starts[i], n)
+        raw_at = [starts[i] for i, _ in plan.raw]
+        ranges += chain.from_iterable(zip(range(first_raw, first_raw + len(raw_at)), repeat(0), raw_at,
+                                          [n for _, n in plan.raw]))  # fmt: skip
         ranges = _int64_tensor(ranges)
         if not plan.topk:
             plan.ranges = ranges
