@@ -13,10 +13,10 @@ import ctypes
 import logging
 import math
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
-from operator import add
+from operator import add, itemgetter
 
 import numpy as np
 import torch
@@ -366,6 +366,7 @@ class _AffinePlan:
     dtypes: set
     # per member: (tensor position, metadata bytes of scales (= of offsets), its first, packed bytes, its first)
     pieces: list
+    inputs: Callable  # flat tensors -> the kernel's inputs (_kernel_inputs)
 
 
 @dataclass
@@ -375,6 +376,8 @@ class _TopkPlan:
     members: list  # tensor positions in the message
     numels: list  # of the members
     ks: list  # the counts asked of the kernel (fixed by the specs and numels)
+    inputs: Callable  # flat tensors -> the kernel's inputs (_kernel_inputs)
+    dtypes: set  # of the members
 
 
 @dataclass
@@ -431,12 +434,13 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
         affine.append(_AffinePlan(
             rec, list(members), [_group_size(rec, entries[i]) for i in members],
             [tensor_seed(specs[i].seed, entries[i].name) for i in members], [entries[i].name for i in members],
-            {entries[i].dtype for i in members}, pieces,
+            {entries[i].dtype for i in members}, pieces, _kernel_inputs(members, entries),
         ))  # fmt: skip
     raw = [(i, e.payload_len) for i, e in enumerate(entries)
            if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
     topk = [_TopkPlan(rec, sel is not None, list(members), [entries[i].numel for i in members],
-                      _topk_counts_asked(sel is not None, members, entries, specs))
+                      _topk_counts_asked(sel is not None, members, entries, specs), _kernel_inputs(members, entries),
+                      {entries[i].dtype for i in members})
             for (rec, _, sel), members in topk_groups.items()]  # fmt: skip
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
@@ -451,7 +455,7 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     flat = [t.detach() if t.requires_grad else t for t in tensors.values()]
     outputs: list = []  # packed, scales, offsets of each affine group
     for g in plan.affine:  # every kernel runs (and may refuse its input) before the message is allocated
-        xs = [_as_kernel_input(flat[i]) for i in g.members]
+        xs = g.inputs(flat)
         meta = fmt.META_CODES[g.rec.meta_dtype]
         try:
             packed, scales, offsets = ops.quantize_pack(
@@ -474,10 +478,11 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     fixed = plan.fixed_topk_layout
     if fixed is not None:
         for tp in plan.topk:
-            counts, values, index_bytes = _topk_kernel(False, tp.members, plan.entries, flat, plan.specs, tp.ks)
+            counts, values, index_bytes = _topk_kernel(False, tp.members, plan.entries, flat, plan.specs, tp.ks,
+                                                       tp.inputs(flat))  # fmt: skip
             if counts != tp.ks:  # the kernel's contract for a per-tensor selection
                 raise RuntimeError(f"encode: top-k kept {counts} elements, not the {tp.ks} asked (internal error)")
-            outputs += (index_bytes, _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values))
+            outputs += (index_bytes, _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values, tp.dtypes))
         header, total, starts, ranges = fixed
     elif plan.topk:
         sizes = list(plan.section_bytes)
@@ -497,8 +502,8 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
                     sizes[i] = sum(lens)
                 continue
             counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs,
-                                                       tp.ks)  # fmt: skip
-            converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values)
+                                                       tp.ks, tp.inputs(flat))  # fmt: skip
+            converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values, tp.dtypes)
             itemsize = converted.element_size()
             codes = ops.index_codes_and_nbytes(tp.numels, counts)
             index_lens = [nb for _, nb in codes]
@@ -625,10 +630,24 @@ def _topk_counts_asked(global_scope, members, entries, specs) -> list:
     return [_topk_count(specs[i], entries[i].numel) for i in members]
 
 
-def _topk_kernel(global_scope, members, entries, flat, specs, ks=None):
+def _kernel_inputs(members, entries) -> Callable:
+    """A plan's function from the flat tensors to a kernel's inputs for
+    these members: itemgetter, no Python loop, unless one is float64."""
+    if any(entries[i].dtype == torch.float64 for i in members):
+        return lambda flat: [_as_kernel_input(flat[i]) for i in members]
+    if len(members) == 1:
+        only = members[0]
+        return lambda flat: [flat[only]]
+    get = itemgetter(*members)
+    return lambda flat: list(get(flat))
+
+
+def _topk_kernel(global_scope, members, entries, flat, specs, ks=None, xs=None):
     """The top-k kernel over ``members``: (counts as a list, float32 values,
-    index bytes). ``ks``: :func:`_topk_counts_asked`, if known."""
-    xs = [_as_kernel_input(flat[i]) for i in members]
+    index bytes). ``ks``: :func:`_topk_counts_asked`, and ``xs``, the
+    kernel's inputs, if known."""
+    if xs is None:
+        xs = [_as_kernel_input(flat[i]) for i in members]
     if ks is None:
         ks = _topk_counts_asked(global_scope, members, entries, specs)
     try:
@@ -652,12 +671,15 @@ def _topk_select(global_scope, members, entries, flat, specs):
     return counts, values, index_bytes, index_lens
 
 
-def _plain_topk_values(rec, members, entries, counts, values) -> torch.Tensor:
+def _plain_topk_values(rec, members, entries, counts, values, dtypes=None) -> torch.Tensor:
     """Kept values in the record's value dtype (float32/float16/bfloat16),
-    refused where that dtype, or a narrower tensor dtype, cannot hold them."""
+    refused where that dtype, or a narrower tensor dtype, cannot hold them.
+    ``dtypes``: the members' dtypes, if known."""
     vdtype = fmt.VALUE_DTYPES[rec.values]
     converted = values.to(vdtype)
-    narrower = {entries[i].dtype for i in members} - {torch.float32, torch.float64, vdtype}
+    if dtypes is None:
+        dtypes = {entries[i].dtype for i in members}
+    narrower = dtypes - {torch.float32, torch.float64, vdtype}
     # bfloat16 rounds 65504 up to 65536: inf as float16
     if not (_all_finite(converted) and all(_all_finite(converted.to(dtype)) for dtype in narrower)):
         bad = ~torch.isfinite(converted)
