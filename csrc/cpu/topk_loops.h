@@ -155,10 +155,9 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
       mx = _mm512_max_epu32(mx, keys);
       const __mmask16 valid = lanes((int)std::min<int64_t>(kBlock, end - i));
       __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);
-      // No branch on ge: near the threshold of a dense selection, blocks
-      // with and without candidates alternate at random.
+      if (!ge) continue;
       const int64_t blk = (i - begin) / kBlock;
-      flags[blk >> 6] |= (uint64_t)(ge != 0) << (blk & 63);
+      flags[blk >> 6] |= 1ull << (blk & 63);
       __mmask16 gt = _mm512_cmpgt_epi32_mask(keys, hiv);
       up += __builtin_popcount(gt);
       __mmask16 in = (__mmask16)(ge & ~gt);
@@ -457,8 +456,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       __m512i b = load_block_f32(t.x, i, lanes(n), &k);
       uint32_t sel = _mm512_cmpgt_epi32_mask(k, tv);  // lanes past the end hold key 0 <= thr
       if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(lanes(n), k, tv));
-      // No branch on sel (unpredictable in a dense selection): an empty
-      // block stores nothing and moves nothing on.
+      if (!sel) return;
       const int cnt = __builtin_popcount(sel);
       // A masked store: the next slot of vals belongs to another task's block.
       _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
