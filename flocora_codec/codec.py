@@ -248,7 +248,7 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
         raise TypeError(f"encode: tensors must be a mapping of names to tensors, not {type(tensors).__name__}")
     key = _plan_key(tensors, spec, schema)
     plan = _ENCODE_PLANS.get(key) if key is not None else None
-    if plan is not None:
+    if plan is not None and _matches_plan(tensors, plan):
         return _encode_with_plan(plan, tensors)
 
     records: dict[fmt.CodecRecord, int] = {}
@@ -334,10 +334,11 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
             pos += len(piece)
     if pos != total - fmt.CHECKSUM_SIZE:  # sizes come from one formula; never send a short message
         raise RuntimeError(f"encode: wrote {pos} of {total - fmt.CHECKSUM_SIZE} bytes (internal size mismatch)")
-    if key is not None:
+    layout = ops.plan_layout(tensors.values()) if key is not None else None  # None: not all on the CPU
+    if layout is not None:
         _remember_plan(
-            key, bytes(view[:header]), total, record_list, entries, specs, starts, affine_groups, topk_groups,
-            schema.id if compact is not None else None, count_positions,
+            key, layout, bytes(view[:header]), total, record_list, entries, specs, starts, affine_groups,
+            topk_groups, schema.id if compact is not None else None, count_positions,
         )  # fmt: skip
     fmt.CHECKSUM.pack_into(view, pos, fmt.crc32c(view[:pos]))
     return _finish(out, view)
@@ -382,6 +383,7 @@ class _TopkPlan:
 
 @dataclass
 class _EncodePlan:
+    layout: object  # ops.plan_layout of the tensors: dtypes and shapes a message must have to use the plan
     header: bytes  # the whole header; with top-k groups, their fields are rewritten on each encode
     total: int  # message bytes (without top-k groups: fixed)
     affine: list
@@ -403,16 +405,10 @@ class _EncodePlan:
 
 
 def _plan_key(tensors, spec, schema):
-    """What a message's layout depends on, or None where no plan applies
-    (anything but CPU strided tensors named by str; the slow path then
-    raises its own errors)."""
-    items = []
-    strided = torch.strided
-    for name, t in tensors.items():
-        if type(name) is not str or not isinstance(t, torch.Tensor) or not t.is_cpu or t.layout is not strided:
-            return None
-        items.append((name, t.dtype, t.shape))
-    key = (spec, None if schema is None else schema.id, tuple(items))
+    """Where a message's plan is kept: its spec, schema and names (None if
+    unhashable). The plan also keeps its tensors' dtypes and shapes, which a
+    message must match (_matches_plan) to be written from it."""
+    key = (spec, None if schema is None else schema.id, tuple(tensors))
     try:
         hash(key)
     except TypeError:  # a spec holding something unhashable
@@ -420,8 +416,18 @@ def _plan_key(tensors, spec, schema):
     return key
 
 
-def _remember_plan(key, header, total, record_list, entries, specs, starts, affine_groups, topk_groups, compact_id,
-                   count_positions):  # fmt: skip
+def _matches_plan(tensors, plan) -> bool:
+    """Whether the tensors (all CPU and strided) have the dtypes and shapes
+    the plan was made for; anything else (not tensors at all) is for the
+    slow path, which raises its own errors."""
+    try:
+        return ops.plan_layout_matches(tensors.values(), plan.layout)
+    except (TypeError, RuntimeError, AttributeError):
+        return False
+
+
+def _remember_plan(key, layout, header, total, record_list, entries, specs, starts, affine_groups, topk_groups,
+                   compact_id, count_positions):  # fmt: skip
     affine = []
     for (rec, _), members in affine_groups.items():
         pieces, meta_pos, packed_pos = [], 0, 0
@@ -445,7 +451,7 @@ def _remember_plan(key, header, total, record_list, entries, specs, starts, affi
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
     _ENCODE_PLANS[key] = _EncodePlan(
-        header, total, affine, raw, list(starts), topk, entries, specs,
+        layout, header, total, affine, raw, list(starts), topk, entries, specs,
         [e.metadata_len + e.index_len + e.payload_len for e in entries], record_list, compact_id, count_positions,
         topk_positions=[i for i, e in enumerate(entries) if record_list[e.codec_index].codec == fmt.CODEC_TOPK],
     )  # fmt: skip

@@ -325,6 +325,27 @@ def disjoint(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.ops.flocora._disjoint(tensors))
 
 
+def plan_layout(tensors: Sequence[torch.Tensor]):
+    """The count, dtypes and shapes of ``tensors`` as one comparable object
+    (an int64 tensor from one compiled call; a tuple on the reference
+    backend), or None if one is not a strided CPU tensor. Encode plans keep
+    it and check each message against it with :func:`plan_layout_matches`."""
+    tensors = list(tensors)
+    if BACKEND == "reference":
+        if not all(t.is_cpu and t.layout == torch.strided for t in tensors):
+            return None
+        return tuple((t.dtype, tuple(t.shape)) for t in tensors)
+    layout = torch.ops.flocora._plan_layout(tensors)
+    return layout if layout.numel() else None
+
+
+def plan_layout_matches(tensors: Sequence[torch.Tensor], layout) -> bool:
+    """Whether ``tensors`` have the :func:`plan_layout` ``layout``."""
+    if BACKEND == "reference":
+        return plan_layout(tensors) == layout
+    return bool(torch.ops.flocora._plan_layout_matches(list(tensors), layout))
+
+
 def copy_from_bytes_(outs: Sequence[torch.Tensor], src: torch.Tensor, offsets: Sequence[int]) -> None:
     """``outs[i]``'s bytes become ``src[offsets[i]:][:outs[i].nbytes]``, in
     place (CPU, contiguous ``outs``, uint8 ``src``); every range is checked

@@ -898,6 +898,35 @@ def test_all_finite_matches_isfinite(dtype):
             assert codec_mod._all_finite(piece) == bool(torch.isfinite(piece).all())
 
 
+def test_a_plan_serves_only_the_dtypes_and_shapes_it_was_made_for():
+    # Plans are found by spec and names, and checked against the message's
+    # dtypes and shapes (one compiled call): any other layout under the same
+    # names is encoded afresh, and what is not a tensor still gets its error.
+    spec = fc.CodecSpec(density=0.25, values="float16", rules=(fc.Rule("*", "raw", max_ndim=1),))
+    base = _plan_inputs(0)
+    variants = {
+        "shape": {**base, "lora_B": torch.randn(16, 40)},
+        "rank": {**base, "lora_B": torch.randn(640)},
+        "dtype": {**base, "lora_B": torch.randn(40, 16).half()},
+        "raw dtype": {**base, "steps": torch.tensor([3.0, 4.0])},
+        "noncontiguous": {**base, "lora_B": torch.randn(16, 40).t()},  # same shape: the plan serves it
+    }
+    for name, tensors in variants.items():
+        codec_mod._ENCODE_PLANS.clear()
+        fc.encode(base, spec)
+        fc.encode(base, spec)  # the plan, remembered and used
+        planned = fc.encode(tensors, spec)
+        codec_mod._ENCODE_PLANS.clear()
+        assert planned == fc.encode(tensors, spec), name
+        assert [tuple(t.shape) for t in fc.decode(planned).values()] == [tuple(t.shape) for t in tensors.values()]
+    codec_mod._ENCODE_PLANS.clear()
+    fc.encode(base, spec)
+    with pytest.raises(TypeError, match="'lora_B' is a list, not a torch.Tensor"):
+        fc.encode({**base, "lora_B": [1.0, 2.0]}, spec)
+    with pytest.raises(ValueError, match="layout"):
+        fc.encode({**base, "lora_B": torch.randn(40, 16).to_sparse()}, spec)
+
+
 def test_planned_topk_encodes_in_threads_write_their_own_bytes():
     """The plan is shared; each encode's top-k counts and sections are its own."""
     import threading

@@ -301,7 +301,44 @@ TORCH_LIBRARY_IMPL(flocora, CPU, m) {
   m.impl("unpack_dequantize_into_", &flocora::cpu::unpack_dequantize_into__cpu);
 }
 
-// Any device's tensors (only addresses are read), and none at all.
+namespace flocora {
+namespace cpu {
+namespace {
+
+// _plan_layout's descriptor of ts, appended to d: count, then per tensor its
+// dtype, rank and sizes. False if some tensor is not a strided CPU tensor.
+bool plan_layout(at::TensorList ts, std::vector<int64_t>* d) {
+  d->push_back((int64_t)ts.size());
+  for (const at::Tensor& t : ts) {
+    if (!t.device().is_cpu() || t.layout() != at::kStrided) return false;
+    d->push_back((int64_t)t.scalar_type());
+    d->push_back(t.dim());
+    for (int64_t s : t.sizes()) d->push_back(s);
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace flocora
+
+// Any device's tensors (only addresses or metadata are read), and none at all.
 TORCH_LIBRARY_IMPL(flocora, CompositeImplicitAutograd, m) {
   m.impl("_disjoint", [](at::TensorList ts) { return flocora::cpu::tensors_disjoint(ts); });
+  m.impl("_plan_layout", [](at::TensorList ts) {
+    std::vector<int64_t> d;
+    if (!flocora::cpu::plan_layout(ts, &d)) d.clear();
+    at::Tensor out = at::empty({(int64_t)d.size()}, at::TensorOptions().dtype(at::kLong));
+    std::copy(d.begin(), d.end(), out.data_ptr<int64_t>());
+    return out;
+  });
+  m.impl("_plan_layout_matches", [](at::TensorList ts, const at::Tensor& layout) {
+    TORCH_CHECK(
+        layout.device().is_cpu() && layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.is_contiguous(),
+        "flocora::_plan_layout_matches: layout must be a contiguous 1-D int64 CPU tensor");
+    std::vector<int64_t> d;
+    d.reserve((size_t)layout.numel());
+    return flocora::cpu::plan_layout(ts, &d) && (int64_t)d.size() == layout.numel() &&
+           std::equal(d.begin(), d.end(), layout.data_ptr<int64_t>());
+  });
 }
