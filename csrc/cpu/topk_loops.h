@@ -400,6 +400,17 @@ __attribute__((noinline)) inline void write_elias_fano(FieldWriter& low, UnaryWr
   high.v = word;
 }
 
+// sel with the first *ties keys of eq (keys == thr, in lane order) added:
+// the ties a block keeps, taken from the count left.
+FLOCORA_INLINE uint32_t join_ties(int64_t* ties, uint32_t sel, uint32_t eq) {
+  while (eq && *ties > 0) {
+    sel |= eq & (0u - eq);
+    eq &= eq - 1;
+    --*ties;
+  }
+  return sel;
+}
+
 // Emits the kept elements of [begin, end) of tensor t (begin a multiple of
 // kBlock): all keys > thr, and the first `ties` keys == thr. Values go to
 // vals[rank0...], the index code into the zeroed idx bytes of the tensor.
@@ -435,15 +446,6 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
     for (; sel; sel &= sel - 1) pos[npos++] = (int32_t)(i - begin + __builtin_ctz(sel));
     if (npos >= kPosBatch) flush_positions();
   };
-  // The first `ties` keys == thr join the keys > thr.
-  auto add_ties = [&](uint32_t sel, uint32_t eq) FLOCORA_LAMBDA_INLINE {
-    while (eq && ties > 0) {
-      sel |= eq & (0u - eq);
-      eq &= eq - 1;
-      --ties;
-    }
-    return sel;
-  };
 #if FLOCORA_TOPK_ISA == 2
   const __m512i tv = _mm512_set1_epi32((int32_t)thr);
 #endif
@@ -455,7 +457,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       __m512i k;
       __m512i b = load_block_f32(t.x, i, lanes(n), &k);
       uint32_t sel = _mm512_cmpgt_epi32_mask(k, tv);  // lanes past the end hold key 0 <= thr
-      if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(lanes(n), k, tv));
+      if (ties > 0) sel = join_ties(&ties, sel, _mm512_mask_cmpeq_epi32_mask(lanes(n), k, tv));
       if (!sel) return;
       const int cnt = __builtin_popcount(sel);
       // A masked store: the next slot of vals belongs to another task's block.
@@ -482,7 +484,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
       const __m256i k0 = _mm256_and_si256(b0, magnitude), k1 = _mm256_and_si256(b1, magnitude);
       uint32_t sel = lane_mask(_mm256_cmpgt_epi32(k0, tv)) | lane_mask(_mm256_cmpgt_epi32(k1, tv)) << 8;
       if (ties > 0)
-        sel = add_ties(sel, lane_mask(_mm256_cmpeq_epi32(k0, tv)) | lane_mask(_mm256_cmpeq_epi32(k1, tv)) << 8);
+        sel = join_ties(&ties, sel, lane_mask(_mm256_cmpeq_epi32(k0, tv)) | lane_mask(_mm256_cmpeq_epi32(k1, tv)) << 8);
       if (!sel) return;
       // Masked stores: the slots past this block's values belong to another task's block.
       const int lo_cnt = __builtin_popcount(sel & 0xffu), hi_cnt = __builtin_popcount(sel >> 8);
@@ -510,7 +512,7 @@ void emit_range(const EncTensor& t, int64_t begin, int64_t end, uint32_t thr, in
     for (int j = 0; j < kBlock; ++j) keys[j] = j < n ? (bits[j] & 0x7fffffffu) : 0u;
     uint32_t valid = valid_mask(n);
     uint32_t sel = gt_mask(keys, (int32_t)thr) & valid;
-    if (ties > 0) sel = add_ties(sel, gt_mask(keys, (int32_t)thr - 1) & ~sel & valid);
+    if (ties > 0) sel = join_ties(&ties, sel, gt_mask(keys, (int32_t)thr - 1) & ~sel & valid);
     if (!sel) return;
     code(i, sel, n);
     for (; sel; sel &= sel - 1) vals[rank++] = bits_float(bits[__builtin_ctz(sel)]);
@@ -556,15 +558,6 @@ inline void emit_staged(const EncTensor& t, const uint32_t* bits, const int32_t*
     batch_rank += nbatch;
     nbatch = 0;
   };
-  // The first `ties` keys == thr join the keys > thr.
-  auto add_ties = [&](uint32_t sel, uint32_t eq) FLOCORA_LAMBDA_INLINE {
-    while (eq && ties > 0) {
-      sel |= eq & (0u - eq);
-      eq &= eq - 1;
-      --ties;
-    }
-    return sel;
-  };
   int64_t i = 0;
 #if FLOCORA_TOPK_ISA == 2
   {
@@ -574,7 +567,7 @@ inline void emit_staged(const EncTensor& t, const uint32_t* bits, const int32_t*
       const __m512i b = _mm512_maskz_loadu_epi32(valid, bits + i);
       const __m512i k = _mm512_and_si512(b, magnitude);
       uint32_t sel = _mm512_mask_cmpgt_epi32_mask(valid, k, tv);
-      if (ties > 0) sel = add_ties(sel, _mm512_mask_cmpeq_epi32_mask(valid, k, tv));
+      if (ties > 0) sel = join_ties(&ties, sel, _mm512_mask_cmpeq_epi32_mask(valid, k, tv));
       const int cnt = __builtin_popcount(sel);
       // A masked store: the slots past this tensor's values are another task's.
       _mm512_mask_storeu_epi32(vals + rank, lanes(cnt), _mm512_maskz_compress_epi32((__mmask16)sel, b));
@@ -593,7 +586,7 @@ inline void emit_staged(const EncTensor& t, const uint32_t* bits, const int32_t*
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
       const __m256i k = _mm256_and_si256(b, magnitude);
       uint32_t sel = lane_mask(_mm256_cmpgt_epi32(k, tv));
-      if (ties > 0) sel = add_ties(sel, lane_mask(_mm256_cmpeq_epi32(k, tv)));
+      if (ties > 0) sel = join_ties(&ties, sel, lane_mask(_mm256_cmpeq_epi32(k, tv)));
       const int cnt = __builtin_popcount(sel);
       // A masked store: the slots past this tensor's values are another task's.
       _mm256_maskstore_epi32(reinterpret_cast<int*>(vals + rank), _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), first),
