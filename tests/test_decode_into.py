@@ -373,3 +373,17 @@ def test_byte_movers_opcheck():
     torch.library.opcheck(torch.ops.flocora._copy_to_bytes_.default, (dst, srcs, ranges))
     outs = [torch.zeros(3), torch.zeros(2, dtype=torch.int16)]
     torch.library.opcheck(torch.ops.flocora._copy_from_bytes_.default, (outs, dst, [0, 12]))
+
+
+def test_plan_layout_describes_strided_cpu_tensors_only():
+    # Encode plans and decode_into check tensors against such a layout in one call.
+    a, b = torch.zeros(2, 3), torch.zeros(4, dtype=torch.float16)
+    layout = ops.plan_layout([a, b])
+    assert layout is not None and ops.plan_layout_matches([a, b], layout)
+    assert ops.plan_layout_matches([a.t().contiguous().t(), b], layout)  # other strides, same shape
+    for other in ([b, a], [a], [a, b, b], [a, b.float()], [a.t(), b], [a.reshape(6), b], [a, b[:3]]):
+        assert not ops.plan_layout_matches(other, layout)
+    assert ops.plan_layout([]) is not None and ops.plan_layout_matches([], ops.plan_layout([]))
+    assert ops.plan_layout([a, torch.zeros(2, device="meta")]) is None
+    assert ops.plan_layout([a.to_sparse()]) is None
+    assert not ops.plan_layout_matches([a.to_sparse(), b], layout)
