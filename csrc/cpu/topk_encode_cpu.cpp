@@ -446,12 +446,12 @@ uint32_t select_inplace(int isa, uint32_t* keys, int64_t m, int64_t need, int d,
   return keys[0];
 }
 
-// As select_inplace, for keys[0..m) that all lie in (lo, hi] (a sampled
+// As select_inplace, for keys[0..m) that all lie in [lo, hi] (a sampled
 // bracket, which spans a few fine bins, not whole digits): each round's digit
 // is the bits that tell the keys of the current range apart (up to 11, fewer
-// for fewer keys), counted in
-// four interleaved sub-histograms cleared over that range only (candidates
-// crowd into few bins: one counter per bin serialized on its increments).
+// for fewer keys), counted in four interleaved sub-histograms cleared over
+// that range only (candidates crowd into few bins: one counter per bin
+// serialized on its increments).
 uint32_t select_in_range(int isa, uint32_t* keys, int64_t m, int64_t need, uint32_t lo, uint32_t hi, int64_t* ties) {
   uint32_t sub[4][kTopBins];
   while (m > kSmallSelect) {
@@ -637,9 +637,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
       std::unique_ptr<uint32_t[]> stage_bits;   // and its elements above the bracket's bottom
       std::unique_ptr<int32_t[]> stage_pos;
       int64_t h64[kTopBins];
-      // Chunks of one group (consecutive tasks) add up here and reach the
-      // shared histogram once: a merge per chunk (the many small tensors of a
-      // global top-k) cost more than their histograms, in contended atomics.
+      // Chunks of one group that a thread claims one after another add up
+      // here and reach the shared histogram once: a merge per chunk (the many
+      // small tensors of a global top-k, all one group) cost more than their
+      // histograms, in contended atomics.
       int64_t acc[kTopBins];
       int32_t acc_group = -1;
       std::unique_ptr<uint32_t[]> fine_acc;  // the same for sampled groups, allocated when one comes
@@ -687,7 +688,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
         if (!keys) keys.reset(new uint32_t[max_single + kBlock]);  // + keep_bucket's and the stores' overhang
         if (t.count > 0 && t.n >= kSingleSampleMin && t.code == kIndexEliasFano) {
           // As a sampled group, in one task: a bracket from a sample, the
-          // candidates in it (stored to keys), the select among them.
+          // elements above its bottom staged, the select on the bracket's
+          // keys, the emit from the stage.
           if (!single_fine) {
             single_fine.reset(new uint32_t[kFineBins]());  // kept zero between tensors
             stage_bits.reset(new uint32_t[max_single + kBlock]);
