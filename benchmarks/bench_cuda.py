@@ -34,6 +34,18 @@ GROUP = 64
 L2_ROTATE_BYTES = 256 << 20  # rotate buffers up to this total footprint (> 4x the L2 of an H100/H200)
 
 
+def revision() -> str:
+    """The commit measured: FLOCORA_REV where the tree was copied without its
+    .git (a lent GPU machine gets the working tree alone), else git's."""
+    import os
+
+    if os.environ.get("FLOCORA_REV"):
+        return f"git {os.environ['FLOCORA_REV']} (working tree copied to the GPU machine)"
+    from flocora_codec.bench import code_revision
+
+    return code_revision()
+
+
 def require_cuda():
     if not torch.cuda.is_available():
         sys.exit("bench_cuda.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine")
@@ -217,6 +229,55 @@ def bench_state_dict(timer, repeats):
     return lines
 
 
+def bench_messages(repeats):
+    """Whole messages from and to CUDA tensors through the public API, against
+    moving the same tensors to the host (what any serializer does first)."""
+    import time
+
+    import flocora_codec as fc
+
+    shapes = resnet18_adapter_shapes()
+    state = {f"t{i}": torch.randn(s, device="cuda") * 0.05 for i, s in enumerate(shapes)}
+    vals = list(state.values())
+    targets = {k: torch.empty_like(v) for k, v in state.items()}
+
+    def wall_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    to_host = wall_ms(lambda: [t.cpu() for t in vals])
+    lines = [
+        f"Whole messages from CUDA tensors (`fc.encode`, bytes on the host) and back to the GPU (`fc.decode(..., "
+        f"device='cuda')`, `fc.decode_into` CUDA targets), {len(vals)} tensors, against {len(vals)} `.cpu()` "
+        f"copies ({to_host:.3f} ms). Wall clock, median of {repeats}.",
+        "",
+        "| spec | bytes | encode ms | decode ms | decode_into ms | encode / .cpu() copies |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, spec in [
+        ("4-bit per row (default)", fc.CodecSpec()),
+        ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
+        ("raw", fc.CodecSpec.raw()),
+        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
+        ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
+    ]:
+        data = fc.encode(state, spec)
+        if data != fc.encode({k: v.cpu() for k, v in state.items()}, spec):
+            sys.exit(f"bench_cuda.py: {label}: the CUDA encode differs from the CPU encode")
+        enc = wall_ms(lambda: fc.encode(state, spec))
+        dec = wall_ms(lambda: fc.decode(data, device="cuda"))
+        into = wall_ms(lambda: fc.decode_into(data, targets))
+        lines.append(f"| {label} | {len(data):,} | {enc:.3f} | {dec:.3f} | {into:.3f} | {enc / to_host:.1f}x |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -236,6 +297,8 @@ def main():
         f"CUDA {torch.version.cuda}, {props.multi_processor_count} SMs, "
         f"{props.total_memory / 2**30:.0f} GiB. Median of {repeats} runs, CUDA events.",
         "",
+        f"Code: {revision()}.",
+        "",
         "## Device-to-device copy (read + write)",
         "",
         "| size | GB/s |",
@@ -248,6 +311,11 @@ def main():
     out += bench_topk(timer, 1 << 22 if args.quick else 1 << 24, repeats)
     out += ["", "## Multi-tensor vs per-tensor calls", ""]
     out += bench_state_dict(timer, repeats)
+    out += ["", "## Whole messages", ""]
+    try:
+        out += bench_messages(repeats)
+    except Exception as e:  # noqa: BLE001  (the sections above still get written)
+        out += [f"failed: {type(e).__name__}: {e}"]
     text = "\n".join(out) + "\n"
     print(text)
     slug = re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-")
