@@ -85,8 +85,8 @@ summary+=("extension: $built")
 # The files with CUDA cases (the others import what the image lacks: flwr, mlxtend).
 step "CUDA tests (tests/test_cuda_parity.py, slow cases included, and every [cuda] case)"
 par=()
-if $PY -c "import xdist" 2>/dev/null; then par=(-n 8); fi
-timeout 220 $PY -m pytest -q -p no:cacheprovider "${par[@]}" --timeout 150 --durations 12 -k cuda \
+if $PY -c "import xdist" 2>/dev/null; then par=(-n "${TEST_WORKERS:-16}"); fi
+timeout "${TEST_SECONDS:-260}" $PY -m pytest -q -p no:cacheprovider "${par[@]}" --timeout 150 --durations 12 -k cuda \
   --junitxml="$OUT/cuda-tests.xml" \
   tests/test_cuda_parity.py tests/test_quant.py tests/test_topk.py tests/test_decode_into.py \
   tests/test_codec.py tests/test_hostile.py >"$OUT/cuda-tests.log" 2>&1
@@ -105,9 +105,11 @@ summary+=("bench (rc $rc): $(tail -1 "$OUT/bench_cuda.log")")
 # Out-of-bounds and uninitialized accesses in the kernels, hostile inputs
 # included. No caching allocator, so an access past a tensor is past its
 # allocation.
-if command -v compute-sanitizer >/dev/null; then
+# Costly: under the sanitizer, torch's own start takes most of a minute
+# (MEMCHECK=0 skips it).
+if [ "${MEMCHECK:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer memcheck (a subset of the CUDA tests)"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_SECONDS:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 $PY -m pytest -q -p no:cacheprovider -x \
     "tests/test_cuda_parity.py::test_sparse_decode_corrupt_codes_agree_with_cpu" \
     "tests/test_cuda_parity.py::test_sparse_decode_specific_violations_raise" \

@@ -118,11 +118,14 @@ def test_quantize_nearest_matches_cpu(bits, shape, granularity):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
-@pytest.mark.parametrize("group", [1, 3, 5, 8, 13, 24, 100, 1000, 4095, 5000, 8192, 9000, 16385, 100003])
+@pytest.mark.parametrize(
+    "group", [1, 3, 5, 8, 13, 16, 24, 32, 64, 100, 128, 256, 512, 1000, 4095, 5000, 8192, 9000, 16385, 100003]
+)
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_quantize_group_sizes_match_cpu(bits, group, stochastic):
     # Odd group sizes put group boundaries inside bytes and across tiles;
-    # > 8192 takes the range / finalize / pack path.
+    # 8 * 2^k up to 256 take the lanes kernel (one warp segment per group),
+    # > 8192 the range / finalize / pack path.
     x = _data((123457,), torch.float32, seed=group + bits)
     cpu, _ = _quant_both([x], bits, [group], stochastic, [group * 31 + 7])
     _dequant_both(cpu, [x.numel()], [group], bits, torch.float32)
@@ -262,6 +265,22 @@ QUANTIZE_ERRORS = [
         ),
         ValueError,
         _Q + "input has NaN or Inf values",
+    ),
+    # The lanes kernel (groups of 8 * 2^k): a NaN mid-tensor, a range too wide for float16.
+    (
+        lambda d: (
+            [torch.randn(1000, device=d).index_fill_(0, torch.tensor([777], device=d), float("nan"))],
+            4,
+            [64],
+            torch.float32,
+        ),
+        ValueError,
+        _Q + "input has NaN or Inf values",
+    ),
+    (
+        lambda d: ([torch.tensor([0.0] * 15 + [1e6] + [0.5] * 16, device=d)], 4, [16], torch.float16),
+        ValueError,
+        _Q + r"a group's range does not fit the metadata dtype Half \(float16 holds \|values\| up to 65504\)",
     ),
     # scale 1e6 / 15 is beyond float16's 65504 ([0, 1e5] would fit: scale ~6667)
     (

@@ -12,6 +12,11 @@
 // each group's min/max from shared memory, and packs the tile: one trip
 // through DRAM. Larger groups (per-tensor, long rows) need their range before
 // any code: a chunked min/max pass, a per-group finalize, then a pack pass.
+// Groups of 8 * 2^k elements (k <= 5: 8, 16, ..., 256; group 64 is the
+// common case) skip shared memory altogether: one unit per lane, a group is
+// g/8 consecutive lanes of a warp, its range a shuffle reduction (the lanes
+// kernel). The shared-memory kernel serialized each group's parameters on one
+// lane of 32 and ran at a sixth of the copy bandwidth on an H200.
 // Every kernel covers a whole list of tensors (descriptor packs, common.cuh).
 #include "bitstream.cuh"
 #include "common.cuh"
@@ -187,6 +192,72 @@ __global__ __launch_bounds__(kThreads) void quantize_pack_kernel(const __grid_co
   }
 }
 
+// ---- fused path in registers: groups of 8 * 2^k elements, k <= 5 -----------
+// Work item = kUnitsPerBlock units of one tensor; unit u sits on lane u % 32
+// (u0 and the k * kThreads steps are multiples of 32), so the L = g/8 units of
+// a group are L consecutive lanes starting at a multiple of L. Every lane
+// reduces over its segment with xor shuffles (the same min/max on each lane:
+// min_ord/max_ord are a total order) and computes the group's parameters
+// itself; the segment's first lane writes the metadata. A thread's loads are
+// all issued before the first use.
+template <int BITS>
+__global__ __launch_bounds__(kThreads) void quantize_pack_lanes_kernel(const __grid_constant__ Pack<QuantDesc> pack,
+                                                                       uint8_t* __restrict__ packed, MetaOut meta,
+                                                                       bool stochastic, int* flag) {
+  const int64_t w = block_id();
+  if (w >= pack.total) return;  // the whole block: the shuffles below see full warps
+  const QuantDesc& d = pack.d[find_desc(pack, w)];
+  const int64_t u0 = (w - d.work_begin) * kUnitsPerBlock;
+  const int64_t nunits = (d.numel + 7) / 8;
+  const int L = (int)(d.group / 8);
+  const int lane_in_group = (int)(threadIdx.x & 31) & (L - 1);
+  float v[kUnitsPerThread][8];
+  int cnt[kUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    const int64_t u = u0 + k * kThreads + threadIdx.x;
+    cnt[k] = u < nunits ? (int)min((int64_t)8, d.numel - 8 * u) : 0;
+    if (cnt[k] > 0) {
+      load_n<8>(d.x, 8 * u, d.dtype, d.vec != 0, cnt[k], v[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[k][j] = 0.0f;
+    }
+  }
+  bool bad = false;
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    const int64_t u = u0 + k * kThreads + threadIdx.x;
+    float mn = __int_as_float(0x7f800000), mx = __int_as_float(0xff800000);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j < cnt[k]) {
+        bad |= !is_finite(v[k][j]);
+        mn = min_ord(mn, v[k][j]);
+        mx = max_ord(mx, v[k][j]);
+      }
+    }
+    for (int o = L >> 1; o > 0; o >>= 1) {
+      mn = min_ord(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+      mx = max_ord(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    if (u - lane_in_group >= nunits) continue;  // no group here (past the tensor's end)
+    AffineParams p;
+    uint16_t sh = 0, oh = 0;
+    const bool ok = affine_params(mn, mx, BITS, meta.half, &p, &oh, &sh);
+    if (!ok) p = AffineParams{0.0f, 0.0f, 0.0f};
+    if (lane_in_group == 0) {
+      if (!ok) raise_error(flag, kErrRange);
+      meta.store(d.group_base + u / L, p, sh, oh);
+    }
+    if (cnt[k] == 0) continue;
+    const float2 po = make_float2(p.offset, p.inv_scale);
+    const uint64_t word = quantize_unit<BITS>(v[k], cnt[k], 8 * u, stochastic, d.seed, [&](int) { return po; });
+    store_bytes(packed + d.byte_base + u * BITS, word, cnt[k] == 8 ? BITS : (cnt[k] * BITS + 7) / 8);
+  }
+  if (bad) raise_error(flag, kErrNonFinite);
+}
+
 // ---- big groups: range pass, finalize, pack pass ---------------------------
 // Work item = one chunk of kRangeChunk elements of one group.
 __global__ __launch_bounds__(kThreads) void quantize_range_kernel(const __grid_constant__ Pack<QuantDesc> pack,
@@ -310,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   std::vector<at::Tensor> keep;  // contiguous inputs, alive until the kernels are queued
-  std::vector<QuantDesc> fused, big;
+  std::vector<QuantDesc> lanes, fused, big;
   const int64_t total_bytes = lay.total_bytes, total_groups = lay.total_groups;
   int64_t total_pieces = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -326,6 +397,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
     d.dtype = l.dt;
     d.vec = aligned16(d.x);
     if (d.numel == 0) continue;
+    const int64_t lanes_per_group = d.group / 8;
+    if (d.group % 8 == 0 && lanes_per_group <= 32 && (lanes_per_group & (lanes_per_group - 1)) == 0) {
+      lanes.push_back(d);
+      continue;
+    }
     // Fused tiles hold whole groups and start on unit (8-element) boundaries.
     const int64_t max_elems = std::min<int64_t>(kTileMax, (int64_t)kTileGroupsMax * d.group);
     const int64_t l8 = d.group / gcd64(d.group, 8) * 8;
@@ -354,6 +430,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(at::TensorList
 
   dispatch_bits(bits, [&](auto B) {
     constexpr int BITS = decltype(B)::value;
+    for_each_pack(
+        lanes, [](const QuantDesc& d) { return num_groups((d.numel + 7) / 8, kUnitsPerBlock); },
+        [&](const Pack<QuantDesc>& p) {
+          quantize_pack_lanes_kernel<BITS>
+              <<<grid_for(p.total), kThreads, 0, stream>>>(p, out, meta, stochastic, flag_p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
     for_each_pack(
         fused, [](const QuantDesc& d) { return (d.numel + d.tile - 1) / d.tile; },
         [&](const Pack<QuantDesc>& p) {

@@ -4,7 +4,7 @@
 // device), and the extension is compiled with --fmad=false.
 //
 // One thread reads kUnitsPerThread whole units (8 codes = BITS bytes of the
-// stream each) and writes their outputs (16-byte stores when aligned). Every
+// stream each), all loads first, and writes their outputs (16-byte stores when aligned). Every
 // launch covers a whole list of tensors (descriptor packs, common.cuh).
 #include "bitstream.cuh"
 #include "common.cuh"
@@ -38,13 +38,22 @@ __global__ __launch_bounds__(kThreads) void unpack_dequantize_kernel(const __gri
     return meta_half ? half_to_float(static_cast<const uint16_t*>(base)[g]) : static_cast<const float*>(base)[g];
   };
   constexpr uint64_t mask = (1u << BITS) - 1;
+  // Every unit's codes are loaded before the first is used: the loads are in
+  // flight together instead of one round trip per unit.
+  uint64_t words[kUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    const int64_t u = u0 + k * kThreads + threadIdx.x;
+    const int cnt = u < nunits ? (int)min((int64_t)8, d.numel - 8 * u) : 0;
+    words[k] = cnt > 0 ? load_bytes(packed + d.byte_base + u * BITS, cnt == 8 ? BITS : (cnt * BITS + 7) / 8) : 0;
+  }
 #pragma unroll
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const int64_t u = u0 + k * kThreads + threadIdx.x;
     if (u >= nunits) break;
     const int64_t i0 = 8 * u;
     const int cnt = (int)min((int64_t)8, d.numel - i0);
-    const uint64_t word = load_bytes(packed + d.byte_base + u * BITS, cnt == 8 ? BITS : (cnt * BITS + 7) / 8);
+    const uint64_t word = words[k];
     int64_t gi = i0 / d.group, gend = (gi + 1) * d.group;
     float off = meta(offsets, d.group_base + gi), sc = meta(scales, d.group_base + gi);
     float v[8];
