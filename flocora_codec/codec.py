@@ -144,13 +144,68 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy())
 
 
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor's elements, flat (a copy only if it is strided)."""
+    t = t.detach().contiguous().reshape(-1)
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
+def _off_host(x) -> bool:
+    """Whether a tensor (or a device) is not the CPU's: its data crosses to or
+    from the host in the staged copies below. One predicate, so that tests can
+    send CPU tensors down the same paths."""
+    return (x.device if isinstance(x, torch.Tensor) else x).type != "cpu"
+
+
+def _host_bytes_many(ts) -> list[memoryview]:
+    """Host byte views of tensors. Device tensors are joined on their device
+    and cross in one copy per device: a device-to-host copy waits for the
+    device (tens of microseconds each), and a message from a GPU has dozens of
+    small tensors."""
+    out: list = [None] * len(ts)
+    by_device: dict = {}
+    for i, t in enumerate(ts):
+        if _off_host(t):
+            by_device.setdefault(t.device, []).append(i)
+        else:
+            out[i] = _host_bytes(t)
+    for members in by_device.values():
+        parts = [_byte_view(ts[i]) for i in members]
+        joined = memoryview(torch.cat(parts).cpu().numpy()) if parts else memoryview(b"")
+        pos = 0
+        for i, part in zip(members, parts):
+            out[i] = joined[pos : pos + part.numel()]
+            pos += part.numel()
+    return out
+
+
+def _staged_to(device: torch.device, ts: list) -> list:
+    """Host tensors moved to ``device`` in one host-to-device copy: joined as
+    bytes (each starting at a multiple of 16, so every dtype view of it is
+    aligned), moved, then viewed back as their dtypes and shapes."""
+    if not _off_host(device):
+        return list(ts)
+    parts, starts, pos = [], [], 0
+    for t in ts:
+        b = _byte_view(t)
+        pad = -pos % 16
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8))
+            pos += pad
+        starts.append(pos)
+        parts.append(b)
+        pos += b.numel()
+    joined = torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+    return [joined[a : a + t.numel() * t.element_size()].view(t.dtype).reshape(t.shape) for a, t in zip(starts, ts)]
+
+
 class _Slicer:
     """Cuts a flat op output (as host bytes) into consecutive per-tensor pieces."""
 
     __slots__ = ("mv", "pos")
 
-    def __init__(self, t: torch.Tensor):
-        self.mv, self.pos = _host_bytes(t), 0
+    def __init__(self, t):
+        self.mv, self.pos = (t if isinstance(t, memoryview) else _host_bytes(t)), 0
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.mv):  # a kernel returned less than its documented size
@@ -315,18 +370,13 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
         pos = header
     else:
         pos = fmt.write_header(view, record_list, entries, names_utf8, count_positions)
-    out_t = None
+    raw = [i for i, e in enumerate(entries) if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]
+    raw_bytes = dict(zip(raw, _host_bytes_many([flat[i] for i in raw])))
     starts = []
     for i, e in enumerate(entries):
         starts.append(pos)
-        if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len:
-            x = flat[i]
-            if x.device.type == "cpu":
-                view[pos : pos + e.payload_len] = _host_bytes(x)
-            else:  # device -> host straight into the message
-                if out_t is None:
-                    out_t = _writable_tensor(view)
-                out_t[pos : pos + e.payload_len].copy_(x.contiguous().view(torch.uint8))
+        if i in raw_bytes:
+            view[pos : pos + e.payload_len] = raw_bytes[i]
             pos += e.payload_len
             continue
         for piece in parts[i]:
@@ -605,8 +655,11 @@ def _encode_affine(rec, members, entries, flat, specs, parts):
         )
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
         raise _kernel_failed("quantize_pack", names, xs, exc) from exc
+    # metadata first: the host copies of scales and offsets start on their alignment
+    s, o, p = (_Slicer(mv) for mv in _host_bytes_many([scales, offsets, packed]))
+    if _off_host(scales):  # checked on the host copy: one transfer instead of a wait per test
+        scales, offsets = (torch.frombuffer(mv, dtype=meta) if len(mv) else scales.cpu() for mv in (s.mv, o.mv))
     _refuse_unfit_groups(scales, offsets, rec, {entries[i].dtype for i in members}, names)
-    p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
     for i, x, g in zip(members, xs, gs):
         meta_len = ops.num_groups(x.numel(), g) * meta.itemsize
         parts[i] += [s.take(meta_len), o.take(meta_len), p.take(ops.packed_nbytes(x.numel(), rec.bits))]
@@ -700,6 +753,11 @@ def _plain_topk_values(rec, members, entries, counts, values, dtypes=None) -> to
 
 def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
     counts, values, index_bytes, index_lens = _topk_select(global_scope, members, entries, flat, specs)
+    if _off_host(values) and rec.values not in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED):
+        # Plain values are converted and checked on the host (the same rounding): one transfer for both.
+        values_mv, index_mv = _host_bytes_many([values, index_bytes])  # values first: aligned
+        index_bytes = torch.frombuffer(index_mv, dtype=torch.uint8) if len(index_mv) else index_bytes.cpu()
+        values = torch.frombuffer(values_mv, dtype=torch.float32) if len(values_mv) else values.cpu()
     idx = _Slicer(index_bytes)
     for i, nbytes in zip(members, index_lens):
         parts[i].append(idx.take(nbytes))
@@ -989,8 +1047,7 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     raw_groups, empty, groups = _decode_layout(pm)
     out: dict[str, torch.Tensor] = dict.fromkeys([e.name for e in pm.entries])  # the table order
     for dtype, members, spans, view_plan in raw_groups:
-        tensors = _raw_tensors(mv, dtype, members, spans, view_plan)
-        out.update(zip([e.name for e in members], tensors if device.type == "cpu" else [t.to(device) for t in tensors]))
+        out.update(zip([e.name for e in members], _raw_tensors(mv, dtype, members, spans, view_plan, device)))
     for e in empty:
         out[e.name] = torch.zeros(e.shape, dtype=e.dtype, device=device)
 
@@ -998,16 +1055,17 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
         kdtype = torch.float32 if dtype == torch.float64 else dtype
         if rec.codec == fmt.CODEC_AFFINE:
             gs, spans = extra
-            packed, scales, offsets = _affine_inputs(mv, rec, members, numels, dtype, spans)
+            packed, scales, offsets = _staged_to(device, _affine_inputs(mv, rec, members, numels, dtype, spans))
             # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
-            dense = ops.unpack_dequantize(packed.to(device), scales.to(device), offsets.to(device), rec.bits, numels,
-                                          gs, kdtype)  # fmt: skip
+            dense = ops.unpack_dequantize(packed, scales, offsets, rec.bits, numels, gs, kdtype)
         else:
             counts = [e.count for e in members]
             index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
             values = _topk_values(mv, rec, members, counts, dtype, device)
+            if values.device != index_bytes.device:
+                index_bytes = index_bytes.to(device)
             try:
-                dense = ops.sparse_decode(index_bytes.to(device), values, numels, counts, kdtype)
+                dense = ops.sparse_decode(index_bytes, values, numels, counts, kdtype)
             except ValueError as exc:  # only a malformed index code; other kernel failures surface as they are
                 raise FormatError(
                     f"sparse_decode rejected the index codes of {[e.name for e in members]}: {exc}"
@@ -1018,13 +1076,16 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
     return out
 
 
-def _raw_tensors(mv, dtype, members, spans, view_plan) -> list:
+def _raw_tensors(mv, dtype, members, spans, view_plan, device=None) -> list:
     """The raw tensors ``members`` (all of ``dtype``, at ``spans``), checked:
-    one copy out of the message for all of them, then views of it."""
+    one copy out of the message for all of them (and one to ``device``), then
+    views of it."""
     flat = _gather(mv, spans)
     if dtype == torch.bool and bool((flat > 1).any()):
         name = next(e.name for e in members if any(b > 1 for b in mv[e.payload_offset : e.end]))
         raise FormatError(f"tensor {name!r}: bool elements must be 0 or 1")
+    if device is not None and _off_host(device):
+        flat = flat.to(device)
     return _split_members(flat.view(dtype), [e.numel for e in members], view_plan)
 
 

@@ -761,16 +761,82 @@ def test_golden_preamble_version():
         assert struct.unpack_from("<4sHH", path.read_bytes()) == (b"FLoC", version, 0), path.name
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.numel() else t
+
+
+# Device tensors cross to and from the host in one staged copy per group
+# (codec._host_bytes_many, _staged_to): every spec of these tests, mixed dtypes,
+# empty, 0-d and strided tensors.
+_STAGED_TENSORS = {
+    "w": sample((16, 64)),
+    "wt": sample((24, 40), seed=1).t(),
+    "h": sample((8, 33), torch.float16, seed=2),
+    "bf": sample((5, 64), torch.bfloat16, seed=3),
+    "b": sample(16, seed=4),
+    "odd": sample(7, seed=5),
+    "i": torch.arange(5),
+    "mask": torch.tensor([True, False, True]),
+    "u8": torch.arange(3, dtype=torch.uint8),
+    "scalar": torch.tensor(2.5),
+    "empty": torch.zeros(0, 4),
+}
+_STAGED_SPECS = [
+    fc.CodecSpec.raw(),
+    fc.CodecSpec(bits=4),
+    fc.CodecSpec(bits=3, granularity="group", group_size=64, meta_dtype="float16"),
+    fc.CodecSpec(density=0.1, values="float16"),
+    fc.CodecSpec(density=0.2, topk_scope="global"),
+    fc.CodecSpec(density=0.1, values="quantized", bits=8),
+    fc.CodecSpec(density=0.1, values="sign"),
+]
+
+
+@pytest.mark.parametrize("spec", _STAGED_SPECS, ids=range(len(_STAGED_SPECS)))
+def test_device_staging_paths_give_the_same_bytes_and_tensors(monkeypatch, spec):
+    # Run on CPU tensors by calling every tensor off the host: the message and
+    # the decoded tensors must equal the ones of the plain CPU paths.
+    codec_mod._ENCODE_PLANS.clear()
+    want = fc.encode(_STAGED_TENSORS, spec)
+    want_out = fc.decode(want)
+    monkeypatch.setattr(codec_mod, "_off_host", lambda x: True)
+    codec_mod._ENCODE_PLANS.clear()  # the first encode of a key takes the path device tensors take
+    assert fc.encode(_STAGED_TENSORS, spec) == want
+    got = fc.decode(want, device="cpu")
+    assert list(got) == list(want_out)
+    for name, t in got.items():
+        assert t.dtype == want_out[name].dtype and t.shape == want_out[name].shape, name
+        assert torch.equal(_bits(t), _bits(want_out[name])), name
+
+
+def test_staged_copies_keep_bytes_dtypes_and_alignment(monkeypatch):
+    monkeypatch.setattr(codec_mod, "_off_host", lambda x: True)
+    ts = [torch.arange(5, dtype=torch.uint8), torch.randn(3), torch.zeros(0), torch.arange(4, dtype=torch.int64),
+          torch.randn(2, 3, dtype=torch.float16), torch.tensor([True, False])]  # fmt: skip
+    views = codec_mod._host_bytes_many(ts)
+    assert [bytes(v) for v in views] == [_bits(t).numpy().tobytes() for t in ts]
+    moved = codec_mod._staged_to(torch.device("cpu"), ts)
+    for t, m in zip(ts, moved):
+        assert m.dtype == t.dtype and m.shape == t.shape
+        assert torch.equal(_bits(m), _bits(t))
+        assert m.untyped_storage().data_ptr() == moved[0].untyped_storage().data_ptr()  # one copy for all
+        assert m.storage_offset() * m.element_size() % 16 == 0  # every dtype view starts aligned
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.cuda
-def test_cuda_encode_matches_cpu_bytes():
-    tensors = {"w": sample((16, 64)), "b": sample(16), "i": torch.arange(4)}
-    for spec in (fc.CodecSpec(bits=4), fc.CodecSpec(density=0.1, values="quantized", bits=8)):
-        cpu = fc.encode(tensors, spec)
-        gpu = fc.encode({k: v.cuda() for k, v in tensors.items()}, spec)
-        assert cpu == gpu
-        out = fc.decode(cpu, device="cuda")
-        assert all(v.device.type == "cuda" for v in out.values())
+@pytest.mark.parametrize("spec", _STAGED_SPECS, ids=range(len(_STAGED_SPECS)))
+def test_cuda_encode_matches_cpu_bytes(spec):
+    codec_mod._ENCODE_PLANS.clear()
+    cpu = fc.encode(_STAGED_TENSORS, spec)
+    gpu = fc.encode({k: v.cuda() for k, v in _STAGED_TENSORS.items()}, spec)
+    assert cpu == gpu
+    want = fc.decode(cpu)
+    out = fc.decode(cpu, device="cuda")
+    for name, t in out.items():
+        assert t.device.type == "cuda", name
+        assert torch.equal(_bits(t), _bits(want[name])), name
 
 
 def test_codec_module_exports():
