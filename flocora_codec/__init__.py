@@ -28,6 +28,7 @@ from flocora_codec.errors import (
     UnsupportedVersionError,
 )
 from flocora_codec.format import DecodeLimits
+from flocora_codec.memory import reuse_freed_memory
 from flocora_codec.schema import Schema, SchemaRegistry
 from flocora_codec.spec import CodecSpec, Rule
 
@@ -54,4 +55,5 @@ __all__ = [
     "UnknownSchemaError",
     "Schema",
     "SchemaRegistry",
+    "reuse_freed_memory",
 ]

@@ -1,0 +1,70 @@
+"""flocora_codec.reuse_freed_memory: glibc keeps freed large blocks, so a
+repeated large allocation finds its pages mapped. Process-wide, so every
+check runs in a fresh interpreter."""
+
+import subprocess
+import sys
+
+import pytest
+
+import flocora_codec as fc
+
+# Fills a 64 MiB tensor three times (a new one each time) and prints whether
+# the settings took and the page faults of each fill. glibc may place the
+# second block past the first (an aligned request needs a little more than
+# the freed block), so the reuse shows from the third on.
+_PROBE = """
+import resource, sys, torch
+import flocora_codec as fc
+took = fc.reuse_freed_memory() if sys.argv[1] == "on" else None
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(16 << 20)
+    t.fill_(1.0)
+    del t
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, *faults)
+"""
+
+
+def _probe(mode):
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True).stdout
+    took, *faults = out.split()
+    return took, [int(f) for f in faults]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_after_the_call():
+    took, faults = _probe("on")
+    if took == "False":
+        pytest.skip("not glibc: reuse_freed_memory does not apply")
+    assert took == "True"
+    # 64 MiB is 16384 pages of 4 KiB: the first fill faults them in, the third reuses them.
+    assert faults[0] > 4000, faults
+    assert faults[2] < faults[0] // 4, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_without_the_call_each_large_allocation_faults_again():
+    # What the call changes: glibc's default maps a fresh block each time.
+    _, faults = _probe("off")
+    if faults[0] < 4000:
+        pytest.skip(f"this system faults in large pages ({faults[0]} faults for 64 MiB): nothing to compare")
+    assert faults[2] > faults[0] // 2, faults
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**30 + 1, 1.5, True, "1"])
+def test_reuse_freed_memory_refuses_bad_limits(bad):
+    with pytest.raises(ValueError, match="limit_bytes must be an int"):
+        fc.reuse_freed_memory(bad)
+
+
+@pytest.mark.skipif(fc.ops.BACKEND != "compiled", reason="times the compiled kernels")
+def test_bench_allocating_probe_runs_both_settings():
+    # The full benchmark's allocating rows (one smoke timing each; speed is never asserted).
+    from flocora_codec import bench
+
+    for mode in ("default", "reused"):
+        enc, dec = bench._allocating_ms(1 << 20, mode, 1)
+        assert enc > 0 and dec > 0 or (mode == "reused" and enc != enc), (mode, enc, dec)  # nan: not glibc
