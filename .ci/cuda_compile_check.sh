@@ -99,4 +99,12 @@ then
   echo "cuda-check: FAILED, the CUDA build does not load or lacks kernels" >&2
   exit 1
 fi
+# The candidate kernels of benchmarks/cuda_variants (a standalone program a GPU
+# session runs): compiled here too, so that they keep building.
+if ! "$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 --fmad=false -I csrc/include \
+    benchmarks/cuda_variants/quant_variants.cu -o "$BUILD/quant_variants" >"$BUILD-variants.log" 2>&1; then
+  cat "$BUILD-variants.log" >&2
+  echo "cuda-check: FAILED, benchmarks/cuda_variants/quant_variants.cu does not compile" >&2
+  exit 1
+fi
 echo "cuda-check: OK, ${#cu_files[@]} .cu files compiled for sm_80 and sm_90, all 5 ops registered for CUDA, in $(( $(date +%s) - t0 )) s ($so)"

@@ -2,10 +2,11 @@
 # The GPU checks in one call of a lent NVIDIA machine (an H200 here): load or
 # build the extension with its CUDA kernels for Hopper, run every CUDA test
 # (the parity suite's slow cases past 2^31 elements included), then
-# benchmarks/bench_cuda.py, then a few CUDA tests under compute-sanitizer's
-# memcheck. Logs and the result table land in $OUT; the last lines printed are
-# a summary. Each step has its own time limit, so that the whole call ends
-# inside one 10-minute command with room to spare.
+# benchmarks/bench_cuda.py, the candidate kernels of benchmarks/cuda_variants,
+# then a few CUDA tests under compute-sanitizer's memcheck. Logs and the
+# result table land in $OUT; the last lines printed are a summary. Each step
+# has its own time limit, so that the whole call ends inside one 10-minute
+# command with room to spare.
 #
 # Prepare on a machine with a package index, once, in the repository root (the
 # GPU machine has none; its image lacks crc32c, our one runtime dependency
@@ -119,6 +120,21 @@ rc=$?
 cp benchmarks/results/cuda-*.md "$OUT/" 2>/dev/null
 summary+=("bench (rc $rc): $(tail -1 "$OUT/bench_cuda.log")")
 
+# Candidate kernels for quantize_pack and unpack_dequantize (group 64), each
+# checked byte for byte against affine.h's definition and timed against the
+# device copy in the same run: benchmarks/cuda_variants/quant_variants.cu.
+step "benchmarks/cuda_variants (candidate kernels)"
+if "$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 --fmad=false -I csrc/include \
+    benchmarks/cuda_variants/quant_variants.cu -o /tmp/quant_variants >"$OUT/variants-build.log" 2>&1; then
+  timeout "${VARIANTS_SECONDS:-150}" /tmp/quant_variants 256 1024 >"$OUT/variants.log" 2>&1
+  rc=$?
+else
+  rc=$?
+  tail -20 "$OUT/variants-build.log"
+fi
+[ $rc -eq 0 ] || status=1
+summary+=("variants (rc $rc): $(grep -c 'same bytes' "$OUT/variants.log" 2>/dev/null) same, $(grep -c DIFFERENT "$OUT/variants.log" 2>/dev/null) different")
+
 # Out-of-bounds and uninitialized accesses in the kernels, hostile inputs
 # included. No caching allocator, so an access past a tensor is past its
 # allocation.
@@ -140,6 +156,7 @@ fi
 
 echo
 tail -60 "$OUT/bench_cuda.log"
+cat "$OUT/variants.log" 2>/dev/null
 step "done (status $status)"
 printf '%s\n' "${summary[@]}"
 exit $status
