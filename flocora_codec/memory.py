@@ -4,10 +4,10 @@ glibc serves every allocation of 32 MiB or more with a fresh ``mmap`` and
 gives it back with ``munmap`` when it is freed. An encode or decode that
 allocates such an output (a whole model's update, decoded every round) then
 faults its pages in on every call: on the development VM a 4-bit decode into
-a new 256 MiB tensor takes 63-69 ms, and 8 ms into a reused one.
+a new 256 MiB tensor takes 47-69 ms, and 8 ms into a reused one.
 :func:`reuse_freed_memory` raises glibc's mmap threshold, so that blocks up to
 ``limit_bytes`` come from its heap and stay there when freed: later rounds'
-outputs land on pages already mapped (9.5-10 ms for that decode). It shows
+outputs land on pages already mapped (7-10 ms for that decode). It shows
 from about the third call on: glibc may place the second block past the
 first, since an aligned request needs a little more than the block freed.
 
