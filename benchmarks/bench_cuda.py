@@ -235,6 +235,7 @@ def bench_messages(repeats):
     import time
 
     import flocora_codec as fc
+    from flocora_codec.bench import MESSAGE_SPECS
 
     shapes = resnet18_adapter_shapes()
     state = {f"t{i}": torch.randn(s, device="cuda") * 0.05 for i, s in enumerate(shapes)}
@@ -261,13 +262,7 @@ def bench_messages(repeats):
         "| spec | bytes | encode ms | decode ms | decode_into ms | encode / .cpu() copies |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, spec in [
-        ("4-bit per row (default)", fc.CodecSpec()),
-        ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
-        ("raw", fc.CodecSpec.raw()),
-        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
-        ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
-    ]:
+    for label, spec in MESSAGE_SPECS:
         data = fc.encode(state, spec)
         if data != fc.encode({k: v.cpu() for k, v in state.items()}, spec):
             sys.exit(f"bench_cuda.py: {label}: the CUDA encode differs from the CPU encode")

@@ -90,6 +90,15 @@ def fresh_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+# The whole-message rows of the CPU and GPU benchmarks.
+MESSAGE_SPECS = [
+    ("4-bit per row (default)", fc.CodecSpec()),
+    ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
+    ("raw", fc.CodecSpec.raw()),
+    ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
+    ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
+]
+
 _ALLOCATING_PROBE = """
 import statistics, sys, time, torch
 import flocora_codec as fc
@@ -526,13 +535,7 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     )
     emit("|---|---:|---:|---:|---:|---:|---:|---:|")
     targets = {k: v.clone() for k, v in state.items()}
-    for label, spec in [
-        ("4-bit per row (default)", fc.CodecSpec()),
-        ("4-bit group 64", fc.CodecSpec(bits=4, granularity="group", group_size=64)),
-        ("raw", fc.CodecSpec.raw()),
-        ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
-        ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
-    ]:
+    for label, spec in MESSAGE_SPECS:
         data = fc.encode(state, spec)
         enc = median_seconds(lambda: fc.encode(state, spec), repeats)
         dec = median_seconds(lambda: fc.decode(data), repeats)
