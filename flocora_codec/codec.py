@@ -150,6 +150,9 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
+_STAGE_MAX_BYTES = 1 << 20  # raw device tensors above this are copied one by one
+
+
 def _off_host(x) -> bool:
     """Whether a tensor (or a device) is not the CPU's: its data crosses to or
     from the host in the staged copies below. One predicate, so that tests can
@@ -371,12 +374,23 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
     else:
         pos = fmt.write_header(view, record_list, entries, names_utf8, count_positions)
     raw = [i for i, e in enumerate(entries) if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]
-    raw_bytes = dict(zip(raw, _host_bytes_many([flat[i] for i in raw])))
+    # Small device tensors cross together; a large one is copied straight into
+    # the message (joining it would cost a device and a host copy of its size).
+    raw_direct = {i for i in raw if _off_host(flat[i]) and entries[i].payload_len > _STAGE_MAX_BYTES}
+    staged = [i for i in raw if i not in raw_direct]
+    raw_bytes = dict(zip(staged, _host_bytes_many([flat[i] for i in staged])))
+    out_t = None
     starts = []
     for i, e in enumerate(entries):
         starts.append(pos)
         if i in raw_bytes:
             view[pos : pos + e.payload_len] = raw_bytes[i]
+            pos += e.payload_len
+            continue
+        if i in raw_direct:  # device -> host straight into the message
+            if out_t is None:
+                out_t = _writable_tensor(view)
+            out_t[pos : pos + e.payload_len].copy_(_byte_view(flat[i]))
             pos += e.payload_len
             continue
         for piece in parts[i]:

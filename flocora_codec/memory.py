@@ -8,13 +8,19 @@ a new 256 MiB tensor takes 47-69 ms, and 8 ms into a reused one.
 :func:`reuse_freed_memory` raises glibc's mmap threshold, so that blocks up to
 ``limit_bytes`` come from its heap and stay there when freed: later rounds'
 outputs land on pages already mapped (7-10 ms for that decode). It shows
-from about the third call on: glibc may place the second block past the
-first, since an aligned request needs a little more than the block freed.
+after the first few calls (from the fourth on, on that VM): an aligned
+request needs a little more than the block just freed, so glibc places the
+next one or two blocks past it before the freed space fits.
 
 The price is memory: the process keeps what it freed (up to about twice
 ``limit_bytes`` at the top of the heap) instead of returning it to the
-system. It is a process-wide setting, so the library never applies it on its
-own. The same effect without code: start the process with
+system. Limits: glibc serves blocks above 64 MiB from its heap only on the
+main thread's arena, and other threads' arenas map those afresh whatever the
+setting. Some glibc releases refuse thresholds above 32 MiB; the call then
+returns False and changes nothing (glibc 2.36 takes 1 GiB).
+
+It is a process-wide setting, so the library never applies it on its own.
+The same effect without code: start the process with
 ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 
@@ -32,7 +38,8 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     """Keep freed blocks of up to ``limit_bytes`` for reuse (glibc only).
 
     Returns True if glibc took both settings, and False where they do not
-    apply (another C library or platform); nothing changes then.
+    apply (another C library or platform, or a glibc that refuses so high a
+    threshold); nothing changes then.
     ``limit_bytes`` must be in 1..2**30 (mallopt takes an int, and the trim
     threshold is set to twice the limit).
     """

@@ -810,6 +810,20 @@ def test_device_staging_paths_give_the_same_bytes_and_tensors(monkeypatch, spec)
         assert torch.equal(_bits(t), _bits(want_out[name])), name
 
 
+def test_large_raw_device_tensors_go_straight_into_the_message(monkeypatch):
+    # Raw device tensors above codec._STAGE_MAX_BYTES are copied one by one, not joined.
+    tensors = {"big": sample(300_000, seed=7), "small": sample(10, seed=8), "big16": sample(600_001, torch.float16)}
+    codec_mod._ENCODE_PLANS.clear()
+    want = fc.encode(tensors, fc.CodecSpec.raw())
+    joined = []
+    real = codec_mod._host_bytes_many
+    monkeypatch.setattr(codec_mod, "_host_bytes_many", lambda ts: joined.append([t.numel() for t in ts]) or real(ts))
+    monkeypatch.setattr(codec_mod, "_off_host", lambda x: True)
+    codec_mod._ENCODE_PLANS.clear()
+    assert fc.encode(tensors, fc.CodecSpec.raw()) == want
+    assert joined == [[10]]
+
+
 def test_staged_copies_keep_bytes_dtypes_and_alignment(monkeypatch):
     monkeypatch.setattr(codec_mod, "_off_host", lambda x: True)
     ts = [torch.arange(5, dtype=torch.uint8), torch.randn(3), torch.zeros(0), torch.arange(4, dtype=torch.int64),

@@ -368,7 +368,7 @@ def test_quantize_past_2_31_elements_matches_cpu():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", [64, "tensor"])  # the fused path and the range / pack passes
+@pytest.mark.parametrize("group", [64, "tensor"])  # the lanes kernel and the range / pack passes
 def test_quantize_stochastic_draws_known_values_past_2_32(group):
     # The generator's key changes every 2^32 elements: the draws in windows
     # across 2^32 and 2^33 equal the generator's definition and its known

@@ -2,6 +2,7 @@
 repeated large allocation finds its pages mapped. Process-wide, so every
 check runs in a fresh interpreter."""
 
+import os
 import subprocess
 import sys
 
@@ -9,16 +10,17 @@ import pytest
 
 import flocora_codec as fc
 
-# Fills a 64 MiB tensor three times (a new one each time) and prints whether
-# the settings took and the page faults of each fill. glibc may place the
-# second block past the first (an aligned request needs a little more than
-# the freed block), so the reuse shows from the third on.
+# Fills a 64 MiB tensor six times (a new one each time) and prints whether
+# the settings took and the page faults of each fill. The first fills place
+# glibc's blocks (an aligned request needs a little more than the block just
+# freed, so one of the next two lands past it); from the fourth on, the
+# freed space fits.
 _PROBE = """
 import resource, sys, torch
 import flocora_codec as fc
 took = fc.reuse_freed_memory() if sys.argv[1] == "on" else None
 faults = []
-for _ in range(3):
+for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(16 << 20)
     t.fill_(1.0)
@@ -29,7 +31,11 @@ print(took, *faults)
 
 
 def _probe(mode):
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True).stdout
+    # Without the environment's own malloc tunables (the README suggests them).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True, env=env
+    ).stdout
     took, *faults = out.split()
     return took, [int(f) for f in faults]
 
@@ -38,11 +44,12 @@ def _probe(mode):
 def test_freed_memory_is_reused_after_the_call():
     took, faults = _probe("on")
     if took == "False":
-        pytest.skip("not glibc: reuse_freed_memory does not apply")
+        pytest.skip("mallopt refused (not glibc, or a glibc that caps the mmap threshold)")
     assert took == "True"
-    # 64 MiB is 16384 pages of 4 KiB: the first fill faults them in, the third reuses them.
-    assert faults[0] > 4000, faults
-    assert faults[2] < faults[0] // 4, faults
+    if faults[0] < 4000:
+        pytest.skip(f"this system faults in large pages ({faults[0]} faults for 64 MiB): nothing to compare")
+    # 64 MiB is 16384 pages of 4 KiB: the first fill faults them in, the last three reuse them.
+    assert all(f < faults[0] // 4 for f in faults[3:]), faults
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -51,7 +58,7 @@ def test_without_the_call_each_large_allocation_faults_again():
     _, faults = _probe("off")
     if faults[0] < 4000:
         pytest.skip(f"this system faults in large pages ({faults[0]} faults for 64 MiB): nothing to compare")
-    assert faults[2] > faults[0] // 2, faults
+    assert all(f > faults[0] // 2 for f in faults[3:]), faults
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2**30 + 1, 1.5, True, "1"])
