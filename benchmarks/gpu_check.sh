@@ -22,9 +22,17 @@
 # machine's torch (a venv with the same torch release, CUDA_HOME set,
 # TORCH_CUDA_ARCH_LIST=9.0, `setup.py build_ext --inplace` in a copy of the
 # tree) and put _C.abi3.so and _build_info.py in .gpu-prebuilt/ (also in
-# .git/info/exclude), carried too. It is used only if it loads there and
-# registers CUDA kernels for every op; otherwise the script builds from source.
+# .git/info/exclude), carried too, with the sources' fingerprint:
+#   bash benchmarks/gpu_check.sh --fingerprint > .gpu-prebuilt/sources.sha256
+# It is used only if that fingerprint matches the tree's, and it loads there
+# and registers CUDA kernels for every op; otherwise the script builds.
 set -uo pipefail
+# What the extension is built from: a prebuilt _C of other sources is stale.
+fingerprint() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+if [ "${1:-}" = --fingerprint ]; then
+  fingerprint
+  exit 0
+fi
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -63,7 +71,9 @@ EOF
 }
 
 built=""
-if [ -f .gpu-prebuilt/_C.abi3.so ]; then
+if [ -f .gpu-prebuilt/_C.abi3.so ] && [ "$(cat .gpu-prebuilt/sources.sha256 2>/dev/null)" != "$(fingerprint)" ]; then
+  echo "== .gpu-prebuilt/ was built from other sources (fingerprint differs): building here"
+elif [ -f .gpu-prebuilt/_C.abi3.so ]; then
   step "prebuilt extension (.gpu-prebuilt)"
   cp .gpu-prebuilt/_C.abi3.so .gpu-prebuilt/_build_info.py flocora_codec/
   if check_ext 2>&1 | tee -a "$OUT/gpu.txt"; then
