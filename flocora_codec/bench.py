@@ -102,32 +102,46 @@ MESSAGE_SPECS = [
 _ALLOCATING_PROBE = """
 import statistics, sys, time, torch
 import flocora_codec as fc
-from flocora_codec import ops
-nbytes, mode, repeats = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+from flocora_codec import bench, ops
+nbytes, mode, repeats, with_peers = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 if mode == "reused" and not fc.reuse_freed_memory():
-    print("nan nan")
+    print("nan nan nan nan")
     raise SystemExit
+bits, group = 4, bench.GROUP
 x = torch.randn(nbytes // 4)
-p, s, o = ops.quantize_pack([x], 4, [64])
+p, s, o = ops.quantize_pack([x], bits, [group])
 def median_ms(fn):
     times = []
-    for _ in range(repeats + 3):  # the first three place glibc's blocks
+    for _ in range(repeats + 3):  # the first three place glibc's blocks (and compile the peers)
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
         del out
     return 1e3 * statistics.median(times[3:])
-encode = median_ms(lambda: ops.quantize_pack([x], 4, [64]))
-print(encode, median_ms(lambda: ops.unpack_dequantize(p, s, o, 4, [x.numel()], [64])))
+encode = median_ms(lambda: ops.quantize_pack([x], bits, [group]))
+decode = median_ms(lambda: ops.unpack_dequantize(p, s, o, bits, [x.numel()], [group]))
+compiled_encode = compiled_decode = float("nan")
+if with_peers:
+    halves = bench.torch_quantize_halves(x, bits, group)
+    compile_ = bench._compiler()
+    peers_q = [compile_(f) for f in (bench.torch_quantize_halves, bench.torch_quantize_interleaved)]
+    peers_dq = [(compile_(bench.torch_dequantize_halves), halves),
+                (compile_(bench.torch_dequantize_interleaved), (p, s, o))]
+    compiled_encode = min(median_ms(lambda f=f: f(x, bits, group)) for f in peers_q)
+    compiled_decode = min(median_ms(lambda f=f, a=a: f(*a, bits, group)) for f, a in peers_dq)
+print(encode, decode, compiled_encode, compiled_decode)
 """
 
 
-def _allocating_ms(nbytes: int, mode: str, repeats: int) -> tuple[float, float]:
-    """(encode, decode) median ms of allocating 4-bit calls in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", _ALLOCATING_PROBE, str(nbytes), mode, str(repeats)],
-                         capture_output=True, text=True, check=True, timeout=600).stdout  # fmt: skip
-    enc, dec = out.split()
-    return float(enc), float(dec)
+def _allocating_ms(nbytes: int, mode: str, repeats: int, peers: bool = True) -> tuple[float, float, float, float]:
+    """Median ms of allocating 4-bit calls in a fresh interpreter: (encode,
+    decode, compiled encode, compiled decode), the compiled ones the faster
+    of the two layouts (nan without `peers`: compiling them takes seconds)."""
+    args = [str(nbytes), mode, str(repeats), "1" if peers else "0"]
+    out = subprocess.run([sys.executable, "-c", _ALLOCATING_PROBE, *args],
+                         capture_output=True, text=True, check=True, timeout=900).stdout  # fmt: skip
+    enc, dec, cenc, cdec = out.split()
+    return float(enc), float(dec), float(cenc), float(cdec)
 
 
 # ---- plain-PyTorch peers: same math, written for speed -------------------------------
@@ -585,16 +599,26 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
         emit("## Allocating calls, glibc's default against `fc.reuse_freed_memory()`")
         emit()
         emit(
-            "Repeated 4-bit encodes and decodes that allocate their outputs, each setting in an interpreter of its "
-            "own (the setting is process-wide). By default glibc maps every block of 32 MiB or more afresh and "
-            "each call faults its pages in; after `fc.reuse_freed_memory()` the freed blocks stay in the heap."
+            "Repeated 4-bit encodes and decodes that allocate their outputs, ours and the compiled formulation "
+            "(the faster layout), each setting in an interpreter of its own (the setting is process-wide). By "
+            "default glibc maps every block of 32 MiB or more afresh and each call faults its pages in, whoever "
+            "makes the call; after `fc.reuse_freed_memory()` the freed blocks stay in the heap. `vs compiled`: "
+            "the compiled formulation's time over ours in the same interpreter."
         )
         emit()
-        emit("| size | encode default ms | encode reused ms | decode default ms | decode reused ms |")
-        emit("|---|---:|---:|---:|---:|")
+        emit(
+            "| size | op | default ms | compiled default ms | vs compiled | reused ms | compiled reused ms | "
+            "vs compiled |"
+        )
+        emit("|---|---|---:|---:|---:|---:|---:|---:|")
         for nbytes in (64 << 20, 256 << 20):
             default, reused = (_allocating_ms(nbytes, mode, repeats) for mode in ("default", "reused"))
-            emit(f"| {fmt_size(nbytes)} | {default[0]:.2f} | {reused[0]:.2f} | {default[1]:.2f} | {reused[1]:.2f} |")
+            for i, op in enumerate(("encode", "decode")):
+                ours_d, theirs_d, ours_r, theirs_r = default[i], default[i + 2], reused[i], reused[i + 2]
+                emit(
+                    f"| {fmt_size(nbytes)} | {op} | {ours_d:.2f} | {theirs_d:.2f} | {theirs_d / ours_d:.2f}x | "
+                    f"{ours_r:.2f} | {theirs_r:.2f} | {theirs_r / ours_r:.2f}x |"
+                )
         emit()
     if notes:
         emit("Notes: " + "; ".join(notes))
