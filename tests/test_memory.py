@@ -61,6 +61,41 @@ def test_without_the_call_each_large_allocation_faults_again():
     assert all(f > faults[0] // 2 for f in faults[3:]), faults
 
 
+# Decodes into fresh outputs past 32 MiB, where the kernel streams its stores
+# if the output's pages are already mapped (a reused heap block) and stores
+# normally if they are not: both must give the reference's values (as must
+# the into path, which always streams at this size).
+_DECODE_PROBE = """
+import sys, torch
+import flocora_codec as fc
+from flocora_codec import ops, reference
+took = fc.reuse_freed_memory() if sys.argv[1] == "on" else None
+torch.manual_seed(0)
+n = (1 << 23) + 1031  # past 32 MiB of float32, a partial last group
+x = torch.randn(n) * 3
+isas = [level for level in (0, 1, 2) if torch.ops.flocora._set_cpu_isa(level) == level]  # this CPU's loops
+for isa, bits in [(isa, bits) for isa in isas for bits in (1, 4, 8)]:
+    torch.ops.flocora._set_cpu_isa(isa)
+    p, s, o = ops.quantize_pack([x], bits, [64])
+    want = reference.unpack_dequantize(p, s, o, bits, n, 64, torch.float32)
+    into = torch.empty_like(x)
+    ops.unpack_dequantize_into_([into], p, s, o, bits, [64])
+    assert torch.equal(into, want), (isa, bits)
+    for _ in range(4):
+        got = ops.unpack_dequantize(p, s, o, bits, [n], [64])
+        assert torch.equal(got, want), (isa, bits)
+        del got
+print(took, isas, "ok")
+"""
+
+
+@pytest.mark.skipif(fc.ops.BACKEND != "compiled", reason="the compiled kernels' store paths")
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_large_fresh_decodes_match_the_reference_on_reused_and_fresh_pages(mode):
+    out = subprocess.run([sys.executable, "-c", _DECODE_PROBE, mode], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "ok", out.stdout
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2**30 + 1, 1.5, True, "1"])
 def test_reuse_freed_memory_refuses_bad_limits(bad):
     with pytest.raises(ValueError, match="limit_bytes must be an int"):

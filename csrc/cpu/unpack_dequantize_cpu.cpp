@@ -22,6 +22,7 @@
 #include <flocora/host_checks.h>
 
 #include "huge_pages.h"
+#include "resident_pages.h"
 #include "out_checks.h"
 #include "quant_loops.h"
 
@@ -45,7 +46,7 @@ struct OutSpan {
 // adding when accumulate: in float32, after rounding the decoded value to the
 // output dtype, so the sums equal out + unpack_dequantize(...) in PyTorch).
 void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& offsets,
-                 int64_t bits, const std::vector<OutSpan>& out, bool accumulate, bool fresh_output) {
+                 int64_t bits, const std::vector<OutSpan>& out, bool accumulate, bool output_mapped) {
   const bool meta_half = lay.meta_half;
   const uint8_t* src = packed.data_ptr<uint8_t>();
   const uint8_t* const src_end = src + packed.numel();
@@ -69,8 +70,9 @@ void unpack_into(const UnpackLayout& lay, const at::Tensor& packed, const at::Te
   // Streaming stores skip reading the output lines in before writing them
   // (the bandwidth memcpy gets), but leave nothing in cache: only for
   // outputs that would not fit the last-level cache anyway.
-  // A fresh output gains nothing: its page faults bring every line in zeroed.
-  const bool stream = !fresh_output && lay.total * (int64_t)sizeof(float) >= kStreamBytes;
+  // An output on pages not yet mapped loses: its page faults bring every
+  // line in zeroed anyway (resident_pages.h).
+  const bool stream = output_mapped && lay.total * (int64_t)sizeof(float) >= kStreamBytes;
   at::parallel_for(0, (int64_t)pieces.size(), kTasksPerThreadMin, [&](int64_t lo, int64_t hi) {
     std::unique_ptr<uint8_t[]> codes_buf(new uint8_t[kQuantChunk]);
     struct {
@@ -181,7 +183,8 @@ at::Tensor unpack_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& 
   char* base = static_cast<char*>(result.data_ptr());
   std::vector<OutSpan> out(lay.ts.size());
   for (size_t i = 0; i < lay.ts.size(); ++i) out[i] = {base + result.element_size() * lay.ts[i].elem_base, dtype};
-  unpack_into(lay, packed, scales, offsets, bits, out, false, /*fresh_output=*/true);
+  const bool mapped = result.nbytes() >= (size_t)kStreamBytes && pages_resident(base, result.nbytes());
+  unpack_into(lay, packed, scales, offsets, bits, out, false, /*output_mapped=*/mapped);
   return result;
 }
 
@@ -217,7 +220,7 @@ void unpack_dequantize_into__cpu(at::TensorList outs, const at::Tensor& packed_i
                   : (accumulate ? outs[i].contiguous() : at::empty_like(outs[i], at::MemoryFormat::Contiguous));
     out[i] = {numels[i] ? static_cast<char*>(work[i].data_ptr()) : nullptr, outs[i].scalar_type()};
   }
-  unpack_into(lay, packed, scales, offsets, bits, out, accumulate, /*fresh_output=*/false);
+  unpack_into(lay, packed, scales, offsets, bits, out, accumulate, /*output_mapped=*/true);
   for (size_t i = 0; i < outs.size(); ++i)
     if (!outs[i].is_contiguous()) outs[i].copy_(work[i]);
 }
