@@ -22,9 +22,9 @@
 #include <flocora/host_checks.h>
 
 #include "huge_pages.h"
-#include "resident_pages.h"
 #include "out_checks.h"
 #include "quant_loops.h"
+#include "resident_pages.h"
 
 namespace flocora {
 namespace cpu {
