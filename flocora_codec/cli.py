@@ -27,7 +27,8 @@ exit status:
 _DESCRIPTION = """\
 Inspect, encode and decode flocora-codec messages: compact, checksummed
 wire messages of named tensors (LoRA adapters, model updates) for federated
-learning. The byte format is specified in docs/FORMAT.md (versions 1, 2).
+learning. The byte format is specified in docs/FORMAT.md (message versions
+1, 2 and 3, and schemas).
 
 commands:
   inspect MSG            print the tensor table (name, dtype, shape, codec and

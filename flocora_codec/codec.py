@@ -1143,10 +1143,11 @@ def decode(
     limits : DecodeLimits, optional
         Bounds on message size, tensor count, total elements, ndim, name
         length and expansion (defaults: :class:`DecodeLimits`).
-    expect : mapping, optional
+    expect : mapping or torch.nn.Module, optional
         What the receiver knows the message must hold: names mapped to
         tensors or arrays (a state dict: only shapes and dtypes are used) or
-        to ``(shape, dtype)`` pairs. Anything else is refused before any
+        to ``(shape, dtype)`` pairs; a module stands for its state dict.
+        Anything else is refused before any
         allocation, which is how a server should decode client uploads: a
         message cannot make it allocate more than its own model. With
         ``expect`` the ``max_expansion`` limit does not apply. A dtype of
@@ -1437,7 +1438,7 @@ def decode_numpy(
         The message.
     limits : DecodeLimits, optional
         As for :func:`decode`.
-    expect : mapping, optional
+    expect : mapping or torch.nn.Module, optional
         As for :func:`decode` (numpy arrays or ``(shape, dtype)`` pairs).
     partial, schemas
         As for :func:`decode`.

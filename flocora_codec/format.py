@@ -433,10 +433,15 @@ def expectation(expect) -> dict:
 
     ``expect`` maps names to tensors or numpy arrays (a state dict: only
     their shapes and dtypes are used) or to ``(shape, dtype)`` pairs, with
-    ``dtype`` a torch or numpy dtype, or None for any dtype.
+    ``dtype`` a torch or numpy dtype, or None for any dtype; or it is a
+    module, which stands for its ``state_dict()``.
     """
+    if isinstance(expect, torch.nn.Module):
+        expect = expect.state_dict()
     if not isinstance(expect, Mapping):
-        raise TypeError(f"expect must map tensor names to tensors or (shape, dtype); got {type(expect).__name__}")
+        raise TypeError(
+            f"expect must be a module or map tensor names to tensors or (shape, dtype); got {type(expect).__name__}"
+        )
     out = {}
     for name, v in expect.items():
         if isinstance(v, torch.Tensor):

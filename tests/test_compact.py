@@ -188,6 +188,11 @@ def test_a_schema_claiming_a_huge_tensor_is_refused_by_a_receiver_that_expects_i
     huge = fc.Schema.build({"layer1.lora_A": ((1 << 14, 1 << 14), torch.float32)}, fc.CodecSpec(k=1, rules=()))
     with pytest.raises(fc.ExpectationError, match="layer1.lora_A"):
         fc.Schema.from_bytes(huge.to_bytes(), expect={"layer1.lora_A": torch.zeros(8, 24)})
+    receiver = torch.nn.Module()  # or the receiver's model itself
+    receiver.layer1 = torch.nn.Module()
+    receiver.layer1.register_buffer("lora_A", torch.zeros(8, 24))
+    with pytest.raises(fc.ExpectationError, match="layer1.lora_A"):
+        fc.Schema.from_bytes(huge.to_bytes(), expect=receiver)
 
 
 def test_error_feedback_writes_compact_messages():

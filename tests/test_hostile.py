@@ -193,6 +193,15 @@ def test_expect_accepts_the_model_and_refuses_everything_else():
             fc.decode(data, expect=expect)
     with pytest.raises(TypeError, match="expect"):
         fc.decode(data, expect=[("a", model["a"])])
+    # a module stands for its state dict (as decode_into takes it)
+    module = torch.nn.Module()
+    module.register_buffer("a", torch.zeros(4, 8))
+    module.register_buffer("b", torch.zeros(8, dtype=torch.float16))
+    assert list(fc.decode(data, expect=module)) == ["a", "b"]
+    assert list(fc.decode_numpy(data, expect=module)) == ["a", "b"]
+    module.register_buffer("b", torch.zeros(9, dtype=torch.float16))
+    with pytest.raises(fc.ExpectationError, match=r"shape \(9,\)"):
+        fc.decode(data, expect=module)
     # a receiver that accepts a subset, in any dtype, still bounds every shape
     loose = {"a": ((4, 8), None), "b": ((8,), None), "c": ((3,), None)}
     assert list(fc.decode(data, expect=loose, partial=True)) == ["a", "b"]
