@@ -5,8 +5,8 @@
 # benchmarks/bench_cuda.py, the candidate kernels of benchmarks/cuda_variants,
 # then a few CUDA tests under compute-sanitizer's memcheck. Logs and the
 # result table land in $OUT; the last lines printed are a summary. Each step
-# has its own time limit, so that the whole call ends inside one 10-minute
-# command with room to spare.
+# has its own time limit, cut to what is left of GPU_CHECK_SECONDS (520), so
+# that the whole call ends inside one 10-minute command with the summary.
 #
 # Prepare on a machine with a package index, once, in the repository root (the
 # GPU machine has none; its image lacks crc32c, our one runtime dependency
@@ -43,6 +43,14 @@ PY=${PY:-python3}
 status=0
 summary=()
 step() { echo "== $1 ($(date +%T))"; }
+# The whole script ends by GPU_CHECK_SECONDS (default 520: the device call's
+# limit is 600 s, minus the machine's start and the transfers): each step
+# gets its own limit or what is left, so the summary always prints.
+deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-520} ))
+budget() {
+  local left=$(( deadline - $(date +%s) - 15 ))
+  [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
@@ -84,7 +92,7 @@ elif [ -f .gpu-prebuilt/_C.abi3.so ]; then
 fi
 if [ -z "$built" ]; then
   step "build (CUDA, sm_${TORCH_CUDA_ARCH_LIST/./})"
-  if ! timeout 240 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  if ! timeout "$(budget 240)" $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
     tail -30 "$OUT/build.log"
     exit 1
   fi
@@ -105,7 +113,7 @@ TESTS=(tests/test_cuda_parity.py tests/test_quant.py tests/test_topk.py tests/te
   tests/test_codec.py tests/test_hostile.py)
 PYTEST=($PY -m pytest -p no:cacheprovider -v -rfE --timeout 300 --durations 12 -k cuda)
 step "slow CUDA tests (past 2^31 and 2^32 elements), alone"
-timeout "${SLOW_TEST_SECONDS:-200}" "${PYTEST[@]}" -m slow "${TESTS[@]}" >"$OUT/cuda-slow-tests.log" 2>&1
+timeout "$(budget "${SLOW_TEST_SECONDS:-150}")" "${PYTEST[@]}" -m slow "${TESTS[@]}" >"$OUT/cuda-slow-tests.log" 2>&1
 rc=$?
 [ $rc -eq 0 ] || status=1
 grep -E " (PASSED|FAILED|ERROR)" "$OUT/cuda-slow-tests.log" | head -10
@@ -116,7 +124,7 @@ par=()
 workers=${TEST_WORKERS:-8}
 if $PY -c "import xdist" 2>/dev/null; then par=(-n "$workers"); fi
 OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 )) \
-  timeout "${TEST_SECONDS:-240}" "${PYTEST[@]}" -m "not slow" "${par[@]}" --junitxml="$OUT/cuda-tests.xml" \
+  timeout "$(budget "${TEST_SECONDS:-240}")" "${PYTEST[@]}" -m "not slow" "${par[@]}" --junitxml="$OUT/cuda-tests.xml" \
   "${TESTS[@]}" >"$OUT/cuda-tests.log" 2>&1
 rc=$?
 [ $rc -eq 0 ] || status=1
@@ -124,7 +132,7 @@ grep -E "^(FAILED|ERROR)|\] FAILED" "$OUT/cuda-tests.log" | head -20
 summary+=("tests (rc $rc): $(tail -1 "$OUT/cuda-tests.log"), $(grep -c ' PASSED ' "$OUT/cuda-tests.log") passed so far")
 
 step "benchmarks/bench_cuda.py"
-timeout 120 $PY benchmarks/bench_cuda.py --max-mib 1024 >"$OUT/bench_cuda.log" 2>&1
+timeout "$(budget 120)" $PY benchmarks/bench_cuda.py --max-mib 1024 >"$OUT/bench_cuda.log" 2>&1
 rc=$?
 [ $rc -eq 0 ] || status=1
 cp benchmarks/results/cuda-*.md "$OUT/" 2>/dev/null
@@ -136,7 +144,7 @@ summary+=("bench (rc $rc): $(tail -1 "$OUT/bench_cuda.log")")
 step "benchmarks/cuda_variants (candidate kernels)"
 if "$CUDA_HOME/bin/nvcc" -O3 -std=c++17 -arch=sm_90 --fmad=false -I csrc/include \
     benchmarks/cuda_variants/quant_variants.cu -o /tmp/quant_variants >"$OUT/variants-build.log" 2>&1; then
-  timeout "${VARIANTS_SECONDS:-150}" /tmp/quant_variants 256 1024 >"$OUT/variants.log" 2>&1
+  timeout "$(budget "${VARIANTS_SECONDS:-90}")" /tmp/quant_variants 256 1024 >"$OUT/variants.log" 2>&1
   rc=$?
 else
   rc=$?
@@ -153,7 +161,7 @@ summary+=("variants (rc $rc): $(grep -c 'same bytes' "$OUT/variants.log" 2>/dev/
 # (MEMCHECK=0 skips it).
 if [ "${MEMCHECK:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer memcheck (a subset of the CUDA tests)"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_SECONDS:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(budget "${MEMCHECK_SECONDS:-120}")" compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 $PY -m pytest -q -p no:cacheprovider -x \
     "tests/test_cuda_parity.py::test_sparse_decode_corrupt_codes_agree_with_cpu[0.002]" \
     "tests/test_cuda_parity.py::test_quantize_round_trip_on_cuda" \
