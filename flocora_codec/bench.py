@@ -104,6 +104,8 @@ import statistics, sys, time, torch
 import flocora_codec as fc
 from flocora_codec import bench, ops
 nbytes, mode, repeats, with_peers = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+if int(sys.argv[5]) >= 0:  # the loops `bench --isa` forces in the parent
+    torch.ops.flocora._set_cpu_isa(int(sys.argv[5]))
 if mode == "reused" and not fc.reuse_freed_memory():
     print("nan nan nan nan")
     raise SystemExit
@@ -137,7 +139,7 @@ def _allocating_ms(nbytes: int, mode: str, repeats: int, peers: bool = True) -> 
     """Median ms of allocating 4-bit calls in a fresh interpreter: (encode,
     decode, compiled encode, compiled decode), the compiled ones the faster
     of the two layouts (nan without `peers`: compiling them takes seconds)."""
-    args = [str(nbytes), mode, str(repeats), "1" if peers else "0"]
+    args = [str(nbytes), mode, str(repeats), "1" if peers else "0", str(-1 if _forced_isa is None else _forced_isa)]
     out = subprocess.run([sys.executable, "-c", _ALLOCATING_PROBE, *args],
                          capture_output=True, text=True, check=True, timeout=900).stdout  # fmt: skip
     enc, dec, cenc, cdec = out.split()
