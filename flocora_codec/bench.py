@@ -112,25 +112,37 @@ if mode == "reused" and not fc.reuse_freed_memory():
 bits, group = 4, bench.GROUP
 x = torch.randn(nbytes // 4)
 p, s, o = ops.quantize_pack([x], bits, [group])
-def median_ms(fn):
-    times = []
-    for _ in range(repeats + 3):  # the first three place glibc's blocks (and compile the peers)
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-        del out
-    return 1e3 * statistics.median(times[3:])
-encode = median_ms(lambda: ops.quantize_pack([x], bits, [group]))
-decode = median_ms(lambda: ops.unpack_dequantize(p, s, o, bits, [x.numel()], [group]))
-compiled_encode = compiled_decode = float("nan")
+calls = {
+    "encode": lambda: ops.quantize_pack([x], bits, [group]),
+    "decode": lambda: ops.unpack_dequantize(p, s, o, bits, [x.numel()], [group]),
+}
 if with_peers:
     halves = bench.torch_quantize_halves(x, bits, group)
     compile_ = bench._compiler()
-    peers_q = [compile_(f) for f in (bench.torch_quantize_halves, bench.torch_quantize_interleaved)]
-    peers_dq = [(compile_(bench.torch_dequantize_halves), halves),
-                (compile_(bench.torch_dequantize_interleaved), (p, s, o))]
-    compiled_encode = min(median_ms(lambda f=f: f(x, bits, group)) for f in peers_q)
-    compiled_decode = min(median_ms(lambda f=f, a=a: f(*a, bits, group)) for f, a in peers_dq)
+    q_h, q_i = compile_(bench.torch_quantize_halves), compile_(bench.torch_quantize_interleaved)
+    dq_h, dq_i = compile_(bench.torch_dequantize_halves), compile_(bench.torch_dequantize_interleaved)
+    calls["q_halves"] = lambda: q_h(x, bits, group)
+    calls["q_interleaved"] = lambda: q_i(x, bits, group)
+    calls["dq_halves"] = lambda: dq_h(*halves, bits, group)
+    calls["dq_interleaved"] = lambda: dq_i(p, s, o, bits, group)
+# Each function in a loop of its own (interleaved calls would change what
+# the next one's allocation costs: freed blocks of other sizes), the loops in
+# the order A B .. B A, so that a drift of the machine hits both sides alike.
+# The first calls of a loop compile and place glibc's blocks (a compiled
+# decode of 256 MiB took five calls to stop faulting in pages).
+warmup = 6
+times = {k: [] for k in calls}
+for k in list(calls) + list(reversed(calls)):
+    for i in range(warmup + (repeats + 1) // 2):
+        t = time.perf_counter()
+        out = calls[k]()
+        if i >= warmup:
+            times[k].append(time.perf_counter() - t)
+        del out
+ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+encode, decode = ms["encode"], ms["decode"]
+compiled_encode = min(ms.get("q_halves", float("nan")), ms.get("q_interleaved", float("nan")))
+compiled_decode = min(ms.get("dq_halves", float("nan")), ms.get("dq_interleaved", float("nan")))
 print(encode, decode, compiled_encode, compiled_decode)
 """
 
@@ -602,7 +614,8 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
         emit()
         emit(
             "Repeated 4-bit encodes and decodes that allocate their outputs, ours and the compiled formulation "
-            "(the faster layout), each setting in an interpreter of its own (the setting is process-wide). By "
+            "(the faster layout), each setting in an interpreter of its own (the setting is process-wide), each "
+            "function in a loop of its own, the loops in the order ours, compiled, compiled, ours. By "
             "default glibc maps every block of 32 MiB or more afresh and each call faults its pages in, whoever "
             "makes the call; after `fc.reuse_freed_memory()` the freed blocks stay in the heap. `vs compiled`: "
             "the compiled formulation's time over ours in the same interpreter."
