@@ -26,7 +26,7 @@ inline bool pages_resident(const void* ptr, size_t nbytes) {
   const uintptr_t last = ((uintptr_t)ptr + nbytes - 1) & ~(page - 1);
   constexpr int kSamples = 8;
   for (int s = 0; s < kSamples; ++s) {
-    const uintptr_t at = (first + (last - first) / (kSamples - 1) * s) & ~(page - 1);
+    const uintptr_t at = s == kSamples - 1 ? last : (first + (last - first) / (kSamples - 1) * s) & ~(page - 1);
     unsigned char in_core = 0;
     if (mincore((void*)at, page, &in_core) != 0 || (in_core & 1) == 0) return false;
   }
