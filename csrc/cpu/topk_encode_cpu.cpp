@@ -490,30 +490,16 @@ uint32_t select_in_range(int isa, uint32_t* keys, int64_t m, int64_t need, uint3
   return select_small(keys, m, need, ties);
 }
 
-// As select_inplace, but leaves src intact (the phased path still needs it to
-// count each chunk's candidates): the first digit copies out its bucket.
-uint32_t select_from(int isa, const uint32_t* src, int64_t m, int64_t need, int d, int64_t* ties) {
-  std::vector<uint32_t> buf;
-  if (m <= kSmallSelect) {
-    buf.resize(m + kBlock);  // + keep_bucket's overhang
-    std::copy(src, src + m, buf.begin());
-    return select_inplace(isa, buf.data(), m, need, d, nullptr, 0, ties);
-  }
-  int64_t hist[kTopBins];
-  const int s = kShift[d];
-  const uint32_t mask = (uint32_t)kBins[d] - 1;
-  std::fill(hist, hist + kBins[d], 0);
-  for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> s) & mask];
-  const uint32_t b = (uint32_t)top_bin(hist, kBins[d] - 1, &need);
-  buf.resize(hist[b] + kBlock);  // + keep_bucket's overhang
-  int64_t j = 0;
-  for (int64_t i = 0; i < m; ++i)
-    if (((src[i] >> s) & mask) == b) buf[j++] = src[i];
-  if (d == 2) {
-    *ties = need;
-    return buf[0];
-  }
-  return select_inplace(isa, buf.data(), j, need, d + 1, nullptr, 0, ties);
+// As select_in_range, but leaves src intact (phase 3 counts each chunk's
+// candidates there afterwards). Candidates crowd into a few bins of a fixed
+// digit (a sampled bracket spans about one top-digit bin), where one counter
+// per bin serialized on its increments: 18 us, against 4 now, for the 8.5k
+// candidates of a global 10% of the ResNet-18 adapter set.
+uint32_t select_copy_in_range(int isa, const uint32_t* src, int64_t m, int64_t need, uint32_t lo, uint32_t hi,
+                              int64_t* ties) {
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[m + kBlock]);  // + keep_bucket's overhang
+  std::copy(src, src + m, keys.get());
+  return select_in_range(isa, keys.get(), m, need, lo, hi, ties);
 }
 
 }  // namespace
@@ -862,9 +848,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(at::TensorList xs
     for (int64_t g = lo; g < hi; ++g) {
       Group& gr = groups[g];
       if (gr.k == 0) continue;
-      // Candidates within one top-digit bin agree on that digit: the select starts below it.
-      const bool one_bin = gr.lo >= 0 && ((uint32_t)(gr.lo + 1) >> kTopShift) == ((uint32_t)gr.hi >> kTopShift);
-      gr.t = select_from(isa, cands.get() + gr.cand_base, gr.cand_count, gr.need, one_bin ? 1 : 0, &gr.ties);
+      // Every candidate lies in (lo, hi]: a sampled bracket, or a top-digit bin (lo = -1: bin 0).
+      gr.t = select_copy_in_range(isa, cands.get() + gr.cand_base, gr.cand_count, gr.need, (uint32_t)(gr.lo + 1),
+                                  (uint32_t)gr.hi, &gr.ties);
     }
   });
 
