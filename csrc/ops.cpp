@@ -89,6 +89,10 @@ TORCH_LIBRARY(flocora, m) {
   // checked first, dst ranges pairwise disjoint, no source inside dst. A
   // message's kernel outputs and raw tensors land in place in one call.
   m.def("_copy_to_bytes_(Tensor(a!) dst, Tensor[] srcs, Tensor ranges) -> ()");
+  // CRC-32C of data's bytes continuing from value (the CRC of the bytes
+  // before them; 0 for none), as the crc32c package computes it: the
+  // checksum of a message, on every thread (csrc/cpu/crc32c_cpu.cpp).
+  m.def("_crc32c(Tensor data, int value) -> int");
 
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best

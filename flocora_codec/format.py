@@ -90,8 +90,16 @@ FLOAT_CODES = frozenset({1, 2, 3, 4})
 META_CODES = {1: torch.float32, 2: torch.float16}
 
 
+# From here on the compiled op's threads and parallel chains beat the crc32c
+# package's single chain (~30 GB/s), call overhead included (256 KiB: 7.4
+# against 8.2 us; a raw ResNet-18 adapter message, 2.4 MB: 23 against 72 us).
+_CRC_OP_MIN_BYTES = 256 << 10
+
+
 def crc32c(data) -> int:
     """CRC32C (Castagnoli) of a bytes-like object, hardware-accelerated."""
+    if memoryview(data).nbytes >= _CRC_OP_MIN_BYTES:
+        return ops.crc32c(data)
     return _crc32c.crc32c(data)
 
 

@@ -17,11 +17,14 @@ the same bytes, much slower, CPU only, with one warning at import.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import warnings
 from collections.abc import Sequence
 
+import crc32c as _crc32c_package
+import numpy as np
 import torch
 
 FORCE_REFERENCE_ENV = "FLOCORA_FORCE_REFERENCE"
@@ -370,6 +373,22 @@ def copy_from_bytes_(outs: Sequence[torch.Tensor], src: torch.Tensor, offsets: S
 @_register_fake("flocora::_copy_from_bytes_")
 def _copy_from_bytes_fake(outs, src, offsets):
     return None
+
+
+def crc32c(data, value: int = 0) -> int:
+    """CRC-32C (Castagnoli) of a C-contiguous bytes-like object, continuing
+    from ``value`` (the CRC of the bytes before it), as ``crc32c.crc32c``
+    computes it. The compiled op splits large inputs between the threads."""
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    if BACKEND != "compiled" or n == 0:
+        return _crc32c_package.crc32c(mv, value)
+    # A tensor over the same memory, only read. torch.frombuffer warns on
+    # read-only buffers such as bytes: it gets a ctypes view of them instead.
+    addr = np.frombuffer(mv, dtype=np.uint8).ctypes.data
+    return torch.ops.flocora._crc32c(
+        torch.frombuffer((ctypes.c_ubyte * n).from_address(addr), dtype=torch.uint8), value
+    )
 
 
 def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int] | torch.Tensor) -> None:

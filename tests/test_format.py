@@ -82,6 +82,43 @@ def test_crc32c_check_value():
     assert fmt.crc32c(b"123456789") == 0xE3069283
 
 
+# Sizes around the op's boundaries: one chain below 4 KiB, 8 chains of whole
+# words above (and the bytes after them), a second thread from 256 KiB.
+_CRC_SIZES = [0, 1, 7, 8, 9, 63, 4095, 4096, 4097, 4159, 65537, (256 << 10) - 1, 256 << 10, (256 << 10) + 1,
+              (1 << 20) + 3, 3_000_017]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_crc32c_op_matches_the_package(cpu_isa, threads):
+    # The compiled CRC (parallel chains, threads, joined by multiplication
+    # mod the polynomial; a byte table on the scalar build) against crc32c's.
+    rng = np.random.default_rng(3)
+    blob = rng.integers(0, 256, size=max(_CRC_SIZES) + 64, dtype=np.uint8).tobytes()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in _CRC_SIZES:
+            for start in (0, 3):  # an unaligned start as well
+                piece = memoryview(blob)[start : start + n]
+                for value in (0, 1, 0xE3069283, 0xFFFFFFFF):
+                    assert fc.ops.crc32c(piece, value) == crc32c.crc32c(piece, value), (n, start, value)
+        assert fc.ops.crc32c(bytearray(b"123456789")) == fmt.crc32c(b"123456789") == 0xE3069283
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_crc32c_of_large_messages_through_the_op():
+    # Messages from 256 KiB on are checksummed by the op; the trailer is the
+    # package's CRC, and a flipped byte still fails the check.
+    data = fc.encode({"w": torch.randn(128, 1024)}, fc.CodecSpec.raw())
+    assert len(data) > fmt._CRC_OP_MIN_BYTES
+    assert struct.unpack("<I", data[-4:])[0] == crc32c.crc32c(data[:-4]) == fmt.crc32c(memoryview(data)[:-4])
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x10
+    with pytest.raises(fc.ChecksumError):
+        fc.decode(bytes(bad))
+
+
 def test_encoder_preamble_and_trailer():
     data = fc.encode({"a": torch.randn(4, 8), "b": torch.zeros(3)}, fc.CodecSpec(bits=4))
     magic, version, flags, n_codecs, n_tensors = struct.unpack_from(PREAMBLE, data)
