@@ -375,6 +375,14 @@ def _copy_from_bytes_fake(outs, src, offsets):
     return None
 
 
+def split_views(flat: torch.Tensor, layout: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors over ``flat``'s memory (1-D, contiguous), one per entry
+    ``(element offset, ndim, *sizes, *strides)`` of the int64 CPU tensor
+    ``layout``; each is checked to lie within ``flat``. They share its
+    storage, as views do (compiled extension only)."""
+    return torch.ops.flocora._split_views(flat, layout)
+
+
 def crc32c(data, value: int = 0) -> int:
     """CRC-32C (Castagnoli) of a C-contiguous bytes-like object, continuing
     from ``value`` (the CRC of the bytes before it), as ``crc32c.crc32c``

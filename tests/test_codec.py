@@ -623,6 +623,36 @@ def test_decoded_tensors_of_every_shape_are_disjoint_contiguous_views(spec):
     assert all(torch.equal(out[k], before[k]) for k in out if k != "c")
 
 
+@pytest.mark.skipif(ops.BACKEND != "compiled", reason="the compiled op")
+def test_split_views_lays_tensors_over_flat_and_refuses_what_reaches_past_it():
+    flat = torch.arange(20.0)
+    layout = torch.tensor(
+        [0, 2, 3, 4, 4, 1, 12, 0, 13, 1, 0, 1, 14, 2, 0, 3, 3, 1, 20, 2, 0, 5, 5, 1], dtype=torch.int64
+    )
+    a, s, e, z, tail = ops.split_views(flat, layout)
+    assert torch.equal(a, flat[:12].view(3, 4)) and s.shape == () and s.item() == 12.0
+    assert e.shape == (0,) and z.shape == (0, 3) and tail.shape == (0, 5)
+    assert a.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    a.fill_(-1.0)  # the same memory, as a view's
+    assert flat[:12].eq(-1.0).all() and flat[12] == 12.0
+    for bad in (
+        [18, 1, 3, 1],
+        [0, 2, 5, 5, 5, 1],
+        [20, 0],
+        [-1, 1, 1, 1],
+        [0, 1, -2, 1],
+        [0, 1, 2, -1],
+        [0, 3, 1],
+        [0],
+    ):
+        with pytest.raises(RuntimeError, match="_split_views"):
+            ops.split_views(flat, torch.tensor(bad, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="1-D contiguous"):
+        ops.split_views(flat.view(4, 5), torch.tensor([0, 0], dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="int64 CPU"):
+        ops.split_views(flat, torch.tensor([0, 0], dtype=torch.int32))
+
+
 def test_requires_grad_input():
     w = sample((4, 8)).requires_grad_()
     out = fc.decode(fc.encode({"w": w}, fc.CodecSpec(bits=8)))["w"]

@@ -322,6 +322,52 @@ bool plan_layout(at::TensorList ts, std::vector<int64_t>* d) {
 }
 
 }  // namespace
+// _split_views: tensors sharing flat's storage, made as ATen makes a view
+// (alias_with_sizes_and_strides), without a dispatch per tensor.
+std::vector<at::Tensor> split_views(const at::Tensor& flat, const at::Tensor& layout) {
+  const char* op = "flocora::_split_views";
+  TORCH_CHECK(flat.dim() == 1 && flat.is_contiguous() && !flat.is_quantized(), op,
+              ": flat must be a 1-D contiguous tensor");
+  TORCH_CHECK(
+      layout.device().is_cpu() && layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.is_contiguous(), op,
+      ": layout must be a contiguous 1-D int64 CPU tensor");
+  const int64_t* p = layout.data_ptr<int64_t>();
+  const int64_t n = layout.numel(), numel = flat.numel();
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n;) {
+    TORCH_CHECK(i + 2 <= n, op, ": layout ends inside an entry");
+    const int64_t offset = p[i], nd = p[i + 1];
+    TORCH_CHECK(nd >= 0 && nd <= 64 && i + 2 + 2 * nd <= n, op, ": bad ndim ", nd, " at layout position ", i);
+    const int64_t* sizes = p + i + 2;
+    const int64_t* strides = sizes + nd;
+    bool empty = false;
+    for (int64_t d = 0; d < nd; ++d) {
+      TORCH_CHECK(sizes[d] >= 0 && strides[d] >= 0, op, ": negative size or stride at layout position ", i);
+      empty |= sizes[d] == 0;
+    }
+    TORCH_CHECK(offset >= 0 && offset <= numel, op, ": view at layout position ", i, " starts outside flat's ", numel,
+                " elements");
+    if (!empty) {
+      int64_t last = offset;  // the largest element index the view reaches, kept below numel (no overflow)
+      for (int64_t d = 0; d < nd; ++d)
+        if (strides[d] > 0) {
+          TORCH_CHECK(sizes[d] - 1 <= (numel - 1 - last) / strides[d], op, ": view at layout position ", i,
+                      " reaches past flat's ", numel, " elements");
+          last += (sizes[d] - 1) * strides[d];
+        }
+      TORCH_CHECK(last < numel, op, ": view at layout position ", i, " reaches past flat's ", numel, " elements");
+    }
+    at::Tensor v = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(flat.storage()),
+                                                            flat.key_set(), flat.dtype());
+    c10::TensorImpl* impl = v.unsafeGetTensorImpl();
+    impl->set_storage_offset(flat.storage_offset() + offset);
+    impl->set_sizes_and_strides(c10::IntArrayRef(sizes, nd), c10::IntArrayRef(strides, nd));
+    out.push_back(std::move(v));
+    i += 2 + 2 * nd;
+  }
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace flocora
 
@@ -335,6 +381,7 @@ TORCH_LIBRARY_IMPL(flocora, CompositeImplicitAutograd, m) {
     std::copy(d.begin(), d.end(), out.data_ptr<int64_t>());
     return out;
   });
+  m.impl("_split_views", &flocora::cpu::split_views);
   m.impl("_plan_layout_matches", [](at::TensorList ts, const at::Tensor& layout) {
     TORCH_CHECK(
         layout.device().is_cpu() && layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.is_contiguous(),
