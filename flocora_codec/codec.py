@@ -949,11 +949,13 @@ def _affine_inputs(mv, rec, members, counts, out_dtype, spans=None):
 
 def _view_plan(members):
     """How a flat tensor holding ``members`` back to back becomes their
-    tensors, worked out once per header: with the extension, the layout of
-    one ``_split_views`` call for all of them (a Python ``as_strided`` call
-    cost 0.86 us a tensor, a split 0.33); else None to split the flat tensor
-    (every member 1-D), or each member's shape, contiguous strides and
-    element offset for an ``as_strided`` call each."""
+    tensors, worked out once per header: ``(layout, plan)``. ``layout``, with
+    the extension: one ``_split_views`` call for all of them on the CPU (a
+    Python ``as_strided`` call cost 0.86 us a tensor, a split 0.33).
+    ``plan``, for other devices (the op has not run on a GPU yet) and the
+    reference backend: None to split the flat tensor (every member 1-D),
+    else each member's shape, contiguous strides and element offset for an
+    ``as_strided`` call each."""
     plan, layout, offset = [], [], 0
     for e in members:
         shape = tuple(e.shape)
@@ -965,16 +967,16 @@ def _view_plan(members):
         plan.append((shape, strides, offset))
         layout += (offset, len(shape), *shape, *strides)
         offset += e.numel
-    if ops.BACKEND == "compiled":
-        return torch.tensor(layout, dtype=torch.int64)
-    return None if all(len(e.shape) == 1 for e in members) else plan
+    layout = torch.tensor(layout, dtype=torch.int64) if ops.BACKEND == "compiled" else None
+    return layout, None if all(len(e.shape) == 1 for e in members) else plan
 
 
-def _split_members(flat: torch.Tensor, numels, plan) -> list:
+def _split_members(flat: torch.Tensor, numels, view_plan) -> list:
     """A group's tensors from ``flat`` (their ``numels`` elements back to
     back), over its memory, by its ``_view_plan``."""
-    if isinstance(plan, torch.Tensor):
-        return ops.split_views(flat, plan)
+    layout, plan = view_plan
+    if layout is not None and flat.device.type == "cpu":
+        return ops.split_views(flat, layout)
     if plan is None:
         return list(torch.split(flat, numels))
     base = flat.storage_offset()
