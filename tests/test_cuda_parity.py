@@ -814,3 +814,16 @@ def test_all_combinations_smoke():
         range(1, 9), [torch.float32, torch.float16], [False, True], [1, 65, 129 * 65]
     ):
         _quant_both([x], bits, [g], stochastic, [bits], meta)
+
+
+def test_split_views_on_cuda_outputs():
+    # Decode sends only CPU outputs to _split_views (codec._split_members)
+    # until this passes on a GPU: the op is registered for every device.
+    flat = torch.arange(30.0, device="cuda")
+    layout = torch.tensor([0, 2, 3, 4, 4, 1, 12, 0, 13, 1, 3, 1, 16, 3, 2, 2, 2, 4, 2, 1], dtype=torch.int64)
+    got = ops.split_views(flat, layout)
+    want = ops.split_views(flat.cpu(), layout)
+    assert [g.device.type for g in got] == ["cuda"] * 4
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    got[0].fill_(-1.0)  # the same memory, as a view's
+    assert bool(flat[:12].eq(-1.0).all()) and float(flat[12]) == 12.0
