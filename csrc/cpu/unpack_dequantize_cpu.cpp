@@ -322,6 +322,7 @@ bool plan_layout(at::TensorList ts, std::vector<int64_t>* d) {
 }
 
 }  // namespace
+
 // _split_views: tensors sharing flat's storage, made as ATen makes a view
 // (alias_with_sizes_and_strides), without a dispatch per tensor.
 std::vector<at::Tensor> split_views(const at::Tensor& flat, const at::Tensor& layout) {
