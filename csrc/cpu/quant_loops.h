@@ -755,14 +755,10 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
   return with_width(bits, [&](auto width) {
     constexpr int B = decltype(width)::value;
     switch (group) {  // as avx512::encode_groups_f32
-      case 16:
-        return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
-      case 32:
-        return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
-      case 64:
-        return encode_groups_bits<B, 8>(x, n, group, scale_out, offset_out, packed);
-      default:
-        return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
+      case 16: return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
+      case 32: return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
+      case 64: return encode_groups_bits<B, 8>(x, n, group, scale_out, offset_out, packed);
+      default: return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
     }
   });
 }
@@ -1270,14 +1266,10 @@ inline bool encode_groups_f32(const float* x, int64_t n, int64_t group, int bits
   return with_width(bits, [&](auto width) {
     constexpr int B = decltype(width)::value;
     switch (group) {
-      case 16:
-        return encode_groups_bits<B, 1>(x, n, group, scale_out, offset_out, packed);
-      case 32:
-        return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
-      case 64:
-        return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
-      default:
-        return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
+      case 16: return encode_groups_bits<B, 1>(x, n, group, scale_out, offset_out, packed);
+      case 32: return encode_groups_bits<B, 2>(x, n, group, scale_out, offset_out, packed);
+      case 64: return encode_groups_bits<B, 4>(x, n, group, scale_out, offset_out, packed);
+      default: return encode_groups_bits<B, 0>(x, n, group, scale_out, offset_out, packed);
     }
   });
 }
