@@ -1053,8 +1053,14 @@ inline const PackedUnitTables& packed_unit_tables() {
           // code 16*u + 4*lane + w.
           const int u = o / 16, lane = o % 16 / 4, w = o % 4;
           t.unit[b][o] = (uint8_t)(16 * lane + 4 * u + w);
+        } else if (b == 2 || b == 4) {
+          // Byte o holds codes 8/b * o on, whose byte the multiply-adds
+          // left at the start of their 32- or 16-bit lane: that of the
+          // first, at 16*lane + 4*u + w (code 16*u + 4*lane + w).
+          const int code = 8 / b * o, u = code / 16, lane = code % 16 / 4, w = code % 4;
+          t.unit[b][o] = (uint8_t)(16 * lane + 4 * u + w);
         } else if (b % 2 == 0) {
-          // Even widths squeeze the packs' interleaved layout as it is: 4
+          // Width 6 squeezes the packs' interleaved layout as it is: 4
           // codes are b/2 whole bytes, so runs of 4 land in whole bytes
           // and this permute puts them in order. Byte 16*lane + 4*u + w of
           // the layout holds code 16*u + 4*lane + w (see store64).
@@ -1185,10 +1191,12 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     const int64_t code_base = g0 * group;  // code index of the block's first value
     auto store64 = [&](__m512i q0, __m512i q1, __m512i q2, __m512i q3, int64_t code) FLOCORA_INLINE {
       // Byte 16*lane + 4*u + w: code 16*u + 4*lane + w. Codes are clamped
-      // as bytes (one op for 64 codes).
-      raw_or = _mm512_ternarylogic_epi32(raw_or, q0, q1, 0xFE);  // a | b | c
-      raw_or = _mm512_ternarylogic_epi32(raw_or, q2, q3, 0xFE);
-      __m512i c = _mm512_packus_epi16(_mm512_packus_epi32(q0, q1), _mm512_packus_epi32(q2, q3));
+      // as bytes (one op for 64 codes). The first pack saturates signed, so
+      // a NaN's 0x80000000 stays negative (-32768) for one check of 64
+      // codes; the second maps it to 0.
+      const __m512i q01 = _mm512_packs_epi32(q0, q1), q23 = _mm512_packs_epi32(q2, q3);
+      raw_or = _mm512_ternarylogic_epi32(raw_or, q01, q23, 0xFE);  // a | b | c
+      __m512i c = _mm512_packus_epi16(q01, q23);
       if constexpr (bits < 8) c = _mm512_min_epu8(c, lev8);
       uint8_t* dst = packed + ((uint64_t)code >> 3) * bits;
       if constexpr (bits == 1) {  // codes in order, one bit each
@@ -1197,9 +1205,15 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
         memcpy(dst, &mask, 8);
         return;
       }
-      if constexpr (odd)
-        c = _mm512_permutexvar_epi32(runs, c);  // 4 odd-width codes end mid-byte: squeeze them in order
-      if constexpr (squeeze) c = squeeze64(c, sq);
+      if constexpr (bits == 4) {
+        c = _mm512_maddubs_epi16(sq.pair, c);  // neighbours' byte in each 16-bit lane (the permute gathers them)
+      } else if constexpr (bits == 2) {
+        c = _mm512_madd_epi16(_mm512_maddubs_epi16(sq.pair, c), sq.quad);  // 4 codes' byte in each 32-bit lane
+      } else {
+        if constexpr (odd)
+          c = _mm512_permutexvar_epi32(runs, c);  // 4 odd-width codes end mid-byte: squeeze them in order
+        if constexpr (squeeze) c = squeeze64(c, sq);
+      }
       c = _mm512_permutexvar_epi8(unit_gather, c);
       // Exact stores where a register part holds 8*bits bytes.
       if constexpr (bits == 8) {
@@ -1253,7 +1267,7 @@ inline bool encode_groups_bits(const float* x, int64_t n, int64_t group, float* 
     if (g0 + 16 < n) range_params(g0 + 16, off_of[b ^ 1], inv_of[b ^ 1]);
     if (g0 >= 0) codes_of(g0, off_of[b], inv_of[b]);
   }
-  return bad == 0 && _mm512_cmplt_epi32_mask(raw_or, _mm512_setzero_si512()) == 0;
+  return bad == 0 && _mm512_movepi16_mask(raw_or) == 0;  // (store16 ors 32-bit lanes: their sign is a 16-bit one)
 }
 
 // Range, parameters, codes and packing in one pass: the packed bytes of each
