@@ -145,6 +145,19 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
                        int64_t* above, uint32_t* max_key, uint64_t* flags) {
   int64_t cnt = 0, up = 0;
   std::memset(flags, 0, sizeof(uint64_t) * ((end - begin + kBlock * 64 - 1) / (kBlock * 64)));
+  // The flag word being set, in a register: an or into memory per block
+  // chained each block to the last one's store (and the stage's stores may
+  // alias it, so the compiler kept it there).
+  int64_t word_at = 0;
+  uint64_t word = 0;
+  auto flag_block = [&](int64_t blk) {
+    if ((blk >> 6) != word_at) {
+      flags[word_at] = word;
+      word_at = blk >> 6;
+      word = 0;
+    }
+    word |= 1ull << (blk & 63);
+  };
 #if FLOCORA_TOPK_ISA == 2
   if (D == kF32) {
     const __m512i lov = _mm512_set1_epi32(lo), hiv = _mm512_set1_epi32(hi);
@@ -157,7 +170,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
       __mmask16 ge = _mm512_mask_cmpgt_epi32_mask(valid, keys, lov);
       if (!ge) continue;
       const int64_t blk = (i - begin) / kBlock;
-      flags[blk >> 6] |= 1ull << (blk & 63);
+      flag_block(blk);
       __mmask16 gt = _mm512_cmpgt_epi32_mask(keys, hiv);
       up += __builtin_popcount(gt);
       __mmask16 in = (__mmask16)(ge & ~gt);
@@ -165,6 +178,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
       _mm512_storeu_si512(stage + cnt, _mm512_maskz_compress_epi32(in, keys));
       cnt += __builtin_popcount(in);
     }
+    if (end > begin) flags[word_at] = word;
     *above = up;
     *max_key = _mm512_reduce_max_epu32(mx);
     return cnt;
@@ -185,7 +199,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
       const uint32_t ge = lane_mask(_mm256_cmpgt_epi32(k0, lov)) | lane_mask(_mm256_cmpgt_epi32(k1, lov)) << 8;
       if (!ge) continue;
       const int64_t blk = (i - begin) / kBlock;
-      flags[blk >> 6] |= 1ull << (blk & 63);
+      flag_block(blk);
       const uint32_t gt = lane_mask(_mm256_cmpgt_epi32(k0, hiv)) | lane_mask(_mm256_cmpgt_epi32(k1, hiv)) << 8;
       up += __builtin_popcount(gt);
       const uint32_t in = ge & ~gt;
@@ -208,7 +222,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
     uint32_t ge = gt_mask(keys, lo) & valid;
     if (!ge) continue;
     const int64_t blk = (i - begin) / kBlock;
-    flags[blk >> 6] |= 1ull << (blk & 63);
+    flag_block(blk);
     uint32_t gt = gt_mask(keys, hi) & valid;
     uint32_t in = ge & ~gt;
     up += popcount64(gt);
@@ -227,6 +241,7 @@ int64_t top_candidates(const void* x, int64_t begin, int64_t end, int32_t lo, in
     }
 #endif
   }
+  if (end > begin) flags[word_at] = word;
   *above = up;
   *max_key = mx;
   return cnt;
