@@ -98,6 +98,11 @@ TORCH_LIBRARY(flocora, m) {
   // before them; 0 for none), as the crc32c package computes it: the
   // checksum of a message, on every thread (csrc/cpu/crc32c_cpu.cpp).
   m.def("_crc32c(Tensor data, int value) -> int");
+  // Whether affine metadata could come from an encoder (FORMAT.md 3.2): 0, or
+  // the number of the first check some group breaks, in the order of
+  // codec.affine_meta_violation, which names it. One pass over the groups
+  // (csrc/cpu/affine_meta_check_cpu.cpp); out_dtype: the decoded dtype.
+  m.def("_affine_meta_check(Tensor scales, Tensor offsets, int bits, ScalarType out_dtype) -> int");
 
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best

@@ -399,6 +399,16 @@ def crc32c(data, value: int = 0) -> int:
     )
 
 
+def affine_meta_check(scales: torch.Tensor, offsets: torch.Tensor, bits: int, out_dtype: torch.dtype) -> int:
+    """Whether affine metadata (CPU, 1-D, float32 or float16 alike) could come
+    from an encoder when decoded to ``out_dtype``: 0, or the number (1-6) of
+    the first check of ``codec.affine_meta_violation`` that some group
+    breaks. One pass of the compiled op over the groups."""
+    if BACKEND != "compiled":
+        raise RuntimeError("affine_meta_check needs the compiled extension")
+    return int(torch.ops.flocora._affine_meta_check(scales.contiguous(), offsets.contiguous(), int(bits), out_dtype))
+
+
 def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int] | torch.Tensor) -> None:
     """Byte ranges of ``srcs`` into ``dst`` (a contiguous uint8 CPU tensor), in
     place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte

@@ -73,6 +73,35 @@ def test_affine_metadata_an_encoder_may_write_decodes(scale, offset, kw):
     assert bool(torch.isfinite(out).all())
 
 
+# Values at the edges of every check: non-finite, signed zeros, negative,
+# float32 subnormal and smallest normal, float16 and bfloat16 limits, tops
+# that overflow float32 only at higher widths.
+META_EDGES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0, 1e-40, 2.0**-126, 2.0**-20, 1.0, 5.0,
+              -3.0, 1000.0, 60000.0, 65000.0, 65504.0, -70000.0, 1e37, -3e37, 1e38, 3e38, 3.398e38, 3.4e38]  # fmt: skip
+
+
+@pytest.mark.skipif(fc.ops.BACKEND != "compiled", reason="the compiled check against its Python formulations")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from(META_EDGES), st.sampled_from(META_EDGES)), min_size=1, max_size=40),
+    noise=st.lists(st.floats(-1e4, 1e4, width=32), max_size=40),
+    bits=st.integers(1, 8),
+    meta=st.sampled_from([torch.float32, torch.float16]),
+    out_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_compiled_metadata_check_agrees_with_its_python_formulations(pairs, noise, bits, meta, out_dtype):
+    # Edge groups among ordinary ones (a positive scale with a noise offset), so that each check meets
+    # groups that pass it and groups that break a later one.
+    scales = [s for s, _ in pairs] + [abs(v) / 1e3 for v in noise]
+    offsets = [o for _, o in pairs] + list(noise)
+    s, o = torch.tensor(scales).to(meta), torch.tensor(offsets).to(meta)
+    want = codec_mod._affine_meta_check_np(s, o, bits, out_dtype)
+    assert codec_mod._affine_meta_check_torch(s, o, bits, out_dtype) == want
+    assert fc.ops.affine_meta_check(s, o, bits, out_dtype) == want
+    big_s, big_o = s.repeat(5000), o.repeat(5000)  # past one task of the op's threads
+    assert fc.ops.affine_meta_check(big_s, big_o, bits, out_dtype) == want
+
+
 def topk_raw_message(values: bytes, *, values_code=1, dtype_code=1):
     """Top-k of a 16-element tensor keeping indices 0 and 5 (bitmap)."""
     vsize = 4 if values_code == 1 else 2
