@@ -15,6 +15,13 @@ a message, decoded with the golden schemas at hand (compact messages).
 Seeds: the golden messages and schemas (each in both CRC modes).
 A crash input found is saved under ``fuzz/crashes/``; copy it to
 ``tests/fuzz_regressions/`` and it becomes a test (tests/test_fuzz_regressions.py).
+
+atheris 3.0.0's comparison hook leaks the result of a traced comparison that
+is not a Python bool (``tensor > 1`` in instrumented code keeps that tensor
+alive forever). The compiled decode path compares tensors by method or as
+ints, so the fuzzer's memory stays flat; a new ``tensor <op> x`` in it shows
+up as steady RSS growth in libFuzzer's status lines (and, in a long run, as a
+false out-of-memory finding).
 """
 
 from __future__ import annotations
