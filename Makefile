@@ -32,7 +32,7 @@ demo: build
 lint: .venv/.stamp
 	$(RUFF) check .
 	$(RUFF) format --check .
-	$(CLANG_FORMAT) --dry-run --Werror $(CSRC) $(wildcard benchmarks/cuda_variants/*.cu)
+	$(CLANG_FORMAT) --dry-run --Werror $(CSRC) $(wildcard benchmarks/cuda_variants/*.cu) $(wildcard benchmarks/floors/*.c)
 
 # Compile-only check of csrc/cuda/*.cu against a CUDA build of torch in
 # .venv-cuda (no GPU needed; skips if nvcc is absent). Runs before the tests.

@@ -1,16 +1,23 @@
 // Transparent huge pages for fresh multi-MiB outputs: OFF by default, on
 // with FLOCORA_HUGE_PAGES=1. Measured here (THP enabled=madvise,
 // defrag=madvise, the common defaults; 4-bit decode into a fresh output,
-// 2 threads; quiet machine):
+// 2 threads; quiet machine; 2026-12-01):
 //   single shot in a fresh process (one decode per FL round looks like this):
-//     64 MiB: 74-90 ms advised, 15-18 ms not (torch.empty().fill_: 13-17 ms);
-//     256 MiB: 303-310 ms advised, 51-55 ms not (empty().fill_: 47-50 ms);
-//   a tight loop of fresh outputs (memory just freed is reused):
-//     64 MiB: median 17 ms advised, 13 ms not; 256 MiB: 17 ms advised, 51 not.
-// With defrag=madvise an advised fault that finds no free 2 MiB block of the
-// right kind compacts memory synchronously; counting free blocks in
-// /proc/buddyinfo first (kept below) does not prevent it. The advice pays
-// only in tight loops of large decodes, so it is opt-in.
+//     64 MiB: 70 ms advised, 12 ms not; 256 MiB: 284-299 ms advised, 44-46 not;
+//   a loop of fresh outputs (each freed before the next):
+//     64 MiB: median 3.6 ms advised, 16.8 not; 256 MiB: 12.9 advised, 69.7 not
+//     (the first call as slow as a single shot).
+// The single shot's cost is not compaction (/proc/vmstat's compact_stall
+// stays 0, no fault falls back to small pages). This VM's balloon reports
+// free blocks of 2 MiB and up to its host (free page reporting,
+// page_reporting_order 9), which drops their backing; an advised fault takes
+// such a block, and the host backs all of it again. Small pages come from
+// lists below that order, whose memory stays backed, and a loop reuses its
+// own huge pages before they are reported. Where memory stays backed the
+// single shot need not pay this, but a process cannot tell which machine it
+// is on, so the advice is opt-in. With defrag=madvise an advised fault that
+// finds no free 2 MiB block compacts memory synchronously; the free-block
+// count below skips the advice then.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
