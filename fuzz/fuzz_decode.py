@@ -21,7 +21,8 @@ is not a Python bool (``tensor > 1`` in instrumented code keeps that tensor
 alive forever). The compiled decode path compares tensors by method or as
 ints, so the fuzzer's memory stays flat; a new ``tensor <op> x`` in it shows
 up as steady RSS growth in libFuzzer's status lines (and, in a long run, as a
-false out-of-memory finding).
+false out-of-memory finding); tests/test_fuzz_regressions.py counts the
+tensors an instrumented decode leaves alive.
 """
 
 from __future__ import annotations
