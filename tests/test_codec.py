@@ -954,6 +954,7 @@ TOPK_PLAN_SPECS = [
     fc.CodecSpec(k=7, values="bfloat16"),
     fc.CodecSpec(density=0.3, values="quantized", bits=4, granularity="group", group_size=16),
     fc.CodecSpec(density=0.05, values="sign", topk_scope="global"),
+    fc.CodecSpec(density=0.3, values="sign", meta_dtype="float16"),  # per tensor: the fixed layout
     fc.CodecSpec(
         bits=4, rules=(fc.Rule("lora_B", fc.CodecSpec(density=0.25, values="float16")), fc.Rule("*", "raw", max_ndim=1))
     ),
@@ -1066,3 +1067,18 @@ def test_planned_topk_encodes_in_threads_write_their_own_bytes():
     for th in threads:
         th.join()
     assert not wrong
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_sign_values_refuse_a_mean_magnitude_their_metadata_cannot_hold(scope):
+    # mu = mean(|v|) of "b" is about 1e5: inf as float16 metadata. The
+    # message must name "b", on the first encode and on the planned one.
+    tensors = {"a": torch.randn(8, 16), "b": torch.full((8, 16), 1e5) * torch.sign(torch.randn(8, 16))}
+    spec = fc.CodecSpec(density=0.5, values="sign", meta_dtype="float16", topk_scope=scope, rules=())
+    codec_mod._ENCODE_PLANS.clear()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="'b' has NaN/Inf or out-of-range values; sign values"):
+            fc.encode(tensors, spec)
+    ok = fc.decode(fc.encode(tensors, spec.replace(meta_dtype="float32")))
+    kept = ok["b"].abs()[ok["b"] != 0]
+    assert kept.numel() >= 64 and bool((kept == 1e5).all())
