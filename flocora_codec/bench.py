@@ -97,6 +97,8 @@ MESSAGE_SPECS = [
     ("raw", fc.CodecSpec.raw()),
     ("top-10% global, fp16 values", fc.CodecSpec(density=0.1, topk_scope="global", values="float16")),
     ("top-10% per tensor, fp16 values", fc.CodecSpec(density=0.1, values="float16")),
+    ("top-10% global, sign values (STC)", fc.CodecSpec(density=0.1, topk_scope="global", values="sign")),
+    ("top-10% per tensor, 8-bit values", fc.CodecSpec(density=0.1, values="quantized", bits=8)),
 ]
 
 _ALLOCATING_PROBE = """
