@@ -212,13 +212,16 @@ def torch_dequantize_halves(packed, scale, offset, bits: int, group: int):
     return (offset.reshape(-1, 1) + q * scale.reshape(-1, 1)).reshape(-1)
 
 
+def copy_into(outs, results) -> None:
+    """Each result into its reused output."""
+    for out, result in zip(outs, results):
+        out.copy_(result)
+
+
 def torch_quantize_halves_into(x: torch.Tensor, bits: int, group: int, packed, scales, offsets) -> None:
     """The halves layout written into reused outputs (the compiled kernel then
     stores straight into them, as ``quantize_pack_into_`` does)."""
-    p, s, o = torch_quantize_halves(x, bits, group)
-    packed.copy_(p)
-    scales.copy_(s)
-    offsets.copy_(o)
+    copy_into((packed, scales, offsets), torch_quantize_halves(x, bits, group))
 
 
 def torch_dequantize_halves_into(out: torch.Tensor, packed, scale, offset, bits: int, group: int) -> None:
@@ -228,10 +231,7 @@ def torch_dequantize_halves_into(out: torch.Tensor, packed, scale, offset, bits:
 def torch_quantize_interleaved_into(x: torch.Tensor, bits: int, group: int, packed, scales, offsets) -> None:
     """The interleaved layout written into reused outputs (at 8 bits it
     compiles to faster code than the halves, which it then equals)."""
-    p, s, o = torch_quantize_interleaved(x, bits, group)
-    packed.copy_(p)
-    scales.copy_(s)
-    offsets.copy_(o)
+    copy_into((packed, scales, offsets), torch_quantize_interleaved(x, bits, group))
 
 
 def torch_dequantize_interleaved_into(out: torch.Tensor, packed, scale, offset, bits: int, group: int) -> None:
@@ -489,10 +489,6 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
                     t[k] = median_seconds(lambda k=k: peers[k](x, bits, GROUP), repeats)
                 for k in ("dq_interleaved", "dq_halves"):
                     t[k] = median_seconds(lambda k=k: peers[k](packed, scales, offsets, bits, GROUP), repeats)
-
-                def copy_into(outs, results):
-                    for o, r in zip(outs, results):
-                        o.copy_(r)
 
                 # Allocating, so in loops of their own as the other allocating calls.
                 t["qHc"] = median_seconds(lambda: copy_into(halves, peers["q_halves"](x, bits, GROUP)), repeats)
