@@ -435,6 +435,7 @@ class _TopkPlan:
     ks: list  # the counts asked of the kernel (fixed by the specs and numels)
     inputs: Callable  # flat tensors -> the kernel's inputs (_kernel_inputs)
     dtypes: set  # of the members
+    seeds: list  # each member's stochastic-rounding seed (quantized values)
 
 
 @dataclass
@@ -454,8 +455,8 @@ class _EncodePlan:
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
     ranges: torch.Tensor | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
     topk_positions: list = field(default_factory=list)  # top-k tensors in message order (compact counts)
-    # Per-tensor top-k groups with plain values keep the counts asked of them,
-    # so their layout is fixed too: (header with its top-k fields, total,
+    # Per-tensor top-k groups keep the counts asked of them, so their layout
+    # is fixed too: (header with its top-k fields, total,
     # starts, ranges), once known.
     fixed_topk_layout: tuple | None = None
 
@@ -502,7 +503,8 @@ def _remember_plan(key, layout, header, total, record_list, entries, specs, star
            if record_list[e.codec_index].codec == fmt.CODEC_RAW and e.payload_len]  # fmt: skip
     topk = [_TopkPlan(rec, sel is not None, list(members), [entries[i].numel for i in members],
                       _topk_counts_asked(sel is not None, members, entries, specs), _kernel_inputs(members, entries),
-                      {entries[i].dtype for i in members})
+                      {entries[i].dtype for i in members},
+                      [tensor_seed(specs[i].seed, entries[i].name) for i in members])
             for (rec, _, sel), members in topk_groups.items()]  # fmt: skip
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
@@ -515,7 +517,7 @@ def _remember_plan(key, layout, header, total, record_list, entries, specs, star
 
 def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     flat = [t.detach() if t.requires_grad else t for t in tensors.values()]
-    outputs: list = []  # packed, scales, offsets of each affine group
+    outputs: list = []  # packed, scales, offsets of each affine group; then the top-k groups' sources
     for g in plan.affine:  # every kernel runs (and may refuse its input) before the message is allocated
         xs = g.inputs(flat)
         meta = fmt.META_CODES[g.rec.meta_dtype]
@@ -529,11 +531,10 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
         _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
         outputs += (packed, scales, offsets)
     header, total, starts = plan.header, plan.total, plan.starts
-    # Top-k sections: plain and sign values become byte ranges of the outputs
-    # (`plain`, per group: members, the output position of its first source,
-    # and each member's metadata (sign: its mu; None for plain values), index
-    # and value bytes); quantized values come as byte views, copied below.
-    plain, views = [], {}
+    # Top-k sections become byte ranges of the kernels' outputs: per group,
+    # its members and, in section order, each source's output position and
+    # bytes per member (_topk_sources).
+    sectioned = []
     # The plan is shared (threads may encode with it at once): this encode's
     # top-k fields (count, index code, section lengths) stay in `fields`.
     fields: dict = {}
@@ -544,54 +545,24 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
                                                        tp.inputs(flat))  # fmt: skip
             if counts != tp.ks:  # the kernel's contract for a per-tensor selection
                 raise RuntimeError(f"encode: top-k kept {counts} elements, not the {tp.ks} asked (internal error)")
-            if tp.rec.values == fmt.VALUES_SIGN:
-                mus, signs = _sign_sections(tp.rec, tp.members, plan.entries, counts, values)
-                outputs += (mus, index_bytes, signs)
-            else:
-                outputs.append(index_bytes)
-                outputs.append(_plain_topk_values(tp.rec, tp.members, plan.entries, counts, values, tp.dtypes))
+            outputs += _topk_sources(tp, plan.entries, counts, values, index_bytes)
         header, total, starts, ranges = fixed
     elif plan.topk:
         sizes = list(plan.section_bytes)
         for tp in plan.topk:
-            if tp.rec.values == fmt.VALUES_QUANTIZED:
-                entries = list(plan.entries)
-                for i in tp.members:
-                    e = entries[i]  # count and index code are set by _encode_topk
-                    entries[i] = fmt.TensorEntry(e.name, e.dtype, e.shape, e.codec_index, numel=e.numel)
-                parts = {i: [] for i in tp.members}
-                _encode_topk(tp.rec, tp.global_scope, tp.members, entries, flat, plan.specs, parts)
-                views.update(parts)
-                for i in tp.members:
-                    e = entries[i]
-                    lens = fmt.section_sizes(tp.rec, e.dtype, e.shape, e.numel, e.count)
-                    fields[i] = (e.count, e.index_code, *lens)
-                    sizes[i] = sum(lens)
-                continue
             counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs,
                                                        tp.ks, tp.inputs(flat))  # fmt: skip
             codes = ops.index_codes_and_nbytes(tp.numels, counts)
             index_lens = [nb for _, nb in codes]
-            first = len(outputs)
-            if tp.rec.values == fmt.VALUES_SIGN:  # sources: mu of each member, index codes, sign bits
-                mus, signs = _sign_sections(tp.rec, tp.members, plan.entries, counts, values)
-                meta_lens = [mus.element_size() if c else 0 for c in counts]
-                value_lens = [(c + 7) // 8 for c in counts]
-                outputs += (mus, index_bytes, signs)
-            else:  # sources: index codes, values
-                converted = _plain_topk_values(tp.rec, tp.members, plan.entries, counts, values, tp.dtypes)
-                meta_lens = None
-                value_lens = [c * converted.element_size() for c in counts]
-                outputs += (index_bytes, converted)
+            sources = _topk_sources(tp, plan.entries, counts, values, index_bytes)
+            lens, meta_lens = _topk_section_lens(tp.rec, counts, index_lens, sources)
+            sectioned.append((tp.members, list(zip(range(len(outputs), len(outputs) + len(sources)), lens))))
+            outputs += sources
             # (C-level iteration: a Python loop over a group's tensors cost ~0.5 us each)
             fields.update(zip(tp.members, zip(counts, [c for c, _ in codes], meta_lens or repeat(0), index_lens,
-                                              value_lens)))  # fmt: skip
-            for i, n in zip(tp.members, map(add, index_lens, value_lens)):
+                                              lens[-1])))  # fmt: skip
+            for i, n in zip(tp.members, map(sum, zip(*lens))):
                 sizes[i] = n
-            if meta_lens is not None:
-                for i, m in zip(tp.members, meta_lens):
-                    sizes[i] += m
-            plain.append((tp.members, first, meta_lens, index_lens, value_lens))
         if plan.compact_id is not None:
             counts = [fields[i][0] if i in fields else plan.entries[i].count for i in plan.topk_positions]
             header = fmt.compact_header_of_counts(plan.compact_id, counts)  # (empty tensors: in no top-k group)
@@ -608,16 +579,11 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             for i, m, ma, n, na in g.pieces:  # scales, offsets, packed codes
                 pos = starts[i]
                 ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
-        for members, src, meta_lens, index_lens, value_lens in plain:  # [metadata], index code, values of each
+        for members, sections in sectioned:  # each member's sections, one source after another
             at = [starts[i] for i in members]
-            if meta_lens is not None:
-                ranges += chain.from_iterable(zip(repeat(src), accumulate(meta_lens, initial=0), at, meta_lens))
-                at = list(map(add, at, meta_lens))
-                src += 1
-            isrc, vsrc = src, src + 1
-            ioffs, voffs = accumulate(index_lens, initial=0), accumulate(value_lens, initial=0)
-            ranges += chain.from_iterable(zip(repeat(isrc), ioffs, at, index_lens, repeat(vsrc), voffs,
-                                              map(add, at, index_lens), value_lens))  # fmt: skip
+            for src, lens in sections:
+                ranges += chain.from_iterable(zip(repeat(src), accumulate(lens, initial=0), at, lens))
+                at = list(map(add, at, lens))
         first_raw = len(outputs)
         raw_at = [starts[i] for i, _ in plan.raw]
         ranges += chain.from_iterable(zip(range(first_raw, first_raw + len(raw_at)), repeat(0), raw_at,
@@ -630,25 +596,42 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
     ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
     if plan.compact_id is None and fixed is None:
         fmt.patch_topk_fields_many(view, plan.count_positions, fields)
-    if fixed is None and plan.topk and all(_fixed_topk_layout(tp) for tp in plan.topk):
+    if fixed is None and plan.topk and not any(tp.global_scope for tp in plan.topk):
+        # per-tensor selections keep the counts asked of them: the layout of this encode is every encode's
         plan.fixed_topk_layout = (bytes(view[: len(header)]), total, starts, ranges)
-    for i, tensor_views in views.items():
-        pos = starts[i]
-        for piece in tensor_views:
-            view[pos : pos + len(piece)] = piece
-            pos += len(piece)
-        if pos != starts[i] + sizes[i]:  # sizes come from one formula; never send a short message
-            raise RuntimeError(f"encode: wrote {pos - starts[i]} of {sizes[i]} bytes of tensor "
-                               f"{plan.entries[i].name!r} (internal size mismatch)")  # fmt: skip
     end = total - fmt.CHECKSUM_SIZE
     fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
 
 
-def _fixed_topk_layout(tp: _TopkPlan) -> bool:
-    """Whether a top-k group's counts, index codes and section sizes are
-    those of its plan on every encode: per tensor, plain or sign values."""
-    return not tp.global_scope and tp.rec.values != fmt.VALUES_QUANTIZED
+def _topk_sources(tp: _TopkPlan, entries, counts, values, index_bytes) -> tuple:
+    """A top-k group's outputs whose bytes make its members' sections, in
+    section order (each output holds the members' pieces back to back):
+    sign values: mu, index codes, sign bits; quantized values: scales,
+    offsets, index codes, packed codes; plain values: index codes, values."""
+    rec = tp.rec
+    if rec.values == fmt.VALUES_SIGN:
+        mus, signs = _sign_sections(rec, tp.members, entries, counts, values)
+        return mus, index_bytes, signs
+    if rec.values == fmt.VALUES_QUANTIZED:
+        packed, scales, offsets = _quantize_topk_values(rec, tp.members, entries, counts, values, tp.seeds, tp.dtypes)
+        return scales, offsets, index_bytes, packed
+    return index_bytes, _plain_topk_values(rec, tp.members, entries, counts, values, tp.dtypes)
+
+
+def _topk_section_lens(rec, counts, index_lens, sources) -> tuple:
+    """Bytes per member of each of :func:`_topk_sources`' outputs, and each
+    member's metadata bytes (None for plain values)."""
+    if rec.values == fmt.VALUES_SIGN:
+        meta_lens = [sources[0].element_size() if c else 0 for c in counts]
+        return [meta_lens, index_lens, [(c + 7) // 8 for c in counts]], meta_lens
+    if rec.values == fmt.VALUES_QUANTIZED:
+        size = sources[0].element_size()
+        meta_lens = [ops.num_groups(c, g) * size for c, g in zip(counts, _topk_value_groups(rec, counts))]
+        packed_lens = [ops.packed_nbytes(c, rec.bits) for c in counts]
+        return [meta_lens, meta_lens, index_lens, packed_lens], [2 * m for m in meta_lens]
+    size = sources[1].element_size()
+    return [index_lens, [c * size for c in counts]], None
 
 
 def _int64_tensor(values: list) -> torch.Tensor:
@@ -797,27 +780,47 @@ def _encode_topk(rec, global_scope, members, entries, flat, specs, parts):
         for i, c in zip(members, counts):
             parts[i].append(vals.take(c * itemsize))
         return
-    # Quantized values: each tensor's values vector is one 1-D tensor; one call for all.
-    nz = [(i, c) for i, c in zip(members, counts) if c]
-    vecs = torch.split(values, counts) if members else ()
-    vecs = [v for v, c in zip(vecs, counts) if c]
+    seeds = [tensor_seed(specs[i].seed, entries[i].name) for i in members]
+    packed, scales, offsets = _quantize_topk_values(rec, members, entries, counts, values, seeds)
+    p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
+    for i, c, g in zip(members, counts, _topk_value_groups(rec, counts)):
+        if c:
+            meta_len = ops.num_groups(c, g) * scales.element_size()
+            parts[i] = [s.take(meta_len), o.take(meta_len), parts[i][0], p.take(ops.packed_nbytes(c, rec.bits))]
+
+
+def _topk_value_groups(rec, counts) -> list:
+    """The group size of each member's values vector (values = quantized)."""
+    if rec.granularity == fmt.GRAN_GROUP:
+        return [1 << rec.group_log2] * len(counts)
+    return counts  # the whole vector is one group
+
+
+def _quantize_topk_values(rec, members, entries, counts, values, seeds, dtypes=None) -> tuple:
+    """values = quantized: the kept values of each member that keeps any,
+    each its own 1-D vector, quantized in one kernel call; (packed, scales,
+    offsets), each the members' pieces back to back."""
     meta = fmt.META_CODES[rec.meta_dtype]
-    if not nz:
-        return
-    gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in nz]
-    seeds = [tensor_seed(specs[i].seed, entries[i].name) for i, _ in nz]
+    kept = [j for j, c in enumerate(counts) if c]
+    vecs = torch.split(values, counts) if members else ()
+    if len(kept) < len(counts):
+        vecs = [vecs[j] for j in kept]
+    if not kept:
+        empty = torch.empty(0, dtype=meta)
+        return torch.empty(0, dtype=torch.uint8), empty, empty
+    gs = _topk_value_groups(rec, [counts[j] for j in kept])
+    names = [entries[members[j]].name for j in kept]
     try:
         packed, scales, offsets = ops.quantize_pack(
-            vecs, rec.bits, gs, stochastic=rec.rounding == fmt.ROUND_STOCHASTIC, seeds=seeds, meta_dtype=meta
-        )
+            list(vecs), rec.bits, gs, stochastic=rec.rounding == fmt.ROUND_STOCHASTIC,
+            seeds=[seeds[j] for j in kept] if len(kept) < len(counts) else seeds, meta_dtype=meta,
+        )  # fmt: skip
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
-        raise _kernel_failed("quantize_pack", [entries[i].name for i, _ in nz], vecs, exc) from exc
-    _refuse_unfit_groups(scales, offsets, rec, {entries[i].dtype for i, _ in nz}, [entries[i].name for i, _ in nz])
-    p, s, o = _Slicer(packed), _Slicer(scales), _Slicer(offsets)
-    for (i, c), g in zip(nz, gs):
-        meta_len = ops.num_groups(c, g) * meta.itemsize
-        index_piece = parts[i][0]
-        parts[i] = [s.take(meta_len), o.take(meta_len), index_piece, p.take(ops.packed_nbytes(c, rec.bits))]
+        raise _kernel_failed("quantize_pack", names, vecs, exc) from exc
+    if dtypes is None:
+        dtypes = {entries[members[j]].dtype for j in kept}
+    _refuse_unfit_groups(scales, offsets, rec, dtypes, names)
+    return packed, scales, offsets
 
 
 def _sign_sections(rec, members, entries, counts, values) -> tuple[torch.Tensor, torch.Tensor]:

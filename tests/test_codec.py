@@ -953,6 +953,8 @@ TOPK_PLAN_SPECS = [
     fc.CodecSpec(density=0.2, topk_scope="global", values="float16"),
     fc.CodecSpec(k=7, values="bfloat16"),
     fc.CodecSpec(density=0.3, values="quantized", bits=4, granularity="group", group_size=16),
+    fc.CodecSpec(density=0.1, values="quantized", bits=8, rounding="stochastic", meta_dtype="float16"),
+    fc.CodecSpec(density=0.02, values="quantized", bits=3, topk_scope="global"),  # some members keep nothing
     fc.CodecSpec(density=0.05, values="sign", topk_scope="global"),
     fc.CodecSpec(density=0.3, values="sign", meta_dtype="float16"),  # per tensor: the fixed layout
     fc.CodecSpec(
