@@ -103,6 +103,13 @@ TORCH_LIBRARY(flocora, m) {
   // codec.affine_meta_violation, which names it. One pass over the groups
   // (csrc/cpu/affine_meta_check_cpu.cpp); out_dtype: the decoded dtype.
   m.def("_affine_meta_check(Tensor scales, Tensor offsets, int bits, ScalarType out_dtype) -> int");
+  // Sign values of a top-k group (FORMAT.md 3.3): of each member's kept
+  // values (counts[i] of them, back to back in float32 CPU values) the mean
+  // magnitude mu in float64 (the sum in a fixed order, reference.magnitude_sum,
+  // over the count) of those that keep any, and the
+  // sign bits padded to a whole byte, the members' streams back to back
+  // (csrc/cpu/sign_sections_cpu.cpp).
+  m.def("_sign_sections(Tensor values, int[] counts) -> (Tensor, Tensor)");
 
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best

@@ -833,21 +833,15 @@ def _sign_sections(rec, members, entries, counts, values) -> tuple[torch.Tensor,
     kept = [(i, c) for i, c in zip(members, counts) if c]
     if not kept:
         return torch.empty(0, dtype=meta), torch.empty(0, dtype=torch.uint8)
-    n = np.array([c for _, c in kept], dtype=np.int64)
-    host = values.detach().to("cpu").numpy()
-    # STC's mu: mean(|v|), accumulated in float64, rounded to float32, then to
-    # meta (numpy's reduceat: a quarter of torch.segment_reduce's time).
-    sums = np.add.reduceat(np.abs(host), np.cumsum(n) - n, dtype=np.float64)
-    mus = torch.from_numpy((sums / n).astype(np.float32)).to(meta)
-    if not (_all_finite(values) and _all_finite(mus.float() * 2)):
-        for (i, _), v, mu in zip(kept, torch.split(values, n.tolist()), mus):  # name the first offender
+    host = values.detach().to("cpu")
+    means, signs = ops.sign_sections(host, counts)
+    mus = means.to(torch.float32).to(meta)  # STC's mu: rounded to float32, then to meta
+    if not (_all_finite(host) and _all_finite(mus.float() * 2)):
+        for (i, c), v, mu in zip(kept, torch.split(host, [c for _, c in kept]), mus):  # name the first offender
             if not (_all_finite(v) and bool(torch.isfinite(mu.float() * 2))):
                 raise ValueError(f"encode: tensor {entries[i].name!r} has NaN/Inf or out-of-range values; "
                                  f"sign values cannot encode it")  # fmt: skip
-    # numpy packs the bits of each stream (a vector formulation of the padding in torch cost 15x this loop)
-    signs = host >= 0
-    streams = [np.packbits(signs[e - c : e], bitorder="little") for c, e in zip(n.tolist(), np.cumsum(n).tolist())]
-    return mus, torch.from_numpy(np.concatenate(streams))
+    return mus, signs
 
 
 def _encode_sign_values(rec, members, entries, counts, values, parts):

@@ -409,6 +409,21 @@ def affine_meta_check(scales: torch.Tensor, offsets: torch.Tensor, bits: int, ou
     return int(torch.ops.flocora._affine_meta_check(scales.contiguous(), offsets.contiguous(), int(bits), out_dtype))
 
 
+def sign_sections(values: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign values of a top-k group (FORMAT.md 3.3): ``values`` holds each
+    member's ``counts[i]`` kept values back to back (float32, CPU). Returns
+    ``(means, signs)``: float64 ``mean(|v|)`` of each member that keeps any
+    (:func:`flocora_codec.reference.magnitude_sum` over the count; STC's
+    ``mu`` once rounded to float32), and each member's sign bits (1 for ``v >= 0``) padded
+    to a whole byte, back to back."""
+    values, counts = values.reshape(-1).contiguous(), [int(c) for c in counts]
+    if BACKEND == "reference":
+        from flocora_codec import reference as ref
+
+        return ref.sign_sections(values, counts)
+    return torch.ops.flocora._sign_sections(values, counts)
+
+
 def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int] | torch.Tensor) -> None:
     """Byte ranges of ``srcs`` into ``dst`` (a contiguous uint8 CPU tensor), in
     place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte

@@ -316,12 +316,40 @@ def sparse_decode_add_(outs, index_bytes, values, counts):
         out.copy_(flat.to(out.dtype).reshape(out.shape))
 
 
+def magnitude_sum(v: torch.Tensor) -> float:
+    """The float64 sum of ``|v|`` (float32) in the encoders' fixed order: 16
+    lanes, lane ``j`` summing the values at positions ``i = j mod 16`` in
+    order, then the lanes pairwise (``s0 + s1``, ``s2 + s3``, ...), those
+    sums pairwise, down to one."""
+    m = v.reshape(-1).to(torch.float32).abs().to(torch.float64)
+    m = torch.cat([m, m.new_zeros(-m.numel() % 16)]).reshape(-1, 16)  # + 0.0: changes no sum
+    s = [0.0] * 16
+    for row in m.tolist():  # Python floats are float64: one rounding per addition, in order
+        s = [a + b for a, b in zip(s, row)]
+    while len(s) > 1:
+        s = [a + b for a, b in zip(s[::2], s[1::2])]
+    return s[0]
+
+
+def sign_sections(values: torch.Tensor, counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of ``ops.sign_sections``: per member (``counts[i]``
+    values each, back to back) that keeps any, the float64 mean of its
+    magnitudes (:func:`magnitude_sum` over the count); per member, its sign
+    bits padded to a whole byte, the streams back to back."""
+    v = values.reshape(-1).to(torch.float32)
+    pieces = [p for p in (torch.split(v, list(counts)) if len(counts) else ()) if p.numel()]
+    means = torch.tensor([magnitude_sum(p) / p.numel() for p in pieces], dtype=torch.float64)
+    signs = [pack_bits((p >= 0).to(torch.int64), 1) for p in pieces]
+    return means, torch.cat(signs) if signs else torch.empty(0, dtype=torch.uint8)
+
+
 def sign_mean_encode(values: torch.Tensor, meta_dtype: torch.dtype = torch.float32):
     """STC's sign-and-mean code of one tensor's kept values (FORMAT.md 3.3,
-    ``values = 5``): ``mu = mean(|v|)`` stored in ``meta_dtype`` and one bit
-    per value, 1 for ``v >= 0`` (including -0.0), 0 for ``v < 0``."""
+    ``values = 5``): ``mu = mean(|v|)`` (:func:`magnitude_sum` over the count,
+    rounded to float32, then to ``meta_dtype``) and one bit per value, 1 for
+    ``v >= 0`` (including -0.0), 0 for ``v < 0``."""
     v = values.detach().cpu().reshape(-1).to(torch.float32)
-    mu = (v.abs().sum(dtype=torch.float64) / max(1, v.numel())).to(torch.float32).to(meta_dtype)
+    mu = torch.tensor(magnitude_sum(v) / max(1, v.numel()), dtype=torch.float64).to(torch.float32).to(meta_dtype)
     return mu, pack_bits((v >= 0).to(torch.int64), 1)
 
 

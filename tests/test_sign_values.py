@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import flocora_codec as fc
 from flocora_codec import format as fmt
 from flocora_codec import reference as ref
+from tests.conftest import REFERENCE_BACKEND
 
 
 def reseal(data: bytearray) -> bytes:
@@ -60,14 +61,56 @@ def test_decode_equals_reference(sizes, density, scope, meta, dtype, seed):
     want = expected(xs, spec)
     for n in xs:
         assert out[n].dtype == xs[n].dtype and out[n].shape == xs[n].shape
-        # positions and signs exactly; mu may differ from the float64 reference in the last bit
-        assert torch.equal(out[n] != 0, want[n] != 0) or not bool((want[n] != 0).any()), n
+        # positions, signs and mu exactly (the reference sums magnitudes in the kernel's order)
+        assert torch.equal(out[n], want[n]), n
         kept = want[n] != 0
-        assert torch.equal(torch.sign(out[n][kept]), torch.sign(want[n][kept])), n
-        torch.testing.assert_close(out[n].float(), want[n].float(), rtol=2e-3 if meta == "float16" else 1e-6, atol=0)
         # ternary: one magnitude per tensor
         assert out[n][kept].abs().unique().numel() <= 1
     assert struct.unpack_from("<H", data, 4)[0] == 2
+
+
+def _sign_section_cases():
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(3000, generator=g) * torch.exp2(torch.randint(-40, 40, (3000,), generator=g).float())
+    wide[::97] = -0.0
+    wide[5::101] = 0.0
+    wide[7::89] = 3e38
+    wide[9::83] = 1e-45  # subnormal
+    tails = list(range(0, 40)) + [255, 256, 257]
+    return [
+        (wide[: sum(tails)], tails),
+        (wide[:2000], [2000]),
+        (wide[:1000], [0, 0, 333, 0, 667]),
+        (wide[:0], []),
+        (wide[:0], [0, 0]),
+    ]
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="kernel against the reference")
+@pytest.mark.parametrize("case", range(5))
+def test_sign_sections_match_the_reference(case, cpu_isa):
+    """Means bit for bit (values over 80 octaves: another order of additions
+    rounds differently) and sign streams byte for byte, every tail length."""
+    values, counts = _sign_section_cases()[case]
+    means, signs = fc.ops.sign_sections(values, counts)
+    want_means, want_signs = ref.sign_sections(values, counts)
+    assert means.dtype == torch.float64 and signs.dtype == torch.uint8
+    assert torch.equal(means, want_means) and torch.equal(signs, want_signs)
+    assert means.numel() == sum(c > 0 for c in counts)
+    assert signs.numel() == sum((c + 7) // 8 for c in counts)
+    if case == 0:  # the order matters for these values: a plain running sum differs somewhere
+        running = [sum(p.abs().double().tolist()) / len(p) for p in torch.split(values, counts) if len(p)]
+        assert running != means.tolist()
+
+
+@pytest.mark.skipif(REFERENCE_BACKEND, reason="the kernel's argument checks")
+def test_sign_sections_refuse_counts_that_do_not_add_up():
+    with pytest.raises(RuntimeError, match="add up"):
+        fc.ops.sign_sections(torch.ones(10), [4, 5])
+    with pytest.raises(RuntimeError, match="add up"):
+        fc.ops.sign_sections(torch.ones(10), [4, 7])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.flocora._sign_sections(torch.ones(10, dtype=torch.float64), [10])
 
 
 def test_each_kept_value_is_plus_or_minus_the_mean_magnitude():
