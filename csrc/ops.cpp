@@ -110,6 +110,19 @@ TORCH_LIBRARY(flocora, m) {
   // sign bits padded to a whole byte, the members' streams back to back
   // (csrc/cpu/sign_sections_cpu.cpp).
   m.def("_sign_sections(Tensor values, int[] counts) -> (Tensor, Tensor)");
+  // The layout of a planned message whose top-k counts vary (a global
+  // selection): from fixed pieces (rows: tensor, source, source offset,
+  // bytes; in section order), top-k members (rows: tensor, numel, group),
+  // their counts and the groups' kinds (rows: kind 0 plain / 1 sign / 2
+  // quantized, value or metadata itemsize, bits, value group size (0: the
+  // whole vector), first source), the copy_to_bytes_ ranges of the whole
+  // body, the header's top-k field records (count u64, index code u8,
+  // metadata, index and payload lengths u64; with their ranges, from source
+  // fields_src, where field_positions names where each goes) and the end of
+  // the body (csrc/cpu/topk_layout_cpu.cpp; reference.topk_layout).
+  m.def(
+      "_topk_layout(Tensor pieces, Tensor members, Tensor counts, Tensor kinds, Tensor field_positions, "
+      "int num_tensors, int header_len, int fields_src) -> (Tensor, Tensor, int)");
 
   // ---- test hooks (CPU kernels in csrc/cpu/quantize_pack_cpu.cpp) ----
   // Forces the CPU quant loops: level 0 scalar, 1 AVX2, 2 AVX-512, -1 the best

@@ -15,8 +15,8 @@ import math
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate, chain, repeat
-from operator import add, itemgetter
+from itertools import chain, repeat
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -299,7 +299,10 @@ def encode(tensors: Mapping[str, torch.Tensor], spec: CodecSpec | None = None, *
     key = _plan_key(tensors, spec, schema)
     plan = _ENCODE_PLANS.get(key) if key is not None else None
     if plan is not None and _matches_plan(tensors, plan):
-        return _encode_with_plan(plan, tensors)
+        # The kernels take the tensors as they are, without their autograd
+        # history (a detach of each cost ~0.2 us a tensor).
+        with torch.no_grad():
+            return _encode_with_plan(plan, list(tensors.values()))
 
     records: dict[fmt.CodecRecord, int] = {}
     entries: list[fmt.TensorEntry] = []
@@ -449,16 +452,67 @@ class _EncodePlan:
     topk: list
     entries: list  # the message's tensor entries (an encode updates copies of the top-k ones)
     specs: list  # effective spec per tensor
-    section_bytes: list  # metadata + index + payload bytes per tensor (top-k ones: of the first encode)
     record_list: list
     compact_id: bytes | None  # schema id of a compact message
     count_positions: dict  # full headers: tensor position -> offset of its top-k count field
     ranges: torch.Tensor | None = None  # copy_to_bytes_ ranges of a fixed layout (no top-k groups), once known
     topk_positions: list = field(default_factory=list)  # top-k tensors in message order (compact counts)
     # Per-tensor top-k groups keep the counts asked of them, so their layout
-    # is fixed too: (header with its top-k fields, total,
-    # starts, ranges), once known.
+    # is fixed too: (header with its top-k fields, total, ranges, the fields'
+    # records, a copy source of those ranges), once known.
     fixed_topk_layout: tuple | None = None
+    raw_inputs: Callable | None = None  # flat tensors -> the raw ones (_getter)
+    layout_tables: _LayoutTables | None = None  # ops.topk_layout's inputs but the counts, once needed
+
+
+@dataclass
+class _LayoutTables:
+    """What ops.topk_layout needs of a plan besides the counts (int64 tensors
+    and the sources' positions in _encode_with_plan's outputs)."""
+
+    pieces: torch.Tensor  # affine and raw sections: tensor, source, source offset, bytes
+    members: torch.Tensor  # top-k tensors, group by group: tensor, numel, group
+    kinds: torch.Tensor  # per group: kind, itemsize, bits, value group size, first source
+    field_positions: torch.Tensor  # full headers: each member's count field; compact: none
+    fields_src: int
+    compact_counts: list  # compact headers: each top-k position's member (-1: an empty tensor)
+
+
+def _layout_tables(plan: _EncodePlan) -> _LayoutTables:
+    """The plan's _LayoutTables, made once. Sources: each affine group's
+    packed codes, scales and offsets; each top-k group's (_topk_sources);
+    the raw tensors; the fields' records."""
+    pieces = []
+    for gi, g in enumerate(plan.affine):
+        for i, m, ma, n, na in g.pieces:
+            pieces += [(i, 3 * gi + 1, ma, m), (i, 3 * gi + 2, ma, m), (i, 3 * gi, na, n)]
+    src = 3 * len(plan.affine)
+    members, kinds = [], []
+    for gi, tp in enumerate(plan.topk):
+        rec = tp.rec
+        members += [(i, n, gi) for i, n in zip(tp.members, tp.numels)]
+        if rec.values == fmt.VALUES_SIGN:
+            kinds.append((ops.TOPK_KIND_SIGN, fmt.META_CODES[rec.meta_dtype].itemsize, 0, 0, src))
+            src += 3
+        elif rec.values == fmt.VALUES_QUANTIZED:
+            group = 1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else 0
+            kinds.append((ops.TOPK_KIND_QUANTIZED, fmt.META_CODES[rec.meta_dtype].itemsize, rec.bits, group, src))
+            src += 4
+        else:
+            kinds.append((ops.TOPK_KIND_PLAIN, fmt.VALUE_DTYPES[rec.values].itemsize, 0, 0, src))
+            src += 2
+    pieces += [(i, src + r, 0, n) for r, (i, n) in enumerate(plan.raw)]
+    member_of = {i: j for j, (i, _, _) in enumerate(members)}
+    positions = [plan.count_positions[i] for i, _, _ in members] if plan.compact_id is None else []
+
+    def table(rows, width):
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, width)
+
+    plan.layout_tables = _LayoutTables(
+        table(pieces, 4), table(members, 3), table(kinds, 5), torch.tensor(positions, dtype=torch.int64),
+        src + len(plan.raw), [member_of.get(i, -1) for i in plan.topk_positions],
+    )  # fmt: skip
+    return plan.layout_tables
 
 
 def _plan_key(tensors, spec, schema):
@@ -509,14 +563,14 @@ def _remember_plan(key, layout, header, total, record_list, entries, specs, star
     if len(_ENCODE_PLANS) >= _ENCODE_PLANS_SIZE:
         _ENCODE_PLANS.clear()
     _ENCODE_PLANS[key] = _EncodePlan(
-        layout, header, total, affine, raw, list(starts), topk, entries, specs,
-        [e.metadata_len + e.index_len + e.payload_len for e in entries], record_list, compact_id, count_positions,
+        layout, header, total, affine, raw, list(starts), topk, entries, specs, record_list, compact_id,
+        count_positions,
         topk_positions=[i for i, e in enumerate(entries) if record_list[e.codec_index].codec == fmt.CODEC_TOPK],
+        raw_inputs=_getter([i for i, _ in raw]) if raw else None,
     )  # fmt: skip
 
 
-def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
-    flat = [t.detach() if t.requires_grad else t for t in tensors.values()]
+def _encode_with_plan(plan: _EncodePlan, flat: list) -> bytes:
     outputs: list = []  # packed, scales, offsets of each affine group; then the top-k groups' sources
     for g in plan.affine:  # every kernel runs (and may refuse its input) before the message is allocated
         xs = g.inputs(flat)
@@ -530,75 +584,65 @@ def _encode_with_plan(plan: _EncodePlan, tensors) -> bytes:
             raise _kernel_failed("quantize_pack", g.names, xs, exc) from exc
         _refuse_unfit_groups(scales, offsets, g.rec, g.dtypes, g.names)
         outputs += (packed, scales, offsets)
-    header, total, starts = plan.header, plan.total, plan.starts
-    # Top-k sections become byte ranges of the kernels' outputs: per group,
-    # its members and, in section order, each source's output position and
-    # bytes per member (_topk_sources).
-    sectioned = []
-    # The plan is shared (threads may encode with it at once): this encode's
-    # top-k fields (count, index code, section lengths) stay in `fields`.
-    fields: dict = {}
+    header, total, ranges = plan.header, plan.total, plan.ranges
+    # Top-k groups: the kernels' outputs as copy sources (_topk_sources);
+    # ops.topk_layout places them and the header's top-k fields (`fields`,
+    # one more source) once the counts are known. The plan is shared
+    # (threads may encode with it at once): nothing of this encode's layout
+    # is written to it but the fixed layout of per-tensor selections.
+    fields = None
     fixed = plan.fixed_topk_layout
     if fixed is not None:
         for tp in plan.topk:
-            counts, values, index_bytes = _topk_kernel(False, tp.members, plan.entries, flat, plan.specs, tp.ks,
-                                                       tp.inputs(flat))  # fmt: skip
+            counts, values, index_bytes, _ = _topk_kernel(False, tp.members, plan.entries, flat, plan.specs, tp.ks,
+                                                          tp.inputs(flat))  # fmt: skip
             if counts != tp.ks:  # the kernel's contract for a per-tensor selection
                 raise RuntimeError(f"encode: top-k kept {counts} elements, not the {tp.ks} asked (internal error)")
             outputs += _topk_sources(tp, plan.entries, counts, values, index_bytes)
-        header, total, starts, ranges = fixed
+        header, total, ranges, fields = fixed
     elif plan.topk:
-        sizes = list(plan.section_bytes)
+        tables = plan.layout_tables or _layout_tables(plan)
+        all_counts, count_tensors = [], []
         for tp in plan.topk:
-            counts, values, index_bytes = _topk_kernel(tp.global_scope, tp.members, plan.entries, flat, plan.specs,
-                                                       tp.ks, tp.inputs(flat))  # fmt: skip
-            codes = ops.index_codes_and_nbytes(tp.numels, counts)
-            index_lens = [nb for _, nb in codes]
-            sources = _topk_sources(tp, plan.entries, counts, values, index_bytes)
-            lens, meta_lens = _topk_section_lens(tp.rec, counts, index_lens, sources)
-            sectioned.append((tp.members, list(zip(range(len(outputs), len(outputs) + len(sources)), lens))))
-            outputs += sources
-            # (C-level iteration: a Python loop over a group's tensors cost ~0.5 us each)
-            fields.update(zip(tp.members, zip(counts, [c for c, _ in codes], meta_lens or repeat(0), index_lens,
-                                              lens[-1])))  # fmt: skip
-            for i, n in zip(tp.members, map(sum, zip(*lens))):
-                sizes[i] = n
-        if plan.compact_id is not None:
-            counts = [fields[i][0] if i in fields else plan.entries[i].count for i in plan.topk_positions]
-            header = fmt.compact_header_of_counts(plan.compact_id, counts)  # (empty tensors: in no top-k group)
-        starts = list(accumulate(sizes, initial=len(header)))
-        total = starts.pop() + fmt.CHECKSUM_SIZE
+            counts, values, index_bytes, count_tensor = _topk_kernel(
+                tp.global_scope, tp.members, plan.entries, flat, plan.specs, tp.ks, tp.inputs(flat)
+            )
+            outputs += _topk_sources(tp, plan.entries, counts, values, index_bytes)
+            all_counts += counts
+            count_tensors.append(count_tensor)
+        if plan.compact_id is not None:  # (empty tensors are in no top-k group: count 0)
+            counts = [all_counts[j] if j >= 0 else 0 for j in tables.compact_counts]
+            header = fmt.compact_header_of_counts(plan.compact_id, counts)
+        ranges, fields, end = ops.topk_layout(
+            tables.pieces, tables.members, torch.cat(count_tensors) if len(count_tensors) > 1 else count_tensors[0],
+            tables.kinds, tables.field_positions, len(plan.entries), len(header), tables.fields_src,
+        )  # fmt: skip
+        total = end + fmt.CHECKSUM_SIZE
     out, view = _alloc_message(total)
     view[: len(header)] = header
     # Kernel outputs and raw tensors into place: one call, byte ranges fixed by the layout.
-    if fixed is None:
-        ranges = plan.ranges if not plan.topk else None
     if ranges is None:
         ranges = []
+        starts = plan.starts
         for gi, g in enumerate(plan.affine):
             for i, m, ma, n, na in g.pieces:  # scales, offsets, packed codes
                 pos = starts[i]
                 ranges += (3 * gi + 1, ma, pos, m, 3 * gi + 2, ma, pos + m, m, 3 * gi, na, pos + 2 * m, n)
-        for members, sections in sectioned:  # each member's sections, one source after another
-            at = [starts[i] for i in members]
-            for src, lens in sections:
-                ranges += chain.from_iterable(zip(repeat(src), accumulate(lens, initial=0), at, lens))
-                at = list(map(add, at, lens))
         first_raw = len(outputs)
         raw_at = [starts[i] for i, _ in plan.raw]
         ranges += chain.from_iterable(zip(range(first_raw, first_raw + len(raw_at)), repeat(0), raw_at,
                                           [n for _, n in plan.raw]))  # fmt: skip
-        ranges = _int64_tensor(ranges)
-        if not plan.topk:
-            plan.ranges = ranges
-    raw = [flat[i] for i, _ in plan.raw]
-    outputs += [t if t.is_contiguous() else t.contiguous() for t in raw]
+        ranges = plan.ranges = _int64_tensor(ranges)
+    if plan.raw:
+        raw = plan.raw_inputs(flat)
+        # (C-level iteration: a Python loop over a message's tensors cost ~0.3 us each)
+        outputs += raw if all(map(torch.Tensor.is_contiguous, raw)) else [t.contiguous() for t in raw]
+    if fields is not None:
+        outputs.append(fields)
     ops.copy_to_bytes_(_writable_tensor(view), outputs, ranges)
-    if plan.compact_id is None and fixed is None:
-        fmt.patch_topk_fields_many(view, plan.count_positions, fields)
     if fixed is None and plan.topk and not any(tp.global_scope for tp in plan.topk):
         # per-tensor selections keep the counts asked of them: the layout of this encode is every encode's
-        plan.fixed_topk_layout = (bytes(view[: len(header)]), total, starts, ranges)
+        plan.fixed_topk_layout = (bytes(view[: len(header)]), total, ranges, fields)
     end = total - fmt.CHECKSUM_SIZE
     fmt.CHECKSUM.pack_into(view, end, fmt.crc32c(view[:end]))
     return _finish(out, view)
@@ -617,21 +661,6 @@ def _topk_sources(tp: _TopkPlan, entries, counts, values, index_bytes) -> tuple:
         packed, scales, offsets = _quantize_topk_values(rec, tp.members, entries, counts, values, tp.seeds, tp.dtypes)
         return scales, offsets, index_bytes, packed
     return index_bytes, _plain_topk_values(rec, tp.members, entries, counts, values, tp.dtypes)
-
-
-def _topk_section_lens(rec, counts, index_lens, sources) -> tuple:
-    """Bytes per member of each of :func:`_topk_sources`' outputs, and each
-    member's metadata bytes (None for plain values)."""
-    if rec.values == fmt.VALUES_SIGN:
-        meta_lens = [sources[0].element_size() if c else 0 for c in counts]
-        return [meta_lens, index_lens, [(c + 7) // 8 for c in counts]], meta_lens
-    if rec.values == fmt.VALUES_QUANTIZED:
-        size = sources[0].element_size()
-        meta_lens = [ops.num_groups(c, g) * size for c, g in zip(counts, _topk_value_groups(rec, counts))]
-        packed_lens = [ops.packed_nbytes(c, rec.bits) for c in counts]
-        return [meta_lens, meta_lens, index_lens, packed_lens], [2 * m for m in meta_lens]
-    size = sources[1].element_size()
-    return [index_lens, [c * size for c in counts]], None
 
 
 def _int64_tensor(values: list) -> torch.Tensor:
@@ -704,17 +733,22 @@ def _kernel_inputs(members, entries) -> Callable:
     these members: itemgetter, no Python loop, unless one is float64."""
     if any(entries[i].dtype == torch.float64 for i in members):
         return lambda flat: [_as_kernel_input(flat[i]) for i in members]
-    if len(members) == 1:
-        only = members[0]
+    return _getter(members)
+
+
+def _getter(positions) -> Callable:
+    """flat tensors -> the list of those at ``positions`` (itemgetter: no Python loop)."""
+    if len(positions) == 1:
+        only = positions[0]
         return lambda flat: [flat[only]]
-    get = itemgetter(*members)
+    get = itemgetter(*positions)
     return lambda flat: list(get(flat))
 
 
 def _topk_kernel(global_scope, members, entries, flat, specs, ks=None, xs=None):
     """The top-k kernel over ``members``: (counts as a list, float32 values,
-    index bytes). ``ks``: :func:`_topk_counts_asked`, and ``xs``, the
-    kernel's inputs, if known."""
+    index bytes, counts as the kernel's int64 tensor). ``ks``:
+    :func:`_topk_counts_asked`, and ``xs``, the kernel's inputs, if known."""
     if xs is None:
         xs = [_as_kernel_input(flat[i]) for i in members]
     if ks is None:
@@ -723,14 +757,14 @@ def _topk_kernel(global_scope, members, entries, flat, specs, ks=None, xs=None):
         counts, values, index_bytes = ops.topk_encode(xs, ks, global_scope=global_scope)
     except ValueError as exc:  # the kernels' verdict on the input; other failures surface as they are
         raise _kernel_failed("topk_encode", [entries[i].name for i in members], xs, exc) from exc
-    return counts.tolist(), values, index_bytes
+    return counts.tolist(), values, index_bytes, counts
 
 
 def _topk_select(global_scope, members, entries, flat, specs):
     """The top-k kernel over ``members``; sets each entry's count and index
     code. Returns (counts as a list, float32 values, index bytes, index
     bytes per member)."""
-    counts, values, index_bytes = _topk_kernel(global_scope, members, entries, flat, specs)
+    counts, values, index_bytes, _ = _topk_kernel(global_scope, members, entries, flat, specs)
     index_lens = []
     for i, c in zip(members, counts):
         e = entries[i]

@@ -55,7 +55,8 @@ _U16 = struct.Struct("<H")
 _U8U8 = struct.Struct("<BB")
 _SECTIONS = struct.Struct("<QQQ")
 _COUNT = struct.Struct("<QB")
-_TOPK_FIELDS = struct.Struct("<QBQQQ")  # _COUNT then _SECTIONS, as they follow each other in an entry
+# _COUNT then _SECTIONS, as they follow each other in an entry: the records ops.topk_layout writes
+TOPK_FIELDS = struct.Struct("<QBQQQ")
 # name_len + dtype + ndim + codec_index + three section lengths
 MIN_TENSOR_RECORD = 2 + 1 + 1 + 2 + _SECTIONS.size
 MIN_SCHEMA_RECORD = 2 + 1 + 1 + 2  # name_len + dtype + ndim + codec_index
@@ -809,21 +810,6 @@ def _read_varint(rd: "_Reader", what: str) -> int:
             return value
         shift += 7
     raise FormatError(f"{what}: varint longer than 10 bytes")
-
-
-def patch_topk_fields(buf, pos: int, count: int, index_code: int, metadata_len: int, index_len: int,
-                      payload_len: int) -> None:  # fmt: skip
-    """Rewrite a top-k entry's count, index code and section lengths in a
-    header written by :func:`write_header` (``pos`` from its ``count_positions``)."""
-    _TOPK_FIELDS.pack_into(buf, pos, count, index_code, metadata_len, index_len, payload_len)
-
-
-def patch_topk_fields_many(buf, positions, fields) -> None:
-    """:func:`patch_topk_fields` of each ``i: (count, index_code, metadata_len,
-    index_len, payload_len)`` of ``fields``, at ``positions[i]``."""
-    pack_into = _TOPK_FIELDS.pack_into
-    for i, f in fields.items():
-        pack_into(buf, positions[i], *f)
 
 
 def compact_header(schema_id: bytes, records, entries) -> bytes:

@@ -424,6 +424,49 @@ def sign_sections(values: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Te
     return torch.ops.flocora._sign_sections(values, counts)
 
 
+TOPK_KIND_PLAIN, TOPK_KIND_SIGN, TOPK_KIND_QUANTIZED = 0, 1, 2
+
+
+def topk_layout(
+    pieces: torch.Tensor,
+    members: torch.Tensor,
+    counts: torch.Tensor,
+    kinds: torch.Tensor,
+    field_positions: torch.Tensor,
+    num_tensors: int,
+    header_len: int,
+    fields_src: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The byte layout of a message whose top-k counts are known only now.
+
+    ``pieces`` (int64, rows ``tensor, source, source offset, bytes``, each
+    tensor's in section order): the sections of the tensors that are not
+    top-k. ``members`` (rows ``tensor, numel, group``) and ``counts``: the
+    top-k tensors, each group's in message order. ``kinds`` (rows ``kind,
+    itemsize, bits, value group size, first source``): per group, kind
+    ``TOPK_KIND_PLAIN`` (itemsize of a value; sources: index codes, values),
+    ``TOPK_KIND_SIGN`` (metadata itemsize; mu, index codes, sign bits) or
+    ``TOPK_KIND_QUANTIZED`` (metadata itemsize, bits, group size or 0 for
+    the whole vector; scales, offsets, index codes, packed codes), each
+    source holding the members' pieces back to back. Tensors follow each
+    other from ``header_len`` on.
+
+    Returns ``(ranges, fields, end)``: :func:`copy_to_bytes_` ranges for the
+    body (empty pieces left out) and, if ``field_positions`` names a header
+    offset per member, for the records in ``fields`` (uint8, per member: count
+    u64, index code u8, metadata, index and payload bytes u64, little-endian)
+    taken from source ``fields_src``; ``end``, where the body ends.
+    """
+    if BACKEND == "reference":
+        from flocora_codec import reference as ref
+
+        return ref.topk_layout(pieces, members, counts, kinds, field_positions, num_tensors, header_len, fields_src)
+    ranges, fields, end = torch.ops.flocora._topk_layout(
+        pieces, members, counts, kinds, field_positions, int(num_tensors), int(header_len), int(fields_src)
+    )
+    return ranges, fields, int(end)
+
+
 def copy_to_bytes_(dst: torch.Tensor, srcs: Sequence[torch.Tensor], ranges: Sequence[int] | torch.Tensor) -> None:
     """Byte ranges of ``srcs`` into ``dst`` (a contiguous uint8 CPU tensor), in
     place: ``ranges`` holds quadruples ``(source, source byte offset, dst byte

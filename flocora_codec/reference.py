@@ -358,3 +358,55 @@ def sign_mean_decode(mu: torch.Tensor, packed: torch.Tensor, count: int) -> torc
     bits = unpack_bits(packed, 1, count)
     m = mu.to(torch.float32)
     return torch.where(bits == 1, m, -m)
+
+
+def topk_layout(pieces, members, counts, kinds, field_positions, num_tensors, header_len, fields_src):
+    """The reference of ``ops.topk_layout``, in plain Python."""
+    from flocora_codec.format import TOPK_FIELDS
+    from flocora_codec.ops import TOPK_KIND_PLAIN, TOPK_KIND_SIGN, index_code_and_nbytes
+
+    pieces, members, kinds = pieces.tolist(), members.tolist(), kinds.tolist()
+    counts, positions = counts.tolist(), field_positions.tolist()
+    sizes = [0] * num_tensors
+    member_lens, records = [], []
+    for (t, n, g), c in zip(members, counts):
+        kind, size, bits, group, _ = kinds[g]
+        code, index = index_code_and_nbytes(n, c)
+        if kind == TOPK_KIND_PLAIN:
+            lens, meta, payload = [index, c * size], 0, c * size
+        elif kind == TOPK_KIND_SIGN:
+            meta = size if c else 0
+            lens, payload = [meta, index, (c + 7) // 8], (c + 7) // 8
+        else:
+            ngroups = (1 if c else 0) if group == 0 else num_groups(c, group)
+            payload = packed_nbytes(c, bits)
+            lens, meta = [ngroups * size, ngroups * size, index, payload], 2 * ngroups * size
+        member_lens.append(lens)
+        records.append(TOPK_FIELDS.pack(c, code, meta, index, payload))
+        sizes[t] += sum(lens)
+    for t, _, _, n in pieces:
+        sizes[t] += n
+    at, end = [], header_len
+    for size in sizes:
+        at.append(end)
+        end += size
+    ranges = []
+    for t, src, off, n in pieces:
+        if n:
+            ranges += [src, off, at[t], n]
+        at[t] += n
+    taken = {}
+    for (t, _, g), lens in zip(members, member_lens):
+        for s, n in enumerate(lens):
+            src = kinds[g][4] + s
+            if n:
+                ranges += [src, taken.get(src, 0), at[t], n]
+            taken[src] = taken.get(src, 0) + n
+            at[t] += n
+    if positions:
+        for j, pos in enumerate(positions):
+            ranges += [fields_src, TOPK_FIELDS.size * j, pos, TOPK_FIELDS.size]
+        fields = torch.frombuffer(bytearray(b"".join(records)), dtype=torch.uint8)
+    else:
+        fields = torch.empty(0, dtype=torch.uint8)
+    return torch.tensor(ranges, dtype=torch.int64), fields, end

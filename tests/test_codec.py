@@ -994,6 +994,73 @@ def test_a_planned_topk_encode_writes_the_bytes_of_a_fresh_one(spec, compact):
         fc.encode(bad, spec, schema=schema)
 
 
+def _layout_case(seed):
+    """A random message layout for ops.topk_layout: fixed (affine or raw)
+    tensors and top-k groups of every kind between them."""
+    g = np.random.default_rng(seed)
+    n_tensors = int(g.integers(1, 12))
+    kinds = [(0, 2, 0, 0), (0, 4, 0, 0), (1, 4, 0, 0), (1, 2, 0, 0), (2, 4, 8, 0), (2, 2, 3, 16), (2, 4, 1, 64)]
+    chosen = [kinds[i] for i in g.choice(len(kinds), size=int(g.integers(1, 4)), replace=False)]
+    group_rows, src = [], 5  # sources 0-4: the fixed pieces'
+    for kind in chosen:
+        group_rows.append((*kind, src))
+        src += (2, 3, 4)[kind[0]]
+    pieces, members = [], []
+    for t in range(n_tensors):
+        if g.random() < 0.4:
+            for _ in range(int(g.integers(1, 4))):
+                pieces.append((t, int(g.integers(0, 5)), int(g.integers(0, 100)), int(g.integers(0, 50))))
+        else:
+            numel = int(g.integers(1, 5000))
+            members.append((t, numel, int(g.integers(0, len(chosen)))))
+    members.sort(key=lambda m: (m[2], m[0]))  # each group's members in message order
+    counts = [int(g.integers(0, n + 1)) if g.random() < 0.8 else 0 for _, n, _ in members]
+    positions = sorted(g.choice(10_000, size=len(members), replace=False).tolist()) if g.random() < 0.7 else []
+    as_table = lambda rows, w: torch.tensor(rows, dtype=torch.int64).reshape(-1, w)
+    return (as_table(pieces, 4), as_table(members, 3), torch.tensor(counts, dtype=torch.int64),
+            as_table(group_rows, 5), torch.tensor(positions, dtype=torch.int64), n_tensors, 10_033, src)  # fmt: skip
+
+
+@pytest.mark.skipif(ops.BACKEND == "reference", reason="kernel against the reference")
+@pytest.mark.parametrize("seed", range(40))
+def test_topk_layout_matches_the_reference(seed):
+    args = _layout_case(seed)
+    ranges, fields, end = ops.topk_layout(*args)
+    want_ranges, want_fields, want_end = R.topk_layout(*args)
+    assert end == want_end and torch.equal(fields, want_fields)
+    assert torch.equal(ranges, want_ranges)
+    quads = ranges.reshape(-1, 4)
+    assert bool((quads[:, 3] > 0).all())  # empty pieces left out
+    body = quads[quads[:, 0] != args[-1]]
+    assert int(body[:, 3].sum()) == end - args[6]  # the body's pieces tile it
+    spans = sorted(body[:, 2:].tolist())
+    assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.skipif(ops.BACKEND == "reference", reason="the kernel's argument checks")
+def test_topk_layout_refuses_inconsistent_tables():
+    pieces, members, counts, kinds, positions, n, header, src = _layout_case(3)
+    one = torch.tensor([[0, 10, 0]], dtype=torch.int64)
+    plain = torch.tensor([[0, 2, 0, 0, 0]], dtype=torch.int64)
+    empty, none = torch.empty(0, 4, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    cases = [
+        ((empty, one, torch.tensor([11]), plain, none, 1, 0, 1), "member 0 is out of range"),
+        ((empty, one, torch.tensor([1]), plain, none, 0, 0, 1), "member 0 is out of range"),
+        ((empty, one, torch.tensor([1, 2]), plain, none, 1, 0, 1), "one per member"),
+        ((empty, one, torch.tensor([1]), torch.tensor([[3, 2, 0, 0, 0]]), none, 1, 0, 1),
+         "bad kind row"),
+        ((empty, one, torch.tensor([1]), torch.tensor([[2, 2, 9, 0, 0]]), none, 1, 0, 1),
+         "bad quantized parameters"),
+        ((empty, one, torch.tensor([1]), plain, torch.tensor([5]), 1, 20, 1), "outside the header"),
+        ((torch.tensor([[2, 0, 0, 4]]), one, torch.tensor([1]), plain, none, 1, 0, 1),
+         "piece 0 is out of range"),
+        ((pieces.t(), members, counts, kinds, positions, n, header, src), "pieces must be"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.topk_layout(*args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_matches_isfinite(dtype):
     """The integer-bits finiteness check the top-k paths use, against torch.isfinite."""
