@@ -614,8 +614,8 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     vals = list(state.values())
     emit(
         f"Whole messages (`fc.encode` / `fc.decode` / `fc.decode_into`, all {len(state)} tensors, the raw 1-D ones "
-        f"included) against {len(state)} `clone()` calls (goal: within 2x), each row timed in rounds that take the "
-        "clones and the three calls in turn (the host's speed drifts between rows):"
+        f"included) against {len(state)} `clone()` calls (goal: within 2x), each row with clones timed just before its "
+        "calls (the host's speed drifts between rows), each call in a loop of its own:"
     )
     emit()
     emit(
@@ -626,15 +626,15 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     targets = {k: v.clone() for k, v in state.items()}
     for label, spec in MESSAGE_SPECS:
         data = fc.encode(state, spec)
-        t = interleaved_medians(
-            {
-                "clone": lambda: [v.clone() for v in vals],
-                "encode": lambda: fc.encode(state, spec),
-                "decode": lambda: fc.decode(data),
-                "into": lambda: fc.decode_into(data, targets),
-            },
-            repeats,
-        )
+        # Each in a loop of its own: interleaved with the clones' allocations,
+        # glibc's heap handed the allocating decode fresh pages on many calls
+        # (80k page faults in 30 rounds; the allocating calls' section, below).
+        t = {
+            "clone": median_seconds(lambda: [v.clone() for v in vals], repeats),
+            "encode": median_seconds(lambda: fc.encode(state, spec), repeats),
+            "decode": median_seconds(lambda: fc.decode(data), repeats),
+            "into": median_seconds(lambda: fc.decode_into(data, targets), repeats),
+        }
         clone = t["clone"]
         emit(
             f"| {label} | {len(data):,} | {1e3 * clone:.3f} | {1e3 * t['encode']:.3f} | {1e3 * t['decode']:.3f} | "

@@ -1079,7 +1079,7 @@ def _decode_layout(pm: fmt.ParsedMessage):
     """What decoding ``pm`` takes besides the message's bytes, worked out once
     per parsed header (a repeated header reuses its ParsedMessage, so this too):
     the raw tensors by dtype, the empty ones, and the codec groups with the
-    section spans of their affine members."""
+    section spans of their members (affine: _affine_spans; top-k: _topk_spans)."""
     lay = pm.__dict__.get("_decode_layout")
     if lay is not None:
         return lay
@@ -1100,7 +1100,7 @@ def _decode_layout(pm: fmt.ParsedMessage):
             gs = [fmt.affine_group_size(rec.granularity, rec.group_log2, e.shape, e.numel) for e in members]
             extra = (gs, _affine_spans(rec, members, numels))
         else:
-            extra = None
+            extra = _topk_spans(rec, members)
         glist.append((rec, dtype, members, numels, extra, _view_plan(members)))
     raws = [(dtype, members, [(e.payload_offset, e.payload_len) for e in members], _view_plan(members))
             for dtype, members in raw.items()]  # fmt: skip
@@ -1108,51 +1108,72 @@ def _decode_layout(pm: fmt.ParsedMessage):
     return lay
 
 
-def _dequantize(mv, rec, members, counts, group_sizes, dtype, out_dtype, device):
-    """One ``unpack_dequantize`` call over the affine sections of ``members``
-    (``dtype`` the kernel's output, ``out_dtype`` the tensors' own dtype)."""
-    packed, scales, offsets = _affine_inputs(mv, rec, members, counts, out_dtype)
-    # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
-    return ops.unpack_dequantize(
-        packed.to(device), scales.to(device), offsets.to(device), rec.bits, counts, group_sizes, dtype
-    )
+@dataclass
+class _TopkSpans:
+    """Where a top-k group's sections lie, worked out once per header."""
+
+    counts: list  # of every member
+    index: list  # (offset, bytes) of each member's index code
+    kept: list  # the members that keep values, and their counts
+    kept_counts: list
+    values: list  # (offset, bytes) of each kept member's payload (plain: every member's)
+    mus: list | None = None  # sign values: (offset, bytes) of each kept member's mu
+    pad: list | None = None  # sign values: (end, bits, name) of each kept member's sign stream
+    group_sizes: list | None = None  # quantized values: of each kept member's values vector
+    affine: tuple | None = None  # quantized values: their _affine_spans
 
 
-def _sign_values(mv, rec, members, dtype, device) -> torch.Tensor:
+def _topk_spans(rec, members) -> _TopkSpans:
+    counts = [e.count for e in members]
+    kept = [e for e in members if e.count]
+    kept_counts = [e.count for e in kept]
+    plain = rec.values not in (fmt.VALUES_SIGN, fmt.VALUES_QUANTIZED)
+    tk = _TopkSpans(counts, [(e.index_offset, e.index_len) for e in members], kept, kept_counts,
+                    [(e.payload_offset, e.payload_len) for e in (members if plain else kept)])  # fmt: skip
+    if rec.values == fmt.VALUES_SIGN:
+        tk.mus = [(e.offset, e.metadata_len) for e in kept]
+        tk.pad = [(e.end, e.count, e.name) for e in kept]
+    elif rec.values == fmt.VALUES_QUANTIZED:
+        tk.group_sizes = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for c in kept_counts]
+        tk.affine = _affine_spans(rec, kept, kept_counts)
+    return tk
+
+
+def _sign_values(mv, rec, tk: _TopkSpans, dtype, device) -> torch.Tensor:
     """Sign-and-mean values as 1-bit affine codes with scale ``2 mu`` and offset
     ``-mu``: exactly ``-mu`` or ``+mu`` (doubling and ``-mu + 2 mu`` are exact)."""
-    if not members:
+    if not tk.kept:
         return torch.empty(0, dtype=torch.float32, device=device)
     meta = fmt.META_CODES[rec.meta_dtype]
-    mus = _gather(mv, [(e.offset, e.metadata_len) for e, _ in members]).view(meta).float()
+    mus = _gather(mv, tk.mus).view(meta).float()
     if (not bool(torch.isfinite(mus * 2).all()) or bool(torch.signbit(mus).any())
             or not bool(torch.isfinite(mus.to(dtype)).all())):  # fmt: skip
         # a mean of |values| of this dtype is finite in it: no encoder wrote this
         raise FormatError(f"sign values: mean magnitude must be finite, >= +0, at most half the float32 range and "
-                          f"finite as {dtype} in tensors {[e.name for e, _ in members]}")  # fmt: skip
-    counts = [c for _, c in members]
-    _check_padding(mv, [(e.end, c, e.name) for e, c in members], "sign")
-    packed = _gather(mv, [(e.payload_offset, e.payload_len) for e, _ in members])
-    return ops.unpack_dequantize(packed.to(device), (2 * mus).to(device), (-mus).to(device), 1, counts,
-                                 counts, torch.float32)  # fmt: skip
+                          f"finite as {dtype} in tensors {[e.name for e in tk.kept]}")  # fmt: skip
+    _check_padding(mv, tk.pad, "sign")
+    packed = _gather(mv, tk.values)
+    return ops.unpack_dequantize(packed.to(device), (2 * mus).to(device), (-mus).to(device), 1, tk.kept_counts,
+                                 tk.kept_counts, torch.float32)  # fmt: skip
 
 
-def _topk_values(mv, rec, members, counts, dtype, device) -> torch.Tensor:
-    """The float32 values of top-k ``members`` (tensor ``dtype``), checked."""
+def _topk_values(mv, rec, tk: _TopkSpans, dtype, device) -> torch.Tensor:
+    """The float32 values of a top-k group (tensor ``dtype``), checked."""
     if rec.values == fmt.VALUES_SIGN:
-        return _sign_values(mv, rec, [(e, c) for e, c in zip(members, counts) if c], dtype, device)
+        return _sign_values(mv, rec, tk, dtype, device)
     if rec.values == fmt.VALUES_QUANTIZED:
-        q = [(e, c) for e, c in zip(members, counts) if c]
-        if not q:
+        if not tk.kept:
             return torch.empty(0, dtype=torch.float32, device=device)
-        gs = [1 << rec.group_log2 if rec.granularity == fmt.GRAN_GROUP else c for _, c in q]
-        return _dequantize(mv, rec, [e for e, _ in q], [c for _, c in q], gs, torch.float32, dtype, device)
+        packed, scales, offsets = _affine_inputs(mv, rec, tk.kept, tk.kept_counts, dtype, tk.affine)
+        # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
+        return ops.unpack_dequantize(packed.to(device), scales.to(device), offsets.to(device), rec.bits,
+                                     tk.kept_counts, tk.group_sizes, torch.float32)  # fmt: skip
     vdtype = fmt.VALUE_DTYPES[rec.values]
-    values = _gather(mv, [(e.payload_offset, e.payload_len) for e in members]).view(vdtype)
+    values = _gather(mv, tk.values).view(vdtype)
     if not (_all_finite(values) and (_holds_finite(dtype, vdtype) or _all_finite(values.to(dtype)))):
         # the encoder refuses non-finite inputs to top-k, and values its dtype cannot hold
         raise FormatError(f"top-k values that are not finite (as {vdtype} or as the tensor's {dtype}) "
-                          f"in tensors {[e.name for e in members]}")  # fmt: skip
+                          f"in tensors {[e.name for e in tk.kept]}")  # fmt: skip
     return values.to(device=device, dtype=torch.float32)
 
 
@@ -1173,9 +1194,9 @@ def _decode_parsed(pm: fmt.ParsedMessage, mv: memoryview, device) -> dict[str, t
             # The parser checked every size, so a kernel error here is not about the message: it surfaces as is.
             dense = ops.unpack_dequantize(packed, scales, offsets, rec.bits, numels, gs, kdtype)
         else:
-            counts = [e.count for e in members]
-            index_bytes = _gather(mv, [(e.index_offset, e.index_len) for e in members])
-            values = _topk_values(mv, rec, members, counts, dtype, device)
+            counts = extra.counts
+            index_bytes = _gather(mv, extra.index)
+            values = _topk_values(mv, rec, extra, dtype, device)
             if values.device != index_bytes.device:
                 index_bytes = index_bytes.to(device)
             try:
@@ -1416,14 +1437,13 @@ def decode_into(
             else:  # float64: the kernels decode to float32
                 via_temp.append((outs, numels, (packed, scales, offsets, rec.bits, numels, gs)))
         else:
-            counts = [e.count for e in members]
-            values = _topk_values(mv, rec, members, counts, dtype, torch.device("cpu"))
+            values = _topk_values(mv, rec, extra, dtype, torch.device("cpu"))
             if dtype in (torch.float16, torch.bfloat16):
                 values = values.to(dtype).float()  # as decode rounds them: exact sums in "add" mode
             s_outs += outs
-            s_index.append(_gather(mv, [(e.index_offset, e.index_len) for e in members]))
+            s_index.append(_gather(mv, extra.index))
             s_values.append(values)
-            s_counts += counts
+            s_counts += extra.counts
             s_names += [e.name for e in members]
 
     # Phase 2: the writes. The index codes are validated by the one
