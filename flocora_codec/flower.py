@@ -106,6 +106,10 @@ CLIPPING_NORM_KEY = "clipping_norm"
 train instructions (flwr's ``KEY_CLIPPING_NORM``, read by ``fixedclipping_mod``)."""
 
 _MODES = ("delta", "arrays")
+# error codes of the replies a SuperLink writes for a node that cannot answer
+_UNREACHABLE = frozenset(
+    (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+)
 
 
 class EncodedRecordError(ValueError):
@@ -695,9 +699,11 @@ class CompressedStrategy(Strategy):
         ``downlink_bytes`` / ``downlink_raw_bytes`` (summed over train
         instructions), ``dropped`` (replies dropped, of which
         ``dropped_decode``, ``dropped_nonfinite`` and ``dropped_norm`` by
-        cause), ``instructions`` (train messages sent) and ``missing_replies``
-        (instructions no reply came back for within the round's timeout: dead
-        or hung nodes). Bytes are ``ArrayRecord.count_bytes()``: array
+        cause), ``instructions`` (train messages sent), ``missing_replies``
+        (instructions no reply came back for: dead or hung nodes, whether the
+        round's timeout ran out or the SuperLink answered for the node with a
+        node- or message-unavailable error) and ``failed_replies`` (replies
+        carrying any other error, such as a ClientApp that raised). Bytes are ``ArrayRecord.count_bytes()``: array
         payloads plus key names.
 
     Notes
@@ -768,7 +774,7 @@ class CompressedStrategy(Strategy):
             server_round,
             {"uplink_bytes": 0, "uplink_raw_bytes": 0, "downlink_bytes": 0, "downlink_raw_bytes": 0, "dropped": 0,
              "dropped_decode": 0, "dropped_nonfinite": 0, "dropped_norm": 0, "instructions": 0,
-             "missing_replies": 0},
+             "missing_replies": 0, "failed_replies": 0},
         )  # fmt: skip
 
     def _downlink_pair(self, arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord | None]:
@@ -858,7 +864,12 @@ class CompressedStrategy(Strategy):
         wrapped strategy aggregate plain arrays."""
         stats = self._round_stats(server_round)
         replies = list(replies)
-        stats["missing_replies"] = max(0, stats["instructions"] - len(replies))
+        # a dead node shows up either as no reply at all (the round's timeout
+        # ran out) or, once the SuperLink misses its heartbeats, as an error
+        # reply the SuperLink writes in its name: both are missing replies
+        stand_ins = sum(1 for r in replies if r.has_error() and r.error.code in _UNREACHABLE)
+        stats["missing_replies"] = max(0, stats["instructions"] - len(replies)) + stand_ins
+        stats["failed_replies"] = sum(1 for r in replies if r.has_error()) - stand_ins
         kept: list[Message] = []
         norms: dict[int, float] = {}
 

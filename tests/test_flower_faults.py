@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed")
 
-from flwr.app import Array
+from flwr.app import Array, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
 import flocora_codec as fc
@@ -121,3 +122,26 @@ def test_missing_replies_are_counted():
 def test_honest_replies_pass_every_check():
     h, _, _, _ = run(None, max_update_norm_ratio=10.0)
     assert (h["instructions"], h["missing_replies"], h["dropped"]) == (2, 0, 0)
+
+
+def _error_in_place_of_first(code):
+    def tamper(replies):
+        first = replies[0]
+        stand_in = Message(Error(code=code, reason="test"), reply_to=first)
+        replies[0] = stand_in
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    "code, missing, failed",
+    [
+        (ErrorCode.NODE_UNAVAILABLE, 1, 0),  # the SuperLink missed the node's heartbeats
+        (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, 1, 0),
+        (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, 0, 1),
+    ],
+)
+def test_error_replies_are_counted_as_missing_or_failed(code, missing, failed):
+    h, arrays, wire, g = run(_error_in_place_of_first(code))
+    assert (h["instructions"], h["missing_replies"], h["failed_replies"], h["dropped"]) == (2, missing, failed, 0)
+    only_the_second(arrays, wire, g)
