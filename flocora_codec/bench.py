@@ -78,6 +78,31 @@ def interleaved_medians(fns: dict, repeats: int, min_seconds: float = 0.1) -> di
     return {key: statistics.median(t) for key, t in times.items()}
 
 
+def paired_ratios(baseline, fns: dict, rounds: int, repeats: int) -> tuple[float, dict]:
+    """Each of ``fns`` against ``baseline``, in ``rounds`` rounds that time the
+    baseline and then every function, each in a loop of its own
+    (:func:`median_seconds`). Returns (the baseline's median seconds, per key
+    the median seconds and every round's ratio to that round's baseline):
+    the host's bandwidth drifts within a run, and a ratio taken within one
+    round compares like with like where a single pair could straddle a
+    change."""
+    base, times, ratios = [], {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(rounds):
+        b = median_seconds(baseline, repeats)
+        base.append(b)
+        for key, fn in fns.items():
+            t = median_seconds(fn, repeats)
+            times[key].append(t)
+            ratios[key].append(t / b)
+    return statistics.median(base), {k: (statistics.median(times[k]), ratios[k]) for k in fns}
+
+
+def fmt_ratios(ratios: list[float]) -> str:
+    """``median x (lowest-highest)`` of a row's per-round ratios."""
+    lo, mid, hi = min(ratios), statistics.median(ratios), max(ratios)
+    return f"{mid:.1f}x" if len(ratios) == 1 else f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def fresh_seconds(fn, repeats: int) -> float:
     """Median of single calls, each on memory the allocator has just handed
     back (the first call's output is freed before the next)."""
@@ -612,10 +637,13 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     emit(f"| topk_encode 10% per tensor | {1e3 * multi:.3f} | {1e3 * loop:.3f} | {loop / multi:.1f}x |")
     emit()
     vals = list(state.values())
+    rounds = 5 if full else 3
     emit(
         f"Whole messages (`fc.encode` / `fc.decode` / `fc.decode_into`, all {len(state)} tensors, the raw 1-D ones "
-        f"included) against {len(state)} `clone()` calls (goal: within 2x), each row with clones timed just before its "
-        "calls (the host's speed drifts between rows), each call in a loop of its own:"
+        f"included) against {len(state)} `clone()` calls (goal: within 2x). Each row takes {rounds} rounds; a round "
+        "times the clones, then each call, each in a loop of its own (interleaved with the clones' allocations, "
+        "glibc's heap handed the allocating decode fresh pages on many calls). Times are medians over the rounds; "
+        "ratios are the median (lowest-highest) of each round's own ratio, since the host's speed drifts within a run:"
     )
     emit()
     emit(
@@ -626,21 +654,19 @@ def _run(full, out_dir, repeats, skip_huge, plot, isa) -> Path:
     targets = {k: v.clone() for k, v in state.items()}
     for label, spec in MESSAGE_SPECS:
         data = fc.encode(state, spec)
-        # Each in a loop of its own: interleaved with the clones' allocations,
-        # glibc's heap handed the allocating decode fresh pages on many calls
-        # (80k page faults in 30 rounds; the allocating calls' section, below).
-        t = {
-            "clone": median_seconds(lambda: [v.clone() for v in vals], repeats),
-            "encode": median_seconds(lambda: fc.encode(state, spec), repeats),
-            "decode": median_seconds(lambda: fc.decode(data), repeats),
-            "into": median_seconds(lambda: fc.decode_into(data, targets), repeats),
-        }
-        clone = t["clone"]
-        emit(
-            f"| {label} | {len(data):,} | {1e3 * clone:.3f} | {1e3 * t['encode']:.3f} | {1e3 * t['decode']:.3f} | "
-            f"{1e3 * t['into']:.3f} | {t['encode'] / clone:.1f}x | {t['decode'] / clone:.1f}x | "
-            f"{t['into'] / clone:.1f}x |"
+        clone, t = paired_ratios(
+            lambda: [v.clone() for v in vals],
+            {
+                "encode": lambda: fc.encode(state, spec),
+                "decode": lambda: fc.decode(data),
+                "into": lambda: fc.decode_into(data, targets),
+            },
+            rounds,
+            repeats,
         )
+        ms = " | ".join(f"{1e3 * t[k][0]:.3f}" for k in ("encode", "decode", "into"))
+        ratios = " | ".join(fmt_ratios(t[k][1]) for k in ("encode", "decode", "into"))
+        emit(f"| {label} | {len(data):,} | {1e3 * clone:.3f} | {ms} | {ratios} |")
     emit()
 
     # ---- top-k -------------------------------------------------------------------------
