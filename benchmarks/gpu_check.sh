@@ -12,7 +12,7 @@
 # GPU machine has none; its image lacks crc32c, our one runtime dependency
 # beyond torch and numpy, and its setuptools may predate the SPDX license
 # field that pyproject.toml uses, which needs >= 77):
-#   echo /.whl/ >> .git/info/exclude
+#   (.whl/ and .gpu-prebuilt/ are ignored by git: they travel only when carried)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       --platform manylinux_2_28_x86_64 -d .whl crc32c setuptools==80.9.0
@@ -21,8 +21,7 @@
 # Optional, to spend no GPU time compiling: build _C here against the GPU
 # machine's torch (a venv with the same torch release, CUDA_HOME set,
 # TORCH_CUDA_ARCH_LIST=9.0, `setup.py build_ext --inplace` in a copy of the
-# tree) and put _C.abi3.so and _build_info.py in .gpu-prebuilt/ (also in
-# .git/info/exclude), carried too, with the sources' fingerprint:
+# tree) and put _C.abi3.so and _build_info.py in .gpu-prebuilt/, carried too, with the sources' fingerprint:
 #   bash benchmarks/gpu_check.sh --fingerprint > .gpu-prebuilt/sources.sha256
 # It is used only if that fingerprint matches the tree's, and it loads there
 # and registers CUDA kernels for every op; otherwise the script builds.
