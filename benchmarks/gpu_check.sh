@@ -21,7 +21,8 @@
 # Optional, to spend no GPU time compiling: build _C here against the GPU
 # machine's torch (a venv with the same torch release, CUDA_HOME set,
 # TORCH_CUDA_ARCH_LIST=9.0, `setup.py build_ext --inplace` in a copy of the
-# tree) and put _C.abi3.so and _build_info.py in .gpu-prebuilt/, carried too, with the sources' fingerprint:
+# tree) and put _C.abi3.so and _build_info.py in .gpu-prebuilt/, carried
+# too, with the sources' fingerprint:
 #   bash benchmarks/gpu_check.sh --fingerprint > .gpu-prebuilt/sources.sha256
 # It is used only if that fingerprint matches the tree's, and it loads there
 # and registers CUDA kernels for every op; otherwise the script builds.
